@@ -50,6 +50,56 @@ DEFAULT_MAX_TOKENS = 16_000
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 # PRICES-BEGIN (owned by the accounting section)
+# Source of truth: reference/pricing.md (compiled 2026-11). Change a figure there first.
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per million tokens at standard (non-batch) rates, one figure per billed category."""
+
+    input: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+    output: float
+
+
+_OPUS_4 = ModelPrice(5, 6.25, 10, 0.50, 25)
+_SONNET_4 = ModelPrice(3, 3.75, 6, 0.30, 15)
+PRICES: dict[str, ModelPrice] = {
+    # Fable/Mythos 5.2: cache figures rest on secondary sources (unverified in pricing.md).
+    "claude-fable-5-2": ModelPrice(8, 10, 16, 0.20, 40),
+    "claude-mythos-5-2": ModelPrice(8, 10, 16, 0.20, 40),
+    "claude-fable-5-1": ModelPrice(10, 12.50, 20, 0.25, 50),
+    "claude-mythos-5-1": ModelPrice(10, 12.50, 20, 0.25, 50),
+    "claude-fable-5": ModelPrice(10, 12.50, 20, 1.00, 50),
+    "claude-mythos-5": ModelPrice(10, 12.50, 20, 1.00, 50),
+    "claude-opus-5-5": ModelPrice(4, 5, 8, 0.20, 20),
+    "claude-opus-5": ModelPrice(5, 6.25, 10, 0.50, 25),
+    "claude-opus-4-8": _OPUS_4,
+    "claude-opus-4-7": _OPUS_4,
+    "claude-opus-4-6": _OPUS_4,
+    "claude-opus-4-5": _OPUS_4,
+    # Retired on the Claude API; kept so old journals still price.
+    "claude-opus-4-1": ModelPrice(15, 18.75, 30, 1.50, 75),
+    "claude-sonnet-5-5": ModelPrice(2, 2.50, 4, 0.10, 10),
+    "claude-sonnet-5": ModelPrice(2, 2.50, 4, 0.20, 10),
+    "claude-sonnet-4-6": _SONNET_4,
+    "claude-sonnet-4-5": _SONNET_4,
+    # Haiku 5.5 for a prompt of at most HAIKU_55_LONG_PROMPT_TOKENS; see LONG_PROMPT_TIERS.
+    "claude-haiku-5-5": ModelPrice(0.10, 0.125, 0.20, 0.01, 0.50),
+    "claude-haiku-4-5": ModelPrice(1, 1.25, 2, 0.10, 5),
+}
+
+# A prompt (input + cache read + cache write of one request) OVER this many tokens pays the
+# long-prompt row for every category, output included. Only Haiku 5.5 has such a tier.
+HAIKU_55_LONG_PROMPT_TOKENS = 100_000
+LONG_PROMPT_TIERS: dict[str, tuple[int, ModelPrice]] = {
+    "claude-haiku-5-5": (HAIKU_55_LONG_PROMPT_TOKENS, ModelPrice(0.50, 0.625, 1.00, 0.05, 2.50)),
+}
+
+# The Batch API bills every category at half the standard price; it stacks with cache prices.
+BATCH_DISCOUNT = 0.5
 # PRICES-END
 
 ##############################################################################
@@ -76,6 +126,157 @@ class SandboxUnavailable(HarnessError):
 
 
 # ERRORS-SANDBOX-END
+
+
+class JournalError(HarnessError):
+    """The journal cannot be used as it is (locked, newer schema, damaged)."""
+
+
+class TransportError(HarnessError):
+    """The Batches API could not be reached or refused us; the journal keeps the turn."""
+
+
+class RetriesExhausted(TransportError):
+    """Transient API faults outlasted the retry budget; the turn can be resumed."""
+
+
+class SpendLimitReached(TransportError):
+    """A 429 that says the organisation's spend limit is reached: never retried."""
+
+
+class BudgetExceeded(HarnessError):
+    """Submitting the next turn would cross --max-budget-usd or --max-turns."""
+
+
+class TurnFailed(HarnessError):
+    """The turn ended without an answer (errored, canceled, refusal, ...)."""
+
+
+class Detached(HarnessError):
+    """The user left a batch running; it can be re-attached with --resume."""
+
+    def __init__(self, session_id: str, batch_id: str | None) -> None:
+        super().__init__(f"detached from {batch_id or 'the session'}")
+        self.session_id = session_id
+        self.batch_id = batch_id
+
+
+##############################################################################
+# Config
+##############################################################################
+
+CACHE_TTLS = {"1h": "1h", "5m": "5m", "off": None}
+OUTPUT_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the user can set, resolved once from argv and the environment."""
+
+    model: str = DEFAULT_MODEL
+    workdir: Path = Path(".")
+    home: Path = Path("~/.batching-harness")
+    """Where the journal, history and temp files live (BATCHING_HARNESS_HOME)."""
+    poll_interval_s: float = 2.0
+    """First poll interval; the schedule stays at or under 30 polls a minute."""
+    max_turns: int | None = None
+    """Model turns allowed for one prompt; None = no limit."""
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    tool_timeout_s: float = 120.0
+    allow_domains: tuple[str, ...] = ()
+    sandbox: bool = True
+    cache_ttl: str | None = "1h"
+    max_budget_usd: float | None = None
+    prompt: str | None = None
+    """-p: run headless with this prompt ("-" reads stdin)."""
+    output_format: str = "text"
+    continue_last: bool = False
+    resume_id: str | None = None
+    action: str = "run"
+    """run | stats | doctor"""
+    api_key: str | None = None
+    base_url: str | None = None
+
+
+def _build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batching-harness",
+        description="A coding agent whose every model turn is a Message Batch (50%% cheaper, slower).",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model id (default %(default)s)")
+    p.add_argument("--workdir", default=".", help="directory the tools work in (default: .)")
+    p.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+                   help="first poll interval in seconds (default %(default)s)")
+    p.add_argument("--max-turns", type=int, metavar="N", help="model turns allowed per prompt")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                   help="max_tokens per model turn (default %(default)s)")
+    p.add_argument("--tool-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds one tool call may run (default %(default)s)")
+    p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
+                   help="let sandboxed bash reach this domain (repeatable)")
+    p.add_argument("--no-sandbox", action="store_true", help="run bash WITHOUT the sandbox")
+    p.add_argument("--cache-ttl", choices=sorted(CACHE_TTLS), default="1h",
+                   help="prompt-cache TTL (default %(default)s)")
+    p.add_argument("--max-budget-usd", type=float, metavar="USD",
+                   help="refuse to submit a turn that would take the session past this spend")
+    p.add_argument("-p", "--print", dest="prompt", metavar="PROMPT",
+                   help="run headless: answer PROMPT ('-' reads stdin) and exit")
+    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="text",
+                   help="headless output: text or one JSON object")
+    p.add_argument("-c", "--continue", dest="continue_last", action="store_true",
+                   help="reopen the most recent session in this work directory")
+    p.add_argument("--resume", dest="resume_id", metavar="ID", help="reopen session ID")
+    p.add_argument("--stats", action="store_true", help="print spend and batch turnaround history")
+    p.add_argument("--doctor", action="store_true", help="check that the sandbox can run here")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Pure: argv and environment in, a validated Config out (ConfigError on nonsense)."""
+    try:
+        ns = _build_arg_parser().parse_args(list(argv))
+    except SystemExit as exc:  # argparse already printed usage or --help/--version
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    _check_numbers(ns)
+    home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
+    return Config(
+        model=ns.model, workdir=Path(ns.workdir).expanduser().resolve(),
+        home=home.expanduser().resolve(), poll_interval_s=ns.poll_interval,
+        max_turns=ns.max_turns, max_tokens=ns.max_tokens, tool_timeout_s=ns.tool_timeout,
+        allow_domains=tuple(ns.allow_domain), sandbox=not ns.no_sandbox,
+        cache_ttl=CACHE_TTLS[ns.cache_ttl], max_budget_usd=ns.max_budget_usd,
+        prompt=ns.prompt, output_format=ns.output_format, continue_last=ns.continue_last,
+        resume_id=ns.resume_id, action="stats" if ns.stats else "doctor" if ns.doctor else "run",
+        api_key=environ.get("ANTHROPIC_API_KEY") or None,
+        base_url=environ.get("ANTHROPIC_BASE_URL") or None,
+    )
+
+
+class _ArgparseExit(Exception):
+    """argparse wanted to exit (help, version, usage error) with this status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _check_numbers(ns: argparse.Namespace) -> None:
+    if ns.poll_interval <= 0:
+        raise ConfigError("--poll-interval must be a positive number of seconds")
+    if ns.max_turns is not None and ns.max_turns < 1:
+        raise ConfigError("--max-turns must be at least 1")
+    if ns.max_tokens < 1:
+        raise ConfigError("--max-tokens must be at least 1")
+    if ns.tool_timeout <= 0:
+        raise ConfigError("--tool-timeout must be a positive number of seconds")
+    if ns.max_budget_usd is not None and ns.max_budget_usd <= 0:
+        raise ConfigError("--max-budget-usd must be a positive amount")
+    if ns.continue_last and ns.resume_id:
+        raise ConfigError("use --continue or --resume ID, not both")
+    if ns.workdir and not Path(ns.workdir).expanduser().is_dir():
+        raise ConfigError(f"--workdir {ns.workdir}: no such directory")
+
 
 ##############################################################################
 # Value types
@@ -146,7 +347,868 @@ class ToolResult:
 ##############################################################################
 
 # ACCOUNTING-BEGIN (owned by the accounting section)
+# The TTLs the API accepts in cache_control (the config maps "off" to None).
+_BREAKPOINT_TTLS = ("5m", "1h")
+# Output tokens reserved for a submitted batch until its real usage is known.
+ESTIMATE_OUTPUT_TOKENS = 1_000
+_DATED_SUFFIX_RE = re.compile(r"-\d{8}$")
+_TOKENS_PER_MTOK = 1_000_000
+_UNCACHEABLE_BLOCK_TYPES = frozenset({"thinking", "redacted_thinking"})
+
+
+def base_model_id(model: str) -> str:
+    """Strip a dated suffix: claude-opus-4-5-20251101 -> claude-opus-4-5 (priced alike)."""
+    return _DATED_SUFFIX_RE.sub("", model)
+
+
+def price_for(model: str, prompt_tokens: int = 0) -> ModelPrice | None:
+    """Standard price of `model` for one request of `prompt_tokens`; None when unknown.
+
+    Never a default price: a guessed figure would make budgets and /stats quietly wrong.
+    """
+    base = base_model_id(model)
+    tier = LONG_PROMPT_TIERS.get(base)
+    if tier is not None and prompt_tokens > tier[0]:
+        return tier[1]
+    return PRICES.get(base)
+
+
+def _check_ttl(ttl: str | None) -> None:
+    if ttl is not None and ttl not in _BREAKPOINT_TTLS:
+        raise ValueError(f"cache TTL must be one of {_BREAKPOINT_TTLS} or None, not {ttl!r}")
+
+
+def _rate(batch: bool) -> float:
+    return BATCH_DISCOUNT if batch else 1.0
+
+
+def _cache_writes(usage: Usage, requested_ttl: str | None) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache-write tokens of `usage`.
+
+    Tokens the API's breakdown does not account for (no breakdown at all, or a Usage summed
+    from responses with and without one) went to the TTL the request asked for; a request
+    that asked for none (None) gets the API's default TTL, 5 minutes.
+    """
+    _check_ttl(requested_ttl)
+    five_m = usage.ephemeral_5m_input_tokens or 0
+    one_h = usage.ephemeral_1h_input_tokens or 0
+    unattributed = max(0, usage.cache_creation_input_tokens - five_m - one_h)
+    if requested_ttl == "1h":
+        return five_m, one_h + unattributed
+    return five_m + unattributed, one_h
+
+
+def _dollars(price: ModelPrice, usage: Usage, writes: tuple[int, int], rate: float) -> float:
+    five_m, one_h = writes
+    per_mtok = (
+        usage.input_tokens * price.input
+        + five_m * price.cache_write_5m
+        + one_h * price.cache_write_1h
+        + usage.cache_read_input_tokens * price.cache_read
+        + usage.output_tokens * price.output
+    )
+    return per_mtok / _TOKENS_PER_MTOK * rate
+
+
+def cost_usd(
+    model: str, usage: Usage, *, batch: bool, requested_ttl: str | None = "1h"
+) -> float | None:
+    """Dollars ONE response cost (pricing.md, "Cost of one response"); None when unknown.
+
+    Price each response on its own and add the dollars: Haiku 5.5's tier depends on each
+    request's prompt size, so a summed Usage would put a whole session on the long-prompt row.
+    `inference_geo: "us"` (x1.1) is not modelled.
+    """
+    price = price_for(model, usage.prompt_tokens)
+    if price is None:
+        return None
+    return _dollars(price, usage, _cache_writes(usage, requested_ttl), _rate(batch))
+
+
+def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
+    keys = ("tools", "system", "messages")
+    chars = sum(len(json.dumps(params[key], default=str)) for key in keys if key in params)
+    return math.ceil(chars / 4)
+
+
+def estimate_cost_usd(model: str, params: Mapping[str, Any], *, batch: bool = True) -> float | None:
+    """Spend committed when a batch is SUBMITTED, before its usage is known; None when unknown.
+
+    Counting it keeps a spend ceiling honest while batches are in flight; replace it with
+    cost_usd once the result arrives. Assumptions: the prompt is sum(len(json.dumps(x))) over
+    tools, system and messages, divided by 4 and rounded up, in tokens, all priced as uncached
+    input (cache reads make the real figure lower; a 1-hour write of the whole prompt, at 2x
+    input, higher); plus min(max_tokens, ESTIMATE_OUTPUT_TOKENS) at the output price (a turn
+    may use up to max_tokens; most use far fewer).
+    """
+    prompt_tokens = _estimate_prompt_tokens(params)
+    price = price_for(model, prompt_tokens)
+    if price is None:
+        return None
+    max_tokens = int(params.get("max_tokens", DEFAULT_MAX_TOKENS))
+    usage = Usage(input_tokens=prompt_tokens, output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
+    return _dollars(price, usage, (0, 0), _rate(batch))
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """One response's dollars three ways; all None when the model's price is unknown."""
+
+    # What was billed: batch rates on the batch path.
+    paid_usd: float | None
+    # The same usage at standard rates. ASSUMES the synchronous path would have hit and missed
+    # the cache exactly as this request did; in truth the two paths share no entries reliably.
+    sync_usd: float | None
+    # Cache-read and cache-write tokens priced as plain input, minus what they did cost, at the
+    # rate paid. Negative when writes have not yet been repaid by reads.
+    cache_saved_usd: float | None
+
+
+def cost_breakdown(
+    model: str, usage: Usage, *, batch: bool, requested_ttl: str | None
+) -> CostBreakdown:
+    """Paid, synchronous-equivalent and cache-saved dollars of one response."""
+    price = price_for(model, usage.prompt_tokens)
+    if price is None:
+        return CostBreakdown(None, None, None)
+    writes, rate = _cache_writes(usage, requested_ttl), _rate(batch)
+    cached = Usage(cache_read_input_tokens=usage.cache_read_input_tokens)
+    as_plain = Usage(input_tokens=usage.cache_read_input_tokens + sum(writes))
+    saved = _dollars(price, as_plain, (0, 0), rate) - _dollars(price, cached, writes, rate)
+    return CostBreakdown(
+        paid_usd=_dollars(price, usage, writes, rate),
+        sync_usd=_dollars(price, usage, writes, 1.0),
+        cache_saved_usd=saved,
+    )
+
+
+def cache_hit_ratio(usage: Usage) -> float | None:
+    """Share of the prompt read from the cache; None for an empty prompt."""
+    if usage.prompt_tokens == 0:
+        return None
+    return usage.cache_read_input_tokens / usage.prompt_tokens
+
+
+def add_cache_breakpoints(
+    params: Mapping[str, Any], ttl: str | None, *, previous_end: int | None = None
+) -> dict[str, Any]:
+    """Return NEW params carrying prompt-cache breakpoints for `ttl` ("1h", "5m"; None = off).
+
+    Every existing cache_control goes first (breakpoints replayed from earlier turns would pile
+    up past the API's limit of 4 and fail the request), then at most four are placed:
+
+    1. the last tool definition and 2. the last system block: tools + system are the same every
+       turn and every session, so their own entry is still read at 0.1x input (0.05x on
+       Opus/Sonnet 5.5) when the transcript after them changes (a new session, an edit);
+    3. the last block of the last message: writes the whole transcript, so the next turn reads
+       it instead of paying full input for it again;
+    4. the last block of message `previous_end` (the last message of the previous request),
+       where the previous request wrote its entry. A read looks back only 20 blocks from a
+       breakpoint, so a turn that appended more (parallel tool results) would miss that entry
+       and pay to write the whole transcript again; marking it makes the read exact.
+
+    Thinking blocks and empty text blocks cannot carry a breakpoint: the mark walks back to the
+    previous eligible block of that message, or is skipped. A string system prompt or message
+    content becomes one text block so it can carry the mark.
+
+    Why 1h is the default: one batch turn plus its tool run easily outlasts 5 minutes, so a
+    5-minute entry expires unread: every turn pays 1.25x input to write and never reads, which
+    costs MORE than the synchronous path. A 1-hour write costs 2x input and is repaid by the
+    second read. One TTL everywhere also keeps the API's rule that 1-hour entries precede
+    5-minute ones. The input is never mutated; changed parts are deep-copied.
+    """
+    _check_ttl(ttl)
+    out = _without_cache_control(params)
+    if ttl is None:
+        return out
+    marker = {"type": "ephemeral", "ttl": ttl}
+    for key in ("tools", "system"):
+        if out.get(key):
+            out[key] = _mark_last_eligible(_as_blocks(out[key]), marker) or out[key]
+    messages = out.get("messages") or []
+    ends = {len(messages) - 1}
+    if previous_end is not None and 0 <= previous_end < len(messages):
+        ends.add(previous_end)
+    for index in sorted(i for i in ends if i >= 0):
+        messages[index] = _mark_message(messages[index], marker)
+    return out
+
+
+def _deep_copy(value: Any) -> Any:
+    # Local import: the imports block belongs to the lead; hoisting it there is welcome.
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def _without_cache_control(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Shallow copy of params with every cache_control removed (changed blocks deep-copied)."""
+    out = dict(params)
+    # Request-level automatic caching would add a breakpoint of its own.
+    out.pop("cache_control", None)
+    for key in ("tools", "system"):
+        if isinstance(out.get(key), list):
+            out[key] = _strip_blocks(out[key])
+    if out.get("messages") is not None:
+        out["messages"] = [_strip_message(message) for message in out["messages"]]
+    return out
+
+
+def _strip_message(message: Any) -> Any:
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if not isinstance(content, list):
+        return message
+    stripped = _strip_blocks(content)
+    return message if stripped is content else {**message, "content": stripped}
+
+
+def _strip_blocks(blocks: list[Any]) -> list[Any]:
+    """`blocks` itself when no block carries cache_control, else a new list."""
+    stripped = [_strip_block(block) for block in blocks]
+    return blocks if all(s is b for s, b in zip(stripped, blocks, strict=True)) else stripped
+
+
+def _strip_block(block: Any) -> Any:
+    if not isinstance(block, Mapping):
+        return block
+    content = block.get("content")
+    inner = content
+    if block.get("type") == "tool_result" and isinstance(content, list):
+        inner = _strip_blocks(content)
+    if "cache_control" not in block and inner is content:
+        return block
+    new = {key: value for key, value in block.items() if key != "cache_control"}
+    if inner is not content:
+        new["content"] = inner
+    return _deep_copy(new)
+
+
+def _as_blocks(content: Any) -> list[Any]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return list(content or [])
+
+
+def _is_cacheable(block: Any) -> bool:
+    if not isinstance(block, Mapping) or block.get("type") in _UNCACHEABLE_BLOCK_TYPES:
+        return False
+    return block.get("type") != "text" or bool(str(block.get("text") or "").strip())
+
+
+def _mark_last_eligible(blocks: list[Any], marker: Mapping[str, str]) -> list[Any] | None:
+    """New list with `marker` on the last cacheable block; None when no block is cacheable."""
+    for index in range(len(blocks) - 1, -1, -1):
+        if _is_cacheable(blocks[index]):
+            marked = list(blocks)
+            marked[index] = {**_deep_copy(blocks[index]), "cache_control": dict(marker)}
+            return marked
+    return None
+
+
+def _mark_message(message: Any, marker: Mapping[str, str]) -> Any:
+    if not isinstance(message, Mapping):
+        return message
+    marked = _mark_last_eligible(_as_blocks(message.get("content")), marker)
+    return message if marked is None else {**message, "content": marked}
+
+
 # ACCOUNTING-END
+
+##############################################################################
+# Journal (the only code that writes SQL)
+##############################################################################
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    workdir TEXT NOT NULL, model TEXT NOT NULL, conversation INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    conversation INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+    stop_reason TEXT, created_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, conversation, id);
+CREATE TABLE IF NOT EXISTS requests (
+    custom_id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    conversation INTEGER NOT NULL, n_messages INTEGER NOT NULL, model TEXT NOT NULL,
+    cache_ttl TEXT, max_tokens INTEGER NOT NULL, request_hash TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL, batch_id TEXT,
+    submitted_at REAL NOT NULL, ended_at REAL, result_type TEXT, error_type TEXT,
+    error_message TEXT, stop_reason TEXT, message TEXT, usage TEXT,
+    estimate_usd REAL, cost_usd REAL, sync_cost_usd REAL, cache_saved_usd REAL, wait_s REAL);
+CREATE INDEX IF NOT EXISTS requests_by_session ON requests(session_id, submitted_at);
+CREATE INDEX IF NOT EXISTS requests_by_batch ON requests(batch_id);
+CREATE TABLE IF NOT EXISTS tool_calls (
+    id INTEGER PRIMARY KEY, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
+    tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
+    is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
+    UNIQUE (custom_id, tool_use_id));
+"""
+IN_FLIGHT_STATES = ("submitting", "submitted", "ended")
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    id: str
+    created_at: float
+    updated_at: float
+    workdir: str
+    model: str
+    conversation: int
+    title: str
+
+
+@dataclass(frozen=True)
+class RequestRow:
+    """One model request: what was sent (by hash), which batch carries it, what came back."""
+
+    custom_id: str
+    session_id: str
+    conversation: int
+    n_messages: int
+    model: str
+    cache_ttl: str | None
+    max_tokens: int
+    request_hash: str
+    attempt: int
+    state: str
+    batch_id: str | None
+    submitted_at: float
+    ended_at: float | None = None
+    result_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    stop_reason: str | None = None
+    message: str | None = None
+    usage: str | None = None
+    estimate_usd: float | None = None
+    cost_usd: float | None = None
+    sync_cost_usd: float | None = None
+    cache_saved_usd: float | None = None
+    wait_s: float | None = None
+
+    @property
+    def usage_value(self) -> Usage:
+        return Usage(**json.loads(self.usage)) if self.usage else Usage()
+
+    @property
+    def committed_usd(self) -> float:
+        """Spend this request commits: the actual cost once known, else the estimate."""
+        if self.state in IN_FLIGHT_STATES and self.cost_usd is None:
+            return self.estimate_usd or 0.0
+        return self.cost_usd or 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended, as the journal records it."""
+
+    result_type: str
+    ended_at: float
+    wait_s: float
+    message: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    usage: Usage | None = None
+    cost: CostBreakdown | None = None
+
+
+def new_session_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def new_custom_id() -> str:
+    """Unique per request, within the API's 64-char [a-zA-Z0-9_-] rule."""
+    return f"bh_{int(time.time())}_{secrets.token_hex(8)}"
+
+
+class Journal:
+    """Crash-safe record of every session; each public write is one committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(_explain_db_error(path, exc)) from None
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} was written by a newer batching-harness (schema {version}, this "
+                f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+        if version < SCHEMA_VERSION:
+            with self._tx():
+                self._db.executescript(_SCHEMA.replace("\n", " "))
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self.path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- sessions ----------------------------------------------------------
+    def create_session(self, workdir: Path, model: str) -> SessionRow:
+        now = time.time()
+        row = SessionRow(new_session_id(), now, now, str(workdir), model, 0, "")
+        with self._tx() as db:
+            db.execute("INSERT INTO sessions VALUES (?,?,?,?,?,?,?)", dataclasses.astuple(row))
+        return row
+
+    def session(self, session_id: str) -> SessionRow | None:
+        row = self._db.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        return SessionRow(**dict(row)) if row else None
+
+    def find_session(self, prefix: str) -> SessionRow | None:
+        rows = self._db.execute("SELECT * FROM sessions WHERE id LIKE ? ORDER BY updated_at DESC",
+                                (prefix + "%",)).fetchall()
+        if len(rows) > 1:
+            raise JournalError(f"session id {prefix!r} is ambiguous ({len(rows)} sessions)")
+        return SessionRow(**dict(rows[0])) if rows else None
+
+    def latest_session(self, workdir: Path | None = None) -> SessionRow | None:
+        sql, args = "SELECT * FROM sessions", ()
+        if workdir is not None:
+            sql, args = sql + " WHERE workdir=?", (str(workdir),)
+        row = self._db.execute(sql + " ORDER BY updated_at DESC LIMIT 1", args).fetchone()
+        return SessionRow(**dict(row)) if row else None
+
+    def recent_sessions(self, limit: int = 10) -> list[SessionRow]:
+        rows = self._db.execute("SELECT * FROM sessions ORDER BY updated_at DESC LIMIT ?",
+                                (limit,)).fetchall()
+        return [SessionRow(**dict(r)) for r in rows]
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE sessions SET {cols} WHERE id=?", (*fields.values(), session_id))
+
+    # -- messages ----------------------------------------------------------
+    def messages(self, session_id: str, conversation: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT id, role, content FROM messages WHERE session_id=? AND conversation=? "
+            "ORDER BY id", (session_id, conversation)).fetchall()
+        return [{"role": r["role"], "content": self._load_json(r["content"], r["id"])}
+                for r in rows]
+
+    def last_stop_reason(self, session_id: str, conversation: int) -> str | None:
+        row = self._db.execute(
+            "SELECT stop_reason FROM messages WHERE session_id=? AND conversation=? "
+            "ORDER BY id DESC LIMIT 1", (session_id, conversation)).fetchone()
+        return row["stop_reason"] if row else None
+
+    def add_user_content(self, session_id: str, conversation: int,
+                         blocks: list[dict[str, Any]]) -> None:
+        """Append user blocks; merged into the last message when it is a user one, so the
+        conversation keeps alternating roles even after a turn that ended without an answer."""
+        with self._tx() as db:
+            last = db.execute(
+                "SELECT id, role, content FROM messages WHERE session_id=? AND conversation=? "
+                "ORDER BY id DESC LIMIT 1", (session_id, conversation)).fetchone()
+            if last is not None and last["role"] == "user":
+                merged = _as_blocks(self._load_json(last["content"], last["id"])) + blocks
+                db.execute("UPDATE messages SET content=? WHERE id=?",
+                           (json.dumps(merged), last["id"]))
+            else:
+                self._insert_message(db, session_id, conversation, "user", blocks, None)
+            self._touch(db, session_id)
+
+    def _insert_message(self, db: sqlite3.Connection, session_id: str, conversation: int,
+                        role: str, content: list[dict[str, Any]], stop_reason: str | None) -> None:
+        db.execute("INSERT INTO messages (session_id, conversation, role, content, stop_reason, "
+                   "created_at) VALUES (?,?,?,?,?,?)",
+                   (session_id, conversation, role, json.dumps(content), stop_reason, time.time()))
+
+    def _touch(self, db: sqlite3.Connection, session_id: str) -> None:
+        db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), session_id))
+
+    def _load_json(self, text: str, row_id: int) -> Any:
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise JournalError(f"{self.path}: message {row_id} is damaged (not JSON); "
+                               "start a new session or /clear") from None
+
+    # -- requests ----------------------------------------------------------
+    def begin_request(self, row: RequestRow) -> None:
+        """Committed BEFORE the create call, so a crash mid-submit can be reconciled."""
+        with self._tx() as db:
+            cols = [f.name for f in dataclasses.fields(RequestRow)]
+            db.execute(f"INSERT INTO requests ({', '.join(cols)}) VALUES "
+                       f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
+            self._touch(db, row.session_id)
+
+    def set_batch(self, custom_id: str, batch_id: str) -> None:
+        """Committed BEFORE polling starts: from here on the paid turn can always be found."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
+                       (batch_id, custom_id))
+
+    def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
+        cost = outcome.cost
+        with self._tx() as db:
+            db.execute(
+                "UPDATE requests SET state='ended', ended_at=?, wait_s=?, result_type=?, "
+                "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
+                "sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?",
+                (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
+                 outcome.error_message, (outcome.message or {}).get("stop_reason"),
+                 json.dumps(outcome.message) if outcome.message else None,
+                 json.dumps(outcome.usage.to_json()) if outcome.usage else None,
+                 cost.paid_usd if cost else None, cost.sync_usd if cost else None,
+                 cost.cache_saved_usd if cost else None, custom_id))
+
+    def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None:
+        """Append the assistant message (if any) and close the request in ONE transaction,
+        so a crash can never add the same paid answer twice."""
+        with self._tx() as db:
+            if content:
+                self._insert_message(db, request.session_id, request.conversation, "assistant",
+                                     content, request.stop_reason)
+            db.execute("UPDATE requests SET state='applied' WHERE custom_id=?",
+                       (request.custom_id,))
+            self._touch(db, request.session_id)
+
+    def fail_request(self, custom_id: str, reason: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE requests SET state='failed', error_message=COALESCE(?, "
+                       "error_message) WHERE custom_id=?", (reason, custom_id))
+
+    def request(self, custom_id: str) -> RequestRow:
+        row = self._db.execute("SELECT * FROM requests WHERE custom_id=?",
+                               (custom_id,)).fetchone()
+        return RequestRow(**dict(row))
+
+    def requests(self, session_id: str | None = None) -> list[RequestRow]:
+        sql, args = "SELECT * FROM requests", ()
+        if session_id is not None:
+            sql, args = sql + " WHERE session_id=?", (session_id,)
+        return [RequestRow(**dict(r)) for r in
+                self._db.execute(sql + " ORDER BY submitted_at, rowid", args).fetchall()]
+
+    def pending_request(self, session_id: str) -> RequestRow | None:
+        row = self._db.execute(
+            "SELECT * FROM requests WHERE session_id=? AND state IN (?,?,?) "
+            "ORDER BY submitted_at DESC LIMIT 1", (session_id, *IN_FLIGHT_STATES)).fetchone()
+        return RequestRow(**dict(row)) if row else None
+
+    def last_applied(self, session_id: str, conversation: int) -> RequestRow | None:
+        row = self._db.execute(
+            "SELECT * FROM requests WHERE session_id=? AND conversation=? AND state='applied' "
+            "ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation)).fetchone()
+        return RequestRow(**dict(row)) if row else None
+
+    def known_batch_ids(self) -> set[str]:
+        rows = self._db.execute("SELECT batch_id FROM requests WHERE batch_id IS NOT NULL")
+        return {r[0] for r in rows}
+
+    # -- tools -------------------------------------------------------------
+    def record_tool(self, custom_id: str, tool_use_id: str, name: str, tool_input: object,
+                    result: ToolResult, started_at: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO tool_calls (custom_id, tool_use_id, name, input, "
+                       "output, is_error, exit_code, started_at, ended_at) "
+                       "VALUES (?,?,?,?,?,?,?,?,?)",
+                       (custom_id, tool_use_id, name, json.dumps(tool_input), result.output,
+                        int(result.is_error), result.exit_code, started_at, time.time()))
+
+    def tool_results(self, custom_id: str) -> dict[str, ToolResult]:
+        rows = self._db.execute("SELECT * FROM tool_calls WHERE custom_id=?", (custom_id,))
+        return {r["tool_use_id"]: ToolResult(r["output"], bool(r["is_error"]), r["exit_code"])
+                for r in rows}
+
+    def add_tool_results(self, session_id: str, conversation: int,
+                         blocks: list[dict[str, Any]]) -> None:
+        """The user message answering every tool_use of the last assistant message."""
+        with self._tx() as db:
+            self._insert_message(db, session_id, conversation, "user", blocks, None)
+            self._touch(db, session_id)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, with SQLite's lock errors turned into a clear message."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db, self.path = db, path
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise JournalError(_explain_db_error(self.path, exc)) from None
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _explain_db_error(path: Path, exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return f"the journal {path} is locked by another process; close it or wait"
+    if "not a database" in text or "malformed" in text:
+        return (f"the journal {path} is damaged ({text}); move it aside to start afresh "
+                "(sqlite3 .recover can often rescue its sessions)")
+    return f"the journal {path} cannot be used: {text}"
+
+
+def _as_blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return list(content)
+
+
+def request_hash(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+
+
+##############################################################################
+# Transport (the Message Batches API behind a few calls; every wait injectable)
+##############################################################################
+
+# Slack for comparing our clock with the API's created_at when reconciling a create.
+CLOCK_SKEW_S = 120.0
+SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
+
+
+@dataclass(frozen=True)
+class BatchView:
+    id: str
+    status: str  # in_progress | canceling | ended
+    created_at: float | None
+    size: int
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    """One request's result, matched by custom_id."""
+
+    custom_id: str
+    type: str  # succeeded | errored | canceled | expired
+    message: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long transient faults (429, 5xx, 529, dropped connections) are waited out."""
+
+    max_attempts: int = 8
+    """Attempts per API call; 8 with the delays below is about 2.5 minutes of faults."""
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay_s(self, attempt: int, retry_after_s: float | None, jitter: float) -> float:
+        if retry_after_s is not None:
+            return min(max(retry_after_s, 0.0), 600.0)
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * (0.5 + jitter)
+
+
+def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None) -> float:
+    """Seconds to wait before the next retrieve.
+
+    Budget: at most 30 polls a minute on average while one batch is waited for (the batch
+    endpoints share one rate limit). When past turnarounds give an expected wait, poll
+    sparsely until close to it and then every second, so a result is seen within about half
+    a second of the batch ending; otherwise poll every `base_s` (2 s by default), slowing
+    down for batches that run long (most end within minutes, some take hours).
+    """
+    if elapsed_s > 3600:
+        return 60.0
+    if elapsed_s > 600:
+        return 15.0
+    if expected_s is not None and elapsed_s < 1.5 * expected_s + 5:
+        lead_in_end = 0.85 * expected_s - 1.0
+        if elapsed_s < lead_in_end:
+            return max(base_s, min(5.0, lead_in_end - elapsed_s))
+        return min(1.0, base_s)
+    return max(base_s, 2.0) if elapsed_s > 120 else base_s
+
+
+class Transport(Protocol):
+    def submit(self, entries: Sequence[tuple[str, dict[str, Any]]], *,
+               exclude: Callable[[], set[str]], notify: Callable[[str], None]) -> str: ...
+    def find_batch(self, *, not_before: float, size: int, exclude: set[str],
+                   notify: Callable[[str], None]) -> str | None: ...
+    def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView: ...
+    def results(self, batch_id: str, notify: Callable[[str], None]) -> dict[str, EntryResult]: ...
+    def cancel(self, batch_id: str, notify: Callable[[str], None]) -> None: ...
+
+
+class BatchTransport:
+    """Batches over the real `anthropic` SDK. Retries are ours (the SDK's are off) so the
+    spinner can say what is happening, and so a create is never blindly re-sent."""
+
+    def __init__(self, client_factory: Callable[[], Any], *, retry: RetryPolicy = RetryPolicy(),
+                 sleep: Callable[[float], None] = time.sleep,
+                 jitter: Callable[[], float] | None = None) -> None:
+        self._client_factory = client_factory
+        self._client: Any = None
+        self.retry = retry
+        self.sleep = sleep
+        self._jitter = jitter or secrets.SystemRandom().random
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def submit(self, entries: Sequence[tuple[str, dict[str, Any]]], *,
+               exclude: Callable[[], set[str]], notify: Callable[[str], None]) -> str:
+        """Create one batch. When the outcome of a create is unknown (timeout, dropped
+        connection, 5xx) list() is checked before trying again: never two paid batches."""
+        requests = [{"custom_id": cid, "params": params} for cid, params in entries]
+        not_before = time.time()
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return self.client.messages.batches.create(requests=requests).id
+            except Exception as exc:
+                fault = self._classify(exc, "submitting the batch")
+                if fault.outcome_unknown:
+                    found = self.find_batch(not_before=not_before, size=len(entries),
+                                            exclude=exclude(), notify=notify)
+                    if found:
+                        notify(f"the create call failed ({fault.label}) but the batch exists: "
+                               f"{found}")
+                        return found
+                self._back_off(attempt, fault, "submitting", notify)
+        raise RetriesExhausted("the batch could not be submitted: API faults outlasted "
+                               f"{self.retry.max_attempts} attempts")
+
+    def find_batch(self, *, not_before: float, size: int, exclude: set[str],
+                   notify: Callable[[str], None]) -> str | None:
+        """The batch a create made, if it made one: list() shows no custom_ids, so match on
+        creation time and size among batches this journal does not know (results later
+        confirm the custom_id)."""
+        page = self._call(lambda: self.client.messages.batches.list(limit=100),
+                          "listing batches", notify)
+        found = [b for b in page.data if b.id not in exclude
+                 and _batch_size(b) == size
+                 and b.created_at.timestamp() >= not_before - CLOCK_SKEW_S]
+        return min(found, key=lambda b: b.created_at).id if found else None
+
+    def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView:
+        b = self._call(lambda: self.client.messages.batches.retrieve(batch_id), "polling", notify)
+        return BatchView(b.id, b.processing_status, b.created_at.timestamp(), _batch_size(b))
+
+    def results(self, batch_id: str, notify: Callable[[str], None]) -> dict[str, EntryResult]:
+        def fetch() -> dict[str, EntryResult]:
+            return {r.custom_id: _entry_result(r)
+                    for r in self.client.messages.batches.results(batch_id)}
+
+        return self._call(fetch, "fetching results", notify)
+
+    def cancel(self, batch_id: str, notify: Callable[[str], None]) -> None:
+        self._call(lambda: self.client.messages.batches.cancel(batch_id), "canceling", notify)
+
+    def _call(self, fn: Callable[[], Any], doing: str, notify: Callable[[str], None]) -> Any:
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                fault = self._classify(exc, doing)
+                self._back_off(attempt, fault, doing, notify)
+        raise RetriesExhausted(f"{doing}: API faults outlasted {self.retry.max_attempts} attempts")
+
+    def _back_off(self, attempt: int, fault: _Fault, doing: str,
+                  notify: Callable[[str], None]) -> None:
+        if attempt >= self.retry.max_attempts:
+            return
+        delay = self.retry.delay_s(attempt, fault.retry_after_s, self._jitter())
+        notify(f"{fault.label} while {doing}; retry {attempt}/{self.retry.max_attempts - 1} "
+               f"in {delay:.0f}s")
+        self.sleep(delay)
+
+    def _classify(self, exc: Exception, doing: str) -> _Fault:
+        """Transient faults come back as a _Fault; anything else is raised as a clear error."""
+        import anthropic
+
+        if isinstance(exc, anthropic.APIConnectionError):
+            kind = "timeout" if isinstance(exc, anthropic.APITimeoutError) else "connection lost"
+            return _Fault(kind, None, outcome_unknown=True)
+        if not isinstance(exc, anthropic.APIStatusError):
+            raise exc
+        status, message = exc.status_code, _api_error_message(exc)
+        if status == 429:
+            if SPEND_LIMIT_CODE in json.dumps(getattr(exc, "body", None) or {}):
+                raise SpendLimitReached(f"spend limit reached while {doing}: {message}") from None
+            return _Fault("rate limited (429)", _retry_after_s(exc), outcome_unknown=False)
+        if status >= 500 or status in (408, 409):
+            return _Fault(f"API error {status}", _retry_after_s(exc), outcome_unknown=True)
+        raise TransportError(f"the API refused {doing} ({status}): {message}") from None
+
+
+@dataclass(frozen=True)
+class _Fault:
+    label: str
+    retry_after_s: float | None
+    outcome_unknown: bool
+
+
+def _batch_size(batch: Any) -> int:
+    c = batch.request_counts
+    return c.processing + c.succeeded + c.errored + c.canceled + c.expired
+
+
+def _retry_after_s(exc: Any) -> float | None:
+    try:
+        return float(exc.response.headers.get("retry-after"))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _api_error_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error") if isinstance(body.get("error"), dict) else body
+        return f"{err.get('type', 'error')}: {err.get('message', '')}".strip()
+    return str(exc)
+
+
+def _entry_result(line: Any) -> EntryResult:
+    result = line.result
+    if result.type == "succeeded":
+        return EntryResult(line.custom_id, "succeeded", message_to_dict(result.message))
+    if result.type == "errored":
+        err = result.error.error
+        return EntryResult(line.custom_id, "errored", None, err.type, err.message)
+    return EntryResult(line.custom_id, result.type)
+
+
+def message_to_dict(message: Any) -> dict[str, Any]:
+    """A returned Message as plain data; `content` is in request form, exactly as returned."""
+    details = getattr(message, "stop_details", None)
+    return {
+        "id": message.id, "model": message.model, "stop_reason": message.stop_reason,
+        "content": message.to_param()["content"],
+        "usage": message.usage.model_dump(mode="json", exclude_none=True),
+        "stop_details": details.model_dump(mode="json") if details is not None else None,
+    }
+
+
+def make_client_factory(api_key: str | None, base_url: str | None) -> Callable[[], Any]:
+    """The SDK is imported here, not at start-up: `import anthropic` takes seconds."""
+
+    def factory() -> Any:
+        import anthropic
+
+        return anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0,
+                                   timeout=60.0)
+
+    return factory
+
 
 ##############################################################################
 # Sandbox and tools
@@ -154,3 +1216,1272 @@ class ToolResult:
 
 # TOOLS-BEGIN (owned by the sandbox section)
 # TOOLS-END
+
+##############################################################################
+# Agent loop (never prints: it emits events and asks the UI through callbacks)
+##############################################################################
+
+SYSTEM_PROMPT = """\
+You are a careful software engineer working in the directory {workdir} through two tools: \
+bash (each command runs in a sandbox: the working directory carries over between calls, \
+network is off unless the user allowed some domains, nothing outside the work directory is \
+writable) and str_replace_based_edit_tool (view, create, str_replace, insert). Every turn of \
+yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
+issue independent tool calls together in one turn, and read enough at once. When the task is \
+done, reply with a short summary of what you did and what you found."""
+RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error")
+RESULTS_RETENTION_S = 29 * 86400
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    model: str
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    cache_ttl: str | None = "1h"
+    max_turns: int | None = None
+    max_budget_usd: float | None = None
+    poll_interval_s: float = 2.0
+    max_resubmits: int = 3
+    """Times an expired or transiently errored request is sent again before the turn fails."""
+
+
+# Events: what the loop tells the UI. Each is a small frozen record.
+@dataclass(frozen=True)
+class BatchSubmitted:
+    batch_id: str
+    custom_id: str
+    model: str
+    turn: int
+    submitted_at: float
+    estimate_usd: float | None
+    expected_s: float | None
+
+
+@dataclass(frozen=True)
+class BatchPolled:
+    batch_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class BatchEnded:
+    batch_id: str
+    result_type: str
+    wait_s: float
+    usage: Usage | None
+    cost: CostBreakdown | None
+
+
+@dataclass(frozen=True)
+class AssistantText:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolStarted:
+    label: str
+
+
+@dataclass(frozen=True)
+class ToolFinished:
+    label: str
+    result: ToolResult
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+    level: str = "info"  # info | warn | error
+
+
+Event = (BatchSubmitted | BatchPolled | BatchEnded | AssistantText | ToolStarted | ToolFinished
+         | Notice)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run of the loop produced (headless mode prints it)."""
+
+    text: str
+    stop_reason: str | None
+    custom_ids: tuple[str, ...]
+
+
+def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
+                   expected_s: float | None, base_interval_s: float,
+                   sleep: Callable[[float], None], on_poll: Callable[[BatchView], None],
+                   notify: Callable[[str], None]) -> BatchView:
+    """Poll until the batch ends (no webhook exists: polling is the only way)."""
+    while True:
+        view = transport.retrieve(batch_id, notify)
+        on_poll(view)
+        if view.status == "ended":
+            return view
+        sleep(next_poll_delay_s(time.time() - started_at, base_interval_s, expected_s))
+
+
+def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, Any]],
+                 messages: list[dict[str, Any]], previous_end: int | None) -> dict[str, Any]:
+    """The Messages body for one turn. The system prompt never changes within a session, so
+    the cached prefix (tools, system, transcript) stays valid from turn to turn."""
+    params = {
+        "model": settings.model,
+        "max_tokens": settings.max_tokens,
+        "system": [{"type": "text", "text": SYSTEM_PROMPT.format(workdir=workdir)}],
+        "tools": tools,
+        "messages": messages,
+    }
+    return add_cache_breakpoints(params, settings.cache_ttl, previous_end=previous_end)
+
+
+def unanswered_tool_uses(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if message.get("role") != "assistant" or not isinstance(message.get("content"), list):
+        return []
+    return [b for b in message["content"] if isinstance(b, dict) and b.get("type") == "tool_use"]
+
+
+def tool_result_block(tool_use_id: str, result: ToolResult) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_use_id,
+                             "content": result.output or "(no output)"}
+    if result.is_error:
+        block["is_error"] = True
+    return block
+
+
+def final_text(content: Any) -> str:
+    blocks = _as_blocks(content) if content else []
+    return "\n\n".join(b.get("text", "") for b in blocks if b.get("type") == "text").strip()
+
+
+def median(values: Sequence[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class Agent:
+    """Advances one session turn by turn. Every step is decided from the journal, so a
+    fresh prompt and a session resumed after a crash run through the same code."""
+
+    def __init__(self, journal: Journal, transport: Transport, toolbox: Toolbox,
+                 settings: AgentSettings, session: SessionRow, *,
+                 emit: Callable[[Event], None],
+                 ask_interrupt: Callable[[str], str],
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.journal = journal
+        self.transport = transport
+        self.toolbox = toolbox
+        self.settings = settings
+        self.session = session
+        self.emit = emit
+        self.ask_interrupt = ask_interrupt
+        self.sleep = sleep
+        self._run_ids: list[str] = []
+        self._turns = 0
+
+    # -- entry points --------------------------------------------------------
+    def prompt(self, text: str) -> RunResult:
+        self.journal.add_user_content(self.session.id, self.session.conversation,
+                                      [{"type": "text", "text": text}])
+        return self.run(submit_prompt=True)
+
+    def resume(self) -> RunResult | None:
+        """Finish whatever the session left in flight; None when nothing was."""
+        if not self._has_unfinished_work():
+            return None
+        return self.run(submit_prompt=False)
+
+    def run(self, *, submit_prompt: bool) -> RunResult:
+        """Take steps until the model ends its turn; typed exceptions end it early."""
+        self._run_ids, self._turns = [], 0
+        while (step := self._next_step(submit_prompt)) is not None:
+            step()
+            submit_prompt = True
+        return self._result()
+
+    def switch_model(self, model: str) -> None:
+        self.settings = dataclasses.replace(self.settings, model=model)
+        self.journal.update_session(self.session.id, model=model)
+
+    def clear(self) -> None:
+        """A new conversation in the same session: the session's spend stays counted."""
+        conversation = self.session.conversation + 1
+        self.journal.update_session(self.session.id, conversation=conversation)
+        self.session = dataclasses.replace(self.session, conversation=conversation)
+
+    # -- deciding the next step ----------------------------------------------
+    def _next_step(self, submit_prompt: bool) -> Callable[[], None] | None:
+        pending = self.journal.pending_request(self.session.id)
+        if pending is not None:
+            return lambda: self._settle(pending)
+        messages = self._messages()
+        if not messages:
+            return None
+        last = messages[-1]
+        if last["role"] == "assistant":
+            if unanswered_tool_uses(last):
+                return lambda: self._run_tools(last)
+            if self._last_stop_reason() == "pause_turn":
+                return self._submit
+            return None
+        if submit_prompt or _is_tool_result_message(last):
+            return self._submit
+        return None
+
+    def _has_unfinished_work(self) -> bool:
+        if self.journal.pending_request(self.session.id) is not None:
+            return True
+        messages = self._messages()
+        if not messages:
+            return False
+        last = messages[-1]
+        if last["role"] == "assistant":
+            return bool(unanswered_tool_uses(last)) or self._last_stop_reason() == "pause_turn"
+        if _is_tool_result_message(last):
+            return True
+        # A prompt that was journaled but never submitted (killed in between); a prompt whose
+        # turn already failed waits for the user instead of being sent again unchanged.
+        return not any(r.conversation == self.session.conversation
+                       and r.n_messages == len(messages)
+                       for r in self.journal.requests(self.session.id))
+
+    def _messages(self) -> list[dict[str, Any]]:
+        return self.journal.messages(self.session.id, self.session.conversation)
+
+    def _last_stop_reason(self) -> str | None:
+        return self.journal.last_stop_reason(self.session.id, self.session.conversation)
+
+    # -- submitting ------------------------------------------------------------
+    def _submit(self) -> None:
+        messages = self._messages()
+        previous = self.journal.last_applied(self.session.id, self.session.conversation)
+        previous_end = previous.n_messages - 1 if previous else None
+        params = build_params(self.settings, Path(self.session.workdir),
+                              self.toolbox.definitions(), messages, previous_end)
+        estimate = estimate_cost_usd(self.settings.model, params, batch=True)
+        self._check_limits(estimate)
+        row = RequestRow(
+            custom_id=new_custom_id(), session_id=self.session.id,
+            conversation=self.session.conversation, n_messages=len(messages),
+            model=self.settings.model, cache_ttl=self.settings.cache_ttl,
+            max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
+            attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
+            submitted_at=time.time(), estimate_usd=estimate)
+        self.journal.begin_request(row)
+        batch_id = self._create(row, params)
+        self.journal.set_batch(row.custom_id, batch_id)
+        self._turns += 1
+        self._run_ids.append(row.custom_id)
+        self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns,
+                                 row.submitted_at, estimate, self.expected_wait_s(row.model)))
+
+    def _create(self, row: RequestRow, params: dict[str, Any]) -> str:
+        try:
+            return self.transport.submit([(row.custom_id, params)],
+                                         exclude=self.journal.known_batch_ids,
+                                         notify=self._notify)
+        except (SpendLimitReached, RetriesExhausted):
+            raise  # outcome may be unknown: the row stays 'submitting' and resume reconciles
+        except TransportError:
+            self.journal.fail_request(row.custom_id, "refused at submission")
+            raise
+
+    def _check_limits(self, estimate_usd: float | None) -> None:
+        s = self.settings
+        if s.max_turns is not None and self._turns >= s.max_turns:
+            raise BudgetExceeded(f"--max-turns {s.max_turns} reached for this prompt; "
+                                 "send another prompt to let it go on")
+        if s.max_budget_usd is None:
+            return
+        if estimate_usd is None:
+            raise BudgetExceeded(f"price unknown for {s.model}: cannot keep --max-budget-usd")
+        committed = sum(r.committed_usd for r in self.journal.requests(self.session.id))
+        if committed + estimate_usd > s.max_budget_usd:
+            raise BudgetExceeded(
+                f"not submitted: ${committed:.4f} committed + about ${estimate_usd:.4f} for this "
+                f"turn would pass --max-budget-usd ${s.max_budget_usd:.2f}")
+
+    def _attempt_number(self, n_messages: int) -> int:
+        """Consecutive resubmissions of the same transcript, to bound them."""
+        attempt = 1
+        for r in reversed(self.journal.requests(self.session.id)):
+            if r.conversation != self.session.conversation or r.n_messages != n_messages:
+                break
+            if r.state == "failed" and (r.result_type == "expired"
+                                        or r.error_type in RESUBMITTABLE):
+                attempt = max(attempt, r.attempt + 1)
+        return attempt
+
+    # -- waiting and collecting --------------------------------------------------
+    def _settle(self, request: RequestRow) -> None:
+        if request.state == "submitting":
+            self._reconcile(request)
+            return
+        if request.state == "submitted":
+            self._collect(request)
+        self._apply(self.journal.request(request.custom_id))
+
+    def _reconcile(self, request: RequestRow) -> None:
+        """A crash or fault left a create whose outcome we never saw: adopt the batch it
+        made, or — if it made none — let the next step submit the turn afresh."""
+        batch_id = self.transport.find_batch(not_before=request.submitted_at, size=1,
+                                             exclude=self.journal.known_batch_ids(),
+                                             notify=self._notify)
+        if batch_id:
+            self.journal.set_batch(request.custom_id, batch_id)
+            self._notify(f"re-attached to {batch_id}, created before the interruption")
+        else:
+            self.journal.fail_request(request.custom_id, "never reached the API")
+
+    def _collect(self, request: RequestRow) -> None:
+        assert request.batch_id is not None
+        if time.time() - request.submitted_at > RESULTS_RETENTION_S:
+            self.journal.fail_request(request.custom_id, "results expired from the API")
+            raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
+                             "longer keeps its results. Nothing more can be recovered.")
+        self._wait(request)
+        entry = self._fetch_entry(request)
+        outcome = self._outcome(request, entry)
+        self.journal.record_outcome(request.custom_id, outcome)
+        self.emit(BatchEnded(request.batch_id, outcome.result_type, outcome.wait_s,
+                             outcome.usage, outcome.cost))
+
+    def _wait(self, request: RequestRow) -> BatchView:
+        assert request.batch_id is not None
+        expected = self.expected_wait_s(request.model)
+        while True:
+            try:
+                return wait_for_batch(
+                    self.transport, request.batch_id, started_at=request.submitted_at,
+                    expected_s=expected, base_interval_s=self.settings.poll_interval_s,
+                    sleep=self.sleep, notify=self._notify,
+                    on_poll=lambda v: self.emit(BatchPolled(v.id, v.status)))
+            except KeyboardInterrupt:
+                self._on_interrupt(request.batch_id)
+
+    def _on_interrupt(self, batch_id: str) -> None:
+        choice = self.ask_interrupt(batch_id)
+        if choice == "detach":
+            raise Detached(self.session.id, batch_id)
+        if choice == "cancel":
+            self.transport.cancel(batch_id, self._notify)
+            self.emit(Notice(f"cancel requested for {batch_id}; waiting for it to end (work "
+                             "already under way may still finish, and is then used)", "warn"))
+
+    def _fetch_entry(self, request: RequestRow) -> EntryResult | None:
+        assert request.batch_id is not None
+        try:
+            results = self.transport.results(request.batch_id, self._notify)
+        except TransportError as exc:
+            if "404" in str(exc) or "not_found" in str(exc):
+                self.journal.fail_request(request.custom_id, "results no longer available")
+                raise TurnFailed(f"the results of {request.batch_id} are no longer available "
+                                 f"from the API ({exc})") from None
+            raise
+        return results.get(request.custom_id)
+
+    def _outcome(self, request: RequestRow, entry: EntryResult | None) -> Outcome:
+        now = time.time()
+        wait_s = now - request.submitted_at
+        if entry is None:  # an adopted batch that was not ours, or a truncated download
+            return Outcome("missing", now, wait_s, error_message="result not in the batch")
+        if entry.type != "succeeded" or entry.message is None:
+            return Outcome(entry.type, now, wait_s, error_type=entry.error_type,
+                           error_message=entry.error_message)
+        usage = Usage.from_api(entry.message.get("usage"))
+        cost = cost_breakdown(request.model, usage, batch=True,
+                              requested_ttl=request.cache_ttl)
+        return Outcome("succeeded", now, wait_s, entry.message, usage=usage, cost=cost)
+
+    # -- applying a result ---------------------------------------------------------
+    def _apply(self, request: RequestRow) -> None:
+        kind = request.result_type
+        if kind == "succeeded":
+            self._apply_message(request)
+        elif kind == "expired" or (kind == "errored" and request.error_type in RESUBMITTABLE):
+            self._resubmit_or_fail(request)
+        elif kind == "errored":
+            self.journal.fail_request(request.custom_id)
+            raise TurnFailed(f"the API refused this turn ({request.error_type}: "
+                             f"{request.error_message}); nothing was billed")
+        elif kind == "canceled":
+            self.journal.fail_request(request.custom_id)
+            raise TurnFailed("the batch was canceled before the model answered; nothing "
+                             "was billed")
+        else:
+            self.journal.fail_request(request.custom_id)
+            self._notify(f"batch {request.batch_id} held no result for this turn; "
+                         "submitting it again")
+
+    def _resubmit_or_fail(self, request: RequestRow) -> None:
+        self.journal.fail_request(request.custom_id)
+        reason = request.result_type if request.result_type == "expired" else (
+            f"{request.error_type}: {request.error_message}")
+        if request.attempt >= self.settings.max_resubmits:
+            raise TurnFailed(f"the turn failed {request.attempt} times ({reason}); "
+                             "send the prompt again to retry")
+        self.emit(Notice(f"batch entry {reason}; resubmitting (attempt "
+                         f"{request.attempt + 1} of {self.settings.max_resubmits})", "warn"))
+
+    def _apply_message(self, request: RequestRow) -> None:
+        message = json.loads(request.message or "{}")
+        content = [b for b in message.get("content") or [] if not _is_empty_text(b)]
+        self.journal.apply_request(request, content or None)
+        text = final_text(content)
+        if text:
+            self.emit(AssistantText(text))
+        self._report_stop(request, message)
+
+    def _report_stop(self, request: RequestRow, message: dict[str, Any]) -> None:
+        stop = message.get("stop_reason")
+        if stop == "max_tokens" and not unanswered_tool_uses(message | {"role": "assistant"}):
+            self.emit(Notice(f"the answer was cut off at max_tokens ({request.max_tokens}); "
+                             "ask it to continue, or raise --max-tokens", "warn"))
+        elif stop == "refusal":
+            category = (message.get("stop_details") or {}).get("category") or "unspecified"
+            raise TurnFailed(f"the model declined to go on (refusal, category {category}); "
+                             "the turn was billed")
+        elif stop == "model_context_window_exceeded":
+            raise TurnFailed("the conversation no longer fits the model's context window; "
+                             "/clear starts a new one")
+        elif stop == "pause_turn":
+            self.emit(Notice("the model paused a long turn; sending it back to continue"))
+
+    # -- tools --------------------------------------------------------------------
+    def _run_tools(self, assistant: dict[str, Any]) -> None:
+        """Answer every tool_use of the last assistant message in ONE user message.
+        Calls finished before a crash are not run again: their results are in the journal."""
+        request = self.journal.last_applied(self.session.id, self.session.conversation)
+        custom_id = request.custom_id if request else "unknown"
+        done = self.journal.tool_results(custom_id)
+        calls = unanswered_tool_uses(assistant)
+        cut_off = request is not None and request.stop_reason == "max_tokens"
+        blocks = []
+        for i, call in enumerate(calls):
+            if call.get("id") in done:
+                result = done[call["id"]]
+            elif cut_off and i == len(calls) - 1:
+                result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
+                                    "input is incomplete; send it again, shorter", True)
+            else:
+                result = self._run_tool(custom_id, call)
+            blocks.append(tool_result_block(str(call.get("id")), result))
+        self.journal.add_tool_results(self.session.id, self.session.conversation, blocks)
+
+    def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        name, tool_input = str(call.get("name")), call.get("input")
+        label = describe_tool_call(name, tool_input)
+        self.emit(ToolStarted(label))
+        started = time.time()
+        result = self.toolbox.run(name, tool_input)
+        self.journal.record_tool(custom_id, str(call.get("id")), name, tool_input, result,
+                                 started)
+        self.emit(ToolFinished(label, result))
+        for warning in result.warnings:
+            self.emit(Notice(warning, "warn"))
+        return result
+
+    # -- figures -----------------------------------------------------------------
+    def expected_wait_s(self, model: str) -> float | None:
+        """Median turnaround of this model's recent batches, once there are two."""
+        waits = turnarounds(self.journal.requests(), model)[-50:]
+        return median(waits) if len(waits) >= 2 else None
+
+    def _notify(self, text: str) -> None:
+        self.emit(Notice(text, "warn"))
+
+    def _result(self) -> RunResult:
+        messages = self._messages()
+        last = messages[-1] if messages else {}
+        text = final_text(last.get("content")) if last.get("role") == "assistant" else ""
+        return RunResult(text, self._last_stop_reason(), tuple(self._run_ids))
+
+
+def turnarounds(requests: Sequence[RequestRow], model: str | None = None) -> list[float]:
+    """Seconds from submission to result for batches that ended with an answer."""
+    return [r.wait_s for r in requests
+            if r.wait_s is not None and r.result_type == "succeeded"
+            and (model is None or r.model == model)]
+
+
+def _is_tool_result_message(message: Mapping[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+
+
+def _is_empty_text(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and not block.get("text")
+
+
+##############################################################################
+# UI (rich render functions; the console and clock come in as arguments)
+##############################################################################
+
+INTERRUPT_MENU = ("[bold]Ctrl-C[/] while waiting for {batch}: [bold]c[/] cancel the batch · "
+                  "[bold]d[/] detach (it keeps running; resume later) · [bold]Enter[/] keep "
+                  "waiting")
+
+
+def fmt_elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def fmt_usd(amount: float | None) -> str:
+    if amount is None:
+        return "price unknown"
+    return f"${amount:.4f}" if amount < 10 else f"${amount:,.2f}"
+
+
+def fmt_tokens(n: int) -> str:
+    return f"{n:,}"
+
+
+def shorten(text: str, max_lines: int = 3, width: int = 160) -> str:
+    lines = [ln[:width] + ("…" if len(ln) > width else "") for ln in text.strip().splitlines()]
+    more = len(lines) - max_lines
+    return "\n".join(lines[:max_lines] + ([f"… {more} more lines"] if more > 0 else []))
+
+
+@dataclass
+class WaitState:
+    """What the spinner line shows; the elapsed counter is computed at every refresh."""
+
+    batch_id: str
+    turn: int
+    started_at: float
+    expected_s: float | None
+    status: str = "in_progress"
+    polls: int = 0
+    note: str = ""
+
+
+class WaitLine:
+    """A rich renderable: spinner, elapsed m:ss, batch id, status, expected wait."""
+
+    def __init__(self, state: WaitState, clock: Callable[[], float]) -> None:
+        from rich.spinner import Spinner
+
+        self.state, self.clock = state, clock
+        self.spinner = Spinner("dots", style="cyan")
+
+    def text(self) -> str:
+        s = self.state
+        parts = [f"waiting {fmt_elapsed(self.clock() - s.started_at)}",
+                 f"turn {s.turn}", s.batch_id, s.status.replace("_", " ")]
+        if s.expected_s is not None:
+            parts.append(f"expected ~{fmt_elapsed(s.expected_s)}")
+        if s.note:
+            parts.append(s.note)
+        return " · ".join(parts) + "  (Ctrl-C: options)"
+
+    def __rich__(self) -> Any:
+        self.spinner.update(text=self.text())
+        return self.spinner
+
+
+class ConsoleUI:
+    """Turns agent events into terminal output. Only this class and the render functions
+    below print; `interactive` decides between a live spinner and plain progress lines."""
+
+    def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
+                 interactive: bool = True, read_key: Callable[[], str] | None = None) -> None:
+        self.console = console
+        self.clock = clock
+        self.interactive = interactive
+        self.read_key = read_key or read_key_from_tty
+        self._live: Any = None
+        self._wait: WaitState | None = None
+
+    def handle(self, event: Event) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__, None)
+        if handler is not None:
+            handler(event)
+
+    def _on_BatchSubmitted(self, e: BatchSubmitted) -> None:
+        self._wait = WaitState(e.batch_id, e.turn, e.submitted_at, e.expected_s)
+        estimate = f" · est. {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
+        self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.batch_id} "
+                           f"submitted{estimate}[/]")
+        self._start_live()
+
+    def _on_BatchPolled(self, e: BatchPolled) -> None:
+        if self._wait is None:  # re-attached after a restart: spinner from the journal's time
+            self._wait = WaitState(e.batch_id, 0, self.clock(), None)
+            self._start_live()
+        self._wait.status, self._wait.note = e.status, ""
+        self._wait.polls += 1
+
+    def _on_BatchEnded(self, e: BatchEnded) -> None:
+        self.stop_live()
+        self._wait = None
+        line = f"batch {e.batch_id} {e.result_type} after {fmt_elapsed(e.wait_s)}"
+        if e.cost is not None and e.usage is not None:
+            line += (f" · {fmt_tokens(e.usage.prompt_tokens)} in / "
+                     f"{fmt_tokens(e.usage.output_tokens)} out · paid {fmt_usd(e.cost.paid_usd)}"
+                     f" (sync {fmt_usd(e.cost.sync_usd)})")
+        self.console.print(f"[dim]{line}[/]")
+
+    def _on_AssistantText(self, e: AssistantText) -> None:
+        from rich.markdown import Markdown
+
+        self.stop_live()
+        self.console.print(Markdown(e.text))
+
+    def _on_ToolStarted(self, e: ToolStarted) -> None:
+        if self.interactive:
+            self._live = self.console.status(f"[cyan]running[/] {_escape(e.label)}")
+            self._live.start()
+
+    def _on_ToolFinished(self, e: ToolFinished) -> None:
+        self.stop_live()
+        r = e.result
+        mark = "[red]✗[/]" if r.is_error else "[green]✓[/]"
+        status = f"exit {r.exit_code}" if r.exit_code is not None else (
+            "error" if r.is_error else "ok")
+        self.console.print(f"{mark} {_escape(e.label)} [dim]· {status}[/]")
+        if r.output.strip():
+            self.console.print(_indent(_escape(shorten(r.output))), style="dim")
+
+    def _on_Notice(self, e: Notice) -> None:
+        style = {"warn": "yellow", "error": "bold red"}.get(e.level, "dim")
+        if self._wait is not None and e.level == "warn":
+            self._wait.note = e.text
+        self.console.print(f"[{style}]{_escape(e.text)}[/]")
+
+    def _start_live(self) -> None:
+        if not self.interactive or self._wait is None:
+            return
+        from rich.live import Live
+
+        self.stop_live()
+        self._live = Live(WaitLine(self._wait, self.clock), console=self.console,
+                          refresh_per_second=4, transient=True)
+        self._live.start()
+
+    def stop_live(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def ask_interrupt(self, batch_id: str) -> str:
+        """One key: c cancels, d detaches, Enter keeps waiting; another Ctrl-C detaches."""
+        self.stop_live()
+        if not self.interactive:
+            return "detach"
+        self.console.print(INTERRUPT_MENU.format(batch=batch_id))
+        try:
+            key = self.read_key()
+        except (KeyboardInterrupt, EOFError):
+            key = "d"
+        choice = {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
+        if choice == "wait":
+            self._start_live()
+        return choice
+
+    def error(self, text: str) -> None:
+        self.stop_live()
+        self.console.print(f"[bold red]error:[/] {_escape(text)}")
+
+    def info(self, text: str) -> None:
+        self.console.print(text)
+
+
+def read_key_from_tty() -> str:
+    """Read one key without waiting for Enter; Ctrl-C still raises KeyboardInterrupt."""
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        data = os.read(fd, 1)
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    if not data:
+        raise EOFError
+    return data.decode(errors="replace")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _indent(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+STATS_EXPLAINED = (
+    "How these figures are computed: each turn's own `usage` is priced at the model's rates "
+    "— uncached input; cache writes at 1.25× input (5-minute TTL) or 2× input (1-hour TTL); "
+    "cache reads at the model's read rate; output (thinking included) — and the batch path "
+    "pays 50 % of all of it. 'Sync' is the SAME usage at standard rates: it assumes the "
+    "synchronous endpoint would have had the same cache hits, which the two paths do not "
+    "reliably share, so read it as a like-for-like price, not a forecast. 'Cache saved' is "
+    "what the cached tokens would have cost as plain input minus what they did cost. A turn "
+    "still in flight counts at its estimate until its result replaces it; errored, expired "
+    "and canceled entries are not billed.")
+
+
+@dataclass(frozen=True)
+class StatsTotals:
+    paid_usd: float
+    sync_usd: float
+    cache_saved_usd: float
+    waited_s: float
+    usage: Usage
+    unknown_prices: int
+
+    @property
+    def batch_saved_usd(self) -> float:
+        return self.sync_usd - self.paid_usd
+
+    @property
+    def saved_pct(self) -> float | None:
+        return 100 * self.batch_saved_usd / self.sync_usd if self.sync_usd else None
+
+    @property
+    def saved_per_min(self) -> float | None:
+        return self.batch_saved_usd / (self.waited_s / 60) if self.waited_s >= 1 else None
+
+
+def stats_totals(requests: Sequence[RequestRow]) -> StatsTotals:
+    ended = [r for r in requests if r.result_type is not None]
+    return StatsTotals(
+        paid_usd=sum(r.committed_usd for r in requests),
+        sync_usd=sum(r.sync_cost_usd or 0.0 for r in ended),
+        cache_saved_usd=sum(r.cache_saved_usd or 0.0 for r in ended),
+        waited_s=sum(r.wait_s or 0.0 for r in ended),
+        usage=sum((r.usage_value for r in ended), Usage()),
+        unknown_prices=sum(1 for r in ended if r.result_type == "succeeded"
+                           and r.cost_usd is None),
+    )
+
+
+def render_stats(console: Any, requests: Sequence[RequestRow], model: str,
+                 history: Sequence[RequestRow]) -> None:
+    """The /stats panel: a row per model turn, totals, turnaround, and how it is computed."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.text import Text
+
+    totals = stats_totals(requests)
+    body = Group(_turn_table(requests), Text(""), Text(_totals_line(totals)),
+                 Text(_turnaround_line(history, model)), Text(""),
+                 Text(STATS_EXPLAINED, style="dim"))
+    console.print(Panel(body, title="session cost: batch path vs synchronous", expand=False))
+
+
+def _turn_table(requests: Sequence[RequestRow]) -> Any:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("turn", "model", "waited", "input", "output", "cache write", "cache read",
+                "hit", "paid (batch)", "sync"):
+        table.add_column(col, justify="left" if col in ("model",) else "right")
+    for i, r in enumerate(requests, 1):
+        table.add_row(*_turn_cells(i, r))
+    return table
+
+
+def _turn_cells(i: int, r: RequestRow) -> list[str]:
+    u = r.usage_value
+    if r.result_type is None:
+        status = "in flight" if r.state in IN_FLIGHT_STATES else r.state
+        return [str(i), r.model, status, "", "", "", "", "",
+                f"~{fmt_usd(r.estimate_usd)} est.", ""]
+    if r.result_type != "succeeded":
+        return [str(i), r.model, fmt_elapsed(r.wait_s or 0), r.result_type, "", "", "", "",
+                "$0 (not billed)", ""]
+    ratio = cache_hit_ratio(u)
+    return [str(i), r.model, fmt_elapsed(r.wait_s or 0), fmt_tokens(u.input_tokens),
+            fmt_tokens(u.output_tokens), fmt_tokens(u.cache_creation_input_tokens),
+            fmt_tokens(u.cache_read_input_tokens),
+            f"{100 * ratio:.0f}%" if ratio is not None else "-",
+            fmt_usd(r.cost_usd), fmt_usd(r.sync_cost_usd)]
+
+
+def _totals_line(t: StatsTotals) -> str:
+    u = t.usage
+    ratio = cache_hit_ratio(u)
+    pct = f" ({t.saved_pct:.0f} %)" if t.saved_pct is not None else ""
+    per_min = f"{fmt_usd(t.saved_per_min)} per minute waited" if t.saved_per_min else "-"
+    unknown = f" · {t.unknown_prices} turn(s) with price unknown" if t.unknown_prices else ""
+    return (f"total: paid {fmt_usd(t.paid_usd)} · sync would be {fmt_usd(t.sync_usd)} · "
+            f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · cache saved "
+            f"{fmt_usd(t.cache_saved_usd)} · cache hit "
+            f"{f'{100 * ratio:.0f}%' if ratio is not None else '-'} · waited "
+            f"{t.waited_s / 60:.1f} min · {per_min}{unknown}")
+
+
+def _turnaround_line(history: Sequence[RequestRow], model: str) -> str:
+    waits = turnarounds(history, model)
+    if not waits:
+        return f"batch turnaround for {model}: no finished batches yet"
+    return (f"batch turnaround for {model}: {len(waits)} batches · median "
+            f"{fmt_elapsed(median(waits) or 0)} · p90 {fmt_elapsed(percentile(waits, 0.9) or 0)}")
+
+
+def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
+    """--stats: spend per model and per day, and measured turnaround per model."""
+    from rich.table import Table
+
+    by_model = Table(title="spend per model", box=None)
+    for col in ("model", "turns", "paid", "sync", "saved", "turnaround median", "p90"):
+        by_model.add_column(col, justify="left" if col == "model" else "right")
+    for model in sorted({r.model for r in requests}):
+        rows = [r for r in requests if r.model == model]
+        t, waits = stats_totals(rows), turnarounds(rows)
+        by_model.add_row(model, str(len(waits)), fmt_usd(t.paid_usd), fmt_usd(t.sync_usd),
+                         fmt_usd(t.batch_saved_usd), fmt_elapsed(median(waits) or 0),
+                         fmt_elapsed(percentile(waits, 0.9) or 0))
+    by_day = Table(title="spend per day (UTC)", box=None)
+    for col in ("day", "turns", "paid", "sync", "waited"):
+        by_day.add_column(col, justify="left" if col == "day" else "right")
+    for day in sorted({_day(r.submitted_at) for r in requests}):
+        rows = [r for r in requests if _day(r.submitted_at) == day]
+        t = stats_totals(rows)
+        by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd),
+                       fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
+    console.print(by_model)
+    console.print(by_day)
+    console.print(STATS_EXPLAINED, style="dim")
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def render_banner(console: Any, config: Config, session: SessionRow, sandbox_line: str) -> None:
+    console.print(f"[bold]batching-harness {__version__}[/] · every turn is a Message Batch "
+                  "(50 % off, a minute or more per turn)")
+    console.print(f"  model    {session.model}   cache {config.cache_ttl or 'off'}")
+    console.print(f"  workdir  {session.workdir}")
+    console.print(f"  sandbox  {sandbox_line}")
+    console.print(f"  session  {session.id}   state {config.home}")
+    console.print("  [dim]/help for commands · Alt-Enter for a new line · Ctrl-D exits[/]")
+
+
+##############################################################################
+# REPL and slash commands
+##############################################################################
+
+EXIT = object()
+
+
+class Repl:
+    """Reads prompts and slash commands; every turn runs inside one error boundary."""
+
+    def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
+                 read_line: Callable[[], str], resume_command: Callable[[str], str]) -> None:
+        self.agent = agent
+        self.journal = journal
+        self.ui = ui
+        self.read_line = read_line
+        self.resume_command = resume_command
+        self.commands: dict[str, tuple[Callable[[str], object], str]] = {
+            "/help": (self.cmd_help, "this list"),
+            "/stats": (self.cmd_stats, "cost per turn: batch path vs synchronous"),
+            "/model": (self.cmd_model, "show or switch the model: /model ID"),
+            "/clear": (self.cmd_clear, "start a new conversation (session totals stay)"),
+            "/resume": (self.cmd_resume, "pick a recent session to continue"),
+            "/exit": (self.cmd_exit, "leave (Ctrl-D too)"),
+            "/quit": (self.cmd_exit, "leave"),
+        }
+
+    def run(self) -> int:
+        status = self.guarded(self.agent.resume)
+        while status is None:
+            try:
+                line = self.read_line()
+            except EOFError:
+                return self.leave()
+            except KeyboardInterrupt:
+                continue
+            status = self.handle(line)
+        return status
+
+    def handle(self, line: str) -> int | None:
+        text = line.strip()
+        if not text:
+            return None
+        if text.startswith("/"):
+            return self.leave() if self.dispatch(text) is EXIT else None
+        return self.guarded(lambda: self.agent.prompt(line))
+
+    def guarded(self, step: Callable[[], object]) -> int | None:
+        """The one boundary: expected failures are one line; the journal keeps the state."""
+        try:
+            step()
+        except Detached as d:
+            self.ui.stop_live()
+            self.ui.info(f"detached: batch {d.batch_id} keeps running (and is billed). "
+                         f"Resume with:\n  {self.resume_command(d.session_id)}")
+            return 0
+        except HarnessError as exc:
+            self.ui.error(str(exc))
+            self._hint_if_in_flight()
+        except KeyboardInterrupt:
+            self.ui.error("interrupted")
+            self._hint_if_in_flight()
+        finally:
+            self.ui.stop_live()
+        return None
+
+    def dispatch(self, text: str) -> object:
+        name, _, arg = text.partition(" ")
+        entry = self.commands.get(name.lower())
+        if entry is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self.commands), n=1)
+            hint = f" — did you mean {close[0]}?" if close else ""
+            self.ui.error(f"unknown command {name}{hint} (/help lists them)")
+            return None
+        return entry[0](arg.strip())
+
+    def leave(self) -> int:
+        self._hint_if_in_flight()
+        return 0
+
+    def _hint_if_in_flight(self) -> None:
+        pending = self.journal.pending_request(self.agent.session.id)
+        if pending is not None:
+            self.ui.info(f"[yellow]a turn is still in flight ({pending.batch_id or 'submitting'})"
+                         f"; resume it with:[/]\n  {self.resume_command(self.agent.session.id)}")
+
+    # -- commands -------------------------------------------------------------------
+    def cmd_help(self, _arg: str) -> None:
+        for name, (_, text) in self.commands.items():
+            self.ui.info(f"  [bold]{name:<8}[/] {text}")
+        self.ui.info("  [dim]Enter sends · Alt-Enter (or Esc then Enter) inserts a new line · "
+                     "pasted text keeps its lines · Ctrl-C while waiting: cancel or detach · "
+                     "Ctrl-D exits[/]")
+
+    def cmd_stats(self, _arg: str) -> None:
+        requests = self.journal.requests(self.agent.session.id)
+        render_stats(self.ui.console, requests, self.agent.settings.model,
+                     self.journal.requests())
+
+    def cmd_model(self, arg: str) -> None:
+        if not arg:
+            known = ", ".join(sorted(PRICES))
+            self.ui.info(f"model: [bold]{self.agent.settings.model}[/]\nknown prices: {known}")
+            return
+        self.agent.switch_model(arg)
+        price = "" if price_for(arg) else " [yellow](price unknown: cost shows as unknown)[/]"
+        self.ui.info(f"model is now [bold]{arg}[/]{price}; the prompt cache starts over "
+                     "(cache entries belong to one model)")
+
+    def cmd_clear(self, _arg: str) -> None:
+        self.agent.clear()
+        self.ui.info("new conversation; the session's spend so far still counts in /stats")
+
+    def cmd_resume(self, arg: str) -> None:
+        sessions = self.journal.recent_sessions(10)
+        if not arg:
+            for i, s in enumerate(sessions, 1):
+                self.ui.info(f"  {i:>2}. {s.id}  {s.model}  {s.workdir}  "
+                             f"[dim]{_day(s.updated_at)}[/]")
+            try:
+                arg = self.read_line_with("session number or id: ")
+            except (EOFError, KeyboardInterrupt):
+                return
+        chosen = _pick_session(sessions, arg.strip(), self.journal)
+        if chosen is None:
+            self.ui.error(f"no session {arg!r}")
+            return
+        if chosen.workdir != self.agent.session.workdir:
+            self.ui.error(f"session {chosen.id} works in {chosen.workdir}; resume it with:\n  "
+                          f"{self.resume_command(chosen.id)}")
+            return
+        self.agent.session = chosen
+        self.agent.switch_model(chosen.model)
+        self.ui.info(f"resumed session {chosen.id}")
+        self.guarded(self.agent.resume)
+
+    def read_line_with(self, prompt: str) -> str:
+        return input(prompt)
+
+    def cmd_exit(self, _arg: str) -> object:
+        return EXIT
+
+
+def _pick_session(sessions: Sequence[SessionRow], arg: str,
+                  journal: Journal) -> SessionRow | None:
+    if arg.isdigit() and 1 <= int(arg) <= len(sessions):
+        return sessions[int(arg) - 1]
+    return journal.find_session(arg) if arg else None
+
+
+def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]:
+    """A prompt_toolkit prompt: history across runs, slash-command completion, Alt-Enter
+    for a new line (Enter sends)."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import WordCompleter
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    session: Any = PromptSession(
+        history=FileHistory(str(home / "history")),
+        completer=WordCompleter(list(commands), sentence=True),
+        complete_while_typing=True, key_bindings=bindings, multiline=False,
+        prompt_continuation="… ")
+    return lambda: session.prompt("› ")
+
+
+##############################################################################
+# main (the only place real collaborators are built)
+##############################################################################
+
+
+def resume_command(session_id: str) -> str:
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "batching-harness"
+    if program.endswith(".py"):
+        return f"python {program} --resume {session_id}"
+    return f"{Path(program).name} --resume {session_id}"
+
+
+def open_session(journal: Journal, config: Config) -> SessionRow:
+    if config.resume_id:
+        session = journal.find_session(config.resume_id)
+        if session is None:
+            raise ConfigError(f"no session {config.resume_id!r} in {journal.path}")
+        return session
+    if config.continue_last:
+        session = journal.latest_session(config.workdir)
+        if session is None:
+            raise ConfigError(f"no earlier session in {config.workdir} to continue")
+        return session
+    return journal.create_session(config.workdir, config.model)
+
+
+def lock_session(home: Path, session_id: str) -> int:
+    """One process per session: two would both poll, and might both submit a turn."""
+    import fcntl
+
+    path = home / "locks" / f"{session_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalError(f"session {session_id} is open in another batching-harness "
+                           "process") from None
+    return fd
+
+
+def agent_settings(config: Config, model: str) -> AgentSettings:
+    return AgentSettings(model=model, max_tokens=config.max_tokens, cache_ttl=config.cache_ttl,
+                         max_turns=config.max_turns, max_budget_usd=config.max_budget_usd,
+                         poll_interval_s=config.poll_interval_s)
+
+
+def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) -> int:
+    """-p: progress on stderr, the answer (or one JSON object) on stdout."""
+    status, error = 0, None
+    custom_ids: list[str] = []
+    try:
+        resumed = agent.resume()
+        custom_ids += resumed.custom_ids if resumed else ()
+        result = agent.prompt(prompt)
+        custom_ids += result.custom_ids
+    except Detached as d:
+        err_console.print(f"detached; resume with: {resume_command(d.session_id)}")
+        status, error = 130, "interrupted"
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; resume with: {resume_command(agent.session.id)}")
+        status, error = 130, "interrupted"
+    except HarnessError as exc:
+        err_console.print(f"error: {exc}")
+        status, error = 1, str(exc)
+    custom_ids += [i for i in agent._run_ids if i not in custom_ids]
+    print_headless(agent, config, custom_ids, error)
+    return status
+
+
+def print_headless(agent: Agent, config: Config, custom_ids: Sequence[str],
+                   error: str | None) -> None:
+    requests = [agent.journal.request(c) for c in custom_ids]
+    messages = agent.journal.messages(agent.session.id, agent.session.conversation)
+    last = messages[-1] if messages else {}
+    text = final_text(last.get("content")) if last.get("role") == "assistant" else ""
+    if config.output_format == "text":
+        if text:
+            print(text)
+        return
+    totals = stats_totals(requests)
+    u = totals.usage
+    out = {
+        "session_id": agent.session.id, "model": agent.settings.model, "result": text,
+        "stop_reason": requests[-1].stop_reason if requests else None,
+        "turns": sum(1 for r in requests if r.result_type == "succeeded"),
+        "batches": [r.batch_id for r in requests if r.batch_id],
+        "wait_s": round(totals.waited_s, 3),
+        "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                  "cache_creation_input_tokens": u.cache_creation_input_tokens,
+                  "cache_read_input_tokens": u.cache_read_input_tokens},
+        "cost_usd": round(totals.paid_usd, 6), "sync_cost_usd": round(totals.sync_usd, 6),
+        "is_error": error is not None, "error": error,
+    }
+    print(json.dumps(out))
+
+
+def read_prompt_arg(prompt: str) -> str:
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        raise ConfigError("-p needs a prompt (or '-' with the prompt on stdin)")
+    return text
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    try:
+        config = parse_config(sys.argv[1:] if argv is None else argv, environ)
+        return _run(config)
+    except _ArgparseExit as exc:
+        return exc.status
+    except (ConfigError, JournalError, SandboxUnavailable) as exc:
+        print(f"batching-harness: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(config: Config) -> int:
+    from rich.console import Console
+
+    if config.action == "doctor":
+        return run_doctor(Console(), sandbox_policy(config, config.workdir))
+    journal = Journal(config.home / "journal.db")
+    if config.action == "stats":
+        render_history(Console(), journal.requests())
+        return 0
+    if not config.api_key:
+        raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
+                          "against the stand-in: see 'Try it offline' in README.md")
+    prompt = read_prompt_arg(config.prompt) if config.prompt is not None else None
+    session = open_session(journal, config)
+    lock_session(config.home, session.id)
+    toolbox = build_toolbox(config, Path(session.workdir))
+    try:
+        return _run_session(config, journal, session, toolbox, prompt)
+    finally:
+        toolbox.close()
+        journal.close()
+
+
+def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox: Toolbox,
+                 prompt: str | None) -> int:
+    from rich.console import Console
+
+    headless = prompt is not None
+    console = Console(stderr=headless)
+    ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
+    transport = BatchTransport(make_client_factory(config.api_key, config.base_url))
+    model = config.model if not (config.resume_id or config.continue_last) else session.model
+    agent = Agent(journal, transport, toolbox, agent_settings(config, model), session,
+                  emit=ui.handle, ask_interrupt=ui.ask_interrupt)
+    if headless:
+        _check_sandbox(config, toolbox, console)
+        return run_headless(agent, config, prompt or "", console)
+    render_banner(console, config, session, _sandbox_line(config))
+    read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
+                                                 "/resume", "/exit", "/quit"])
+    _warm_up_in_background(transport, config, toolbox, console)
+    return Repl(agent, journal, ui, read_line, resume_command).run()
+
+
+def build_toolbox(config: Config, workdir: Path) -> Toolbox:
+    policy = sandbox_policy(config, workdir)
+    return Toolbox(BashTool(policy), EditorTool(policy), config.tool_timeout_s)
+
+
+def sandbox_policy(config: Config, workdir: Path) -> SandboxPolicy:
+    return SandboxPolicy(workdir=workdir, state_dir=config.home,
+                         allow_domains=config.allow_domains, enabled=config.sandbox)
+
+
+def _sandbox_line(config: Config) -> str:
+    if not config.sandbox:
+        return "[bold red]OFF (--no-sandbox): bash runs with your full privileges[/]"
+    domains = ", ".join(config.allow_domains) or "none"
+    return f"[green]on[/] (srt; network: {domains}) — checking in the background"
+
+
+def _check_sandbox(config: Config, toolbox: Toolbox, console: Any) -> None:
+    if not config.sandbox:
+        console.print("[bold red]sandbox OFF (--no-sandbox)[/]")
+        return
+    try:
+        probe_sandbox(sandbox_policy(config, toolbox.bash.policy.workdir))
+    except SandboxUnavailable as exc:
+        console.print(f"[bold red]sandbox unavailable:[/] {_escape(exc.detail)}\n  fix: "
+                      f"{_escape(exc.fix)}\n  bash is refused until then (or use --no-sandbox)")
+
+
+def _warm_up_in_background(transport: BatchTransport, config: Config, toolbox: Toolbox,
+                           console: Any) -> None:
+    """The prompt shows first; the SDK import (seconds) and the sandbox probe (~0.4 s)
+    happen while the user types."""
+
+    def warm() -> None:
+        try:
+            transport.client  # noqa: B018 - builds the client, importing anthropic
+        except Exception:
+            pass  # reported when a turn is submitted
+        _check_sandbox_quietly(config, toolbox, console)
+
+    threading.Thread(target=warm, name="warm-up", daemon=True).start()
+
+
+def _check_sandbox_quietly(config: Config, toolbox: Toolbox, console: Any) -> None:
+    if not config.sandbox:
+        return
+    try:
+        probe_sandbox(sandbox_policy(config, toolbox.bash.policy.workdir))
+    except SandboxUnavailable as exc:
+        from prompt_toolkit import print_formatted_text
+
+        print_formatted_text(f"sandbox unavailable: {exc.detail}\n  fix: {exc.fix}\n"
+                             "  bash is refused until then (or restart with --no-sandbox)")
+
+
+def run_doctor(console: Any, policy: SandboxPolicy) -> int:
+    checks = doctor_checks(policy)
+    for c in checks:
+        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        console.print(f"{mark} {c.name}: {_escape(c.detail)}")
+        if not c.ok and c.fix:
+            console.print(f"      fix: {_escape(c.fix)}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

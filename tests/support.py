@@ -1,0 +1,59 @@
+"""Builders shared by the harness tests: a real Agent wired to the local API stand-in."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import batching_harness as bh
+
+
+@dataclasses.dataclass
+class Rig:
+    """An Agent with real collaborators: journal on disk, SDK over HTTP to the stand-in."""
+
+    agent: bh.Agent
+    journal: bh.Journal
+    events: list[Any]
+    workdir: Path
+    home: Path
+    interrupts: list[str]
+
+    def texts(self) -> list[str]:
+        return [e.text for e in self.events if isinstance(e, bh.AssistantText)]
+
+    def notices(self) -> list[str]:
+        return [e.text for e in self.events if isinstance(e, bh.Notice)]
+
+    def messages(self) -> list[dict[str, Any]]:
+        return self.journal.messages(self.agent.session.id, self.agent.session.conversation)
+
+    def requests(self) -> list[bh.RequestRow]:
+        return self.journal.requests(self.agent.session.id)
+
+
+def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts: int = 4,
+             interrupts: list[str] | None = None, session: bh.SessionRow | None = None,
+             **settings: Any) -> Rig:
+    home, workdir = tmp_path / "home", tmp_path / "work"
+    home.mkdir(exist_ok=True)
+    workdir.mkdir(exist_ok=True)
+    journal = bh.Journal(home / "journal.db")
+    policy = bh.SandboxPolicy(workdir=workdir.resolve(), state_dir=home.resolve(),
+                              enabled=sandbox)
+    toolbox = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=20)
+    transport = bh.BatchTransport(
+        bh.make_client_factory("test-key", api.base_url),
+        retry=bh.RetryPolicy(max_attempts=retry_attempts, base_delay_s=0.01, max_delay_s=0.05),
+        sleep=lambda s: time.sleep(min(s, 0.05)))
+    settings.setdefault("model", "claude-opus-5-5")
+    settings.setdefault("poll_interval_s", 0.02)
+    events: list[Any] = []
+    answers = list(interrupts or [])
+    session = session or journal.create_session(workdir.resolve(), settings["model"])
+    agent = bh.Agent(journal, transport, toolbox, bh.AgentSettings(**settings), session,
+                     emit=events.append, ask_interrupt=lambda _b: answers.pop(0),
+                     sleep=lambda s: time.sleep(min(s, 0.05)))
+    return Rig(agent, journal, events, workdir, home, answers)

@@ -1,0 +1,295 @@
+"""The agent loop end to end: the real SDK over HTTP to the local stand-in, a real journal,
+real tools (sandbox off here; tests/test_sandbox.py covers srt)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import batching_harness as bh
+from tests import fake_api as fa
+from tests.support import make_rig
+
+
+@pytest.fixture
+def api():
+    with fa.FakeAPI() as server:
+        yield server
+
+
+def test_one_turn_text_answer(api, tmp_path):
+    api.script.append(fa.text("Hello **there**."))
+    rig = make_rig(api, tmp_path)
+    result = rig.agent.prompt("say hello")
+    assert result.text == "Hello **there**."
+    assert rig.texts() == ["Hello **there**."]
+    assert [m["role"] for m in rig.messages()] == ["user", "assistant"]
+    (req,) = rig.requests()
+    assert req.state == "applied" and req.result_type == "succeeded"
+    assert bh.CUSTOM_ID_RE.match(req.custom_id)
+    assert req.batch_id and req.batch_id.startswith("msgbatch_")
+    assert req.cost_usd is not None and req.sync_cost_usd == pytest.approx(2 * req.cost_usd)
+    assert api.count("create") == 1
+    # The request really went through the batch endpoint with the right custom_id.
+    assert api.model_requests[0].custom_id == req.custom_id
+
+
+def test_parallel_tool_calls_answered_in_one_message(api, tmp_path):
+    def check_results(params):
+        last = params["messages"][-1]
+        assert last["role"] == "user"
+        kinds = [b["type"] for b in last["content"]]
+        assert kinds == ["tool_result", "tool_result"]
+        return fa.text("both done")
+
+    api.script.extend([
+        fa.tool_calls(("bash", {"command": "echo from-bash"}),
+                      ("str_replace_based_edit_tool",
+                       {"command": "create", "path": "notes.txt", "file_text": "hi\n"})),
+        check_results,
+    ])
+    rig = make_rig(api, tmp_path)
+    result = rig.agent.prompt("do two things")
+    assert result.text == "both done"
+    assert (rig.workdir / "notes.txt").read_text() == "hi\n"
+    tool_msg = rig.messages()[2]
+    outputs = [b["content"] for b in tool_msg["content"]]
+    assert "from-bash" in outputs[0]
+    labels = [e.label for e in rig.events if isinstance(e, bh.ToolFinished)]
+    assert len(labels) == 2 and "echo from-bash" in labels[0]
+    assert api.count("create") == 2
+
+
+def test_bad_tool_calls_become_error_results(api, tmp_path):
+    api.script.extend([
+        fa.tool_calls(("no_such_tool", {"x": 1}), ("bash", {"cmd": "typo"}),
+                      ("str_replace_based_edit_tool", {"command": "view", "path": 42})),
+        fa.text("recovered"),
+    ])
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "recovered"
+    results = rig.messages()[2]["content"]
+    assert [b.get("is_error") for b in results] == [True, True, True]
+    assert "no_such_tool" in results[0]["content"]
+
+
+def test_invalid_request_ends_turn_and_conversation_stays_usable(api, tmp_path):
+    api.script.extend([fa.errored("invalid_request_error", "messages: bad thing"),
+                       fa.text("second try works")])
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.TurnFailed, match="bad thing"):
+        rig.agent.prompt("first")
+    assert rig.requests()[0].state == "failed"
+    assert rig.agent.prompt("again").text == "second try works"
+    msgs = rig.messages()
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+    assert [b["text"] for b in msgs[0]["content"]] == ["first", "again"]
+    assert api.count("create") == 2
+
+
+@pytest.mark.parametrize("failure", [fa.expired, lambda: fa.errored("overloaded_error", "busy")])
+def test_expired_and_transient_errors_are_resubmitted(api, tmp_path, failure):
+    api.script.extend([failure(), fa.text("made it")])
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "made it"
+    states = [(r.state, r.result_type, r.attempt) for r in rig.requests()]
+    assert states[0][0] == "failed" and states[1] == ("applied", "succeeded", 2)
+    assert any("resubmitting" in n for n in rig.notices())
+
+
+def test_resubmission_is_bounded(api, tmp_path):
+    api.script.extend([fa.expired(), fa.expired(), fa.expired(), fa.text("never")])
+    rig = make_rig(api, tmp_path, max_resubmits=3)
+    with pytest.raises(bh.TurnFailed, match="3 times"):
+        rig.agent.prompt("go")
+    assert api.count("create") == 3
+
+
+def test_canceled_result_ends_turn(api, tmp_path):
+    api.script.append(fa.canceled())
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.TurnFailed, match="canceled"):
+        rig.agent.prompt("go")
+
+
+def test_max_tokens_mid_tool_call_is_answered_not_run(api, tmp_path):
+    api.script.extend([
+        fa.raw([{"type": "tool_use", "id": "toolu_cut", "name": "bash",
+                 "input": {"command": "touch should-not-exist"}}], "max_tokens"),
+        fa.text("ok"),
+    ])
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "ok"
+    result = rig.messages()[2]["content"][0]
+    assert result["is_error"] and "max_tokens" in result["content"]
+    assert not (rig.workdir / "should-not-exist").exists()
+
+
+def test_pause_turn_is_sent_back(api, tmp_path):
+    def continued(params):
+        assert params["messages"][-1]["role"] == "assistant"
+        return fa.text("finished")
+
+    api.script.extend([fa.raw([{"type": "text", "text": "working…"}], "pause_turn"), continued])
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("long job").text == "finished"
+
+
+@pytest.mark.parametrize("stop,match", [("refusal", "declined"),
+                                        ("model_context_window_exceeded", "context window")])
+def test_terminal_stop_reasons(api, tmp_path, stop, match):
+    api.script.append(fa.raw([{"type": "text", "text": "partial"}], stop))
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.TurnFailed, match=match):
+        rig.agent.prompt("go")
+    assert rig.requests()[0].cost_usd is not None  # billed all the same
+
+
+def test_max_tokens_text_only_warns(api, tmp_path):
+    api.script.append(fa.raw([{"type": "text", "text": "cut sho"}], "max_tokens"))
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("go")
+    assert any("max_tokens" in n for n in rig.notices())
+
+
+@pytest.mark.parametrize("endpoint,kind", [
+    ("create", "429"), ("create", "529"), ("retrieve", "500"), ("retrieve", "drop"),
+    ("results", "503"), ("results", "drop"), ("retrieve", "504"), ("create", "502"),
+])
+def test_api_faults_are_waited_out(api, tmp_path, endpoint, kind):
+    api.inject(endpoint, kind, count=2, retry_after=0.01)
+    api.script.append(fa.text("fine"))
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "fine"
+    assert api.count("create") >= 1
+    assert len({r.batch_id for r in rig.requests()}) == 1
+    assert len(api.batches_created()) == 1
+    assert any("retry" in n or "exists" in n for n in rig.notices())
+
+
+def test_create_dropped_after_creation_is_reconciled_not_resent(api, tmp_path):
+    api.inject("create", "drop-after-create")
+    api.script.append(fa.text("once"))
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "once"
+    assert len(api.batches_created()) == 1  # never two paid batches for one turn
+    assert api.count("list") >= 1
+
+
+def test_spend_limit_is_not_retried(api, tmp_path):
+    api.inject("create", "429-spend", count=5)
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.SpendLimitReached):
+        rig.agent.prompt("go")
+    assert api.count("create") == 1
+
+
+def test_retries_are_bounded_and_turn_stays_resumable(api, tmp_path):
+    api.script.append(fa.text("later"))
+    api.inject("retrieve", "500", count=50)
+    rig = make_rig(api, tmp_path, retry_attempts=3)
+    with pytest.raises(bh.RetriesExhausted):
+        rig.agent.prompt("go")
+    (req,) = rig.requests()
+    assert req.state == "submitted" and req.batch_id
+    api.faults.clear()
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    assert rig2.agent.resume().text == "later"
+    assert api.count("create") == 1
+
+
+def test_ctrl_c_cancel(api, tmp_path):
+    api.latency_s = 30
+    api.script.append(fa.text("too late"))
+    rig = make_rig(api, tmp_path, interrupts=["cancel"])
+    calls = {"n": 0}
+
+    def interrupting_sleep(_s):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupting_sleep
+    with pytest.raises(bh.TurnFailed, match="canceled"):
+        rig.agent.prompt("go")
+    assert api.count("cancel") == 1
+
+
+def test_ctrl_c_detach_keeps_batch_and_resume_collects_it(api, tmp_path):
+    api.latency_s = 0.5
+    api.script.append(fa.text("collected later"))
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+
+    def interrupting_sleep(_s):
+        raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupting_sleep
+    with pytest.raises(bh.Detached) as info:
+        rig.agent.prompt("go")
+    assert info.value.batch_id == rig.requests()[0].batch_id
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    assert rig2.agent.resume().text == "collected later"
+    assert api.count("create") == 1
+    assert api.count("cancel") == 0
+
+
+def test_budget_refuses_before_submitting(api, tmp_path):
+    rig = make_rig(api, tmp_path, max_budget_usd=0.000001)
+    with pytest.raises(bh.BudgetExceeded, match="max-budget-usd"):
+        rig.agent.prompt("go")
+    assert api.count("create") == 0
+
+
+def test_budget_counts_in_flight_estimate_then_actual(api, tmp_path):
+    api.script.extend([fa.text("one"), fa.text("two")])
+    rig = make_rig(api, tmp_path, max_budget_usd=10.0)
+    rig.agent.prompt("go")
+    (req,) = rig.requests()
+    assert req.committed_usd == req.cost_usd  # the estimate was replaced, not added
+    assert req.estimate_usd is not None and req.estimate_usd > 0
+
+
+def test_max_turns(api, tmp_path):
+    api.script.extend([fa.tool_calls(("bash", {"command": "true"})),
+                       fa.tool_calls(("bash", {"command": "true"}))])
+    rig = make_rig(api, tmp_path, max_turns=1)
+    with pytest.raises(bh.BudgetExceeded, match="max-turns"):
+        rig.agent.prompt("go")
+    assert api.count("create") == 1
+
+
+def test_cache_ttl_off_sends_no_breakpoints(api, tmp_path):
+    api.script.append(fa.text("x"))
+    rig = make_rig(api, tmp_path, cache_ttl=None)
+    rig.agent.prompt("go")
+    assert "cache_control" not in json.dumps(api.model_requests[0].params)
+
+
+def test_second_turn_reads_the_cache_written_by_the_first(api, tmp_path):
+    big = "line of tool output that makes the prefix long enough to cache\n" * 120
+    api.script.extend([fa.tool_calls(("bash", {"command": f"printf '{big}'"})),
+                       fa.tool_calls(("bash", {"command": "echo again"})),
+                       fa.text("done")])
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("go")
+    usages = [r.usage_value for r in rig.requests()]
+    assert usages[1].cache_creation_input_tokens > 0
+    assert usages[2].cache_read_input_tokens >= usages[1].cache_read_input_tokens
+    assert usages[2].cache_read_input_tokens > 0
+    params = api.model_requests[2].params
+    ttl = {b["cache_control"]["ttl"] for b in params["messages"][-1]["content"]
+           if "cache_control" in b}
+    assert ttl == {"1h"}
+
+
+def test_clear_keeps_session_totals(api, tmp_path):
+    api.script.extend([fa.text("a"), fa.text("b")])
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("one")
+    rig.agent.clear()
+    rig.agent.prompt("two")
+    assert [m["role"] for m in rig.messages()] == ["user", "assistant"]
+    assert len(rig.requests()) == 2
+    totals = bh.stats_totals(rig.requests())
+    assert totals.paid_usd == pytest.approx(sum(r.cost_usd for r in rig.requests()))
