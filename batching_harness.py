@@ -746,9 +746,10 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
         if version < SCHEMA_VERSION:
-            with self._tx():
-                self._db.executescript(_SCHEMA.replace("\n", " "))
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            with self._tx() as db:  # schema and version change together, or not at all
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self.path)
@@ -850,9 +851,11 @@ class Journal:
 
     def set_batch(self, custom_id: str, batch_id: str) -> None:
         """Committed BEFORE polling starts: from here on the paid turn can always be found."""
+        # submitted_at moves to now: turnaround is measured from the batch's creation, and the
+        # pre-create time was only needed to reconcile a create whose outcome was unknown.
         with self._tx() as db:
-            db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
-                       (batch_id, custom_id))
+            db.execute("UPDATE requests SET batch_id=?, state='submitted', submitted_at=? "
+                       "WHERE custom_id=?", (batch_id, time.time(), custom_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
         cost = outcome.cost
@@ -1188,11 +1191,12 @@ def _entry_result(line: Any) -> EntryResult:
 
 
 def message_to_dict(message: Any) -> dict[str, Any]:
-    """A returned Message as plain data; `content` is in request form, exactly as returned."""
+    """A returned Message as plain data; `content` blocks exactly as returned (thinking
+    signatures included), which is the form they must be sent back in."""
     details = getattr(message, "stop_details", None)
     return {
         "id": message.id, "model": message.model, "stop_reason": message.stop_reason,
-        "content": message.to_param()["content"],
+        "content": [b.model_dump(mode="json", exclude_none=True) for b in message.content],
         "usage": message.usage.model_dump(mode="json", exclude_none=True),
         "stop_details": details.model_dump(mode="json") if details is not None else None,
     }
@@ -1311,7 +1315,11 @@ def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
                    expected_s: float | None, base_interval_s: float,
                    sleep: Callable[[float], None], on_poll: Callable[[BatchView], None],
                    notify: Callable[[str], None]) -> BatchView:
-    """Poll until the batch ends (no webhook exists: polling is the only way)."""
+    """Poll until the batch ends (no webhook exists: polling is the only way). A batch just
+    created cannot have ended, so the first poll waits one interval; a re-attached one is
+    polled at once."""
+    if time.time() - started_at < base_interval_s:
+        sleep(next_poll_delay_s(0.0, base_interval_s, expected_s))
     while True:
         view = transport.retrieve(batch_id, notify)
         on_poll(view)
@@ -1481,8 +1489,8 @@ class Agent:
         self.journal.set_batch(row.custom_id, batch_id)
         self._turns += 1
         self._run_ids.append(row.custom_id)
-        self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns,
-                                 row.submitted_at, estimate, self.expected_wait_s(row.model)))
+        self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns, time.time(),
+                                 estimate, self.expected_wait_s(row.model)))
 
     def _create(self, row: RequestRow, params: dict[str, Any]) -> str:
         try:

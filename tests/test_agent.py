@@ -164,7 +164,7 @@ def test_api_faults_are_waited_out(api, tmp_path, endpoint, kind):
     assert rig.agent.prompt("go").text == "fine"
     assert api.count("create") >= 1
     assert len({r.batch_id for r in rig.requests()}) == 1
-    assert len(api.batches_created()) == 1
+    assert len(api.batch_ids()) == 1
     assert any("retry" in n or "exists" in n for n in rig.notices())
 
 
@@ -173,7 +173,7 @@ def test_create_dropped_after_creation_is_reconciled_not_resent(api, tmp_path):
     api.script.append(fa.text("once"))
     rig = make_rig(api, tmp_path)
     assert rig.agent.prompt("go").text == "once"
-    assert len(api.batches_created()) == 1  # never two paid batches for one turn
+    assert len(api.batch_ids()) == 1  # never two paid batches for one turn
     assert api.count("list") >= 1
 
 
@@ -193,7 +193,7 @@ def test_retries_are_bounded_and_turn_stays_resumable(api, tmp_path):
         rig.agent.prompt("go")
     (req,) = rig.requests()
     assert req.state == "submitted" and req.batch_id
-    api.faults.clear()
+    api.clear_faults()
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
     assert rig2.agent.resume().text == "later"
     assert api.count("create") == 1
