@@ -31,6 +31,8 @@ What it does
   (default 0, i.e. at the next look). Entries end `canceled`, or `succeeded` when
   `cancel_succeeds` is true (the work was already under way). Cancelling an ended batch is a
   400 invalid_request_error (a client must expect that race).
+* /v1/messages never streams (`stream: true` is a 400); `sync_latency_s` (default 0) delays
+  each synchronous answer.
 * Params are validated like the real API: shape errors at create are HTTP 400; message-level
   errors come back as an `errored` entry (invalid_request_error) and are HTTP 400 on
   /v1/messages. An invalid entry does not consume a script step.
@@ -1005,7 +1007,7 @@ class FakeAPI:
             target=self._server.serve_forever,
             name="fake-api",
             daemon=True,
-            kwargs={"poll_interval": 0.05},
+            kwargs={"poll_interval": 0.01},
         )
         self._thread.start()
         return self

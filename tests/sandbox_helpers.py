@@ -1,0 +1,74 @@
+"""Builders shared by the tool and sandbox tests: real srt, real files, checks made on the host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import batching_harness as bh
+
+EDITOR = "str_replace_based_edit_tool"
+
+
+def sandbox_missing_reason() -> str | None:
+    """Why the real sandbox cannot run here, or None. CI installs all of it, so there the
+    sandbox tests run; a developer without it sees exactly what to install."""
+    if not sys.platform.startswith("linux"):
+        return "the escape suite targets Linux (bubblewrap)"
+    if not bh._default_srt_path().exists():
+        return "srt is not installed: npm ci --prefix sandbox"
+    missing = [tool for tool in ("bwrap", "socat", "rg") if shutil.which(tool) is None]
+    if missing:
+        return f"not on PATH: {', '.join(missing)} (apt-get install bubblewrap socat ripgrep)"
+    return None
+
+
+def make_policy(tmp_path: Path, **overrides: Any) -> bh.SandboxPolicy:
+    workdir, state = tmp_path / "work", tmp_path / "state"
+    workdir.mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
+    return bh.SandboxPolicy(workdir=workdir, state_dir=state, **overrides)
+
+
+@contextmanager
+def toolbox(policy: bh.SandboxPolicy, timeout_s: float = 20) -> Iterator[bh.Toolbox]:
+    tools = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=timeout_s)
+    try:
+        yield tools
+    finally:
+        tools.close()
+
+
+def bash(tools: bh.Toolbox, command: str) -> bh.ToolResult:
+    return tools.run("bash", {"command": command})
+
+
+def edit(tools: bh.Toolbox, **tool_input: Any) -> bh.ToolResult:
+    return tools.run(EDITOR, tool_input)
+
+
+def pids_running(*argv: str) -> list[int]:
+    """Host pids whose command line is exactly argv (read from /proc, as the host sees it)."""
+    wanted = "\0".join(argv) + "\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmdline == wanted and state != "Z":  # a zombie is dead, only not yet reaped
+            found.append(int(entry))
+    return found
+
+
+def placeholders_in(workdir: Path) -> list[str]:
+    """srt's placeholder names present in the work dir (as the host sees it)."""
+    return [name for name in bh._SRT_PLACEHOLDERS if os.path.lexists(workdir / name)]
