@@ -4,7 +4,6 @@ local stand-in, as a person would use it. Each test checks that the child really
 from __future__ import annotations
 
 import os
-import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -148,3 +147,28 @@ def test_banner_says_model_workdir_sandbox_and_state(api, tmp_path):
     child.expect_exact(PROMPT)
     child.sendeof()
     assert finish(child) == 0
+
+
+def test_ctrl_c_while_a_tool_runs_stops_only_that_tool(api, tmp_path):
+    api.latency_s = 0.5
+    child = spawn(api, tmp_path)
+    child.expect_exact(PROMPT)
+    child.sendline("run: sleep 60")
+    child.expect("running")
+    child.expect("sleep 60")
+    import time
+
+    time.sleep(1.5)
+    child.sendintr()
+    child.expect("interrupted")
+    child.expect("The tool reported an error")  # the model got the result and answered
+    child.expect_exact(PROMPT)
+    child.sendline("/model claude-sonnet-5-5")
+    child.expect("cache starts over")
+    child.expect_exact(PROMPT)
+    child.sendline("/clear")
+    child.expect("new conversation")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    assert finish(child) == 0
+    assert api.count("create") == 2
