@@ -1588,7 +1588,8 @@ def _placeholder_candidates(workdir: Path, git_dirs: Sequence[Path]) -> list[Pat
 def _remove_new_placeholders(candidates: Sequence[Path], existed: set[Path]) -> None:
     """Remove what srt left: only NEW paths that are an empty file or an empty directory."""
     for path in candidates:
-        if path in existed:
+        # A directory on the way may have become a link (a nested .git): never act through it.
+        if path in existed or os.path.realpath(path.parent) != str(path.parent):
             continue
         try:
             st = os.lstat(path)

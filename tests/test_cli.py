@@ -67,6 +67,6 @@ def test_resuming_after_results_expired_says_so(tmp_path, journal_knows_age):
         if journal_knows_age:  # our clock says 30 days passed too
             rig2.journal._db.execute("UPDATE requests SET submitted_at = submitted_at - ?",
                                      (30 * 86400,))
-        with pytest.raises(bh.TurnFailed, match="29 days|no longer available"):
+        with pytest.raises(bh.TurnFailed, match=r"29 days|no longer available"):
             rig2.agent.resume()
         assert api.count("create") == 1

@@ -36,7 +36,7 @@ def test_newer_schema_is_refused_with_a_clear_message(tmp_path):
 
 def test_not_a_database_is_reported(tmp_path):
     (tmp_path / "j.db").write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(bh.JournalError, match="damaged|cannot be used"):
+    with pytest.raises(bh.JournalError, match=r"damaged|cannot be used"):
         bh.Journal(tmp_path / "j.db")
 
 

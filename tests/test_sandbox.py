@@ -353,6 +353,17 @@ def test_hooks_and_config_of_a_nested_repo_below_srts_scan_depth_are_undone(tool
     assert len(result.warnings) == 2
 
 
+def test_a_nested_dot_git_swapped_for_a_link_is_removed_not_followed(tools, work, outside):
+    make_repo(work / "a" / "b" / "c")  # deeper than srt's scan, so srt does not pin it
+    (outside / "hooks").write_text("")  # an empty file the clean-up must not reach through a link
+    swap = f"mv a/b/c/.git a/b/c/old-git && ln -s {outside} a/b/c/.git && echo swapped"
+    result = bash(tools, swap)
+    assert "swapped" in result.output
+    assert not os.path.lexists(work / "a" / "b" / "c" / ".git")
+    assert (outside / "hooks").exists() and (outside / "target.txt").exists()
+    assert any("redirected git" in w for w in result.warnings)
+
+
 def test_an_unchanged_repo_raises_no_warning(tools, work):
     make_repo(work)
     (work / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\nexit 0\n")

@@ -1,0 +1,407 @@
+"""Benchmark of what waiting on batches costs a user: a script to run by hand, not a test.
+
+Run it from anywhere (it finds the repository from its own path):
+
+    python tests/bench.py                       # 8 turns at 20 s latency, 10 start-ups (~4 min)
+    python tests/bench.py --quick               # 3 turns at 5 s, 3 start-ups: a smoke check
+    python tests/bench.py --turns 12 --latency 30
+
+It prints four figures, then one line per goal saying whether it was met:
+
+1. detection lag: a real Agent (SDK over HTTP, journal on disk, default 2 s poll interval,
+   real sleeps) runs one-batch turns against tests/fake_api.py; lag is the wall time at which
+   the harness emitted BatchEnded minus the time the stand-in ended the batch. Goal: median
+   at most 1 s.
+2. polls per minute while waiting: retrieve calls between a batch's create and its result,
+   over the minutes in between, per turn and overall. Goal: at most 30.
+3. launch to prompt: `python batching_harness.py` (and the `batching-harness` console script
+   when it is on PATH) in a pseudo-terminal until the prompt "›" shows. Goal: median at most
+   0.5 s.
+4. sandbox overhead: median of BashTool.run("true") beside a plain `bash -c true`, in ms.
+
+Nothing reaches the network. The exit status is 0 whatever the figures: this measures, and
+leaves judging to the person reading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "batching_harness.py"
+sys.path.insert(0, str(ROOT))  # run as a script: make `batching_harness` and `tests` importable
+
+import batching_harness as bh  # noqa: E402
+from tests import fake_api as fa  # noqa: E402
+from tests.sandbox_helpers import sandbox_missing_reason  # noqa: E402
+
+LAG_GOAL_S = 1.0
+POLLS_GOAL_PER_MIN = 30.0
+STARTUP_GOAL_S = 0.5
+SANDBOX_RUNS = 20
+PROMPT = "›"
+CONSOLE_SCRIPT = "batching-harness"
+
+
+@dataclass(frozen=True)
+class Settings:
+    turns: int
+    latency_s: float
+    startup_runs: int
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One agent turn as the stand-in and the harness saw it (wall-clock seconds)."""
+
+    batch_id: str
+    expected_s: float | None
+    """The harness's expected wait when it submitted; None until two batches have ended."""
+    created_t: float
+    """When the create request reached the stand-in."""
+    ended_t: float
+    """When the stand-in ended the batch."""
+    seen_t: float
+    """When the harness emitted BatchEnded: it had the result."""
+    polls: int
+    """Retrieve calls between created_t and seen_t."""
+
+    @property
+    def lag_s(self) -> float:
+        return self.seen_t - self.ended_t
+
+    @property
+    def waited_s(self) -> float:
+        return self.seen_t - self.created_t
+
+    @property
+    def polls_per_min(self) -> float:
+        return self.polls / (self.waited_s / 60)
+
+
+@dataclass(frozen=True)
+class Startup:
+    label: str
+    times_s: list[float]
+    """Empty when the launcher could not be timed; `skipped` says why."""
+    skipped: str = ""
+
+
+@dataclass(frozen=True)
+class SandboxCost:
+    sandboxed_ms: float
+    plain_ms: float
+    first_ms: float
+    """The first sandboxed call, which also runs the one-time probe."""
+
+
+@dataclass(frozen=True)
+class Figures:
+    settings: Settings
+    turns: list[Turn]
+    startups: list[Startup]
+    sandbox: SandboxCost | str
+    """A str says why the sandbox could not be measured."""
+
+
+class _SandboxRefused(Exception):
+    """BashTool answered with an error: the sandbox did not run the command."""
+
+
+def progress(text: str) -> None:
+    """Progress goes to stderr, so stdout holds only the report."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+##############################################################################
+# 1 and 2: detection lag and polls per minute
+##############################################################################
+
+
+def build_agent(api: fa.FakeAPI, tmp: Path, emit: Callable[[Any], None]) -> bh.Agent:
+    """An Agent with the collaborators main() builds: SDK over HTTP, journal on disk, default
+    AgentSettings (2 s poll interval) and real sleeps. Answers are text, so no tool runs."""
+    home, work = tmp / "home", tmp / "work"
+    home.mkdir()
+    work.mkdir()
+    journal = bh.Journal(home / "journal.db")
+    policy = bh.SandboxPolicy(workdir=work, state_dir=home, enabled=False)
+    toolbox = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=30)
+    transport = bh.BatchTransport(bh.make_client_factory("k", api.base_url))
+    transport.client  # noqa: B018 - imports the SDK up front, as the REPL's warm-up does
+    session = journal.create_session(policy.workdir, bh.DEFAULT_MODEL)
+    return bh.Agent(journal, transport, toolbox, bh.AgentSettings(model=bh.DEFAULT_MODEL),
+                    session, emit=emit, ask_interrupt=_stop_on_ctrl_c)
+
+
+def _stop_on_ctrl_c(_batch_id: str) -> str:
+    raise KeyboardInterrupt
+
+
+def run_turns(n_turns: int, latency_s: float) -> list[Turn]:
+    """n_turns prompts, each answered by one batch holding a scripted text answer."""
+    stamps: list[tuple[Any, float]] = []
+    with fa.FakeAPI(latency_s=latency_s) as api, tempfile.TemporaryDirectory() as tmp:
+        agent = build_agent(api, Path(tmp), lambda e: stamps.append((e, time.time())))
+        try:
+            for i in range(1, n_turns + 1):
+                progress(f"turn {i}/{n_turns} (batches take {latency_s:g} s)")
+                api.script.append(fa.text(f"Answer {i}."))
+                agent.prompt(f"Question {i}?")
+        finally:
+            agent.toolbox.close()
+            agent.journal.close()
+        return measure_turns(api, stamps)
+
+
+def measure_turns(api: fa.FakeAPI, stamps: Sequence[tuple[Any, float]]) -> list[Turn]:
+    """Pair the stand-in's record of each batch with when the harness saw it end."""
+    expected = {e.batch_id: e.expected_s for e, _ in stamps if isinstance(e, bh.BatchSubmitted)}
+    seen = {e.batch_id: t for e, t in stamps if isinstance(e, bh.BatchEnded)}
+    creates = [c.t_wall for c in api.calls if c.endpoint == "create"]
+    retrieves = [c.t_wall for c in api.calls if c.endpoint == "retrieve"]
+    turns = []
+    for batch_id, created_t in zip(api.batch_ids(), creates, strict=True):
+        ended_t = api.ended_wall_time(batch_id)
+        assert ended_t is not None, f"{batch_id} never ended"
+        polls = sum(1 for t in retrieves if created_t <= t <= seen[batch_id])
+        turns.append(Turn(batch_id, expected[batch_id], created_t, ended_t, seen[batch_id],
+                          polls))
+    return turns
+
+
+##############################################################################
+# 3: launch to prompt
+##############################################################################
+
+
+def measure_startups(runs: int) -> list[Startup]:
+    """The script through this interpreter, and the console script if it is installed."""
+    try:
+        import pexpect  # noqa: F401 - only this figure needs it
+    except ImportError:
+        return [Startup("python batching_harness.py", [], "pexpect is not installed "
+                        "(pip install -e '.[test]')")]
+    script = shutil.which(CONSOLE_SCRIPT)
+    launchers = [("python batching_harness.py", [sys.executable, str(HARNESS)]),
+                 (CONSOLE_SCRIPT, [script] if script else [])]
+    with fa.FakeAPI() as api:
+        return [time_launcher(label, argv, runs, api) for label, argv in launchers]
+
+
+def time_launcher(label: str, argv: list[str], runs: int, api: fa.FakeAPI) -> Startup:
+    if not argv:
+        return Startup(label, [], "not on PATH (pip install -e . puts it there)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp, "work")
+        work.mkdir()
+        env = terminal_env(api, Path(tmp))
+        times = []
+        for i in range(1, runs + 1):
+            progress(f"start-up {i}/{runs}: {label}")
+            times.append(time_to_prompt([*argv, "--workdir", str(work)], env, work))
+    return Startup(label, times)
+
+
+def terminal_env(api: fa.FakeAPI, tmp: Path) -> dict[str, str]:
+    """What the brief asks for, plus PATH (srt needs node), HOME and a UTF-8 locale."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp), "LANG": "C.UTF-8",
+        "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", "ANTHROPIC_API_KEY": "k",
+        "ANTHROPIC_BASE_URL": api.base_url, "BATCHING_HARNESS_HOME": str(tmp / "home"),
+    }
+
+
+def time_to_prompt(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    """Seconds from spawn to the prompt; then Ctrl-D, and wait for the child to exit."""
+    import pexpect
+
+    started = time.perf_counter()
+    child = pexpect.spawn(argv[0], argv[1:], env=env, cwd=str(cwd), encoding="utf-8",
+                          timeout=30, dimensions=(40, 160))
+    try:
+        child.expect_exact(PROMPT)
+        elapsed = time.perf_counter() - started
+        child.sendeof()
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        child.close(force=True)
+    if child.exitstatus != 0:
+        progress(f"warning: {argv[0]} exited with {child.exitstatus} after Ctrl-D")
+    return elapsed
+
+
+##############################################################################
+# 4: sandbox overhead
+##############################################################################
+
+
+def measure_sandbox(runs: int) -> SandboxCost | str:
+    """Median ms of BashTool.run("true") beside plain bash, or why it could not run."""
+    if reason := sandbox_missing_reason():
+        return reason
+    with tempfile.TemporaryDirectory() as tmp:
+        work, home = Path(tmp, "work"), Path(tmp, "home")
+        work.mkdir()
+        home.mkdir()
+        tool = bh.BashTool(bh.SandboxPolicy(workdir=work, state_dir=home))
+        try:
+            progress(f"sandbox: {runs} x BashTool.run('true')")
+            sandboxed = timed_ms(lambda: _checked(tool.run("true", timeout_s=30)), runs)
+        except _SandboxRefused as exc:
+            return str(exc)
+        finally:
+            tool.close()
+    progress(f"sandbox: {runs} x bash -c true")
+    plain = timed_ms(lambda: subprocess.run(["bash", "-c", "true"], check=True), runs)
+    return SandboxCost(statistics.median(sandboxed), statistics.median(plain), sandboxed[0])
+
+
+def _checked(result: bh.ToolResult) -> None:
+    if result.is_error or result.exit_code != 0:
+        raise _SandboxRefused(result.output)
+
+
+def timed_ms(fn: Callable[[], object], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+##############################################################################
+# Report
+##############################################################################
+
+
+def print_turns(turns: Sequence[Turn]) -> None:
+    row = "{:>4}  {:<34} {:>8} {:>7} {:>9} {:>9} {:>6}"
+    print(row.format("turn", "batch", "expected", "waited", "retrieves", "per min", "lag"))
+    for i, t in enumerate(turns, 1):
+        expected = "-" if t.expected_s is None else f"{t.expected_s:.1f}s"
+        print(row.format(i, t.batch_id, expected, f"{t.waited_s:.1f}s", t.polls,
+                         f"{t.polls_per_min:.1f}", f"{t.lag_s:.2f}s"))
+    print(row.format("", "median lag", "", "", "", "", f"{median_lag_s(turns):.2f}s"))
+    print(row.format("", "overall retrieves per minute", "", "", "",
+                     f"{overall_polls_per_min(turns):.1f}", ""))
+
+
+def print_startups(startups: Sequence[Startup]) -> None:
+    print(f"{'launch to prompt':<30} {'runs':>4} {'median':>8} {'max':>8}")
+    for s in startups:
+        if not s.times_s:
+            print(f"{s.label:<30} skipped: {s.skipped}")
+            continue
+        print(f"{s.label:<30} {len(s.times_s):>4} {statistics.median(s.times_s):>7.3f}s "
+              f"{max(s.times_s):>7.3f}s")
+
+
+def print_sandbox(cost: SandboxCost | str) -> None:
+    print(f"sandbox overhead per bash call (median of {SANDBOX_RUNS})")
+    if isinstance(cost, str):
+        print(f"  not measured: {cost}")
+        return
+    print(f"  BashTool.run('true')  {cost.sandboxed_ms:>8.1f} ms   (first call, with the "
+          f"probe: {cost.first_ms:.1f} ms)")
+    print(f"  bash -c true          {cost.plain_ms:>8.1f} ms")
+    print(f"  overhead              {cost.sandboxed_ms - cost.plain_ms:>8.1f} ms")
+
+
+def print_notes(settings: Settings) -> None:
+    print(f"""\
+notes: {settings.turns} turns at {settings.latency_s:g} s batch latency, default 2 s poll interval.
+  lag = harness emitted BatchEnded (results downloaded) - stand-in ended the batch.
+  retrieves = every GET of the batch while waiting, including the one the SDK's results()
+  makes to find results_url after the last poll.
+  Turns 1-2 poll every 2 s (no history yet). Once two batches have finished, the schedule
+  takes the median past turnaround as the expected wait ('expected'): it polls sparsely until
+  near it, then every 1 s, so later turns should show lower lag and fewer retrieves a minute.\
+""")
+
+
+def median_lag_s(turns: Sequence[Turn]) -> float:
+    return statistics.median(t.lag_s for t in turns)
+
+
+def overall_polls_per_min(turns: Sequence[Turn]) -> float:
+    return sum(t.polls for t in turns) / (sum(t.waited_s for t in turns) / 60)
+
+
+def goal_lines(f: Figures) -> list[tuple[str, bool, str]]:
+    """(goal, met, evidence) for each goal that was measured."""
+    lag = median_lag_s(f.turns)
+    overall, worst = overall_polls_per_min(f.turns), max(t.polls_per_min for t in f.turns)
+    lines = [
+        (f"detection lag, median <= {LAG_GOAL_S:g} s", lag <= LAG_GOAL_S, f"{lag:.2f} s"),
+        (f"polls/min while waiting <= {POLLS_GOAL_PER_MIN:g}",
+         max(overall, worst) <= POLLS_GOAL_PER_MIN,
+         f"overall {overall:.1f}, worst turn {worst:.1f}"),
+    ]
+    for s in f.startups:
+        if s.times_s:
+            mid = statistics.median(s.times_s)
+            lines.append((f"launch to prompt ({s.label}), median <= {STARTUP_GOAL_S:g} s",
+                          mid <= STARTUP_GOAL_S, f"{mid:.3f} s, max {max(s.times_s):.3f} s"))
+    return lines
+
+
+def print_report(f: Figures) -> None:
+    for section in (lambda: print_turns(f.turns), lambda: print_startups(f.startups),
+                    lambda: print_sandbox(f.sandbox), lambda: print_notes(f.settings)):
+        section()
+        print()
+    goals = goal_lines(f)
+    width = max(len(goal) for goal, _, _ in goals)
+    for goal, met, evidence in goals:
+        print(f"goal {goal:<{width}} : {'met' if met else 'NOT met'} ({evidence})")
+
+
+##############################################################################
+# main
+##############################################################################
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(prog="python tests/bench.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, help="agent turns to time (default 8; 3 --quick)")
+    parser.add_argument("--latency", type=float, metavar="S",
+                        help="seconds each batch takes (default 20; 5 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 turns at 5 s and 3 start-ups: a fast smoke check")
+    args = parser.parse_args(argv)
+    turns = args.turns if args.turns is not None else (3 if args.quick else 8)
+    latency_s = args.latency if args.latency is not None else (5.0 if args.quick else 20.0)
+    if turns < 1 or latency_s < 0:
+        parser.error("--turns must be at least 1 and --latency at least 0")
+    return Settings(turns, latency_s, 3 if args.quick else 10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        turns = run_turns(settings.turns, settings.latency_s)
+        startups = measure_startups(settings.startup_runs)
+        sandbox = measure_sandbox(SANDBOX_RUNS)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print_report(Figures(settings, turns, startups, sandbox))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
