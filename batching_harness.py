@@ -22,18 +22,31 @@ Sections, in dependency order (grep '^#####' for this table):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import fcntl
+import fnmatch
 import hashlib
 import json
 import math
 import os
 import re
+import resource
 import secrets
+import selectors
+import shlex
+import shutil
 import signal
 import sqlite3
+import stat
+import subprocess
 import sys
+import tempfile
+import termios
 import threading
 import time
+import tty
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -541,7 +554,6 @@ def add_cache_breakpoints(
 
 def _deep_copy(value: Any) -> Any:
     # Local import: the imports block belongs to the lead; hoisting it there is welcome.
-    import copy
 
     return copy.deepcopy(value)
 
@@ -1225,16 +1237,6 @@ def make_client_factory(api_key: str | None, base_url: str | None) -> Callable[[
 
 # TOOLS-BEGIN (owned by the sandbox section)
 # Local imports until the lead hoists them to the top of the file.
-import contextlib  # noqa: E402
-import fcntl  # noqa: E402
-import fnmatch  # noqa: E402
-import resource  # noqa: E402
-import selectors  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 
 # -- policy ------------------------------------------------------------------------
 
@@ -2687,6 +2689,8 @@ class Agent:
         self.sleep = sleep
         self._run_ids: list[str] = []
         self._turns = 0
+        self.touched: list[str] = []
+        """custom_ids of every request this agent submitted or re-attached to (headless JSON)."""
 
     # -- entry points --------------------------------------------------------
     def prompt(self, text: str) -> RunResult:
@@ -2781,6 +2785,7 @@ class Agent:
         self.journal.set_batch(row.custom_id, batch_id)
         self._turns += 1
         self._run_ids.append(row.custom_id)
+        self.touched.append(row.custom_id)
         self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns, time.time(),
                                  estimate, self.expected_wait_s(row.model)))
 
@@ -2823,6 +2828,8 @@ class Agent:
 
     # -- waiting and collecting --------------------------------------------------
     def _settle(self, request: RequestRow) -> None:
+        if request.custom_id not in self.touched:
+            self.touched.append(request.custom_id)
         if request.state == "submitting":
             self._reconcile(request)
             return
@@ -3201,9 +3208,6 @@ class ConsoleUI:
 
 def read_key_from_tty() -> str:
     """Read one key without waiting for Enter; Ctrl-C still raises KeyboardInterrupt."""
-    import termios
-    import tty
-
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     try:
@@ -3579,8 +3583,6 @@ def open_session(journal: Journal, config: Config) -> SessionRow:
 
 def lock_session(home: Path, session_id: str) -> int:
     """One process per session: two would both poll, and might both submit a turn."""
-    import fcntl
-
     path = home / "locks" / f"{session_id}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -3602,12 +3604,9 @@ def agent_settings(config: Config, model: str) -> AgentSettings:
 def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) -> int:
     """-p: progress on stderr, the answer (or one JSON object) on stdout."""
     status, error = 0, None
-    custom_ids: list[str] = []
     try:
-        resumed = agent.resume()
-        custom_ids += resumed.custom_ids if resumed else ()
-        result = agent.prompt(prompt)
-        custom_ids += result.custom_ids
+        agent.resume()
+        agent.prompt(prompt)
     except Detached as d:
         err_console.print(f"detached; resume with: {resume_command(d.session_id)}")
         status, error = 130, "interrupted"
@@ -3617,8 +3616,7 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
     except HarnessError as exc:
         err_console.print(f"error: {exc}")
         status, error = 1, str(exc)
-    custom_ids += [i for i in agent._run_ids if i not in custom_ids]
-    print_headless(agent, config, custom_ids, error)
+    print_headless(agent, config, agent.touched, error)
     return status
 
 
@@ -3708,6 +3706,9 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     if headless:
         _check_sandbox(config, toolbox, console)
         return run_headless(agent, config, prompt or "", console)
+    # Ctrl-C is part of the interface (cancel / detach / stop a tool), even when the shell
+    # that started us ignores SIGINT, as non-interactive shells do for background jobs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     render_banner(console, config, session, _sandbox_line(config))
     read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
                                                  "/resume", "/exit", "/quit"])

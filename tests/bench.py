@@ -296,7 +296,7 @@ def print_turns(turns: Sequence[Turn]) -> None:
                          f"{t.polls_per_min:.1f}", f"{t.lag_s:.2f}s"))
     print(row.format("", "median lag", "", "", "", "", f"{median_lag_s(turns):.2f}s"))
     print(row.format("", "overall retrieves per minute", "", "", "",
-                     f"{overall_polls_per_min(turns):.1f}", ""))
+                     f"{overall_polls_per_min(turns):.1f}", "").rstrip())
 
 
 def print_startups(startups: Sequence[Startup]) -> None:
@@ -345,15 +345,15 @@ def goal_lines(f: Figures) -> list[tuple[str, bool, str]]:
     lag = median_lag_s(f.turns)
     overall, worst = overall_polls_per_min(f.turns), max(t.polls_per_min for t in f.turns)
     lines = [
-        (f"detection lag, median <= {LAG_GOAL_S:g} s", lag <= LAG_GOAL_S, f"{lag:.2f} s"),
-        (f"polls/min while waiting <= {POLLS_GOAL_PER_MIN:g}",
+        (f"detection lag, median ≤ {LAG_GOAL_S:g} s", lag <= LAG_GOAL_S, f"{lag:.2f} s"),
+        (f"retrieves per minute while waiting ≤ {POLLS_GOAL_PER_MIN:g}",
          max(overall, worst) <= POLLS_GOAL_PER_MIN,
          f"overall {overall:.1f}, worst turn {worst:.1f}"),
     ]
     for s in f.startups:
         if s.times_s:
             mid = statistics.median(s.times_s)
-            lines.append((f"launch to prompt ({s.label}), median <= {STARTUP_GOAL_S:g} s",
+            lines.append((f"launch to prompt, median ≤ {STARTUP_GOAL_S:g} s: {s.label}",
                           mid <= STARTUP_GOAL_S, f"{mid:.3f} s, max {max(s.times_s):.3f} s"))
     return lines
 

@@ -14,3 +14,13 @@ def fake_api() -> Iterator[FakeAPI]:
     """A started FakeAPI with zero batch latency; stopped after the test."""
     with FakeAPI() as api:
         yield api
+
+
+@pytest.fixture(autouse=True)
+def _close_toolboxes() -> Iterator[None]:
+    """Toolboxes made by tests.support.make_rig own private temp dirs: remove them."""
+    yield
+    from tests.support import OPEN_TOOLBOXES
+
+    while OPEN_TOOLBOXES:
+        OPEN_TOOLBOXES.pop().close()

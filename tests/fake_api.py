@@ -1653,12 +1653,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
-    print(f"Fake Anthropic API on {api.base_url} (batches take {args.latency:g} s; demo model)")
-    print("To try the harness against it:")
-    print(f"  export ANTHROPIC_BASE_URL={api.base_url}")
-    print("  export ANTHROPIC_API_KEY=any-non-empty")
-    print("Ctrl-C stops it.", flush=True)
-    try:
+    try:  # a signal may arrive while the banner is printed: stop cleanly then too
+        print(f"Fake Anthropic API on {api.base_url} (batches take {args.latency:g} s; "
+              "demo model)")
+        print("To try the harness against it:")
+        print(f"  export ANTHROPIC_BASE_URL={api.base_url}")
+        print("  export ANTHROPIC_API_KEY=any-non-empty")
+        print("Ctrl-C stops it.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -56,4 +56,10 @@ def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts:
     agent = bh.Agent(journal, transport, toolbox, bh.AgentSettings(**settings), session,
                      emit=events.append, ask_interrupt=lambda _b: answers.pop(0),
                      sleep=lambda s: time.sleep(min(s, 0.05)))
-    return Rig(agent, journal, events, workdir, home, answers)
+    rig = Rig(agent, journal, events, workdir, home, answers)
+    OPEN_TOOLBOXES.append(toolbox)
+    return rig
+
+
+OPEN_TOOLBOXES: list[bh.Toolbox] = []
+"""Closed after each test by the autouse fixture in conftest.py (removes srt temp dirs)."""

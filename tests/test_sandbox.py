@@ -354,7 +354,8 @@ def test_hooks_and_config_of_a_nested_repo_below_srts_scan_depth_are_undone(tool
 
 
 def test_a_nested_dot_git_swapped_for_a_link_is_removed_not_followed(tools, work, outside):
-    make_repo(work / "a" / "b" / "c")  # deeper than srt's scan, so srt does not pin it
+    git_dir = make_repo(work / "a" / "b" / "c")  # deeper than srt's scan: srt does not pin it
+    (git_dir / "hooks").rmdir()  # so `.git/hooks` is a placeholder candidate
     (outside / "hooks").write_text("")  # an empty file the clean-up must not reach through a link
     swap = f"mv a/b/c/.git a/b/c/old-git && ln -s {outside} a/b/c/.git && echo swapped"
     result = bash(tools, swap)
