@@ -12,11 +12,13 @@ Environment:
     ANTHROPIC_API_KEY      the API key (required to submit turns)
     ANTHROPIC_BASE_URL     another API endpoint, e.g. the offline stand-in
     BATCHING_HARNESS_HOME  where state lives (default ~/.batching-harness):
-                           journal.db (SQLite, every session), history, tmp/
+                           journal.db (SQLite: every session, request and tool
+                           call), history (the prompt's), locks/ (one process
+                           per session; one command per work directory)
 
 Sections, in dependency order (grep '^#####' for this table):
     constants and prices, errors, config, value types, accounting, journal,
-    transport, sandbox and tools, agent loop, UI, REPL, main
+    transport, sandbox, tools, doctor, agent loop, UI, REPL, main
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ DEFAULT_MODEL = "claude-opus-5-5"
 DEFAULT_MAX_TOKENS = 16_000
 CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
-# PRICES-BEGIN (owned by the accounting section)
 # Source of truth: reference/pricing.md (compiled 2026-11). Change a figure there first.
 
 
@@ -113,7 +114,6 @@ LONG_PROMPT_TIERS: dict[str, tuple[int, ModelPrice]] = {
 
 # The Batch API bills every category at half the standard price; it stacks with cache prices.
 BATCH_DISCOUNT = 0.5
-# PRICES-END
 
 ##############################################################################
 # Errors and control-flow signals
@@ -128,7 +128,6 @@ class ConfigError(HarnessError):
     """Bad flags or environment: exit status 2."""
 
 
-# ERRORS-SANDBOX-BEGIN (owned by the sandbox section)
 class SandboxUnavailable(HarnessError):
     """The sandbox cannot run here; carries the first line of the real error and the fix."""
 
@@ -141,9 +140,6 @@ class SandboxUnavailable(HarnessError):
 class ToolFailure(HarnessError):
     """A tool call the model got wrong (bad input, a refused path): Toolbox.run turns it into
     an is_error result, so it never reaches the REPL."""
-
-
-# ERRORS-SANDBOX-END
 
 
 class JournalError(HarnessError):
@@ -364,7 +360,6 @@ class ToolResult:
 # Accounting
 ##############################################################################
 
-# ACCOUNTING-BEGIN (owned by the accounting section)
 # The TTLs the API accepts in cache_control (the config maps "off" to None).
 _BREAKPOINT_TTLS = ("5m", "1h")
 # Output tokens reserved for a submitted batch until its real usage is known.
@@ -628,8 +623,6 @@ def _mark_message(message: Any, marker: Mapping[str, str]) -> Any:
     marked = _mark_last_eligible(_as_blocks(message.get("content")), marker)
     return message if marked is None else {**message, "content": marked}
 
-
-# ACCOUNTING-END
 
 ##############################################################################
 # Journal (the only code that writes SQL)
@@ -1232,11 +1225,9 @@ def make_client_factory(api_key: str | None, base_url: str | None) -> Callable[[
 
 
 ##############################################################################
-# Sandbox and tools
+# Sandbox (bash under sandbox-runtime: policy, processes, leftovers, git redirects)
 ##############################################################################
 
-# TOOLS-BEGIN (owned by the sandbox section)
-# Local imports until the lead hoists them to the top of the file.
 
 # -- policy ------------------------------------------------------------------------
 
@@ -2025,6 +2016,10 @@ def probe_sandbox(policy: SandboxPolicy) -> None:
 # -- editor ----------------------------------------------------------------------------
 
 
+##############################################################################
+# Tools (the file editor, the toolbox: where a tool error becomes an is_error result)
+##############################################################################
+
 def _field(tool_input: Mapping[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
     """One input field, type-checked: a wrong type is the model's error to fix, not a crash."""
     value = tool_input.get(name)
@@ -2386,6 +2381,10 @@ def describe_tool_call(name: str, tool_input: object) -> str:
 # -- doctor ----------------------------------------------------------------------------
 
 
+##############################################################################
+# Doctor (can the sandbox run here, and if not, the exact fix)
+##############################################################################
+
 @dataclass(frozen=True)
 class DoctorCheck:
     name: str
@@ -2512,8 +2511,6 @@ def _check_probe(policy: SandboxPolicy) -> DoctorCheck:
     note = "" if policy.enabled else " (but --no-sandbox is set: bash is NOT sandboxed)"
     return DoctorCheck("sandbox probe", True, f"`srt -c true` works here{note}")
 
-
-# TOOLS-END
 
 ##############################################################################
 # Agent loop (never prints: it emits events and asks the UI through callbacks)
