@@ -3389,8 +3389,10 @@ class Repl:
     """Reads prompts and slash commands; every turn runs inside one error boundary."""
 
     def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
-                 read_line: Callable[[], str], resume_command: Callable[[str], str]) -> None:
+                 read_line: Callable[[], str], resume_command: Callable[[str], str],
+                 log_bug: Callable[[BaseException], Path]) -> None:
         self.agent = agent
+        self.log_bug = log_bug
         self.journal = journal
         self.ui = ui
         self.read_line = read_line
@@ -3439,6 +3441,10 @@ class Repl:
             self._hint_if_in_flight()
         except KeyboardInterrupt:
             self.ui.error("interrupted")
+            self._hint_if_in_flight()
+        except Exception as exc:  # a bug: logged in full, reported in one line, REPL lives on
+            self.ui.error(f"internal error ({type(exc).__name__}: {exc}); the traceback is in "
+                          f"{self.log_bug(exc)}. The journal kept the session.")
             self._hint_if_in_flight()
         finally:
             self.ui.stop_live()
@@ -3664,6 +3670,23 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: keep the traceback, say where, exit non-zero
+        home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
+        print(f"batching-harness: internal error ({type(exc).__name__}: {exc}); the traceback "
+              f"is in {log_bug(home, exc)}", file=sys.stderr)
+        return 1
+
+
+def log_bug(home: Path, exc: BaseException) -> Path:
+    """Append the traceback to errors.log: bugs are never swallowed, only kept off-screen."""
+    import traceback
+
+    path = home.expanduser() / "errors.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} batching-harness {__version__}\n")
+        log.write("".join(traceback.format_exception(exc)))
+    return path
 
 
 def _run(config: Config) -> int:
@@ -3710,7 +3733,8 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
                                                  "/resume", "/exit", "/quit"])
     _warm_up_in_background(transport, config, toolbox, console)
-    return Repl(agent, journal, ui, read_line, resume_command).run()
+    return Repl(agent, journal, ui, read_line, resume_command,
+                lambda exc: log_bug(config.home, exc)).run()
 
 
 def build_toolbox(config: Config, workdir: Path) -> Toolbox:

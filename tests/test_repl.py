@@ -1,0 +1,102 @@
+"""The REPL in-process: lines fed from a list, output rendered to a string."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+import batching_harness as bh
+from tests import fake_api as fa
+from tests.support import make_rig
+
+
+@pytest.fixture
+def api():
+    with fa.FakeAPI() as server:
+        yield server
+
+
+def make_repl(rig, lines, tmp_path):
+    out = io.StringIO()
+    console = Console(file=out, width=140, highlight=False, color_system=None)
+    ui = bh.ConsoleUI(console, interactive=False)
+    rig.agent.emit = ui.handle
+    feed = iter(lines)
+
+    def read_line():
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    repl = bh.Repl(rig.agent, rig.journal, ui, read_line, lambda sid: f"resume {sid}",
+                   lambda exc: bh.log_bug(tmp_path / "home", exc))
+    return repl, out
+
+
+def test_a_bug_in_a_turn_is_logged_and_the_repl_lives_on(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+
+    def broken(_text):
+        raise RuntimeError("simulated bug")
+
+    rig.agent.prompt = broken
+    repl, out = make_repl(rig, ["do it", "/help"], tmp_path)
+    assert repl.run() == 0
+    text = out.getvalue()
+    assert "internal error (RuntimeError: simulated bug)" in text
+    assert "/resume" in text  # /help still ran after the bug
+    log = (tmp_path / "home" / "errors.log").read_text()
+    assert "Traceback" in log and "simulated bug" in log
+
+
+def test_prompt_answer_stats_and_unknown_command(api, tmp_path):
+    api.script.append(fa.text("the **answer**"))
+    rig = make_rig(api, tmp_path)
+    repl, out = make_repl(rig, ["question", "/stats", "/stast", "/exit"], tmp_path)
+    assert repl.run() == 0
+    text = out.getvalue()
+    assert "the answer" in text
+    assert "total: paid $" in text and "batch saved" in text
+    assert "did you mean /stats" in text
+
+
+def test_resume_command_lists_and_picks_a_session(api, tmp_path):
+    api.script.extend([fa.text("from the old session")])
+    old = make_rig(api, tmp_path)
+    old.agent.prompt("first")
+    new_session = old.journal.create_session(old.workdir.resolve(), "claude-opus-5-5")
+    rig = make_rig(api, tmp_path, session=new_session)
+    repl, out = make_repl(rig, ["/resume 2", "/stats"], tmp_path)
+    assert repl.run() == 0
+    assert rig.agent.session.id == old.agent.session.id
+    assert f"resumed session {old.agent.session.id}" in out.getvalue()
+
+
+def test_detach_exits_zero_with_the_resume_command(api, tmp_path):
+    api.latency_s = 30
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+
+    def interrupt(_s):
+        raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupt
+    repl, out = make_repl(rig, ["long task", "never read"], tmp_path)
+    assert repl.run() == 0
+    assert f"resume {rig.agent.session.id}" in out.getvalue()
+    assert api.count("cancel") == 0
+
+
+def test_eof_with_a_turn_in_flight_prints_how_to_resume(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id="bh_x", session_id=rig.agent.session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitted", batch_id="msgbatch_gone", submitted_at=0.0))
+    repl, out = make_repl(rig, [], tmp_path)
+    repl.agent.resume = lambda: None  # not re-attaching here: only the exit path is tested
+    assert repl.run() == 0
+    assert "still in flight (msgbatch_gone)" in out.getvalue()
