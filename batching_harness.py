@@ -49,7 +49,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,6 +150,10 @@ class TransportError(HarnessError):
     """The Batches API could not be reached or refused us; the journal keeps the turn."""
 
 
+class BatchNotFound(TransportError):
+    """The API does not know the batch (or no longer keeps its results): a 404."""
+
+
 class RetriesExhausted(TransportError):
     """Transient API faults outlasted the retry budget; the turn can be resumed."""
 
@@ -191,7 +195,7 @@ class Config:
     workdir: Path = Path(".")
     home: Path = Path("~/.batching-harness")
     """Where the journal, history and temp files live (BATCHING_HARNESS_HOME)."""
-    poll_interval_s: float = 2.0
+    poll_interval_s: float = 2.5
     """First poll interval; the schedule stays at or under 30 polls a minute."""
     max_turns: int | None = None
     """Model turns allowed for one prompt; None = no limit."""
@@ -219,7 +223,7 @@ def _build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="model id (default %(default)s)")
     p.add_argument("--workdir", default=".", help="directory the tools work in (default: .)")
-    p.add_argument("--poll-interval", type=float, default=2.0, metavar="S",
+    p.add_argument("--poll-interval", type=float, default=2.5, metavar="S",
                    help="first poll interval in seconds (default %(default)s)")
     p.add_argument("--max-turns", type=int, metavar="N", help="model turns allowed per prompt")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -448,19 +452,45 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, batch: bool = Tr
     """Spend committed when a batch is SUBMITTED, before its usage is known; None when unknown.
 
     Counting it keeps a spend ceiling honest while batches are in flight; replace it with
-    cost_usd once the result arrives. Assumptions: the prompt is sum(len(json.dumps(x))) over
-    tools, system and messages, divided by 4 and rounded up, in tokens, all priced as uncached
-    input (cache reads make the real figure lower; a 1-hour write of the whole prompt, at 2x
-    input, higher); plus min(max_tokens, ESTIMATE_OUTPUT_TOKENS) at the output price (a turn
-    may use up to max_tokens; most use far fewer).
+    cost_usd once the result arrives. It is an upper bound on the prompt, so a budget is never
+    crossed by surprise: the prompt is sum(len(json.dumps(x))) over tools, system and
+    messages, divided by 4 and rounded up, in tokens, all priced at the dearest rate it can be
+    billed at — the cache-write rate of the request's longest TTL (2x input for 1 hour) when
+    it asks for caching, else input (cache reads make the real figure far lower); plus
+    min(max_tokens, ESTIMATE_OUTPUT_TOKENS) at the output price (a turn may use up to
+    max_tokens; most use far fewer).
     """
     prompt_tokens = _estimate_prompt_tokens(params)
     price = price_for(model, prompt_tokens)
     if price is None:
         return None
+    ttls = {ttl for _, ttl in _cache_markers(params)}
+    writes = (0, prompt_tokens) if "1h" in ttls else (prompt_tokens, 0) if ttls else (0, 0)
     max_tokens = int(params.get("max_tokens", DEFAULT_MAX_TOKENS))
-    usage = Usage(input_tokens=prompt_tokens, output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
-    return _dollars(price, usage, (0, 0), _rate(batch))
+    usage = Usage(input_tokens=0 if ttls else prompt_tokens,
+                  cache_creation_input_tokens=prompt_tokens if ttls else 0,
+                  output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
+    return _dollars(price, usage, writes, _rate(batch))
+
+
+def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
+    """(block, ttl) for every cache_control marker in tools, system and messages."""
+    blocks: list[Any] = list(params.get("tools") or [])
+    system = params.get("system")
+    blocks += system if isinstance(system, list) else []
+    for message in params.get("messages") or []:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        blocks += content if isinstance(content, list) else []
+    for block in blocks:
+        marker = block.get("cache_control") if isinstance(block, Mapping) else None
+        if isinstance(marker, Mapping):
+            yield block, str(marker.get("ttl") or "5m")
+
+
+def fmt_usd(amount: float | None) -> str:
+    if amount is None:
+        return "price unknown"
+    return f"${amount:.4f}" if amount < 10 else f"${amount:,.2f}"
 
 
 @dataclass(frozen=True)
@@ -861,11 +891,9 @@ class Journal:
 
     def set_batch(self, custom_id: str, batch_id: str) -> None:
         """Committed BEFORE polling starts: from here on the paid turn can always be found."""
-        # submitted_at moves to now: turnaround is measured from the batch's creation, and the
-        # pre-create time was only needed to reconcile a create whose outcome was unknown.
         with self._tx() as db:
-            db.execute("UPDATE requests SET batch_id=?, state='submitted', submitted_at=? "
-                       "WHERE custom_id=?", (batch_id, time.time(), custom_id))
+            db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
+                       (batch_id, custom_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
         cost = outcome.cost
@@ -885,11 +913,11 @@ class Journal:
         """Append the assistant message (if any) and close the request in ONE transaction,
         so a crash can never add the same paid answer twice."""
         with self._tx() as db:
-            if content:
+            changed = db.execute("UPDATE requests SET state='applied' WHERE custom_id=? AND "
+                                 "state='ended'", (request.custom_id,)).rowcount
+            if changed and content:
                 self._insert_message(db, request.session_id, request.conversation, "assistant",
                                      content, request.stop_reason)
-            db.execute("UPDATE requests SET state='applied' WHERE custom_id=?",
-                       (request.custom_id,))
             self._touch(db, request.session_id)
 
     def fail_request(self, custom_id: str, reason: str | None = None) -> None:
@@ -975,12 +1003,6 @@ def _explain_db_error(path: Path, exc: sqlite3.Error) -> str:
     return f"the journal {path} cannot be used: {text}"
 
 
-def _as_blocks(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    return list(content)
-
-
 def request_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -992,6 +1014,9 @@ def request_hash(params: Mapping[str, Any]) -> str:
 # Slack for comparing our clock with the API's created_at when reconciling a create.
 CLOCK_SKEW_S = 120.0
 SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
+# Slowest steady poll rate without history: 24 a minute, leaving room for the create and
+# the two requests that fetch results within 30 a minute.
+STEADY_POLL_S = 2.5
 
 
 @dataclass(frozen=True)
@@ -1000,6 +1025,14 @@ class BatchView:
     status: str  # in_progress | canceling | ended
     created_at: float | None
     size: int
+    ended_at: float | None = None
+
+    @property
+    def turnaround_s(self) -> float | None:
+        """How long the batch took, by the API's own clock (not when we noticed)."""
+        if self.created_at is None or self.ended_at is None:
+            return None
+        return max(0.0, self.ended_at - self.created_at)
 
 
 @dataclass(frozen=True)
@@ -1025,7 +1058,7 @@ class RetryPolicy:
     def delay_s(self, attempt: int, retry_after_s: float | None, jitter: float) -> float:
         if retry_after_s is not None:
             return min(max(retry_after_s, 0.0), 600.0)
-        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * (0.5 + jitter)
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1) * (0.5 + jitter))
 
 
 def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None) -> float:
@@ -1034,8 +1067,9 @@ def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None)
     Budget: at most 30 polls a minute on average while one batch is waited for (the batch
     endpoints share one rate limit). When past turnarounds give an expected wait, poll
     sparsely until close to it and then every second, so a result is seen within about half
-    a second of the batch ending; otherwise poll every `base_s` (2 s by default), slowing
-    down for batches that run long (most end within minutes, some take hours).
+    a second of the batch ending; otherwise poll every `base_s` (2.5 s by default; a faster
+    --poll-interval holds for the first 10 s only), slowing down for batches that run long
+    (most end within minutes, some take hours).
     """
     if elapsed_s > 3600:
         return 60.0
@@ -1046,7 +1080,7 @@ def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None)
         if elapsed_s < lead_in_end:
             return max(base_s, min(5.0, lead_in_end - elapsed_s))
         return min(1.0, base_s)
-    return max(base_s, 2.0) if elapsed_s > 120 else base_s
+    return base_s if elapsed_s < 10 else max(base_s, STEADY_POLL_S)
 
 
 class Transport(Protocol):
@@ -1114,7 +1148,9 @@ class BatchTransport:
 
     def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView:
         b = self._call(lambda: self.client.messages.batches.retrieve(batch_id), "polling", notify)
-        return BatchView(b.id, b.processing_status, b.created_at.timestamp(), _batch_size(b))
+        ended = b.ended_at.timestamp() if b.ended_at else None
+        return BatchView(b.id, b.processing_status, b.created_at.timestamp(), _batch_size(b),
+                         ended)
 
     def results(self, batch_id: str, notify: Callable[[str], None]) -> dict[str, EntryResult]:
         def fetch() -> dict[str, EntryResult]:
@@ -1160,6 +1196,8 @@ class BatchTransport:
             return _Fault("rate limited (429)", _retry_after_s(exc), outcome_unknown=False)
         if status >= 500 or status in (408, 409):
             return _Fault(f"API error {status}", _retry_after_s(exc), outcome_unknown=True)
+        if status == 404:
+            raise BatchNotFound(f"{doing}: the API does not know it (404): {message}") from None
         raise TransportError(f"the API refused {doing} ({status}): {message}") from None
 
 
@@ -1509,13 +1547,15 @@ def _exit_status(returncode: int | None) -> int | None:
 
 
 def _run_process(
-    argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float, *, sandboxed: bool
+    argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float, *, sandboxed: bool,
+    started: Callable[[int], None],
 ) -> _Finished:
     """Run to completion, timeout or Ctrl-C. Ctrl-C stops this command only: it is reported
-    to the model as a result, not re-raised."""
+    to the model as a result, not re-raised. `started` gets the process group id at once."""
     proc = _launch(argv, env, cwd)
     capture, outcome = _OutputCapture(), "exited"
     try:
+        started(proc.pid)  # its own session: the pid is the group id
         if not _pump(proc, capture, time.monotonic() + timeout_s):
             outcome = "timeout"
     except KeyboardInterrupt:
@@ -1578,20 +1618,29 @@ def _placeholder_candidates(workdir: Path, git_dirs: Sequence[Path]) -> list[Pat
     return [workdir / name for name in _SRT_PLACEHOLDERS] + [g / "hooks" for g in git_dirs]
 
 
-def _remove_new_placeholders(candidates: Sequence[Path], existed: set[Path]) -> None:
-    """Remove what srt left: only NEW paths that are an empty file or an empty directory."""
+def _remove_new_placeholders(
+    candidates: Sequence[Path], existed: set[Path], *, read_only: bool = False
+) -> list[Path]:
+    """Remove what srt left: only NEW paths that are an empty file or an empty directory (with
+    read_only, only files nobody may write, as srt makes them). Returns what was removed."""
+    removed = []
     for path in candidates:
         # A directory on the way may have become a link (a nested .git): never act through it.
         if path in existed or os.path.realpath(path.parent) != str(path.parent):
             continue
         try:
             st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            writable = bool(st.st_mode & 0o222)
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 and not (read_only and writable):
                 os.unlink(path)
             elif stat.S_ISDIR(st.st_mode) and not os.listdir(path):
                 os.rmdir(path)
+            else:
+                continue
         except OSError:
             continue
+        removed.append(path)
+    return removed
 
 
 def _ensure_git_excludes(workdir: Path) -> None:
@@ -1814,6 +1863,203 @@ def _empty_dir(path: Path) -> None:
         _remove(Path(entry.path))
 
 
+# -- a command that outlived its harness ------------------------------------------------------
+#
+# srt runs in a session of its own, so a harness killed by SIGKILL (or the OOM killer) leaves
+# the command running, reparented to init, while the work-dir lock dies with the harness: a
+# resumed session would run the command again beside it. So each run is recorded beside the
+# lock until it ends, and whoever takes the lock next stops what still runs, then cleans up
+# after it. The lock is not handed down to srt instead (pass_fds): srt passes inherited
+# descriptors on into the sandbox, where the command could release it with `flock -u`.
+
+_ORPHAN_WAIT_S = 5.0  # after SIGKILL, for the sandbox to follow (bwrap --die-with-parent)
+_PRIVATE_PREFIX = "batching-harness-bash-"
+
+
+@dataclass(frozen=True)
+class _RunRecord:
+    """One running command, as kept in the state dir's locks/ while it runs."""
+
+    pgid: int  # its process group (srt's pid, or bash's with --no-sandbox)
+    owner: int  # the harness process that started it
+    sandboxed: bool
+    private: str  # the BashTool's temp dir: its random name marks the run's processes
+    command: str
+    candidates: tuple[str, ...]  # srt's placeholder paths in the work dir,
+    existed: tuple[str, ...]  # and those of them that were there before the run
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    pgid: int
+    text: bytes  # the command line and, on Linux, the environment, as the host sees them
+
+
+def _run_record_path(policy: SandboxPolicy) -> Path:
+    return _lock_path(policy).with_suffix(".running")
+
+
+def _notices_path(policy: SandboxPolicy) -> Path:
+    return _lock_path(policy).with_suffix(".notices")
+
+
+def _write_run_record(path: Path, record: _RunRecord) -> None:
+    part = path.with_suffix(".part")  # then renamed: a kill mid-write leaves no half record
+    _replace_file(part, json.dumps(dataclasses.asdict(record)).encode(), 0o600)
+    os.replace(part, path)
+
+
+def _read_run_record(path: Path) -> _RunRecord | None:
+    raw = _read_small(path)
+    if raw is None or raw.startswith(b"\0link "):
+        return None
+    try:
+        data = json.loads(raw)
+        record = _RunRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except (ValueError, TypeError):
+        return None
+    # killpg(0) or killpg(1) would reach far more than one command: never trust such a value.
+    ok = isinstance(record.pgid, int) and record.pgid > 1 and record.pgid != os.getpgrp()
+    return record if ok and isinstance(record.owner, int) else None
+
+
+def _processes() -> list[_Proc] | None:
+    """Every live process (a zombie is dead), or None when they cannot be listed."""
+    if not os.path.isdir("/proc/self"):
+        return _ps_processes()
+    found = (_proc_entry(int(entry)) for entry in os.listdir("/proc") if entry.isdigit())
+    return [proc for proc in found if proc is not None]
+
+
+def _proc_entry(pid: int) -> _Proc | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        text = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with contextlib.suppress(OSError):
+            text += b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else _Proc(pid, int(fields[2]), text)
+
+
+def _ps_processes() -> list[_Proc] | None:
+    """The same from ps, where there is no /proc (macOS): command lines only."""
+    try:
+        listing = subprocess.run(
+            ["ps", "-A", "-ww", "-o", "pid=,pgid=,stat=,command="],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(None, 3) for line in listing.splitlines()]
+    return [
+        _Proc(int(row[0]), int(row[1]), row[3]) for row in rows
+        if len(row) == 4 and row[0].isdigit() and row[1].isdigit() and not row[2].startswith(b"Z")
+    ]  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):  # init in a container may never reap it
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    return True
+
+
+def _wait_for(done: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _run_marker(record: _RunRecord) -> bytes:
+    return os.fsencode(Path(record.private).name)
+
+
+def _is_recorded_group(record: _RunRecord, procs: Sequence[_Proc]) -> bool:
+    """The recorded group still runs AND is verifiably that run: one of its processes names
+    the run's private temp dir (a random name) in its command line or environment. A bare
+    pgid may have been recycled since; then nothing matches and nothing is signalled."""
+    marker = _run_marker(record)
+    return any(p.pgid == record.pgid and marker in p.text for p in procs)
+
+
+def _stop_recorded_group(record: _RunRecord, procs: Sequence[_Proc]) -> None:
+    """As a timeout does (_stop): SIGTERM to srt alone so it unmounts and removes its
+    placeholders, a grace period, then SIGKILL to the group, verified again just before."""
+    pgid = record.pgid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if not record.sandboxed:
+            os.killpg(pgid, signal.SIGTERM)
+        elif any(p.pid == pgid == p.pgid for p in procs):
+            os.kill(pgid, signal.SIGTERM)
+    _wait_for(lambda: not _alive(pgid), _KILL_GRACE_S)
+    if _is_recorded_group(record, _processes() or []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    marker = _run_marker(record)  # the sandbox has a session of its own: wait for it too
+    _wait_for(lambda: not any(marker in p.text for p in _processes() or []), _ORPHAN_WAIT_S)
+
+
+def _stop_leftover(record: _RunRecord) -> list[str]:
+    shown = " ".join(record.command.split())[:200]
+    procs = _processes()
+    if procs is None:
+        return [
+            f"could not check whether a command started by an earlier harness process still "
+            f"runs (process group {record.pgid}: {shown}); if it does, it runs alongside"
+        ]
+    if not _is_recorded_group(record, procs):
+        return []
+    _stop_recorded_group(record, procs)
+    return [f"stopped a command left running by an earlier harness process: {shown}"]
+
+
+def _remove_private_dir(record: _RunRecord) -> None:
+    """The dead run's temp dir, if it is one of ours by name; never while its owner lives."""
+    private = Path(record.private)
+    ours = private.is_absolute() and private.name.startswith(_PRIVATE_PREFIX)
+    if ours and _is_plain_dir(private) and not _alive(record.owner):
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _reap_leftover_run(policy: SandboxPolicy) -> None:
+    """With the work-dir lock held: stop a command whose harness died mid-run, remove the
+    placeholders and temp dir it left, and keep a notice for the next command's result."""
+    path = _run_record_path(policy)
+    record = _read_run_record(path)
+    if record is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # unreadable: nothing in it can be trusted to act on
+        return
+    notes = _stop_leftover(record)
+    candidates = [Path(c) for c in record.candidates if _is_within(Path(c), policy.workdir)]
+    existed = {Path(p) for p in record.existed}
+    if removed := _remove_new_placeholders(candidates, existed, read_only=True):
+        names = ", ".join(str(p.relative_to(policy.workdir)) for p in removed)
+        notes.append(f"removed empty placeholders an interrupted sandbox run left: {names}")
+    _remove_private_dir(record)
+    if notes:
+        with open(_notices_path(policy), "a", encoding="utf-8") as f:
+            f.writelines(f"{note}\n" for note in notes)
+    os.unlink(path)
+
+
+def _take_notices(policy: SandboxPolicy) -> list[str]:
+    path = _notices_path(policy)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    path.unlink()
+    return [line for line in text.splitlines() if line]
+
+
 # -- bash ------------------------------------------------------------------------------
 
 
@@ -1825,7 +2071,7 @@ class BashTool:
     def __init__(self, policy: SandboxPolicy) -> None:
         self.policy = policy
         # Private: srt's sockets (srt/, not writable inside) and the command's TMPDIR (tmp/).
-        self._private = Path(tempfile.mkdtemp(prefix="batching-harness-bash-"))
+        self._private = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX))
         self._srt_tmp, self._tmp = self._private / "srt", self._private / "tmp"
         self._srt_tmp.mkdir()
         self._tmp.mkdir()
@@ -1848,10 +2094,13 @@ class BashTool:
                 is_error=True,
             )
         try:
+            _reap_leftover_run(self.policy)  # before anything else runs in this work dir
+            notes = _take_notices(self.policy)
             if problem := self._sandbox_problem():
-                return ToolResult(problem, is_error=True)
-            return _bash_result(*self._execute(command, timeout_s), timeout_s)
-        except KeyboardInterrupt:  # during the first-use probe
+                return ToolResult(problem, is_error=True, warnings=tuple(notes))
+            run, undone = self._execute(command, timeout_s)
+            return _bash_result(run, notes + undone, timeout_s)
+        except KeyboardInterrupt:  # while stopping a leftover, or during the first-use probe
             return ToolResult("[interrupted: the user pressed Ctrl-C before it started]", True)
         finally:
             os.close(fd)
@@ -1876,16 +2125,33 @@ class BashTool:
             os.unlink(self._cwd_file)
         limits = _ulimit_lines(self.policy.max_file_bytes, timeout_s)
         script = _shell_script(command, self._cwd, workdir, self._cwd_file, limits)
+        record = self._recorder(command, candidates, existed)
         try:
             run = _run_process(
-                self._argv(script), self._env, workdir, timeout_s, sandboxed=self.policy.enabled
+                self._argv(script), self._env, workdir, timeout_s, sandboxed=self.policy.enabled,
+                started=record,
             )
         finally:
             _remove_new_placeholders(candidates, existed)
             _empty_dir(self._srt_tmp)  # srt-mux-*.sock and friends, one set per run
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_run_record_path(self.policy))  # only now: the cleanup is done
         notes = _undo_git_redirects(workdir, git_before)
         self._cwd = self._carried_cwd() or self._cwd
         return run, notes
+
+    def _recorder(
+        self, command: str, candidates: Sequence[Path], existed: set[Path]
+    ) -> Callable[[int], None]:
+        """Records the run once its process group exists, for _reap_leftover_run."""
+
+        def record(pgid: int) -> None:
+            paths = (tuple(map(str, candidates)), tuple(map(str, existed)))
+            run = _RunRecord(pgid, os.getpid(), self.policy.enabled, str(self._private), command,
+                             *paths)
+            _write_run_record(_run_record_path(self.policy), run)
+
+        return record
 
     def _argv(self, script: str) -> list[str]:
         if not self.policy.enabled:
@@ -2006,6 +2272,7 @@ def probe_sandbox(policy: SandboxPolicy) -> None:
                 "wait for it to finish, then run --doctor",
             )
         try:
+            _reap_leftover_run(policy)  # its notice waits for the next command's result
             tool._probe_locked()
         finally:
             os.close(fd)
@@ -2535,7 +2802,7 @@ class AgentSettings:
     cache_ttl: str | None = "1h"
     max_turns: int | None = None
     max_budget_usd: float | None = None
-    poll_interval_s: float = 2.0
+    poll_interval_s: float = 2.5
     max_resubmits: int = 3
     """Times an expired or transiently errored request is sent again before the turn fails."""
 
@@ -2691,6 +2958,9 @@ class Agent:
 
     # -- entry points --------------------------------------------------------
     def prompt(self, text: str) -> RunResult:
+        """Finish anything left in flight first, so the new prompt is never folded into a
+        message that a paid request already carried."""
+        self.resume()
         self.journal.add_user_content(self.session.id, self.session.conversation,
                                       [{"type": "text", "text": text}])
         return self.run(submit_prompt=True)
@@ -2706,7 +2976,7 @@ class Agent:
         self._run_ids, self._turns = [], 0
         while (step := self._next_step(submit_prompt)) is not None:
             step()
-            submit_prompt = True
+            submit_prompt = False
         return self._result()
 
     def switch_model(self, model: str) -> None:
@@ -2734,9 +3004,9 @@ class Agent:
             if self._last_stop_reason() == "pause_turn":
                 return self._submit
             return None
-        if submit_prompt or _is_tool_result_message(last):
+        if submit_prompt or not self._answered(len(messages)):
             return self._submit
-        return None
+        return None  # answered with nothing: an empty reply ends the turn
 
     def _has_unfinished_work(self) -> bool:
         if self.journal.pending_request(self.session.id) is not None:
@@ -2754,6 +3024,10 @@ class Agent:
         return not any(r.conversation == self.session.conversation
                        and r.n_messages == len(messages)
                        for r in self.journal.requests(self.session.id))
+
+    def _answered(self, n_messages: int) -> bool:
+        last = self.journal.last_applied(self.session.id, self.session.conversation)
+        return last is not None and last.n_messages == n_messages
 
     def _messages(self) -> list[dict[str, Any]]:
         return self.journal.messages(self.session.id, self.session.conversation)
@@ -2809,8 +3083,8 @@ class Agent:
         committed = sum(r.committed_usd for r in self.journal.requests(self.session.id))
         if committed + estimate_usd > s.max_budget_usd:
             raise BudgetExceeded(
-                f"not submitted: ${committed:.4f} committed + about ${estimate_usd:.4f} for this "
-                f"turn would pass --max-budget-usd ${s.max_budget_usd:.2f}")
+                f"not submitted: {fmt_usd(committed)} committed + up to {fmt_usd(estimate_usd)} "
+                f"for this turn would pass --max-budget-usd {s.max_budget_usd:g}")
 
     def _attempt_number(self, n_messages: int) -> int:
         """Consecutive resubmissions of the same transcript, to bound them."""
@@ -2852,9 +3126,9 @@ class Agent:
             self.journal.fail_request(request.custom_id, "results expired from the API")
             raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
                              "longer keeps its results. Nothing more can be recovered.")
-        self._wait(request)
+        view = self._wait(request)
         entry = self._fetch_entry(request)
-        outcome = self._outcome(request, entry)
+        outcome = self._outcome(request, entry, view)
         self.journal.record_outcome(request.custom_id, outcome)
         self.emit(BatchEnded(request.batch_id, outcome.result_type, outcome.wait_s,
                              outcome.usage, outcome.cost))
@@ -2871,13 +3145,21 @@ class Agent:
                     on_poll=lambda v: self.emit(BatchPolled(v.id, v.status)))
             except KeyboardInterrupt:
                 self._on_interrupt(request.batch_id)
+            except BatchNotFound as exc:
+                self.journal.fail_request(request.custom_id, "batch unknown to the API")
+                raise TurnFailed(f"batch {request.batch_id} no longer exists at the API "
+                                 f"({exc}); send the prompt again") from None
 
     def _on_interrupt(self, batch_id: str) -> None:
         choice = self.ask_interrupt(batch_id)
         if choice == "detach":
             raise Detached(self.session.id, batch_id)
         if choice == "cancel":
-            self.transport.cancel(batch_id, self._notify)
+            try:
+                self.transport.cancel(batch_id, self._notify)
+            except TransportError as exc:  # most often: it ended while the user decided
+                self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
+                return
             self.emit(Notice(f"cancel requested for {batch_id}; waiting for it to end (work "
                              "already under way may still finish, and is then used)", "warn"))
 
@@ -2885,17 +3167,17 @@ class Agent:
         assert request.batch_id is not None
         try:
             results = self.transport.results(request.batch_id, self._notify)
-        except TransportError as exc:
-            if "404" in str(exc) or "not_found" in str(exc):
-                self.journal.fail_request(request.custom_id, "results no longer available")
-                raise TurnFailed(f"the results of {request.batch_id} are no longer available "
-                                 f"from the API ({exc})") from None
-            raise
+        except BatchNotFound as exc:
+            self.journal.fail_request(request.custom_id, "results no longer available")
+            raise TurnFailed(f"the results of {request.batch_id} are no longer available "
+                             f"from the API ({exc})") from None
         return results.get(request.custom_id)
 
-    def _outcome(self, request: RequestRow, entry: EntryResult | None) -> Outcome:
+    def _outcome(self, request: RequestRow, entry: EntryResult | None,
+                 view: BatchView) -> Outcome:
         now = time.time()
-        wait_s = now - request.submitted_at
+        wait_s = view.turnaround_s if view.turnaround_s is not None else (
+            now - request.submitted_at)
         if entry is None:  # an adopted batch that was not ours, or a truncated download
             return Outcome("missing", now, wait_s, error_message="result not in the batch")
         if entry.type != "succeeded" or entry.message is None:
@@ -2921,10 +3203,10 @@ class Agent:
             self.journal.fail_request(request.custom_id)
             raise TurnFailed("the batch was canceled before the model answered; nothing "
                              "was billed")
-        else:
-            self.journal.fail_request(request.custom_id)
-            self._notify(f"batch {request.batch_id} held no result for this turn; "
-                         "submitting it again")
+        else:  # an adopted batch that was not ours: look for the real one before resending
+            self._notify(f"batch {request.batch_id} held no result for this turn; looking "
+                         "for the batch the interrupted create made")
+            self._reconcile(request)
 
     def _resubmit_or_fail(self, request: RequestRow) -> None:
         self.journal.fail_request(request.custom_id)
@@ -2943,6 +3225,9 @@ class Agent:
         text = final_text(content)
         if text:
             self.emit(AssistantText(text))
+        elif not content:
+            self.emit(Notice(f"the model returned an empty answer (stop_reason "
+                             f"{message.get('stop_reason')}); the turn ends here", "warn"))
         self._report_stop(request, message)
 
     def _report_stop(self, request: RequestRow, message: dict[str, Any]) -> None:
@@ -3039,12 +3324,6 @@ def fmt_elapsed(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
-def fmt_usd(amount: float | None) -> str:
-    if amount is None:
-        return "price unknown"
-    return f"${amount:.4f}" if amount < 10 else f"${amount:,.2f}"
 
 
 def fmt_tokens(n: int) -> str:
@@ -3241,7 +3520,11 @@ STATS_EXPLAINED = (
 
 @dataclass(frozen=True)
 class StatsTotals:
+    """Sums over ended requests; turns still in flight are kept apart at their estimate, so
+    a saving is never computed from an estimate on one side and nothing on the other."""
+
     paid_usd: float
+    in_flight_usd: float
     sync_usd: float
     cache_saved_usd: float
     waited_s: float
@@ -3264,7 +3547,8 @@ class StatsTotals:
 def stats_totals(requests: Sequence[RequestRow]) -> StatsTotals:
     ended = [r for r in requests if r.result_type is not None]
     return StatsTotals(
-        paid_usd=sum(r.committed_usd for r in requests),
+        paid_usd=sum(r.cost_usd or 0.0 for r in ended),
+        in_flight_usd=sum(r.committed_usd for r in requests if r.result_type is None),
         sync_usd=sum(r.sync_cost_usd or 0.0 for r in ended),
         cache_saved_usd=sum(r.cache_saved_usd or 0.0 for r in ended),
         waited_s=sum(r.wait_s or 0.0 for r in ended),
@@ -3323,6 +3607,7 @@ def _totals_line(t: StatsTotals) -> str:
     pct = f" ({t.saved_pct:.0f} %)" if t.saved_pct is not None else ""
     per_min = f"{fmt_usd(t.saved_per_min)} per minute waited" if t.saved_per_min else "-"
     unknown = f" · {t.unknown_prices} turn(s) with price unknown" if t.unknown_prices else ""
+    unknown += f" · in flight ~{fmt_usd(t.in_flight_usd)} (estimate)" if t.in_flight_usd else ""
     return (f"total: paid {fmt_usd(t.paid_usd)} · sync would be {fmt_usd(t.sync_usd)} · "
             f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · cache saved "
             f"{fmt_usd(t.cache_saved_usd)} · cache hit "
@@ -3348,8 +3633,10 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
     for model in sorted({r.model for r in requests}):
         rows = [r for r in requests if r.model == model]
         t, waits = stats_totals(rows), turnarounds(rows)
-        by_model.add_row(model, str(len(waits)), fmt_usd(t.paid_usd), fmt_usd(t.sync_usd),
-                         fmt_usd(t.batch_saved_usd), fmt_elapsed(median(waits) or 0),
+        known = t.unknown_prices == 0
+        by_model.add_row(model, str(len(waits)), _known_usd(t.paid_usd, known),
+                         _known_usd(t.sync_usd, known), _known_usd(t.batch_saved_usd, known),
+                         fmt_elapsed(median(waits) or 0),
                          fmt_elapsed(percentile(waits, 0.9) or 0))
     by_day = Table(title="spend per day (UTC)", box=None)
     for col in ("day", "turns", "paid", "sync", "waited"):
@@ -3357,11 +3644,16 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
     for day in sorted({_day(r.submitted_at) for r in requests}):
         rows = [r for r in requests if _day(r.submitted_at) == day]
         t = stats_totals(rows)
-        by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd),
+        unknown = f" + {t.unknown_prices} turn(s) price unknown" if t.unknown_prices else ""
+        by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
     console.print(by_model)
     console.print(by_day)
     console.print(STATS_EXPLAINED, style="dim")
+
+
+def _known_usd(amount: float, known: bool) -> str:
+    return fmt_usd(amount if known else None)
 
 
 def _day(ts: float) -> str:
@@ -3382,7 +3674,7 @@ def render_banner(console: Any, config: Config, session: SessionRow, sandbox_lin
 # REPL and slash commands
 ##############################################################################
 
-EXIT = object()
+PROMPT = "› "
 
 
 class Repl:
@@ -3390,14 +3682,16 @@ class Repl:
 
     def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
-                 log_bug: Callable[[BaseException], Path]) -> None:
+                 log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
         self.agent = agent
         self.log_bug = log_bug
+        self.lock = lock
         self.journal = journal
         self.ui = ui
         self.read_line = read_line
         self.resume_command = resume_command
-        self.commands: dict[str, tuple[Callable[[str], object], str]] = {
+        # A command returns an exit status to leave the REPL, or None to stay.
+        self.commands: dict[str, tuple[Callable[[str], int | None], str]] = {
             "/help": (self.cmd_help, "this list"),
             "/stats": (self.cmd_stats, "cost per turn: batch path vs synchronous"),
             "/model": (self.cmd_model, "show or switch the model: /model ID"),
@@ -3424,13 +3718,15 @@ class Repl:
         if not text:
             return None
         if text.startswith("/"):
-            return self.leave() if self.dispatch(text) is EXIT else None
+            return self.guarded(lambda: self.dispatch(text))
         return self.guarded(lambda: self.agent.prompt(line))
 
     def guarded(self, step: Callable[[], object]) -> int | None:
-        """The one boundary: expected failures are one line; the journal keeps the state."""
+        """The one boundary: expected failures are one line; the journal keeps the state.
+        Returns an exit status when the REPL should end."""
         try:
-            step()
+            status = step()
+            return status if type(status) is int else None
         except Detached as d:
             self.ui.stop_live()
             self.ui.info(f"detached: batch {d.batch_id} keeps running (and is billed). "
@@ -3450,7 +3746,7 @@ class Repl:
             self.ui.stop_live()
         return None
 
-    def dispatch(self, text: str) -> object:
+    def dispatch(self, text: str) -> int | None:
         name, _, arg = text.partition(" ")
         entry = self.commands.get(name.lower())
         if entry is None:
@@ -3496,10 +3792,15 @@ class Repl:
                      "(cache entries belong to one model)")
 
     def cmd_clear(self, _arg: str) -> None:
+        pending = self.journal.pending_request(self.agent.session.id)
+        if pending is not None:
+            self.ui.error(f"a turn is still in flight ({pending.batch_id or 'submitting'}); send "
+                          "a prompt to collect it first, then /clear")
+            return
         self.agent.clear()
         self.ui.info("new conversation; the session's spend so far still counts in /stats")
 
-    def cmd_resume(self, arg: str) -> None:
+    def cmd_resume(self, arg: str) -> int | None:
         sessions = self.journal.recent_sessions(10)
         if not arg:
             for i, s in enumerate(sessions, 1):
@@ -3508,25 +3809,26 @@ class Repl:
             try:
                 arg = self.read_line_with("session number or id: ")
             except (EOFError, KeyboardInterrupt):
-                return
+                return None
         chosen = _pick_session(sessions, arg.strip(), self.journal)
         if chosen is None:
             self.ui.error(f"no session {arg!r}")
-            return
+            return None
         if chosen.workdir != self.agent.session.workdir:
             self.ui.error(f"session {chosen.id} works in {chosen.workdir}; resume it with:\n  "
                           f"{self.resume_command(chosen.id)}")
-            return
+            return None
+        self.lock.acquire(chosen.id)  # one process per session, as on the command line
         self.agent.session = chosen
         self.agent.switch_model(chosen.model)
         self.ui.info(f"resumed session {chosen.id}")
-        self.guarded(self.agent.resume)
+        return self.guarded(self.agent.resume)
 
     def read_line_with(self, prompt: str) -> str:
         return input(prompt)
 
-    def cmd_exit(self, _arg: str) -> object:
-        return EXIT
+    def cmd_exit(self, _arg: str) -> int:
+        return self.leave()
 
 
 def _pick_session(sessions: Sequence[SessionRow], arg: str,
@@ -3555,7 +3857,28 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
         completer=WordCompleter(list(commands), sentence=True),
         complete_while_typing=True, key_bindings=bindings, multiline=False,
         prompt_continuation="… ")
-    return lambda: session.prompt("› ")
+    first = [sys.stdout.isatty()]
+
+    def read_line() -> str:
+        if first and first.pop():
+            sys.stdout.write("\r")  # draw over the early prompt, on the same line
+        return session.prompt(PROMPT)
+
+    return read_line
+
+
+def show_prompt_early() -> Callable[[], None]:
+    """Draw the prompt before prompt_toolkit has loaded (~0.2 s) and return what restores
+    the terminal. Keys typed meanwhile wait, unechoed and unprocessed (Ctrl-D included), in
+    the terminal's buffer until the real prompt takes over this line and reads them."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return lambda: None
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd, termios.TCSANOW)  # TCSANOW: never flush what was already typed
+    sys.stdout.write(PROMPT)
+    sys.stdout.flush()
+    return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 ##############################################################################
@@ -3563,11 +3886,29 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
 ##############################################################################
 
 
-def resume_command(session_id: str) -> str:
+def resume_command(session_id: str, config: Config) -> str:
+    """The exact command that picks the session up again, with the limits and sandbox
+    settings of this run (the journal keeps the conversation, not the flags)."""
     program = sys.argv[0] if sys.argv and sys.argv[0] else "batching-harness"
-    if program.endswith(".py"):
-        return f"python {program} --resume {session_id}"
-    return f"{Path(program).name} --resume {session_id}"
+    head = f"python {program}" if program.endswith(".py") else Path(program).name
+    return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config))])
+
+
+def carried_flags(config: Config) -> list[str]:
+    default, flags = Config(), []
+    for flag, value, default_value in (
+        ("--max-budget-usd", config.max_budget_usd, default.max_budget_usd),
+        ("--max-turns", config.max_turns, default.max_turns),
+        ("--max-tokens", config.max_tokens, default.max_tokens),
+        ("--tool-timeout", config.tool_timeout_s, default.tool_timeout_s),
+        ("--poll-interval", config.poll_interval_s, default.poll_interval_s),
+        ("--cache-ttl", config.cache_ttl or "off", default.cache_ttl),
+    ):
+        if value != default_value:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    for domain in config.allow_domains:
+        flags += ["--allow-domain", domain]
+    return flags + ([] if config.sandbox else ["--no-sandbox"])
 
 
 def open_session(journal: Journal, config: Config) -> SessionRow:
@@ -3584,18 +3925,32 @@ def open_session(journal: Journal, config: Config) -> SessionRow:
     return journal.create_session(config.workdir, config.model)
 
 
-def lock_session(home: Path, session_id: str) -> int:
-    """One process per session: two would both poll, and might both submit a turn."""
-    path = home / "locks" / f"{session_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise JournalError(f"session {session_id} is open in another batching-harness "
-                           "process") from None
-    return fd
+class SessionLock:
+    """One process per session: two would both poll, and might both apply one answer."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._fd: int | None = None
+
+    def acquire(self, session_id: str) -> None:
+        """Hold `session_id`'s lock (JournalError if another process has it) and let go of
+        the one held before."""
+        path = self.home / "locks" / f"{session_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(f"session {session_id} is open in another batching-harness "
+                               "process") from None
+        self.release()
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def agent_settings(config: Config, model: str) -> AgentSettings:
@@ -3611,10 +3966,11 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
         agent.resume()
         agent.prompt(prompt)
     except Detached as d:
-        err_console.print(f"detached; resume with: {resume_command(d.session_id)}")
+        err_console.print(f"detached; resume with: {resume_command(d.session_id, config)}")
         status, error = 130, "interrupted"
     except KeyboardInterrupt:
-        err_console.print(f"interrupted; resume with: {resume_command(agent.session.id)}")
+        err_console.print("interrupted; resume with: "
+                          f"{resume_command(agent.session.id, config)}")
         status, error = 130, "interrupted"
     except HarnessError as exc:
         err_console.print(f"error: {exc}")
@@ -3644,7 +4000,9 @@ def print_headless(agent: Agent, config: Config, custom_ids: Sequence[str],
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                   "cache_creation_input_tokens": u.cache_creation_input_tokens,
                   "cache_read_input_tokens": u.cache_read_input_tokens},
-        "cost_usd": round(totals.paid_usd, 6), "sync_cost_usd": round(totals.sync_usd, 6),
+        # null, not 0, when any turn's price is unknown: a script must not read it as free
+        "cost_usd": None if totals.unknown_prices else round(totals.paid_usd, 6),
+        "sync_cost_usd": None if totals.unknown_prices else round(totals.sync_usd, 6),
         "is_error": error is not None, "error": error,
     }
     print(json.dumps(out))
@@ -3703,17 +4061,19 @@ def _run(config: Config) -> int:
                           "against the stand-in: see 'Try it offline' in README.md")
     prompt = read_prompt_arg(config.prompt) if config.prompt is not None else None
     session = open_session(journal, config)
-    lock_session(config.home, session.id)
+    lock = SessionLock(config.home)
+    lock.acquire(session.id)
     toolbox = build_toolbox(config, Path(session.workdir))
     try:
-        return _run_session(config, journal, session, toolbox, prompt)
+        return _run_session(config, journal, session, toolbox, prompt, lock)
     finally:
         toolbox.close()
         journal.close()
+        lock.release()
 
 
 def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox: Toolbox,
-                 prompt: str | None) -> int:
+                 prompt: str | None, lock: SessionLock) -> int:
     from rich.console import Console
 
     headless = prompt is not None
@@ -3730,11 +4090,15 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     # that started us ignores SIGINT, as non-interactive shells do for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     render_banner(console, config, session, _sandbox_line(config))
-    read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
-                                                 "/resume", "/exit", "/quit"])
-    _warm_up_in_background(transport, config, toolbox, console)
-    return Repl(agent, journal, ui, read_line, resume_command,
-                lambda exc: log_bug(config.home, exc)).run()
+    restore_terminal = show_prompt_early()
+    try:
+        read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
+                                                     "/resume", "/exit", "/quit"])
+        _warm_up_in_background(transport, config, toolbox, console)
+        return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
+                    lambda exc: log_bug(config.home, exc), lock).run()
+    finally:
+        restore_terminal()
 
 
 def build_toolbox(config: Config, workdir: Path) -> Toolbox:

@@ -243,11 +243,19 @@ def time_to_prompt(argv: list[str], env: dict[str, str], cwd: Path) -> float:
         elapsed = time.perf_counter() - started
         child.sendeof()
         child.expect(pexpect.EOF, timeout=20)
+        _wait_for_exit(child, timeout_s=10)  # the tty closes a moment before the process ends
     finally:
         child.close(force=True)
     if child.exitstatus != 0:
-        progress(f"warning: {argv[0]} exited with {child.exitstatus} after Ctrl-D")
+        progress(f"warning: {argv[0]} ended with status {child.exitstatus}, signal "
+                 f"{child.signalstatus} after Ctrl-D")
     return elapsed
+
+
+def _wait_for_exit(child: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while child.isalive() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 ##############################################################################

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,3 +74,35 @@ def pids_running(*argv: str) -> list[int]:
 def placeholders_in(workdir: Path) -> list[str]:
     """srt's placeholder names present in the work dir (as the host sees it)."""
     return [name for name in bh._SRT_PLACEHOLDERS if os.path.lexists(workdir / name)]
+
+
+# A harness process in miniature: one BashTool running one command, killable from the test.
+_CHILD_SCRIPT = """
+import sys
+import batching_harness as bh
+tool = bh.BashTool(bh.SandboxPolicy(workdir=sys.argv[1], state_dir=sys.argv[2]))
+print(tool._private, flush=True)
+tool.run(sys.argv[3], 60)
+"""
+
+
+def start_bash_in_child(policy: bh.SandboxPolicy, command: str) -> tuple[subprocess.Popen[str], Path]:
+    """A child Python process running `command` through its own BashTool (as the harness
+    does), and that tool's private temp dir."""
+    root = Path(bh.__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD_SCRIPT, str(policy.workdir), str(policy.state_dir), command],
+        cwd=root, env=env, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout is not None
+    return child, Path(child.stdout.readline().strip())
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -4,6 +4,7 @@ real tools (sandbox off here; tests/test_sandbox.py covers srt)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -293,3 +294,89 @@ def test_clear_keeps_session_totals(api, tmp_path):
     assert len(rig.requests()) == 2
     totals = bh.stats_totals(rig.requests())
     assert totals.paid_usd == pytest.approx(sum(r.cost_usd for r in rig.requests()))
+
+
+def test_prompt_after_a_stuck_turn_answers_both(api, tmp_path):
+    """Regression: a prompt typed while a turn was in flight was folded into the message the
+    paid batch had already carried, and never answered."""
+    api.script.extend([fa.text("answer to FIRST"), fa.text("answer to SECOND")])
+    api.inject("retrieve", "500", count=50)
+    rig = make_rig(api, tmp_path, retry_attempts=2)
+    with pytest.raises(bh.RetriesExhausted):
+        rig.agent.prompt("FIRST")
+    api.clear_faults()
+    assert rig.agent.prompt("SECOND").text == "answer to SECOND"
+    msgs = rig.messages()
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert [b["text"] for b in msgs[0]["content"]] == ["FIRST"]
+    assert rig.texts() == ["answer to FIRST", "answer to SECOND"]
+
+
+def test_a_batch_the_api_no_longer_knows_ends_the_turn(api, tmp_path):
+    """Regression: a 404 while polling left the turn 'in flight' forever."""
+    rig = make_rig(api, tmp_path)
+    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id="bh_lost", session_id=rig.agent.session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitted", batch_id="msgbatch_unknown", submitted_at=time.time()))
+    with pytest.raises(bh.TurnFailed, match="no longer exists"):
+        rig.agent.resume()
+    assert rig.journal.pending_request(rig.agent.session.id) is None
+    api.script.append(fa.text("fresh"))
+    assert rig.agent.prompt("again").text == "fresh"
+
+
+def test_an_empty_answer_ends_the_turn_without_paying_again(api, tmp_path):
+    """Regression: an empty end_turn answer was resubmitted, paid, with no limit."""
+    api.script.extend([fa.tool_calls(("bash", {"command": "true"})),
+                       fa.raw([], "end_turn"), fa.text("never sent")])
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("go")
+    assert api.count("create") == 2
+    assert any("empty answer" in n for n in rig.notices())
+    api.script.clear()
+    api.script.append(fa.text("next prompt works"))
+    assert rig.agent.prompt("more").text == "next prompt works"
+
+
+def test_cancel_after_the_batch_ended_still_collects_it(api, tmp_path):
+    """Regression: canceling a batch that had just ended (a 400) threw the paid result away."""
+    api.latency_s = 0.3
+    api.script.append(fa.text("paid and kept"))
+    rig = make_rig(api, tmp_path, interrupts=["cancel"])
+    state = {"n": 0}
+
+    def sleep_then_interrupt(_s):
+        state["n"] += 1
+        if state["n"] == 1:
+            time.sleep(0.6)  # the batch ends while the user reads the menu
+            raise KeyboardInterrupt
+
+    rig.agent.sleep = sleep_then_interrupt
+    assert rig.agent.prompt("go").text == "paid and kept"
+    assert any("cancel refused" in n for n in rig.notices())
+
+
+def test_turnaround_is_the_batch_s_own_duration(api, tmp_path):
+    """Regression: a result collected long after the batch ended counted the whole delay."""
+    api.latency_s = 0.2
+    api.script.append(fa.text("late"))
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+
+    def interrupt(_s):
+        raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupt
+    with pytest.raises(bh.Detached):
+        rig.agent.prompt("go")
+    time.sleep(1.5)
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    rig2.agent.resume()
+    (req,) = rig2.requests()
+    assert req.wait_s < 1.0
+
+
+def test_backoff_jitter_stays_under_the_cap():
+    policy = bh.RetryPolicy(base_delay_s=1, max_delay_s=30)
+    assert max(policy.delay_s(n, None, 0.999) for n in range(1, 12)) <= 30

@@ -70,3 +70,16 @@ def test_resuming_after_results_expired_says_so(tmp_path, journal_knows_age):
         with pytest.raises(bh.TurnFailed, match=r"29 days|no longer available"):
             rig2.agent.resume()
         assert api.count("create") == 1
+
+
+def test_unknown_model_price_is_null_not_free(tmp_path):
+    """Regression: a model missing from the price table was reported as costing $0."""
+    import json
+
+    with fa.FakeAPI(latency_s=0.1) as api:
+        api.script.append(fa.text("hi"))
+        r = run_cli(tmp_path, "--model", "claude-foo-9", "--output-format", "json", "-p", "x",
+                    api=api)
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["cost_usd"] is None and data["sync_cost_usd"] is None
+    assert "price unknown" in run_cli(tmp_path, "--stats").stdout

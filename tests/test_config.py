@@ -67,7 +67,7 @@ def test_bad_usage_exits_2_and_version_works(tmp_path):
     assert r.returncode == 0 and "--allow-domain" in r.stdout
 
 
-def _polls_per_minute(latency_s: float, expected_s: float | None, base_s: float = 2.0):
+def _polls_per_minute(latency_s: float, expected_s: float | None, base_s: float = 2.5):
     t, polls, lag = bh.next_poll_delay_s(0.0, base_s, expected_s), 0, None
     while True:
         polls += 1
@@ -81,11 +81,27 @@ def _polls_per_minute(latency_s: float, expected_s: float | None, base_s: float 
 @pytest.mark.parametrize("latency_s", [20, 45, 60, 90, 180, 600])
 def test_poll_schedule_stays_within_30_per_minute(latency_s):
     rate, lag = _polls_per_minute(latency_s, None)
-    assert rate <= 30.5 and lag <= 2.0
+    assert rate <= 25 and lag <= 2.5  # leaves room for the create and the results fetch
     rate, lag = _polls_per_minute(latency_s, expected_s=latency_s)
-    assert rate <= 30.5 and lag <= 1.0
+    assert rate <= 28 and lag <= 1.0
 
 
 def test_poll_schedule_slows_down_for_long_batches():
     assert bh.next_poll_delay_s(2 * 3600, 2.0, None) == 60.0
     assert bh.next_poll_delay_s(1200, 2.0, 60.0) == 15.0
+
+
+def test_a_fast_poll_interval_holds_for_the_first_ten_seconds_only():
+    assert bh.next_poll_delay_s(5, 0.5, None) == 0.5
+    assert bh.next_poll_delay_s(30, 0.5, None) == bh.STEADY_POLL_S
+
+
+def test_resume_command_carries_limits_and_sandbox_flags(tmp_path):
+    """Regression: the printed resume command dropped --max-budget-usd and --no-sandbox."""
+    c = bh.parse_config(["--max-budget-usd", "0.001", "--no-sandbox", "--allow-domain",
+                         "pypi.org", "--cache-ttl", "off"], {})
+    line = bh.resume_command("S1", c)
+    assert "--resume S1" in line and "--max-budget-usd 0.001" in line
+    assert "--no-sandbox" in line and "--allow-domain pypi.org" in line
+    assert "--cache-ttl off" in line
+    assert bh.carried_flags(bh.parse_config([], {})) == []

@@ -101,10 +101,11 @@ def test_session_lookup_by_prefix(tmp_path):
 
 
 def test_second_process_cannot_open_the_same_session(tmp_path):
-    fd = bh.lock_session(tmp_path, "s1")
+    first, second = bh.SessionLock(tmp_path), bh.SessionLock(tmp_path)
+    first.acquire("s1")
     with pytest.raises(bh.JournalError, match="another batching-harness"):
-        bh.lock_session(tmp_path, "s1")
-    import os
-
-    os.close(fd)
-    os.close(bh.lock_session(tmp_path, "s1"))
+        second.acquire("s1")
+    first.acquire("s2")  # switching sessions lets go of the old one
+    second.acquire("s1")
+    second.release()
+    first.release()

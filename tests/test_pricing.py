@@ -432,3 +432,15 @@ def test_estimate_uses_haiku_55_long_row_for_a_long_prompt():
     # 100,002 x 0.50 + 1,000 x 2.50 = 50,001 + 2,500 = 52,501
     assert bh.estimate_cost_usd(HAIKU, params, batch=False) == pytest.approx(0.052501, rel=REL)
     assert bh.estimate_cost_usd(HAIKU, params, batch=True) == pytest.approx(0.0262505, rel=REL)
+
+
+def test_estimate_is_an_upper_bound_when_the_request_asks_for_a_1h_cache():
+    """Regression: the estimate priced the prompt as plain input, but a 1-hour cache write of
+    the same prompt costs 2x, so --max-budget-usd could be overshot."""
+    params = {"max_tokens": 100, "system": [{"type": "text", "text": "x" * 3996,
+                                             "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+              "messages": [{"role": "user", "content": "hi"}]}
+    tokens = bh._estimate_prompt_tokens(params)
+    # claude-opus-5-5: 1-hour write $8/MTok, output $20/MTok, batch x0.5.
+    expected = (tokens * 8 + 100 * 20) / 1e6 * 0.5
+    assert bh.estimate_cost_usd("claude-opus-5-5", params) == pytest.approx(expected)

@@ -31,8 +31,10 @@ def make_repl(rig, lines, tmp_path):
         except StopIteration:
             raise EOFError from None
 
+    lock = bh.SessionLock(tmp_path / "home")
+    lock.acquire(rig.agent.session.id)
     repl = bh.Repl(rig.agent, rig.journal, ui, read_line, lambda sid: f"resume {sid}",
-                   lambda exc: bh.log_bug(tmp_path / "home", exc))
+                   lambda exc: bh.log_bug(tmp_path / "home", exc), lock)
     return repl, out
 
 
@@ -100,3 +102,42 @@ def test_eof_with_a_turn_in_flight_prints_how_to_resume(api, tmp_path):
     repl.agent.resume = lambda: None  # not re-attaching here: only the exit path is tested
     assert repl.run() == 0
     assert "still in flight (msgbatch_gone)" in out.getvalue()
+
+
+def test_resume_refuses_a_session_open_in_another_process(api, tmp_path):
+    """Regression: /resume skipped the session lock, so two processes applied one answer."""
+    other = make_rig(api, tmp_path)
+    held = bh.SessionLock(tmp_path / "home")
+    held.acquire(other.agent.session.id)
+    rig = make_rig(api, tmp_path, session=other.journal.create_session(
+        (tmp_path / "work").resolve(), "claude-opus-5-5"))
+    repl, out = make_repl(rig, [f"/resume {other.agent.session.id}", "/help"], tmp_path)
+    assert repl.run() == 0
+    assert "open in another batching-harness process" in out.getvalue()
+    assert rig.agent.session.id != other.agent.session.id
+    assert "/resume" in out.getvalue()  # the REPL went on to /help
+
+
+def test_a_failing_slash_command_does_not_end_the_repl(api, tmp_path):
+    """Regression: an ambiguous /resume id escaped the boundary and exited with status 2."""
+    rig = make_rig(api, tmp_path)
+    for _ in range(2):
+        rig.journal.create_session((tmp_path / "work").resolve(), "claude-opus-5-5")
+    prefix = rig.agent.session.id[:4]
+    repl, out = make_repl(rig, [f"/resume {prefix}", "/help"], tmp_path)
+    assert repl.run() == 0
+    assert "ambiguous" in out.getvalue() and "/clear" in out.getvalue()
+
+
+def test_clear_waits_for_a_turn_in_flight(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id="bh_y", session_id=rig.agent.session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitted", batch_id="msgbatch_y", submitted_at=0.0))
+    repl, out = make_repl(rig, ["/clear"], tmp_path)
+    repl.agent.resume = lambda: None
+    repl.run()
+    assert "still in flight" in out.getvalue()
+    assert rig.agent.session.conversation == 0

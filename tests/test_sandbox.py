@@ -5,6 +5,7 @@ the message the model got."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -22,7 +23,9 @@ from tests.sandbox_helpers import (
     pids_running,
     placeholders_in,
     sandbox_missing_reason,
+    start_bash_in_child,
     toolbox,
+    wait_until,
 )
 
 pytestmark = [
@@ -401,6 +404,142 @@ def test_waiting_longer_than_the_timeout_for_the_workdir_is_an_error(policy):
         slow.join()
     assert result.is_error and "one at a time" in result.output
     assert not (policy.workdir / "should-not-exist").exists()
+
+
+# -- a command that outlived its harness --------------------------------------------------------
+
+ORPHAN_SLEEP = "4.987801"  # seconds, and a command line no other process on the host has
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def write_run_record(
+    policy: bh.SandboxPolicy, pgid: int, private: Path, *, sandboxed: bool = True,
+    existed: tuple[str, ...] = (),
+) -> None:
+    """The record a harness killed mid-command leaves beside the work-dir lock."""
+    candidates = tuple(str(policy.workdir / name) for name in bh._SRT_PLACEHOLDERS)
+    record = bh._RunRecord(pgid, dead_pid(), sandboxed, str(private), "sleep 30; echo done",
+                           candidates, existed)
+    bh._lock_path(policy).parent.mkdir(parents=True, exist_ok=True)
+    bh._write_run_record(bh._run_record_path(policy), record)
+
+
+def test_a_command_left_running_by_a_killed_harness_is_stopped_before_the_next(tmp_path, home):
+    """Regression: kill -9 of the harness mid-command left srt's tree running (srt has a
+    session of its own, and the work-dir lock died with the harness), so the resumed harness
+    ran the command a second time beside it: `done` twice in out.txt, an empty .claude/ left
+    in the work dir, the private temp dir leaked."""
+    policy = make_policy(tmp_path)
+    work = policy.workdir
+    child, private = start_bash_in_child(policy, f"sleep {ORPHAN_SLEEP}; echo done >> out.txt")
+    try:
+        assert wait_until(lambda: pids_running("sleep", ORPHAN_SLEEP), 15)
+        would_write_at = time.monotonic() + float(ORPHAN_SLEEP)
+        assert ".claude" in placeholders_in(work)  # srt's mount points are up
+    finally:
+        child.kill()
+        child.wait()
+    assert pids_running("sleep", ORPHAN_SLEEP) != []  # the orphan: what the reviewer saw
+
+    try:
+        with toolbox(policy) as tools:
+            result = bash(tools, "echo resumed >> out.txt")
+    finally:
+        private_left = private.exists()
+        shutil.rmtree(private, ignore_errors=True)  # should it fail: leak nothing into /tmp
+    assert not private_left
+    assert pids_running("sleep", ORPHAN_SLEEP) == []
+    stopped = [w for w in result.warnings if "stopped a command left running" in w]
+    assert len(stopped) == 1 and f"sleep {ORPHAN_SLEEP}" in stopped[0]
+    assert placeholders_in(work) == []
+    assert [p.name for p in bh._lock_path(policy).parent.iterdir()] == [bh._lock_path(policy).name]
+    time.sleep(max(0.0, would_write_at + 1.0 - time.monotonic()))
+    assert (work / "out.txt").read_text() == "resumed\n"
+
+
+def test_a_recorded_group_that_is_not_ours_is_never_signalled(tmp_path, home):
+    """Pids are recycled: a recorded pgid alone proves nothing. A group is stopped only when
+    one of its processes names the dead run's private temp dir."""
+    policy = make_policy(tmp_path)
+    bystander = subprocess.Popen(["sleep", "987911"], start_new_session=True)
+    try:
+        write_run_record(policy, bystander.pid, tmp_path / "batching-harness-bash-gone")
+        with toolbox(policy) as tools:
+            result = bash(tools, "echo ok")
+        time.sleep(0.2)
+        assert bystander.poll() is None, "a process that was not ours was killed"
+        assert result.output == "ok" and result.warnings == ()
+        assert not bh._run_record_path(policy).exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_placeholders_of_a_dead_run_are_removed_but_the_users_files_kept(tmp_path, home):
+    policy = make_policy(tmp_path)
+    work = policy.workdir
+    private = tmp_path / "batching-harness-bash-dead"
+    (private / "srt").mkdir(parents=True)
+    for name in (".bashrc", ".gitconfig"):  # empty and read-only, as srt makes them
+        (work / name).touch()
+        (work / name).chmod(0o444)
+    (work / ".claude").mkdir()
+    (work / ".profile").write_text("export KEEP=1\n")  # the user's, read-only but not empty
+    (work / ".profile").chmod(0o444)
+    (work / ".zshrc").touch()  # the user's: empty, but writable
+    write_run_record(policy, dead_pid(), private, existed=(str(work / ".gitconfig"),))
+    with toolbox(policy) as tools:
+        result = bash(tools, "true")
+    assert placeholders_in(work) == [".zshrc", ".profile", ".gitconfig"]
+    assert (work / ".profile").read_text() == "export KEEP=1\n"
+    assert not private.exists()
+    (removed,) = [w for w in result.warnings if "removed empty placeholders" in w]
+    assert ".bashrc" in removed and ".claude" in removed and ".zshrc" not in removed
+
+
+def test_the_startup_probe_stops_a_leftover_and_the_next_command_tells_the_user(tmp_path, home):
+    """The probe at start-up takes the lock first: it must not run srt beside a leftover, and
+    what it stopped must still reach the user, once. Here the leader dies on SIGTERM and the
+    rest of its group is recognised by its environment."""
+    policy = make_policy(tmp_path)
+    private = tmp_path / "batching-harness-bash-orphan"
+    private.mkdir()
+    orphan = subprocess.Popen(
+        ["bash", "-c", "sleep 987921; echo done >> out.txt"], cwd=policy.workdir,
+        env={**os.environ, "CLAUDE_CODE_TMPDIR": str(private / "tmp")}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: pids_running("sleep", "987921"), 5)
+        write_run_record(policy, orphan.pid, private)
+        bh.probe_sandbox(policy)
+        assert pids_running("sleep", "987921") == []
+        with toolbox(policy) as tools:
+            first, second = bash(tools, "true"), bash(tools, "true")
+        assert any("stopped a command left running" in w for w in first.warnings)
+        assert second.warnings == ()
+        assert not (policy.workdir / "out.txt").exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_without_proc_the_ps_listing_gives_groups_and_command_lines():
+    """macOS has no /proc: there the record is checked against `ps` instead."""
+    if shutil.which("ps") is None:
+        pytest.skip("no ps here")
+    proc = subprocess.Popen(["sleep", "987931"], start_new_session=True)
+    try:
+        listed = bh._ps_processes()
+        assert listed is not None
+        assert [p for p in listed if p.pid == p.pgid == proc.pid and b"sleep 987931" in p.text]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # -- availability: fail closed, with the exact fix ----------------------------------------------

@@ -53,6 +53,7 @@ def spawn(api, tmp_path: Path, *args: str) -> pexpect.spawn:
 
 def finish(child: pexpect.spawn) -> int:
     child.expect(pexpect.EOF, timeout=20)
+    child.wait()  # close() alone may kill a child that is still tearing down
     child.close()
     assert not child.isalive()
     return child.exitstatus
