@@ -34,6 +34,17 @@ class Rig:
         return self.journal.requests(self.agent.session.id)
 
 
+def journal_in_flight(rig: Rig, batch_id: str, submitted_at: float | None = None) -> None:
+    """Record a prompt and a request for it as if a batch had been submitted and left."""
+    session_id = rig.agent.session.id
+    rig.journal.add_user_content(session_id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id=f"bh_{batch_id}", session_id=session_id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitted", batch_id=batch_id,
+        submitted_at=time.time() if submitted_at is None else submitted_at))
+
+
 def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts: int = 4,
              interrupts: list[str] | None = None, session: bh.SessionRow | None = None,
              **settings: Any) -> Rig:

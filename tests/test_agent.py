@@ -10,7 +10,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_rig
+from tests.support import journal_in_flight, make_rig
 
 
 @pytest.fixture
@@ -315,11 +315,7 @@ def test_prompt_after_a_stuck_turn_answers_both(api, tmp_path):
 def test_a_batch_the_api_no_longer_knows_ends_the_turn(api, tmp_path):
     """Regression: a 404 while polling left the turn 'in flight' forever."""
     rig = make_rig(api, tmp_path)
-    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
-    rig.journal.begin_request(bh.RequestRow(
-        custom_id="bh_lost", session_id=rig.agent.session.id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitted", batch_id="msgbatch_unknown", submitted_at=time.time()))
+    journal_in_flight(rig, "msgbatch_unknown")
     with pytest.raises(bh.TurnFailed, match="no longer exists"):
         rig.agent.resume()
     assert rig.journal.pending_request(rig.agent.session.id) is None

@@ -9,7 +9,7 @@ from rich.console import Console
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_rig
+from tests.support import journal_in_flight, make_rig
 
 
 @pytest.fixture
@@ -93,11 +93,7 @@ def test_detach_exits_zero_with_the_resume_command(api, tmp_path):
 
 def test_eof_with_a_turn_in_flight_prints_how_to_resume(api, tmp_path):
     rig = make_rig(api, tmp_path)
-    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
-    rig.journal.begin_request(bh.RequestRow(
-        custom_id="bh_x", session_id=rig.agent.session.id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitted", batch_id="msgbatch_gone", submitted_at=0.0))
+    journal_in_flight(rig, "msgbatch_gone", submitted_at=0.0)
     repl, out = make_repl(rig, [], tmp_path)
     repl.agent.resume = lambda: None  # not re-attaching here: only the exit path is tested
     assert repl.run() == 0
@@ -131,11 +127,7 @@ def test_a_failing_slash_command_does_not_end_the_repl(api, tmp_path):
 
 def test_clear_waits_for_a_turn_in_flight(api, tmp_path):
     rig = make_rig(api, tmp_path)
-    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
-    rig.journal.begin_request(bh.RequestRow(
-        custom_id="bh_y", session_id=rig.agent.session.id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitted", batch_id="msgbatch_y", submitted_at=0.0))
+    journal_in_flight(rig, "msgbatch_y", submitted_at=0.0)
     repl, out = make_repl(rig, ["/clear"], tmp_path)
     repl.agent.resume = lambda: None
     repl.run()
