@@ -1911,17 +1911,19 @@ def _write_run_record(path: Path, record: _RunRecord) -> None:
 
 
 def _read_run_record(path: Path) -> _RunRecord | None:
+    """None unless the record is exactly as _write_run_record makes it."""
     raw = _read_small(path)
-    if raw is None or raw.startswith(b"\0link "):
-        return None
     try:
-        data = json.loads(raw)
+        data = json.loads(raw) if raw and not raw.startswith(b"\0link ") else None
         record = _RunRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
+        return None
+    texts = (record.private, record.command, *record.candidates, *record.existed)
+    if not all(isinstance(t, str) for t in texts) or type(record.owner) is not int:
         return None
     # killpg(0) or killpg(1) would reach far more than one command: never trust such a value.
-    ok = isinstance(record.pgid, int) and record.pgid > 1 and record.pgid != os.getpgrp()
-    return record if ok and isinstance(record.owner, int) else None
+    ok = type(record.pgid) is int and record.pgid > 1 and record.pgid != os.getpgrp()
+    return record if ok else None
 
 
 def _processes() -> list[_Proc] | None:

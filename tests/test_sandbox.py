@@ -4,6 +4,7 @@ the message the model got."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -418,13 +419,13 @@ def dead_pid() -> int:
 
 
 def write_run_record(
-    policy: bh.SandboxPolicy, pgid: int, private: Path, *, sandboxed: bool = True,
-    existed: tuple[str, ...] = (),
+    policy: bh.SandboxPolicy, pgid: int, private: Path, existed: tuple[str, ...] = ()
 ) -> None:
     """The record a harness killed mid-command leaves beside the work-dir lock."""
     candidates = tuple(str(policy.workdir / name) for name in bh._SRT_PLACEHOLDERS)
-    record = bh._RunRecord(pgid, dead_pid(), sandboxed, str(private), "sleep 30; echo done",
-                           candidates, existed)
+    record = bh._RunRecord(
+        pgid, dead_pid(), True, str(private), "sleep 30; echo done", candidates, existed
+    )
     bh._lock_path(policy).parent.mkdir(parents=True, exist_ok=True)
     bh._write_run_record(bh._run_record_path(policy), record)
 
@@ -492,7 +493,7 @@ def test_placeholders_of_a_dead_run_are_removed_but_the_users_files_kept(tmp_pat
     (work / ".profile").write_text("export KEEP=1\n")  # the user's, read-only but not empty
     (work / ".profile").chmod(0o444)
     (work / ".zshrc").touch()  # the user's: empty, but writable
-    write_run_record(policy, dead_pid(), private, existed=(str(work / ".gitconfig"),))
+    write_run_record(policy, dead_pid(), private, (str(work / ".gitconfig"),))
     with toolbox(policy) as tools:
         result = bash(tools, "true")
     assert placeholders_in(work) == [".zshrc", ".profile", ".gitconfig"]
@@ -524,7 +525,8 @@ def test_the_startup_probe_stops_a_leftover_and_the_next_command_tells_the_user(
         assert second.warnings == ()
         assert not (policy.workdir / "out.txt").exists()
     finally:
-        orphan.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(orphan.pid, signal.SIGKILL)  # the sleep too, should the test fail
         orphan.wait()
 
 
