@@ -2962,7 +2962,10 @@ class Agent:
     def prompt(self, text: str) -> RunResult:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
-        self.resume()
+        try:
+            self.resume()
+        except TurnFailed as exc:  # that turn is over for good; the new prompt still goes
+            self.emit(Notice(str(exc), "warn"))
         self.journal.add_user_content(self.session.id, self.session.conversation,
                                       [{"type": "text", "text": text}])
         return self.run(submit_prompt=True)
