@@ -8,7 +8,7 @@ Run it from anywhere (it finds the repository from its own path):
 
 It prints four figures, then one line per goal saying whether it was met:
 
-1. detection lag: a real Agent (SDK over HTTP, journal on disk, default 2 s poll interval,
+1. detection lag: a real Agent (SDK over HTTP, journal on disk, default poll interval,
    real sleeps) runs one-batch turns against tests/fake_api.py; lag is the wall time at which
    the harness emitted BatchEnded minus the time the stand-in ended the batch. Goal: median
    at most 1 s.
@@ -136,7 +136,7 @@ def progress(text: str) -> None:
 
 def build_agent(api: fa.FakeAPI, tmp: Path, emit: Callable[[Any], None]) -> bh.Agent:
     """An Agent with the collaborators main() builds: SDK over HTTP, journal on disk, default
-    AgentSettings (2 s poll interval) and real sleeps. Answers are text, so no tool runs."""
+    AgentSettings (default poll interval) and real sleeps. Answers are text, so no tool runs."""
     home, work = tmp / "home", tmp / "work"
     home.mkdir()
     work.mkdir()
@@ -337,16 +337,17 @@ def print_sandbox(cost: SandboxCost | str) -> None:
 
 
 def print_notes(settings: Settings) -> None:
+    base = bh.AgentSettings(model="m").poll_interval_s
     print(f"""\
-notes: {settings.turns} turns at {settings.latency_s:g} s batch latency, default 2 s poll interval.
+notes: {settings.turns} turns at {settings.latency_s:g} s batch latency, default {base:g} s poll interval.
   lag = harness emitted BatchEnded (results downloaded) - stand-in ended the batch.
   retrieves = every GET of the batch while waiting, including the one the SDK's results()
   makes to find results_url after the last poll.
-  Turns 1-2 poll every 2 s (no history yet). Once two batches have finished, the schedule
+  Turns 1-2 poll every {base:g} s (no history yet). Once two batches have finished, the schedule
   takes the median past turnaround as the expected wait ('expected'): it polls sparsely until
   near it, then every 1 s, so later turns should show lower lag and fewer retrieves a minute.
-  A latency of whole seconds lines up with those 2 s and 1 s polls, so its lag is near the
-  best case; a fractional one (--latency 20.5) shows the other phase.\
+  The lag depends on how the batch's end falls between polls: try a fractional latency
+  (--latency 20.5) to see another phase.\
 """)
 
 
