@@ -2434,7 +2434,8 @@ class EditorTool:
         path.parent.mkdir(parents=True, exist_ok=True)  # inside the work dir: checked above
         _write_in_place(path, text)
         verb = "Overwrote" if existed else "Created"
-        return ToolResult(f"{verb} {raw} ({_count_lines(text)} lines).")
+        n = _count_lines(text)
+        return ToolResult(f"{verb} {raw} ({n} line{'' if n == 1 else 's'}).")
 
     def _str_replace(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
         old = _field(tool_input, "old_str", str)
