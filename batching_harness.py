@@ -24,6 +24,7 @@ Sections, in dependency order (grep '^#####' for this table):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -192,6 +193,8 @@ class Config:
     """Everything the user can set, resolved once from argv and the environment."""
 
     model: str = DEFAULT_MODEL
+    model_given: bool = False
+    """--model was on the command line: it then overrides a resumed session's model."""
     workdir: Path = Path(".")
     home: Path = Path("~/.batching-harness")
     """Where the journal, history and temp files live (BATCHING_HARNESS_HOME)."""
@@ -219,9 +222,10 @@ class Config:
 def _build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="batching-harness",
-        description="A coding agent whose every model turn is a Message Batch (50%% cheaper, slower).",
+        description="A coding agent whose every model turn is a Message Batch (50% cheaper, slower).",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model id (default %(default)s)")
+    p.add_argument("--model", help=f"model id (default {DEFAULT_MODEL}; a resumed session "
+                   "keeps its own unless this is given)")
     p.add_argument("--workdir", default=".", help="directory the tools work in (default: .)")
     p.add_argument("--poll-interval", type=float, default=2.5, metavar="S",
                    help="first poll interval in seconds (default %(default)s)")
@@ -259,7 +263,8 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     _check_numbers(ns)
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
     return Config(
-        model=ns.model, workdir=Path(ns.workdir).expanduser().resolve(),
+        model=ns.model or DEFAULT_MODEL, model_given=ns.model is not None,
+        workdir=Path(ns.workdir).expanduser().resolve(),
         home=home.expanduser().resolve(), poll_interval_s=ns.poll_interval,
         max_turns=ns.max_turns, max_tokens=ns.max_tokens, tool_timeout_s=ns.tool_timeout,
         allow_domains=tuple(ns.allow_domain), sandbox=not ns.no_sandbox,
@@ -684,6 +689,9 @@ CREATE TABLE IF NOT EXISTS tool_calls (
     tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
     is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
     UNIQUE (custom_id, tool_use_id));
+CREATE TABLE IF NOT EXISTS batches_tried (
+    custom_id TEXT NOT NULL REFERENCES requests(custom_id), batch_id TEXT NOT NULL,
+    PRIMARY KEY (custom_id, batch_id));
 """
 IN_FLIGHT_STATES = ("submitting", "submitted", "ended")
 
@@ -894,6 +902,7 @@ class Journal:
         with self._tx() as db:
             db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
                        (batch_id, custom_id))
+            db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)", (custom_id, batch_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
         cost = outcome.cost
@@ -950,23 +959,38 @@ class Journal:
         return RequestRow(**dict(row)) if row else None
 
     def known_batch_ids(self) -> set[str]:
-        rows = self._db.execute("SELECT batch_id FROM requests WHERE batch_id IS NOT NULL")
+        """Every batch this journal has held, adopted ones that proved foreign included, so
+        a reconcile never adopts the same batch twice."""
+        rows = self._db.execute("SELECT batch_id FROM requests WHERE batch_id IS NOT NULL "
+                                "UNION SELECT batch_id FROM batches_tried")
         return {r[0] for r in rows}
 
+    def batches_tried(self, custom_id: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM batches_tried WHERE custom_id=?",
+                                (custom_id,)).fetchone()[0]
+
     # -- tools -------------------------------------------------------------
-    def record_tool(self, custom_id: str, tool_use_id: str, name: str, tool_input: object,
-                    result: ToolResult, started_at: float) -> None:
+    def start_tool(self, custom_id: str, tool_use_id: str, name: str,
+                   tool_input: object) -> None:
+        """Committed BEFORE the tool runs: a crash mid-command is then known on resume, and
+        the command is reported as interrupted instead of silently run a second time."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO tool_calls (custom_id, tool_use_id, name, input, "
-                       "output, is_error, exit_code, started_at, ended_at) "
-                       "VALUES (?,?,?,?,?,?,?,?,?)",
-                       (custom_id, tool_use_id, name, json.dumps(tool_input), result.output,
-                        int(result.is_error), result.exit_code, started_at, time.time()))
+                       "output, is_error, started_at) VALUES (?,?,?,?,'',1,?)",
+                       (custom_id, tool_use_id, name, json.dumps(tool_input), time.time()))
 
-    def tool_results(self, custom_id: str) -> dict[str, ToolResult]:
+    def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE tool_calls SET output=?, is_error=?, exit_code=?, ended_at=? "
+                       "WHERE custom_id=? AND tool_use_id=?",
+                       (result.output, int(result.is_error), result.exit_code, time.time(),
+                        custom_id, tool_use_id))
+
+    def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]:
+        """Finished calls with their results; calls started but never finished map to None."""
         rows = self._db.execute("SELECT * FROM tool_calls WHERE custom_id=?", (custom_id,))
-        return {r["tool_use_id"]: ToolResult(r["output"], bool(r["is_error"]), r["exit_code"])
-                for r in rows}
+        return {r["tool_use_id"]: None if r["ended_at"] is None else
+                ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
 
     def add_tool_results(self, session_id: str, conversation: int,
                          blocks: list[dict[str, Any]]) -> None:
@@ -1014,6 +1038,8 @@ def request_hash(params: Mapping[str, Any]) -> str:
 # Slack for comparing our clock with the API's created_at when reconciling a create.
 CLOCK_SKEW_S = 120.0
 SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
+# After a create whose outcome is unknown, wait this long before looking for its batch.
+UNKNOWN_CREATE_WAIT_S = 5.0
 # Slowest steady poll rate without history: 24 a minute, leaving room for the create and
 # the two requests that fetch results within 30 a minute.
 STEADY_POLL_S = 2.5
@@ -1117,19 +1143,22 @@ class BatchTransport:
         """Create one batch. When the outcome of a create is unknown (timeout, dropped
         connection, 5xx) list() is checked before trying again: never two paid batches."""
         requests = [{"custom_id": cid, "params": params} for cid, params in entries]
-        not_before = time.time()
+        not_before, unknown = time.time(), False
         for attempt in range(1, self.retry.max_attempts + 1):
+            # After an unknown outcome, look before creating again (after the back-off, so a
+            # create still being processed has had time to appear in the list).
+            found = unknown and self.find_batch(not_before=not_before, size=len(entries),
+                                                exclude=exclude(), notify=notify)
+            if found:
+                notify(f"a create call failed but made its batch: {found}; using it")
+                return found
             try:
                 return self.client.messages.batches.create(requests=requests).id
             except Exception as exc:
                 fault = self._classify(exc, "submitting the batch")
-                if fault.outcome_unknown:
-                    found = self.find_batch(not_before=not_before, size=len(entries),
-                                            exclude=exclude(), notify=notify)
-                    if found:
-                        notify(f"the create call failed ({fault.label}) but the batch exists: "
-                               f"{found}")
-                        return found
+                unknown = unknown or fault.outcome_unknown
+                if fault.outcome_unknown:  # a create the API is still processing must show
+                    self.sleep(UNKNOWN_CREATE_WAIT_S)  # up in list() before we look
                 self._back_off(attempt, fault, "submitting", notify)
         raise RetriesExhausted("the batch could not be submitted: API faults outlasted "
                                f"{self.retry.max_attempts} attempts")
@@ -1139,11 +1168,16 @@ class BatchTransport:
         """The batch a create made, if it made one: list() shows no custom_ids, so match on
         creation time and size among batches this journal does not know (results later
         confirm the custom_id)."""
-        page = self._call(lambda: self.client.messages.batches.list(limit=100),
-                          "listing batches", notify)
-        found = [b for b in page.data if b.id not in exclude
-                 and _batch_size(b) == size
-                 and b.created_at.timestamp() >= not_before - CLOCK_SKEW_S]
+        def recent() -> list[Any]:  # newest first: stop paging once past the window
+            batches = []
+            for b in self.client.messages.batches.list(limit=100):
+                if b.created_at.timestamp() < not_before - CLOCK_SKEW_S:
+                    break
+                batches.append(b)
+            return batches
+
+        found = [b for b in self._call(recent, "listing batches", notify)
+                 if b.id not in exclude and _batch_size(b) == size]
         return min(found, key=lambda b: b.created_at).id if found else None
 
     def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView:
@@ -1187,6 +1221,8 @@ class BatchTransport:
         if isinstance(exc, anthropic.APIConnectionError):
             kind = "timeout" if isinstance(exc, anthropic.APITimeoutError) else "connection lost"
             return _Fault(kind, None, outcome_unknown=True)
+        if _is_transport_failure(exc):  # e.g. the results stream cut off mid-download
+            return _Fault("connection lost", None, outcome_unknown=True)
         if not isinstance(exc, anthropic.APIStatusError):
             raise exc
         status, message = exc.status_code, _api_error_message(exc)
@@ -1206,6 +1242,12 @@ class _Fault:
     label: str
     retry_after_s: float | None
     outcome_unknown: bool
+
+
+def _is_transport_failure(exc: Exception) -> bool:
+    """Errors the HTTP stack raises outside the SDK's wrapping (while a body streams)."""
+    module = type(exc).__module__.split(".")[0]
+    return module.startswith(("httpx", "httpcore")) or isinstance(exc, ConnectionError)
 
 
 def _batch_size(batch: Any) -> int:
@@ -1250,14 +1292,15 @@ def message_to_dict(message: Any) -> dict[str, Any]:
     }
 
 
-def make_client_factory(api_key: str | None, base_url: str | None) -> Callable[[], Any]:
+def make_client_factory(api_key: str | None, base_url: str | None,
+                        timeout_s: float = 60.0) -> Callable[[], Any]:
     """The SDK is imported here, not at start-up: `import anthropic` takes seconds."""
 
     def factory() -> Any:
         import anthropic
 
         return anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0,
-                                   timeout=60.0)
+                                   timeout=timeout_s)
 
     return factory
 
@@ -2260,6 +2303,20 @@ def _apparmor_restricts_userns() -> bool:
     return False
 
 
+def stop_leftovers(policy: SandboxPolicy) -> list[str]:
+    """At start-up, before anything is resumed: stop a command that a killed harness left
+    running in this work dir (it would otherwise go on, or race a resumed turn) and return
+    what was done, for the user."""
+    fd = _acquire_lock(_lock_path(policy), 5.0)
+    if fd is None:
+        return []
+    try:
+        _reap_leftover_run(policy)
+        return _take_notices(policy)
+    finally:
+        os.close(fd)
+
+
 def probe_sandbox(policy: SandboxPolicy) -> None:
     """Run a real `srt … -c true` in the work dir; raise SandboxUnavailable with the first line
     of the real error and its fix. srt does not check its dependencies up front."""
@@ -2796,6 +2853,12 @@ issue independent tool calls together in one turn, and read enough at once. When
 done, reply with a short summary of what you did and what you found."""
 RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error")
 RESULTS_RETENTION_S = 29 * 86400
+# Polls allowed in any minute of one wait: with the two requests that fetch the results,
+# at most 30 batch-endpoint requests a minute.
+POLLS_PER_MINUTE = 28
+# Batches adopted for one turn after an unknown create before giving up: list() shows no
+# custom_ids, so a match by time and size is confirmed only by the results.
+MAX_ADOPTIONS = 3
 
 
 @dataclass(frozen=True)
@@ -2875,18 +2938,32 @@ class RunResult:
 def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
                    expected_s: float | None, base_interval_s: float,
                    sleep: Callable[[float], None], on_poll: Callable[[BatchView], None],
-                   notify: Callable[[str], None]) -> BatchView:
+                   notify: Callable[[str], None],
+                   clock: Callable[[], float] = time.time) -> BatchView:
     """Poll until the batch ends (no webhook exists: polling is the only way). A batch just
     created cannot have ended, so the first poll waits one interval; a re-attached one is
-    polled at once."""
-    if time.time() - started_at < base_interval_s:
+    polled at once. Whatever the schedule proposes, no 60 s window holds more than
+    POLLS_PER_MINUTE polls."""
+    polls: collections.deque[float] = collections.deque()
+    if clock() - started_at < base_interval_s:
         sleep(next_poll_delay_s(0.0, base_interval_s, expected_s))
     while True:
+        over_budget_s = _poll_budget_wait_s(polls, clock())
+        if over_budget_s > 0:
+            sleep(over_budget_s)
+        polls.append(clock())
         view = transport.retrieve(batch_id, notify)
         on_poll(view)
         if view.status == "ended":
             return view
-        sleep(next_poll_delay_s(time.time() - started_at, base_interval_s, expected_s))
+        sleep(next_poll_delay_s(clock() - started_at, base_interval_s, expected_s))
+
+
+def _poll_budget_wait_s(polls: collections.deque[float], now: float) -> float:
+    """Seconds until another poll fits in the budget (forgets polls older than a minute)."""
+    while polls and polls[0] <= now - 60.0:
+        polls.popleft()
+    return 0.0 if len(polls) < POLLS_PER_MINUTE else polls[0] + 60.0 - now
 
 
 def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, Any]],
@@ -2964,8 +3041,9 @@ class Agent:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
         try:
-            self.resume()
-        except TurnFailed as exc:  # that turn is over for good; the new prompt still goes
+            if self._in_flight():
+                self.run(submit_prompt=False)
+        except (TurnFailed, BudgetExceeded) as exc:  # that turn is over; the new prompt goes
             self.emit(Notice(str(exc), "warn"))
         self.journal.add_user_content(self.session.id, self.session.conversation,
                                       [{"type": "text", "text": text}])
@@ -3023,13 +3101,19 @@ class Agent:
         last = messages[-1]
         if last["role"] == "assistant":
             return bool(unanswered_tool_uses(last)) or self._last_stop_reason() == "pause_turn"
-        if _is_tool_result_message(last):
-            return True
-        # A prompt that was journaled but never submitted (killed in between); a prompt whose
-        # turn already failed waits for the user instead of being sent again unchanged.
+        # A prompt or tool results journaled but never submitted (killed in between) are
+        # unfinished; ones whose turn already failed (canceled, refused, over a limit) wait for
+        # the user instead of being sent, and paid for, again unchanged.
         return not any(r.conversation == self.session.conversation
                        and r.n_messages == len(messages)
                        for r in self.journal.requests(self.session.id))
+
+    def _in_flight(self) -> bool:
+        """A batch out, or tool calls still to run: work a new prompt must not jump over."""
+        if self.journal.pending_request(self.session.id) is not None:
+            return True
+        messages = self._messages()
+        return bool(messages) and bool(unanswered_tool_uses(messages[-1]))
 
     def _answered(self, n_messages: int) -> bool:
         last = self.journal.last_applied(self.session.id, self.session.conversation)
@@ -3117,6 +3201,10 @@ class Agent:
     def _reconcile(self, request: RequestRow) -> None:
         """A crash or fault left a create whose outcome we never saw: adopt the batch it
         made, or — if it made none — let the next step submit the turn afresh."""
+        if self.journal.batches_tried(request.custom_id) >= MAX_ADOPTIONS:
+            self.journal.fail_request(request.custom_id, "no batch of ours found")
+            raise TurnFailed(f"{MAX_ADOPTIONS} batches that looked like this turn's were not "
+                             "(another client shares the key?); send the prompt again")
         batch_id = self.transport.find_batch(not_before=request.submitted_at, size=1,
                                              exclude=self.journal.known_batch_ids(),
                                              notify=self._notify)
@@ -3177,6 +3265,8 @@ class Agent:
             self.journal.fail_request(request.custom_id, "results no longer available")
             raise TurnFailed(f"the results of {request.batch_id} are no longer available "
                              f"from the API ({exc})") from None
+        if request.custom_id not in results:  # a short download, or a batch not ours:
+            results = self.transport.results(request.batch_id, self._notify)  # ask once more
         return results.get(request.custom_id)
 
     def _outcome(self, request: RequestRow, entry: EntryResult | None,
@@ -3263,7 +3353,7 @@ class Agent:
         blocks = []
         for i, call in enumerate(calls):
             if call.get("id") in done:
-                result = done[call["id"]]
+                result = done[call["id"]] or self._interrupted(custom_id, call)
             elif cut_off and i == len(calls) - 1:
                 result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
                                     "input is incomplete; send it again, shorter", True)
@@ -3273,16 +3363,26 @@ class Agent:
         self.journal.add_tool_results(self.session.id, self.session.conversation, blocks)
 
     def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
-        name, tool_input = str(call.get("name")), call.get("input")
+        name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
         label = describe_tool_call(name, tool_input)
         self.emit(ToolStarted(label))
-        started = time.time()
+        self.journal.start_tool(custom_id, tool_use_id, name, tool_input)
         result = self.toolbox.run(name, tool_input)
-        self.journal.record_tool(custom_id, str(call.get("id")), name, tool_input, result,
-                                 started)
+        self.journal.record_tool(custom_id, tool_use_id, result)
         self.emit(ToolFinished(label, result))
         for warning in result.warnings:
             self.emit(Notice(warning, "warn"))
+        return result
+
+    def _interrupted(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        """A call the harness was killed in the middle of: not run again blindly, since it
+        may have half-happened (an append, a migration); the model decides."""
+        result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
+                            "have partly taken effect. Check its effects before running it "
+                            "again.", True)
+        self.journal.record_tool(custom_id, str(call.get("id")), result)
+        self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
+                         "interrupted by the earlier stop; the model is told, not re-run", "warn"))
         return result
 
     # -- figures -----------------------------------------------------------------
@@ -3327,7 +3427,7 @@ INTERRUPT_MENU = ("[bold yellow]Ctrl-C while waiting for {batch}: c cancel the b
 
 
 def fmt_elapsed(seconds: float) -> str:
-    seconds = max(0, int(seconds))
+    seconds = max(0, round(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
@@ -3937,10 +4037,13 @@ class SessionLock:
     def __init__(self, home: Path) -> None:
         self.home = home
         self._fd: int | None = None
+        self._held: str | None = None
 
     def acquire(self, session_id: str) -> None:
         """Hold `session_id`'s lock (JournalError if another process has it) and let go of
         the one held before."""
+        if session_id == self._held:
+            return
         path = self.home / "locks" / f"{session_id}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -3951,12 +4054,12 @@ class SessionLock:
             raise JournalError(f"session {session_id} is open in another batching-harness "
                                "process") from None
         self.release()
-        self._fd = fd
+        self._fd, self._held = fd, session_id
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
-            self._fd = None
+            self._fd, self._held = None, None
 
 
 def agent_settings(config: Config, model: str) -> AgentSettings:
@@ -3969,18 +4072,19 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
     """-p: progress on stderr, the answer (or one JSON object) on stdout."""
     status, error = 0, None
     try:
-        agent.resume()
-        agent.prompt(prompt)
-    except Detached as d:
-        err_console.print(f"detached; resume with: {resume_command(d.session_id, config)}")
-        status, error = 130, "interrupted"
-    except KeyboardInterrupt:
-        err_console.print("interrupted; resume with: "
-                          f"{resume_command(agent.session.id, config)}")
+        agent.prompt(prompt)  # finishes what the session left in flight first
+    except (Detached, KeyboardInterrupt):
         status, error = 130, "interrupted"
     except HarnessError as exc:
-        err_console.print(f"error: {exc}")
         status, error = 1, str(exc)
+    except Exception as exc:  # a bug: the JSON and the resume hint still come out
+        status, error = 1, (f"internal error ({type(exc).__name__}: {exc}); the traceback is "
+                            f"in {log_bug(config.home, exc)}")
+    if error:
+        err_console.print(f"error: {error}")
+    if agent.journal.pending_request(agent.session.id) is not None:
+        err_console.print("a turn is still in flight (and billed); resume with: "
+                          f"{resume_command(agent.session.id, config)}")
     print_headless(agent, config, agent.touched, error)
     return status
 
@@ -4070,6 +4174,8 @@ def _run(config: Config) -> int:
     lock = SessionLock(config.home)
     lock.acquire(session.id)
     toolbox = build_toolbox(config, Path(session.workdir))
+    for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
+        print(f"batching-harness: {note}", file=sys.stderr)
     try:
         return _run_session(config, journal, session, toolbox, prompt, lock)
     finally:
@@ -4086,7 +4192,8 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     console = Console(stderr=headless, highlight=False)
     ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
     transport = BatchTransport(make_client_factory(config.api_key, config.base_url))
-    model = config.model if not (config.resume_id or config.continue_last) else session.model
+    resumed = config.resume_id or config.continue_last
+    model = session.model if resumed and not config.model_given else config.model
     agent = Agent(journal, transport, toolbox, agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:

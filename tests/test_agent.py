@@ -376,3 +376,112 @@ def test_turnaround_is_the_batch_s_own_duration(api, tmp_path):
 def test_backoff_jitter_stays_under_the_cap():
     policy = bh.RetryPolicy(base_delay_s=1, max_delay_s=30)
     assert max(policy.delay_s(n, None, 0.999) for n in range(1, 12)) <= 30
+
+
+def _foreign_batch(api, custom_id="someone_else"):
+    """A one-entry batch another client made with the same key."""
+    import anthropic
+
+    client = anthropic.Anthropic(api_key="k", base_url=api.base_url, max_retries=0)
+    params = {"model": "claude-opus-5-5", "max_tokens": 10,
+              "messages": [{"role": "user", "content": "not ours"}]}
+    return client.messages.batches.create(
+        requests=[{"custom_id": custom_id, "params": params}]).id
+
+
+def test_foreign_batches_are_tried_once_each_then_the_turn_is_sent(api, tmp_path):
+    """Regression: after an unknown create, two foreign one-entry batches were adopted in
+    turn forever (910 results downloads in 15 s)."""
+    rig = make_rig(api, tmp_path)
+    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id="bh_unknown", session_id=rig.agent.session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitting", batch_id=None, submitted_at=time.time()))
+    api.script.extend([fa.text("a"), fa.text("b"), fa.text("ours at last")])
+    _foreign_batch(api, "other_1")
+    _foreign_batch(api, "other_2")
+    assert rig.agent.resume().text == "ours at last"
+    assert len(api.batch_ids()) == 3 and api.count("results") < 10
+
+
+def test_an_orphan_batch_is_found_past_the_first_page_of_list(api, tmp_path):
+    """Regression: reconciling read only list()'s first 100 batches."""
+    rig = make_rig(api, tmp_path)
+    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
+    rig.journal.begin_request(bh.RequestRow(
+        custom_id="bh_orphan", session_id=rig.agent.session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
+        state="submitting", batch_id=None, submitted_at=time.time()))
+    api.script.append(fa.text("the orphan's answer"))
+    orphan = _foreign_batch(api, "bh_orphan")  # the create that landed unseen
+    import anthropic
+
+    client = anthropic.Anthropic(api_key="k", base_url=api.base_url, max_retries=0)
+    two = [{"custom_id": f"p{i}", "params": {"model": "m", "max_tokens": 5,
+                                              "messages": [{"role": "user", "content": "x"}]}}
+           for i in range(2)]
+    for _ in range(105):  # a pooled job's newer two-entry batches push it off page one
+        client.messages.batches.create(requests=two)
+    assert rig.agent.resume().text == "the orphan's answer"
+    assert rig.requests()[0].batch_id == orphan
+
+
+def test_a_create_that_times_out_but_lands_is_not_sent_twice(api, tmp_path):
+    """Regression: list() was checked at once after a create timeout, before the API had
+    made the batch, so a second paid batch followed."""
+    api.inject("create", "slow", delay_s=2.0)
+    api.script.append(fa.text("once"))
+    rig = make_rig(api, tmp_path)
+    rig.agent.transport = bh.BatchTransport(
+        bh.make_client_factory("k", api.base_url, timeout_s=1.0),
+        retry=bh.RetryPolicy(max_attempts=4, base_delay_s=0.1, max_delay_s=0.2))
+    assert rig.agent.prompt("go").text == "once"
+    assert len(api.batch_ids()) == 1
+
+
+def test_a_canceled_tool_result_turn_is_not_sent_again_with_the_next_prompt(api, tmp_path):
+    """Regression: a failed turn ending in tool results was resent, and paid, before every
+    later prompt."""
+    api.script.extend([fa.tool_calls(("bash", {"command": "true"})), fa.canceled(),
+                       fa.text("hi")])
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.TurnFailed, match="canceled"):
+        rig.agent.prompt("go")
+    assert rig.agent.resume() is None
+    assert rig.agent.prompt("forget that; just say hi").text == "hi"
+    assert len(api.batch_ids()) == 3
+    last_user = rig.messages()[-2]["content"]
+    assert [b["type"] for b in last_user] == ["tool_result", "text"]
+
+
+def test_a_prompt_after_an_in_flight_turn_that_failed_still_runs(api, tmp_path):
+    """Regression: --continue -p exited 1 without running its prompt when the re-attached
+    batch had ended canceled."""
+    api.latency_s = 0.5
+    api.script.extend([fa.canceled(), fa.text("second answered")])
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+
+    def interrupt(_s):
+        raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupt
+    with pytest.raises(bh.Detached):
+        rig.agent.prompt("first")
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    assert rig2.agent.prompt("second").text == "second answered"
+    assert any("canceled" in n for n in rig2.notices())
+
+
+def test_an_interrupted_tool_call_is_reported_not_rerun(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+    api.script.extend([fa.tool_calls(("bash", {"command": "echo once >> log.txt"})),
+                       fa.text("done")])
+    rig.agent.toolbox.run = lambda name, inp: (_ for _ in ()).throw(SystemExit("killed"))
+    with pytest.raises(SystemExit):
+        rig.agent.prompt("go")  # the process 'dies' mid-tool: started, never finished
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    assert rig2.agent.resume().text == "done"
+    assert not (rig2.workdir / "log.txt").exists()
+    result = rig2.messages()[2]["content"][0]
+    assert result["is_error"] and "interrupted" in result["content"]

@@ -105,3 +105,33 @@ def test_resume_command_carries_limits_and_sandbox_flags(tmp_path):
     assert "--no-sandbox" in line and "--allow-domain pypi.org" in line
     assert "--cache-ttl off" in line
     assert bh.carried_flags(bh.parse_config([], {})) == []
+
+
+class _EndsAt:
+    """A transport stub for the schedule alone: the batch ends at a set time on a fake clock."""
+
+    def __init__(self, clock, end_s):
+        self.clock, self.end_s, self.polls = clock, end_s, []
+
+    def retrieve(self, batch_id, notify):
+        self.polls.append(self.clock[0])
+        status = "ended" if self.clock[0] >= self.end_s else "in_progress"
+        return bh.BatchView(batch_id, status, 0.0, 1, None)
+
+
+@pytest.mark.parametrize("expected_s,end_s", [(70, 110), (200, 260), (20, 20), (None, 300)])
+def test_no_minute_holds_more_than_the_poll_budget(expected_s, end_s):
+    """Regression: polling every second from 0.85x to 1.5x the expected wait made 54 polls
+    in one minute when a batch ran late."""
+    clock = [0.0]
+
+    def sleep(s):
+        clock[0] += s
+
+    stub = _EndsAt(clock, end_s)
+    bh.wait_for_batch(stub, "b", started_at=0.0, expected_s=expected_s, base_interval_s=2.5,
+                      sleep=sleep, on_poll=lambda v: None, notify=print,
+                      clock=lambda: clock[0])
+    worst = max(sum(1 for t in stub.polls if start <= t < start + 60) for start in stub.polls)
+    assert worst <= bh.POLLS_PER_MINUTE
+    assert stub.polls[-1] - end_s <= 2.5 + 1e-9

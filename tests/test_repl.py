@@ -133,3 +133,26 @@ def test_clear_waits_for_a_turn_in_flight(api, tmp_path):
     repl.run()
     assert "still in flight" in out.getvalue()
     assert rig.agent.session.conversation == 0
+
+
+def test_headless_prints_the_resume_command_when_faults_outlast_retries(api, tmp_path, capsys):
+    """Regression: -p exited 1 with no resume command while a paid batch was in flight."""
+    api.inject("retrieve", "503", count=50)
+    rig = make_rig(api, tmp_path, retry_attempts=2)
+    err = io.StringIO()
+    config = bh.parse_config(["--output-format", "json"], {})
+    status = bh.run_headless(rig.agent, config, "go", Console(file=err, width=200))
+    assert status == 1
+    assert f"--resume {rig.agent.session.id}" in err.getvalue()
+    import json
+
+    data = json.loads(capsys.readouterr().out)
+    assert data["is_error"] and len(data["batches"]) == 1
+
+
+def test_a_results_stream_cut_short_counts_as_a_lost_connection():
+    import httpx2
+
+    assert bh._is_transport_failure(httpx2.RemoteProtocolError("peer closed connection"))
+    assert bh._is_transport_failure(ConnectionResetError())
+    assert not bh._is_transport_failure(ValueError("a bug"))

@@ -128,8 +128,14 @@ def test_killed_while_a_tool_runs(tmp_path):
         os.remove(work / "a.txt")  # if the finished call ran again, a.txt would come back
         result = resume(api, tmp_path, "more")
         assert result["result"] == "after"
-        assert (work / "b.txt").read_text() == "slow\n"
+        time.sleep(3)  # past when the killed run's `echo slow` would have written
+        assert not (work / "b.txt").exists()  # the orphan was stopped, the call not re-run
         assert not (work / "a.txt").exists()
+        db = sqlite3.connect(tmp_path / "home" / "journal.db")
+        (content,) = db.execute("SELECT content FROM messages WHERE role='user' AND "
+                                "content LIKE '%tool_result%'").fetchone()
+        second = json.loads(content)[1]
+        assert second["is_error"] and "interrupted" in second["content"]
         assert len(api.batch_ids()) == 3
         assert roles(tmp_path) == ["user", "assistant", "user", "assistant", "user", "assistant"]
 
