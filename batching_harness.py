@@ -4197,7 +4197,7 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     agent = Agent(journal, transport, toolbox, agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:
-        _check_sandbox(config, toolbox, console)
+        _check_sandbox(config, toolbox, lambda text: console.print(text, markup=False))
         return run_headless(agent, config, prompt or "", console)
     # Ctrl-C is part of the interface (cancel / detach / stop a tool), even when the shell
     # that started us ignores SIGINT, as non-interactive shells do for background jobs.
@@ -4207,7 +4207,7 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     try:
         read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
                                                      "/resume", "/exit", "/quit"])
-        _warm_up_in_background(transport, config, toolbox, console)
+        _warm_up_in_background(transport, config, toolbox)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
                     lambda exc: log_bug(config.home, exc), lock).run()
     finally:
@@ -4231,42 +4231,34 @@ def _sandbox_line(config: Config) -> str:
     return f"[green]on[/] (srt; network: {domains}) — checking in the background"
 
 
-def _check_sandbox(config: Config, toolbox: Toolbox, console: Any) -> None:
+def _check_sandbox(config: Config, toolbox: Toolbox, say: Callable[[str], object]) -> None:
+    """The start-up probe: when srt cannot run, say why and the fix, in plain text."""
     if not config.sandbox:
-        console.print("[bold red]sandbox OFF (--no-sandbox)[/]")
+        say("sandbox OFF (--no-sandbox): bash runs with your full privileges")
         return
     try:
         probe_sandbox(sandbox_policy(config, toolbox.bash.policy.workdir))
     except SandboxUnavailable as exc:
-        console.print(f"[bold red]sandbox unavailable:[/] {_escape(exc.detail)}\n  fix: "
-                      f"{_escape(exc.fix)}\n  bash is refused until then (or use --no-sandbox)")
+        say(f"sandbox unavailable: {exc.detail}\n  fix: {exc.fix}\n  bash is refused until "
+            "then (or restart with --no-sandbox)")
 
 
-def _warm_up_in_background(transport: BatchTransport, config: Config, toolbox: Toolbox,
-                           console: Any) -> None:
-    """The prompt shows first; the SDK import (seconds) and the sandbox probe (~0.4 s)
-    happen while the user types."""
+def _warm_up_in_background(transport: BatchTransport, config: Config,
+                           toolbox: Toolbox) -> None:
+    """The prompt shows first; the SDK import (seconds) and the sandbox probe (about a
+    second: Node start-up plus srt's proxy) happen while the user types."""
 
     def warm() -> None:
         try:
             transport.client  # noqa: B018 - builds the client, importing anthropic
         except Exception:
             pass  # reported when a turn is submitted
-        _check_sandbox_quietly(config, toolbox, console)
+        if config.sandbox:  # printed above the live prompt without disturbing it
+            from prompt_toolkit import print_formatted_text
+
+            _check_sandbox(config, toolbox, print_formatted_text)
 
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
-
-
-def _check_sandbox_quietly(config: Config, toolbox: Toolbox, console: Any) -> None:
-    if not config.sandbox:
-        return
-    try:
-        probe_sandbox(sandbox_policy(config, toolbox.bash.policy.workdir))
-    except SandboxUnavailable as exc:
-        from prompt_toolkit import print_formatted_text
-
-        print_formatted_text(f"sandbox unavailable: {exc.detail}\n  fix: {exc.fix}\n"
-                             "  bash is refused until then (or restart with --no-sandbox)")
 
 
 def run_doctor(console: Any, policy: SandboxPolicy) -> int:
