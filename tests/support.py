@@ -34,15 +34,29 @@ class Rig:
         return self.journal.requests(self.agent.session.id)
 
 
-def journal_in_flight(rig: Rig, batch_id: str, submitted_at: float | None = None) -> None:
-    """Record a prompt and a request for it as if a batch had been submitted and left."""
+def journal_in_flight(rig: Rig, batch_id: str | None, submitted_at: float | None = None,
+                      *, custom_id: str | None = None) -> None:
+    """Record a prompt and a request for it as if a batch had been submitted and left
+    (batch_id None: killed during the create, its outcome unknown)."""
     session_id = rig.agent.session.id
     rig.journal.add_user_content(session_id, 0, [{"type": "text", "text": "x"}])
     rig.journal.begin_request(bh.RequestRow(
-        custom_id=f"bh_{batch_id}", session_id=session_id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitted", batch_id=batch_id,
-        submitted_at=time.time() if submitted_at is None else submitted_at))
+        custom_id=custom_id or f"bh_{batch_id}", session_id=session_id, conversation=0,
+        n_messages=1, model="claude-opus-5-5", cache_ttl="1h", max_tokens=10,
+        request_hash="h", attempt=1, state="submitted" if batch_id else "submitting",
+        batch_id=batch_id, submitted_at=time.time() if submitted_at is None else submitted_at))
+
+
+def detach_first_turn(rig: Rig, prompt: str = "go") -> None:
+    """Send a prompt and answer the first Ctrl-C menu with 'detach' (the rig's script)."""
+    import pytest
+
+    def interrupt(_s: float) -> None:
+        raise KeyboardInterrupt
+
+    rig.agent.sleep = interrupt
+    with pytest.raises(bh.Detached):
+        rig.agent.prompt(prompt)
 
 
 def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts: int = 4,

@@ -10,7 +10,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import journal_in_flight, make_rig
+from tests.support import detach_first_turn, journal_in_flight, make_rig
 
 
 @pytest.fixture
@@ -360,12 +360,7 @@ def test_turnaround_is_the_batch_s_own_duration(api, tmp_path):
     api.script.append(fa.text("late"))
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
-    def interrupt(_s):
-        raise KeyboardInterrupt
-
-    rig.agent.sleep = interrupt
-    with pytest.raises(bh.Detached):
-        rig.agent.prompt("go")
+    detach_first_turn(rig, "go")
     time.sleep(1.5)
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
     rig2.agent.resume()
@@ -393,11 +388,7 @@ def test_foreign_batches_are_tried_once_each_then_the_turn_is_sent(api, tmp_path
     """Regression: after an unknown create, two foreign one-entry batches were adopted in
     turn forever (910 results downloads in 15 s)."""
     rig = make_rig(api, tmp_path)
-    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
-    rig.journal.begin_request(bh.RequestRow(
-        custom_id="bh_unknown", session_id=rig.agent.session.id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitting", batch_id=None, submitted_at=time.time()))
+    journal_in_flight(rig, None, custom_id="bh_unknown")
     api.script.extend([fa.text("a"), fa.text("b"), fa.text("ours at last")])
     _foreign_batch(api, "other_1")
     _foreign_batch(api, "other_2")
@@ -408,11 +399,7 @@ def test_foreign_batches_are_tried_once_each_then_the_turn_is_sent(api, tmp_path
 def test_an_orphan_batch_is_found_past_the_first_page_of_list(api, tmp_path):
     """Regression: reconciling read only list()'s first 100 batches."""
     rig = make_rig(api, tmp_path)
-    rig.journal.add_user_content(rig.agent.session.id, 0, [{"type": "text", "text": "x"}])
-    rig.journal.begin_request(bh.RequestRow(
-        custom_id="bh_orphan", session_id=rig.agent.session.id, conversation=0, n_messages=1,
-        model="claude-opus-5-5", cache_ttl="1h", max_tokens=10, request_hash="h", attempt=1,
-        state="submitting", batch_id=None, submitted_at=time.time()))
+    journal_in_flight(rig, None, custom_id="bh_orphan")
     api.script.append(fa.text("the orphan's answer"))
     orphan = _foreign_batch(api, "bh_orphan")  # the create that landed unseen
     import anthropic
@@ -462,12 +449,7 @@ def test_a_prompt_after_an_in_flight_turn_that_failed_still_runs(api, tmp_path):
     api.script.extend([fa.canceled(), fa.text("second answered")])
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
-    def interrupt(_s):
-        raise KeyboardInterrupt
-
-    rig.agent.sleep = interrupt
-    with pytest.raises(bh.Detached):
-        rig.agent.prompt("first")
+    detach_first_turn(rig, "first")
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
     assert rig2.agent.prompt("second").text == "second answered"
     assert any("canceled" in n for n in rig2.notices())

@@ -12,7 +12,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_rig
+from tests.support import detach_first_turn, make_rig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,12 +56,7 @@ def test_resuming_after_results_expired_says_so(tmp_path, journal_knows_age):
     with fa.FakeAPI(latency_s=60) as api:
         rig = make_rig(api, tmp_path, interrupts=["detach"])
 
-        def interrupt(_s):
-            raise KeyboardInterrupt
-
-        rig.agent.sleep = interrupt
-        with pytest.raises(bh.Detached):
-            rig.agent.prompt("go")
+        detach_first_turn(rig, "go")
         api.advance(30 * 86400)
         rig2 = make_rig(api, tmp_path, session=rig.agent.session)
         if journal_knows_age:  # our clock says 30 days passed too
