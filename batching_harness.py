@@ -1128,14 +1128,39 @@ class BatchTransport:
                  jitter: Callable[[], float] | None = None) -> None:
         self._client_factory = client_factory
         self._client: Any = None
+        self._client_error: BaseException | None = None
+        self._client_ready = threading.Event()
+        self._builder: threading.Thread | None = None
+        self._builder_lock = threading.Lock()
         self.retry = retry
         self.sleep = sleep
         self._jitter = jitter or secrets.SystemRandom().random
 
+    def warm_up(self) -> None:
+        """Start building the SDK client (importing `anthropic` takes seconds) in a thread
+        of its own: a Ctrl-C can then never cut the import or the client in half."""
+        with self._builder_lock:
+            if self._builder is None:
+                self._builder = threading.Thread(target=self._build_client, daemon=True,
+                                                 name="sdk-client")
+                self._builder.start()
+
+    def _build_client(self) -> None:
+        try:
+            self._client = self._client_factory()
+        except BaseException as exc:  # handed to the caller of .client
+            self._client_error = exc
+        finally:
+            self._client_ready.set()
+
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = self._client_factory()
+            self.warm_up()
+            while not self._client_ready.wait(0.1):  # a short wait stays interruptible
+                pass
+            if self._client_error is not None:
+                raise self._client_error
         return self._client
 
     def submit(self, entries: Sequence[tuple[str, dict[str, Any]]], *,
@@ -3692,10 +3717,11 @@ def _turn_table(requests: Sequence[RequestRow]) -> Any:
 
 def _turn_cells(i: int, r: RequestRow) -> list[str]:
     u = r.usage_value
-    if r.result_type is None:
-        status = "in flight" if r.state in IN_FLIGHT_STATES else r.state
-        return [str(i), r.model, status, "", "", "", "", "",
+    if r.result_type is None and r.state in IN_FLIGHT_STATES:
+        return [str(i), r.model, "in flight", "", "", "", "", "",
                 f"~{fmt_usd(r.estimate_usd)} est.", ""]
+    if r.result_type is None:  # failed before any batch answered: nothing was billed
+        return [str(i), r.model, r.error_message or r.state, "", "", "", "", "", "$0", ""]
     if r.result_type != "succeeded":
         return [str(i), r.model, fmt_elapsed(r.wait_s or 0), r.result_type, "", "", "", "",
                 "$0 (not billed)", ""]
@@ -4249,10 +4275,7 @@ def _warm_up_in_background(transport: BatchTransport, config: Config,
     second: Node start-up plus srt's proxy) happen while the user types."""
 
     def warm() -> None:
-        try:
-            transport.client  # noqa: B018 - builds the client, importing anthropic
-        except Exception:
-            pass  # reported when a turn is submitted
+        transport.warm_up()
         if config.sandbox:  # printed above the live prompt without disturbing it
             from prompt_toolkit import print_formatted_text
 

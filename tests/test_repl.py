@@ -156,3 +156,14 @@ def test_a_results_stream_cut_short_counts_as_a_lost_connection():
     assert bh._is_transport_failure(httpx2.RemoteProtocolError("peer closed connection"))
     assert bh._is_transport_failure(ConnectionResetError())
     assert not bh._is_transport_failure(ValueError("a bug"))
+
+
+def test_stats_row_of_a_turn_that_never_reached_the_api_costs_nothing(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+    journal_in_flight(rig, None, custom_id="bh_never")
+    rig.journal.fail_request("bh_never", "never reached the API")
+    repl, out = make_repl(rig, ["/stats"], tmp_path)
+    repl.agent.resume = lambda: None
+    repl.run()
+    row = next(line for line in out.getvalue().splitlines() if "never reached" in line)
+    assert "$0" in row and "est." not in row
