@@ -1203,7 +1203,12 @@ class BatchTransport:
 
         found = [b for b in self._call(recent, "listing batches", notify)
                  if b.id not in exclude and _batch_size(b) == size]
-        return min(found, key=lambda b: b.created_at).id if found else None
+
+        def closeness(b: Any) -> tuple[bool, float]:  # made after we sent it, then nearest
+            t = b.created_at.timestamp()
+            return (t < not_before - 1.0, abs(t - not_before))
+
+        return min(found, key=closeness).id if found else None
 
     def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView:
         b = self._call(lambda: self.client.messages.batches.retrieve(batch_id), "polling", notify)
@@ -2981,7 +2986,10 @@ def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
         on_poll(view)
         if view.status == "ended":
             return view
-        sleep(next_poll_delay_s(clock() - started_at, base_interval_s, expected_s))
+        delay_s = next_poll_delay_s(clock() - started_at, base_interval_s, expected_s)
+        if len(polls) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall later
+            delay_s = max(delay_s, 60.0 / POLLS_PER_MINUTE)
+        sleep(delay_s)
 
 
 def _poll_budget_wait_s(polls: collections.deque[float], now: float) -> float:
@@ -3070,6 +3078,10 @@ class Agent:
                 self.run(submit_prompt=False)
         except (TurnFailed, BudgetExceeded) as exc:  # that turn is over; the new prompt goes
             self.emit(Notice(str(exc), "warn"))
+        except (TransportError, Detached, KeyboardInterrupt):
+            self.emit(Notice("your new prompt was NOT sent: an earlier turn is still in "
+                             "flight; send it again once that turn is collected", "warn"))
+            raise
         self.journal.add_user_content(self.session.id, self.session.conversation,
                                       [{"type": "text", "text": text}])
         return self.run(submit_prompt=True)
@@ -3141,8 +3153,12 @@ class Agent:
         return bool(messages) and bool(unanswered_tool_uses(messages[-1]))
 
     def _answered(self, n_messages: int) -> bool:
-        last = self.journal.last_applied(self.session.id, self.session.conversation)
-        return last is not None and last.n_messages == n_messages
+        """The newest request of this conversation carried these messages and was applied
+        (an empty answer adds no message, so the transcript alone cannot tell)."""
+        latest = [r for r in self.journal.requests(self.session.id)
+                  if r.conversation == self.session.conversation]
+        return bool(latest) and latest[-1].state == "applied" and (
+            latest[-1].n_messages == n_messages)
 
     def _messages(self) -> list[dict[str, Any]]:
         return self.journal.messages(self.session.id, self.session.conversation)
@@ -3207,7 +3223,7 @@ class Agent:
         for r in reversed(self.journal.requests(self.session.id)):
             if r.conversation != self.session.conversation or r.n_messages != n_messages:
                 break
-            if r.state == "failed" and (r.result_type == "expired"
+            if r.state == "failed" and (r.result_type in ("expired", "missing")
                                         or r.error_type in RESUBMITTABLE):
                 attempt = max(attempt, r.attempt + 1)
         return attempt
@@ -3217,15 +3233,19 @@ class Agent:
         if request.custom_id not in self.touched:
             self.touched.append(request.custom_id)
         if request.state == "submitting":
-            self._reconcile(request)
+            if not self._reconcile(request):
+                self.journal.fail_request(request.custom_id, "never reached the API")
             return
         if request.state == "submitted":
             self._collect(request)
         self._apply(self.journal.request(request.custom_id))
 
-    def _reconcile(self, request: RequestRow) -> None:
+    def _reconcile(self, request: RequestRow) -> bool:
         """A crash or fault left a create whose outcome we never saw: adopt the batch it
-        made, or — if it made none — let the next step submit the turn afresh."""
+        made (True), or say there is none (False), and the caller decides what next."""
+        wait_s = request.submitted_at + UNKNOWN_CREATE_WAIT_S - time.time()
+        if wait_s > 0:  # a create cut off moments ago may not be listed yet
+            self.sleep(wait_s)
         if self.journal.batches_tried(request.custom_id) >= MAX_ADOPTIONS:
             self.journal.fail_request(request.custom_id, "no batch of ours found")
             raise TurnFailed(f"{MAX_ADOPTIONS} batches that looked like this turn's were not "
@@ -3236,8 +3256,7 @@ class Agent:
         if batch_id:
             self.journal.set_batch(request.custom_id, batch_id)
             self._notify(f"re-attached to {batch_id}, created before the interruption")
-        else:
-            self.journal.fail_request(request.custom_id, "never reached the API")
+        return batch_id is not None
 
     def _collect(self, request: RequestRow) -> None:
         assert request.batch_id is not None
@@ -3314,8 +3333,10 @@ class Agent:
         kind = request.result_type
         if kind == "succeeded":
             self._apply_message(request)
-        elif kind == "expired" or (kind == "errored" and request.error_type in RESUBMITTABLE):
-            self._resubmit_or_fail(request)
+        elif kind in ("expired", "missing") or (kind == "errored"
+                                                and request.error_type in RESUBMITTABLE):
+            if kind != "missing" or not self._adopt_instead(request):
+                self._resubmit_or_fail(request)
         elif kind == "errored":
             self.journal.fail_request(request.custom_id)
             raise TurnFailed(f"the API refused this turn ({request.error_type}: "
@@ -3324,15 +3345,19 @@ class Agent:
             self.journal.fail_request(request.custom_id)
             raise TurnFailed("the batch was canceled before the model answered; nothing "
                              "was billed")
-        else:  # an adopted batch that was not ours: look for the real one before resending
-            self._notify(f"batch {request.batch_id} held no result for this turn; looking "
-                         "for the batch the interrupted create made")
-            self._reconcile(request)
+        else:
+            raise AssertionError(f"unknown result type {kind!r}")
+
+    def _adopt_instead(self, request: RequestRow) -> bool:
+        """A batch with no entry for us was adopted by mistake: look for the real one."""
+        self._notify(f"batch {request.batch_id} held no result for this turn; looking for "
+                     "the batch the interrupted create made")
+        return self._reconcile(request)
 
     def _resubmit_or_fail(self, request: RequestRow) -> None:
         self.journal.fail_request(request.custom_id)
-        reason = request.result_type if request.result_type == "expired" else (
-            f"{request.error_type}: {request.error_message}")
+        reason = (f"{request.error_type}: {request.error_message}"
+                  if request.result_type == "errored" else request.result_type)
         if request.attempt >= self.settings.max_resubmits:
             raise TurnFailed(f"the turn failed {request.attempt} times ({reason}); "
                              "send the prompt again to retry")
@@ -3684,8 +3709,9 @@ def stats_totals(requests: Sequence[RequestRow]) -> StatsTotals:
         cache_saved_usd=sum(r.cache_saved_usd or 0.0 for r in ended),
         waited_s=sum(r.wait_s or 0.0 for r in ended),
         usage=sum((r.usage_value for r in ended), Usage()),
-        unknown_prices=sum(1 for r in ended if r.result_type == "succeeded"
-                           and r.cost_usd is None),
+        unknown_prices=sum(1 for r in requests if (r.result_type == "succeeded"
+                                                   and r.cost_usd is None) or (
+            r.result_type is None and r.batch_id and r.state == "failed")),
     )
 
 
@@ -3720,8 +3746,11 @@ def _turn_cells(i: int, r: RequestRow) -> list[str]:
     if r.result_type is None and r.state in IN_FLIGHT_STATES:
         return [str(i), r.model, "in flight", "", "", "", "", "",
                 f"~{fmt_usd(r.estimate_usd)} est.", ""]
-    if r.result_type is None:  # failed before any batch answered: nothing was billed
+    if r.result_type is None and r.batch_id is None:  # never reached the API: not billed
         return [str(i), r.model, r.error_message or r.state, "", "", "", "", "", "$0", ""]
+    if r.result_type is None:  # a batch ran, its result could not be had: billed, unknown
+        return [str(i), r.model, r.error_message or r.state, "", "", "", "", "",
+                "usage unknown", ""]
     if r.result_type != "succeeded":
         return [str(i), r.model, fmt_elapsed(r.wait_s or 0), r.result_type, "", "", "", "",
                 "$0 (not billed)", ""]

@@ -467,3 +467,35 @@ def test_an_interrupted_tool_call_is_reported_not_rerun(api, tmp_path):
     assert not (rig2.workdir / "log.txt").exists()
     result = rig2.messages()[2]["content"][0]
     assert result["is_error"] and "interrupted" in result["content"]
+
+
+def test_a_prompt_merged_after_an_empty_answer_is_resubmitted_when_it_expires(api, tmp_path):
+    """Regression: the empty answer's applied request made the merged prompt look answered,
+    so its expired batch was announced as resubmitted and then dropped."""
+    api.script.extend([fa.raw([], "end_turn"), fa.expired(), fa.text("answered")])
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("a")
+    assert rig.agent.prompt("b").text == "answered"
+    assert len(api.batch_ids()) == 3
+
+
+def test_results_missing_from_our_own_batch_are_resubmitted_a_bounded_number_of_times(
+        api, tmp_path):
+    """Regression: a batch with no entry for us led to unbounded paid resubmissions."""
+    rig = make_rig(api, tmp_path, max_resubmits=3)
+    rig.agent.transport.results = lambda batch_id, notify: {}  # every download lacks us
+    with pytest.raises(bh.TurnFailed, match="3 times"):
+        rig.agent.prompt("go")
+    assert len(api.batch_ids()) == 3
+
+
+def test_a_prompt_that_cannot_be_sent_yet_says_so(api, tmp_path):
+    """Regression: a prompt typed while an earlier turn could not be collected vanished."""
+    api.latency_s = 0.5
+    rig = make_rig(api, tmp_path, interrupts=["detach"], retry_attempts=2)
+    detach_first_turn(rig)
+    api.inject("retrieve", "500", count=50)
+    rig2 = make_rig(api, tmp_path, session=rig.agent.session, retry_attempts=2)
+    with pytest.raises(bh.RetriesExhausted):
+        rig2.agent.prompt("second")
+    assert any("NOT sent" in n for n in rig2.notices())

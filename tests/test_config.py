@@ -135,3 +135,18 @@ def test_no_minute_holds_more_than_the_poll_budget(expected_s, end_s):
     worst = max(sum(1 for t in stub.polls if start <= t < start + 60) for start in stub.polls)
     assert worst <= bh.POLLS_PER_MINUTE
     assert stub.polls[-1] - end_s <= 2.5 + 1e-9
+
+
+def test_a_tiny_poll_interval_spreads_polls_instead_of_stalling():
+    """Regression: at --poll-interval 0.1 the budget ran out in 2.8 s and a batch that ended
+    at 4 s was seen after a minute."""
+    clock = [0.0]
+
+    def sleep(s):
+        clock[0] += s
+
+    stub = _EndsAt(clock, 4.0)
+    bh.wait_for_batch(stub, "b", started_at=0.0, expected_s=None, base_interval_s=0.1,
+                      sleep=sleep, on_poll=lambda v: None, notify=print,
+                      clock=lambda: clock[0])
+    assert stub.polls[-1] - 4.0 <= 60.0 / bh.POLLS_PER_MINUTE + 1e-9

@@ -167,3 +167,15 @@ def test_stats_row_of_a_turn_that_never_reached_the_api_costs_nothing(api, tmp_p
     repl.run()
     row = next(line for line in out.getvalue().splitlines() if "never reached" in line)
     assert "$0" in row and "est." not in row
+
+
+def test_stats_row_of_a_billed_turn_whose_result_was_lost_is_not_free(api, tmp_path):
+    rig = make_rig(api, tmp_path)
+    journal_in_flight(rig, "msgbatch_ran")
+    rig.journal.fail_request("bh_msgbatch_ran", "results no longer available")
+    repl, out = make_repl(rig, ["/stats"], tmp_path)
+    repl.agent.resume = lambda: None
+    repl.run()
+    row = next(line for line in out.getvalue().splitlines() if "no longer available" in line)
+    assert "usage unknown" in row and "$0" not in row
+    assert "price unknown" in out.getvalue()
