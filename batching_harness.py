@@ -53,7 +53,7 @@ import tty
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 __version__ = "0.1.0"
 
@@ -2962,7 +2962,6 @@ class RunResult:
 
     text: str
     stop_reason: str | None
-    custom_ids: tuple[str, ...]
 
 
 def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
@@ -3064,7 +3063,6 @@ class Agent:
         self.emit = emit
         self.ask_interrupt = ask_interrupt
         self.sleep = sleep
-        self._run_ids: list[str] = []
         self._turns = 0
         self.touched: list[str] = []
         """custom_ids of every request this agent submitted or re-attached to (headless JSON)."""
@@ -3094,7 +3092,7 @@ class Agent:
 
     def run(self, *, submit_prompt: bool) -> RunResult:
         """Take steps until the model ends its turn; typed exceptions end it early."""
-        self._run_ids, self._turns = [], 0
+        self._turns = 0
         while (step := self._next_step(submit_prompt)) is not None:
             step()
             submit_prompt = False
@@ -3186,7 +3184,6 @@ class Agent:
         batch_id = self._create(row, params)
         self.journal.set_batch(row.custom_id, batch_id)
         self._turns += 1
-        self._run_ids.append(row.custom_id)
         self.touched.append(row.custom_id)
         self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns, time.time(),
                                  estimate, self.expected_wait_s(row.model)))
@@ -3444,11 +3441,14 @@ class Agent:
     def _notify(self, text: str) -> None:
         self.emit(Notice(text, "warn"))
 
-    def _result(self) -> RunResult:
+    def last_answer(self) -> str:
+        """The text of the conversation's last message when the model wrote it, else ''."""
         messages = self._messages()
         last = messages[-1] if messages else {}
-        text = final_text(last.get("content")) if last.get("role") == "assistant" else ""
-        return RunResult(text, self._last_stop_reason(), tuple(self._run_ids))
+        return final_text(last.get("content")) if last.get("role") == "assistant" else ""
+
+    def _result(self) -> RunResult:
+        return RunResult(self.last_answer(), self._last_stop_reason())
 
 
 def turnarounds(requests: Sequence[RequestRow], model: str | None = None) -> list[float]:
@@ -3456,12 +3456,6 @@ def turnarounds(requests: Sequence[RequestRow], model: str | None = None) -> lis
     return [r.wait_s for r in requests
             if r.wait_s is not None and r.result_type == "succeeded"
             and (model is None or r.model == model)]
-
-
-def _is_tool_result_message(message: Mapping[str, Any]) -> bool:
-    content = message.get("content")
-    return isinstance(content, list) and any(
-        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
 
 
 def _is_empty_text(block: Any) -> bool:
@@ -3841,6 +3835,17 @@ PROMPT = "› "
 class Repl:
     """Reads prompts and slash commands; every turn runs inside one error boundary."""
 
+    # name -> (method, help). A command returns an exit status to leave, or None to stay.
+    COMMANDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "/help": ("cmd_help", "this list"),
+        "/stats": ("cmd_stats", "cost per turn: batch path vs synchronous"),
+        "/model": ("cmd_model", "show or switch the model: /model ID"),
+        "/clear": ("cmd_clear", "start a new conversation (session totals stay)"),
+        "/resume": ("cmd_resume", "pick a recent session to continue"),
+        "/exit": ("cmd_exit", "leave (Ctrl-D too)"),
+        "/quit": ("cmd_exit", "leave"),
+    }
+
     def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
                  log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
@@ -3851,16 +3856,9 @@ class Repl:
         self.ui = ui
         self.read_line = read_line
         self.resume_command = resume_command
-        # A command returns an exit status to leave the REPL, or None to stay.
         self.commands: dict[str, tuple[Callable[[str], int | None], str]] = {
-            "/help": (self.cmd_help, "this list"),
-            "/stats": (self.cmd_stats, "cost per turn: batch path vs synchronous"),
-            "/model": (self.cmd_model, "show or switch the model: /model ID"),
-            "/clear": (self.cmd_clear, "start a new conversation (session totals stay)"),
-            "/resume": (self.cmd_resume, "pick a recent session to continue"),
-            "/exit": (self.cmd_exit, "leave (Ctrl-D too)"),
-            "/quit": (self.cmd_exit, "leave"),
-        }
+            name: (getattr(self, method), help_text)
+            for name, (method, help_text) in self.COMMANDS.items()}
 
     def run(self) -> int:
         status = self.guarded(self.agent.resume)
@@ -4140,16 +4138,13 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
     if agent.journal.pending_request(agent.session.id) is not None:
         err_console.print("a turn is still in flight (and billed); resume with: "
                           f"{resume_command(agent.session.id, config)}")
-    print_headless(agent, config, agent.touched, error)
+    print_headless(agent, config, error)
     return status
 
 
-def print_headless(agent: Agent, config: Config, custom_ids: Sequence[str],
-                   error: str | None) -> None:
-    requests = [agent.journal.request(c) for c in custom_ids]
-    messages = agent.journal.messages(agent.session.id, agent.session.conversation)
-    last = messages[-1] if messages else {}
-    text = final_text(last.get("content")) if last.get("role") == "assistant" else ""
+def print_headless(agent: Agent, config: Config, error: str | None) -> None:
+    requests = [agent.journal.request(c) for c in agent.touched]
+    text = agent.last_answer()
     if config.output_format == "text":
         if text:
             print(text)
@@ -4260,8 +4255,7 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     render_banner(console, config, session, _sandbox_line(config))
     restore_terminal = show_prompt_early()
     try:
-        read_line = make_prompt_reader(config.home, ["/help", "/stats", "/model", "/clear",
-                                                     "/resume", "/exit", "/quit"])
+        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))
         _warm_up_in_background(transport, config, toolbox)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
                     lambda exc: log_bug(config.home, exc), lock).run()
@@ -4292,7 +4286,7 @@ def _check_sandbox(config: Config, toolbox: Toolbox, say: Callable[[str], object
         say("sandbox OFF (--no-sandbox): bash runs with your full privileges")
         return
     try:
-        probe_sandbox(sandbox_policy(config, toolbox.bash.policy.workdir))
+        probe_sandbox(toolbox.bash.policy)
     except SandboxUnavailable as exc:
         say(f"sandbox unavailable: {exc.detail}\n  fix: {exc.fix}\n  bash is refused until "
             "then (or restart with --no-sandbox)")
