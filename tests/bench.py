@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "batching_harness.py"
 sys.path.insert(0, str(ROOT))  # run as a script: make `batching_harness` and `tests` importable
 
+import batching_harness_sandbox as sb  # noqa: E402
+
 import batching_harness as bh  # noqa: E402
 from tests import fake_api as fa  # noqa: E402
 from tests.sandbox_helpers import sandbox_missing_reason  # noqa: E402
@@ -141,8 +143,8 @@ def build_agent(api: fa.FakeAPI, tmp: Path, emit: Callable[[Any], None]) -> bh.A
     home.mkdir()
     work.mkdir()
     journal = bh.Journal(home / "journal.db")
-    policy = bh.SandboxPolicy(workdir=work, state_dir=home, enabled=False)
-    toolbox = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=30)
+    policy = sb.SandboxPolicy(workdir=work, state_dir=home, enabled=False)
+    toolbox = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=30)
     transport = bh.BatchTransport(bh.make_client_factory("k", api.base_url))
     transport.client  # noqa: B018 - imports the SDK up front, as the REPL's warm-up does
     session = journal.create_session(policy.workdir, bh.DEFAULT_MODEL)
@@ -271,7 +273,7 @@ def measure_sandbox(runs: int) -> SandboxCost | str:
         work, home = Path(tmp, "work"), Path(tmp, "home")
         work.mkdir()
         home.mkdir()
-        tool = bh.BashTool(bh.SandboxPolicy(workdir=work, state_dir=home))
+        tool = sb.BashTool(sb.SandboxPolicy(workdir=work, state_dir=home))
         try:
             progress(f"sandbox: {runs} x BashTool.run('true')")
             sandboxed = timed_ms(lambda: _checked(tool.run("true", timeout_s=30)), runs)
@@ -284,7 +286,7 @@ def measure_sandbox(runs: int) -> SandboxCost | str:
     return SandboxCost(statistics.median(sandboxed), statistics.median(plain), sandboxed[0])
 
 
-def _checked(result: bh.ToolResult) -> None:
+def _checked(result: sb.ToolResult) -> None:
     if result.is_error or result.exit_code != 0:
         raise _SandboxRefused(result.output)
 

@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import batching_harness_sandbox as sb  # noqa: E402
+
 import batching_harness as bh  # noqa: E402
 from tests import fake_api as fa  # noqa: E402
 
@@ -144,13 +146,13 @@ def padding_tool(tokens: int) -> dict[str, Any]:
     return tool
 
 
-class BenchToolbox(bh.Toolbox):
+class BenchToolbox(sb.Toolbox):
     """The harness's tools plus a padding tool that brings tools + system to PREFIX_TOKENS;
     every call returns canned output and lets `gap_s` pass on the stand-in's clock."""
 
-    def __init__(self, policy: bh.SandboxPolicy, advance: Callable[[float], None],
+    def __init__(self, policy: sb.SandboxPolicy, advance: Callable[[float], None],
                  gap_s: float) -> None:
-        super().__init__(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=20)
+        super().__init__(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=20)
         system = {"type": "text", "text": bh.SYSTEM_PROMPT.format(workdir=policy.workdir)}
         used = fa.count_tokens(system) + sum(fa.count_tokens(d) for d in super().definitions())
         self._padding = padding_tool(PREFIX_TOKENS - used)
@@ -159,11 +161,11 @@ class BenchToolbox(bh.Toolbox):
     def definitions(self) -> list[dict[str, Any]]:
         return [*super().definitions(), dict(self._padding)]
 
-    def run(self, name: str, tool_input: object) -> bh.ToolResult:
+    def run(self, name: str, tool_input: object) -> sb.ToolResult:
         self.calls += 1
         if self._gap_s:
             self._advance(self._gap_s)
-        return bh.ToolResult(tool_output(self.calls), exit_code=0)
+        return sb.ToolResult(tool_output(self.calls), exit_code=0)
 
 
 ##############################################################################
@@ -226,7 +228,7 @@ def wired_agent(config: Config, api: fa.FakeAPI, root: Path,
     workdir, home = root / "work", root / f"home-{config.label.split()[0]}"
     workdir.mkdir(exist_ok=True)
     home.mkdir()
-    policy = bh.SandboxPolicy(workdir=workdir, state_dir=home, enabled=False)
+    policy = sb.SandboxPolicy(workdir=workdir, state_dir=home, enabled=False)
     toolbox = BenchToolbox(policy, api.advance, config.gap_s)
     journal = bh.Journal(home / "journal.db")
     settings = bh.AgentSettings(model=MODEL, max_tokens=MAX_TOKENS, cache_ttl=config.ttl,

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import batching_harness_sandbox as sb
+
 import batching_harness as bh
 
 EDITOR = "str_replace_based_edit_tool"
@@ -22,7 +24,7 @@ def sandbox_missing_reason() -> str | None:
     sandbox tests run; a developer without it sees exactly what to install."""
     if not sys.platform.startswith("linux"):
         return "the escape suite targets Linux (bubblewrap)"
-    if not bh._default_srt_path().exists():
+    if not sb._default_srt_path().exists():
         return "srt is not installed: npm ci --prefix sandbox"
     missing = [tool for tool in ("bwrap", "socat", "rg") if shutil.which(tool) is None]
     if missing:
@@ -30,27 +32,27 @@ def sandbox_missing_reason() -> str | None:
     return None
 
 
-def make_policy(tmp_path: Path, **overrides: Any) -> bh.SandboxPolicy:
+def make_policy(tmp_path: Path, **overrides: Any) -> sb.SandboxPolicy:
     workdir, state = tmp_path / "work", tmp_path / "state"
     workdir.mkdir(exist_ok=True)
     state.mkdir(exist_ok=True)
-    return bh.SandboxPolicy(workdir=workdir, state_dir=state, **overrides)
+    return sb.SandboxPolicy(workdir=workdir, state_dir=state, **overrides)
 
 
 @contextmanager
-def toolbox(policy: bh.SandboxPolicy, timeout_s: float = 20) -> Iterator[bh.Toolbox]:
-    tools = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=timeout_s)
+def toolbox(policy: sb.SandboxPolicy, timeout_s: float = 20) -> Iterator[sb.Toolbox]:
+    tools = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=timeout_s)
     try:
         yield tools
     finally:
         tools.close()
 
 
-def bash(tools: bh.Toolbox, command: str) -> bh.ToolResult:
+def bash(tools: sb.Toolbox, command: str) -> sb.ToolResult:
     return tools.run("bash", {"command": command})
 
 
-def edit(tools: bh.Toolbox, **tool_input: Any) -> bh.ToolResult:
+def edit(tools: sb.Toolbox, **tool_input: Any) -> sb.ToolResult:
     return tools.run(EDITOR, tool_input)
 
 
@@ -73,20 +75,20 @@ def pids_running(*argv: str) -> list[int]:
 
 def placeholders_in(workdir: Path) -> list[str]:
     """srt's placeholder names present in the work dir (as the host sees it)."""
-    return [name for name in bh._SRT_PLACEHOLDERS if os.path.lexists(workdir / name)]
+    return [name for name in sb._SRT_PLACEHOLDERS if os.path.lexists(workdir / name)]
 
 
 # A harness process in miniature: one BashTool running one command, killable from the test.
 _CHILD_SCRIPT = """
 import sys
-import batching_harness as bh
-tool = bh.BashTool(bh.SandboxPolicy(workdir=sys.argv[1], state_dir=sys.argv[2]))
+import batching_harness_sandbox as sb
+tool = sb.BashTool(sb.SandboxPolicy(workdir=sys.argv[1], state_dir=sys.argv[2]))
 print(tool._private, flush=True)
 tool.run(sys.argv[3], 60)
 """
 
 
-def start_bash_in_child(policy: bh.SandboxPolicy, command: str) -> tuple[subprocess.Popen[str], Path]:
+def start_bash_in_child(policy: sb.SandboxPolicy, command: str) -> tuple[subprocess.Popen[str], Path]:
     """A child Python process running `command` through its own BashTool (as the harness
     does), and that tool's private temp dir."""
     root = Path(bh.__file__).resolve().parent

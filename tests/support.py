@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import batching_harness_sandbox as sb
+
 import batching_harness as bh
 
 
@@ -66,9 +68,9 @@ def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts:
     home.mkdir(exist_ok=True)
     workdir.mkdir(exist_ok=True)
     journal = bh.Journal(home / "journal.db")
-    policy = bh.SandboxPolicy(workdir=workdir.resolve(), state_dir=home.resolve(),
+    policy = sb.SandboxPolicy(workdir=workdir.resolve(), state_dir=home.resolve(),
                               enabled=sandbox)
-    toolbox = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=20)
+    toolbox = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=20)
     transport = bh.BatchTransport(
         bh.make_client_factory("test-key", api.base_url),
         retry=bh.RetryPolicy(max_attempts=retry_attempts, base_delay_s=0.01, max_delay_s=0.05),
@@ -86,5 +88,5 @@ def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts:
     return rig
 
 
-OPEN_TOOLBOXES: list[bh.Toolbox] = []
+OPEN_TOOLBOXES: list[sb.Toolbox] = []
 """Closed after each test by the autouse fixture in conftest.py (removes srt temp dirs)."""

@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+import batching_harness_sandbox as sb
 import pytest
 
-import batching_harness as bh
 from tests.sandbox_helpers import (
     bash,
     make_policy,
@@ -47,18 +47,18 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def policy(tmp_path: Path, home: Path) -> bh.SandboxPolicy:
+def policy(tmp_path: Path, home: Path) -> sb.SandboxPolicy:
     return make_policy(tmp_path)
 
 
 @pytest.fixture
-def tools(policy: bh.SandboxPolicy):
+def tools(policy: sb.SandboxPolicy):
     with toolbox(policy) as t:
         yield t
 
 
 @pytest.fixture
-def work(policy: bh.SandboxPolicy) -> Path:
+def work(policy: sb.SandboxPolicy) -> Path:
     return policy.workdir
 
 
@@ -168,10 +168,10 @@ def test_the_child_sees_hard_resource_limits(tools, policy):
     )
     fields = dict(part.split("=") for part in result.output.split())
     assert fields["f"] == str(policy.max_file_bytes // 1024)
-    assert fields["t"] == str(20 + bh._CPU_SLACK_S)
+    assert fields["t"] == str(20 + sb._CPU_SLACK_S)
     assert fields["c"] == "0"
     if os.geteuid() != 0:
-        assert fields["u"] == str(bh._NPROC_LIMIT)
+        assert fields["u"] == str(sb._NPROC_LIMIT)
     raised = bash(tools, "ulimit -f unlimited && echo raised")
     assert raised.is_error and "raised" not in raised.output
 
@@ -237,7 +237,7 @@ def test_timeout_kills_the_whole_tree_and_the_next_command_works(tmp_path, home)
         elapsed = time.monotonic() - started
         assert result.is_error and result.exit_code is None
         assert "timed out after 2 s" in result.output and "started" in result.output
-        assert elapsed < 2 + bh._KILL_GRACE_S + 2
+        assert elapsed < 2 + sb._KILL_GRACE_S + 2
         assert pids_running("sleep", "987101") == [] and pids_running("sleep", "987102") == []
         assert bash(tools, "echo next").output == "next"
 
@@ -301,12 +301,12 @@ def test_a_killed_command_leaves_no_placeholders_and_git_add_works(tmp_path, hom
         added = bash(tools, "git add -A && git status --short")
     assert not added.is_error, added.output
     assert added.output.splitlines() == ["A  real.txt"]
-    assert bh._GIT_EXCLUDE_HEADER in (policy.workdir / ".git/info/exclude").read_text()
+    assert sb._GIT_EXCLUDE_HEADER in (policy.workdir / ".git/info/exclude").read_text()
     assert placeholders_in(policy.workdir) == []
 
 
 def test_close_removes_the_private_temp_dir(policy):
-    tools_ = bh.Toolbox(bh.BashTool(policy), bh.EditorTool(policy), tool_timeout_s=10)
+    tools_ = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=10)
     private = tools_.bash._private
     bash(tools_, "mktemp")
     tools_.close()
@@ -384,7 +384,7 @@ def test_two_bash_tools_on_one_workdir_take_turns(policy):
     with toolbox(policy) as first, toolbox(policy) as second:
         finished: dict[str, float] = {}
 
-        def run(name: str, tools_: bh.Toolbox, command: str) -> None:
+        def run(name: str, tools_: sb.Toolbox, command: str) -> None:
             bash(tools_, command)
             finished[name] = time.monotonic()
 
@@ -419,15 +419,15 @@ def dead_pid() -> int:
 
 
 def write_run_record(
-    policy: bh.SandboxPolicy, pgid: int, private: Path, existed: tuple[str, ...] = ()
+    policy: sb.SandboxPolicy, pgid: int, private: Path, existed: tuple[str, ...] = ()
 ) -> None:
     """The record a harness killed mid-command leaves beside the work-dir lock."""
-    candidates = tuple(str(policy.workdir / name) for name in bh._SRT_PLACEHOLDERS)
-    record = bh._RunRecord(
+    candidates = tuple(str(policy.workdir / name) for name in sb._SRT_PLACEHOLDERS)
+    record = sb._RunRecord(
         pgid, dead_pid(), True, str(private), "sleep 30; echo done", candidates, existed
     )
-    bh._lock_path(policy).parent.mkdir(parents=True, exist_ok=True)
-    bh._write_run_record(bh._run_record_path(policy), record)
+    sb._lock_path(policy).parent.mkdir(parents=True, exist_ok=True)
+    sb._write_run_record(sb._run_record_path(policy), record)
 
 
 def test_a_command_left_running_by_a_killed_harness_is_stopped_before_the_next(tmp_path, home):
@@ -458,7 +458,7 @@ def test_a_command_left_running_by_a_killed_harness_is_stopped_before_the_next(t
     stopped = [w for w in result.warnings if "stopped a command left running" in w]
     assert len(stopped) == 1 and f"sleep {ORPHAN_SLEEP}" in stopped[0]
     assert placeholders_in(work) == []
-    assert [p.name for p in bh._lock_path(policy).parent.iterdir()] == [bh._lock_path(policy).name]
+    assert [p.name for p in sb._lock_path(policy).parent.iterdir()] == [sb._lock_path(policy).name]
     time.sleep(max(0.0, would_write_at + 1.0 - time.monotonic()))
     assert (work / "out.txt").read_text() == "resumed\n"
 
@@ -475,7 +475,7 @@ def test_a_recorded_group_that_is_not_ours_is_never_signalled(tmp_path, home):
         time.sleep(0.2)
         assert bystander.poll() is None, "a process that was not ours was killed"
         assert result.output == "ok" and result.warnings == ()
-        assert not bh._run_record_path(policy).exists()
+        assert not sb._run_record_path(policy).exists()
     finally:
         bystander.kill()
         bystander.wait()
@@ -517,7 +517,7 @@ def test_the_startup_probe_stops_a_leftover_and_the_next_command_tells_the_user(
     try:
         assert wait_until(lambda: pids_running("sleep", "987921"), 5)
         write_run_record(policy, orphan.pid, private)
-        bh.probe_sandbox(policy)
+        sb.probe_sandbox(policy)
         assert pids_running("sleep", "987921") == []
         with toolbox(policy) as tools:
             first, second = bash(tools, "true"), bash(tools, "true")
@@ -536,7 +536,7 @@ def test_without_proc_the_ps_listing_gives_groups_and_command_lines():
         pytest.skip("no ps here")
     proc = subprocess.Popen(["sleep", "987931"], start_new_session=True)
     try:
-        listed = bh._ps_processes()
+        listed = sb._ps_processes()
         assert listed is not None
         assert [p for p in listed if p.pid == p.pgid == proc.pid and b"sleep 987931" in p.text]
     finally:
@@ -549,14 +549,14 @@ def test_without_proc_the_ps_listing_gives_groups_and_command_lines():
 
 def test_missing_srt_is_reported_with_the_install_command(tmp_path, home):
     policy = make_policy(tmp_path, srt_path=tmp_path / "nowhere" / ".bin" / "srt")
-    with pytest.raises(bh.SandboxUnavailable) as raised:
-        bh.probe_sandbox(policy)
+    with pytest.raises(sb.SandboxUnavailable) as raised:
+        sb.probe_sandbox(policy)
     assert "does not exist" in raised.value.detail and raised.value.fix.startswith("npm ci")
     with toolbox(policy) as tools:
         result = bash(tools, "touch ran")
     assert result.is_error and "npm ci" in result.output
     assert not (policy.workdir / "ran").exists()  # fail closed: nothing ran unsandboxed
-    failing = {c.name: c for c in bh.doctor_checks(policy) if not c.ok}
+    failing = {c.name: c for c in sb.doctor_checks(policy) if not c.ok}
     assert "srt" in failing and failing["srt"].fix.startswith("npm ci")
 
 
@@ -566,10 +566,10 @@ def test_missing_bwrap_is_reported_with_the_packages_to_install(tmp_path, home, 
     os.symlink(shutil_which("node"), bin_dir / "node")  # node, but no bwrap, socat or rg
     monkeypatch.setenv("PATH", str(bin_dir))
     policy = make_policy(tmp_path)
-    with pytest.raises(bh.SandboxUnavailable) as raised:
-        bh.probe_sandbox(policy)
+    with pytest.raises(sb.SandboxUnavailable) as raised:
+        sb.probe_sandbox(policy)
     assert "bwrap" in raised.value.detail and "bubblewrap" in raised.value.fix
-    failing = {c.name: c for c in bh.doctor_checks(policy) if not c.ok}
+    failing = {c.name: c for c in sb.doctor_checks(policy) if not c.ok}
     assert "bwrap" in failing and "bubblewrap" in failing["bwrap"].fix
     assert "sandbox probe" in failing
 
@@ -578,14 +578,14 @@ def test_srt_installed_inside_the_workdir_is_refused(tmp_path, home):
     policy = make_policy(tmp_path)
     planted = policy.workdir / "node_modules" / ".bin" / "srt"
     planted.parent.mkdir(parents=True)
-    planted.symlink_to(bh._default_srt_path())
-    with pytest.raises(bh.SandboxUnavailable, match="inside the work directory"):
-        bh.probe_sandbox(bh.SandboxPolicy(policy.workdir, policy.state_dir, srt_path=planted))
+    planted.symlink_to(sb._default_srt_path())
+    with pytest.raises(sb.SandboxUnavailable, match="inside the work directory"):
+        sb.probe_sandbox(sb.SandboxPolicy(policy.workdir, policy.state_dir, srt_path=planted))
 
 
 def test_probe_and_doctor_pass_on_this_machine(policy):
-    bh.probe_sandbox(policy)
-    checks = bh.doctor_checks(policy)
+    sb.probe_sandbox(policy)
+    checks = sb.doctor_checks(policy)
     assert [c for c in checks if not c.ok] == []
     assert {"srt", "node", "bwrap", "socat", "rg", "sandbox probe"} <= {c.name for c in checks}
     assert placeholders_in(policy.workdir) == []

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import batching_harness_sandbox as sb
 import pytest
 
-import batching_harness as bh
 from tests.sandbox_helpers import (
     EDITOR,
     bash,
@@ -41,7 +41,7 @@ def tools(tmp_path: Path, home: Path):
 
 
 @pytest.fixture
-def work(tools: bh.Toolbox) -> Path:
+def work(tools: sb.Toolbox) -> Path:
     return tools.bash.policy.workdir
 
 
@@ -70,7 +70,7 @@ def test_view_range_and_minus_one_for_the_end(tools, work):
 def test_view_truncates_long_files_and_says_how_to_see_more(tools, work):
     (work / "big.txt").write_text("".join(f"{'x' * 99}\n" for _ in range(1000)))
     result = edit(tools, command="view", path="big.txt")
-    assert len(result.output) < bh._EDITOR_MAX_CHARS + 500
+    assert len(result.output) < sb._EDITOR_MAX_CHARS + 500
     assert "truncated" in result.output and "of 1000" in result.output
     assert "view_range" in result.output
 
@@ -308,17 +308,17 @@ def test_definitions_are_the_anthropic_defined_tools(tools):
 
 
 def test_describe_tool_call_gives_one_short_line():
-    assert bh.describe_tool_call("bash", {"command": "ls -la"}) == "bash $ ls -la"
-    assert bh.describe_tool_call(EDITOR, {"command": "view", "path": "src/app.py"}) == (
+    assert sb.describe_tool_call("bash", {"command": "ls -la"}) == "bash $ ls -la"
+    assert sb.describe_tool_call(EDITOR, {"command": "view", "path": "src/app.py"}) == (
         "view src/app.py"
     )
-    assert bh.describe_tool_call(EDITOR, {"command": "str_replace", "path": "notes.md"}) == (
+    assert sb.describe_tool_call(EDITOR, {"command": "str_replace", "path": "notes.md"}) == (
         "str_replace notes.md"
     )
-    long = bh.describe_tool_call("bash", {"command": "echo " + "x" * 200 + "\nsecond line"})
+    long = sb.describe_tool_call("bash", {"command": "echo " + "x" * 200 + "\nsecond line"})
     assert len(long) <= 80 and "\n" not in long
-    assert bh.describe_tool_call("bash", {"restart": True}) == "bash (restart)"
-    assert bh.describe_tool_call("bash", "not a dict").startswith("bash")
+    assert sb.describe_tool_call("bash", {"restart": True}) == "bash (restart)"
+    assert sb.describe_tool_call("bash", "not a dict").startswith("bash")
 
 
 # -- bash: output, exit status, working directory -----------------------------------------------
@@ -330,7 +330,7 @@ def test_huge_output_keeps_head_and_tail_and_states_what_was_elided(tools):
     total = sum(len(f"{i}\n") for i in range(1, 200001))
     assert result.output.startswith("1\n2\n3\n")
     assert result.output.rstrip().endswith("200000")
-    elided = total - bh._OUTPUT_HEAD_BYTES - bh._OUTPUT_TAIL_BYTES
+    elided = total - sb._OUTPUT_HEAD_BYTES - sb._OUTPUT_TAIL_BYTES
     assert f"{elided:,} of {total:,} bytes elided" in result.output
     assert len(result.output) < 21_000
 

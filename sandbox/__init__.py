@@ -1,0 +1,1608 @@
+"""The security boundary of batching-harness, reviewable on its own.
+
+Everything a tool call can touch is decided here: bash runs under Anthropic's
+sandbox-runtime (srt, pinned beside this file in package.json), the file editor
+gives the same answers srt would, and the doctor says exactly what is missing
+when the sandbox cannot run. Nothing here knows about models, batches or the
+journal; the harness (batching_harness.py) imports this module.
+
+Installed, this directory is the package `batching_harness_sandbox` (never a
+generic top-level `sandbox`); from a clone, batching_harness.py loads it by path.
+
+Sections, in dependency order (grep '^#####'):
+    errors and results, sandbox (policy, processes, leftovers, git guard),
+    tools (editor, toolbox), doctor
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import re
+import resource
+import selectors
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+##############################################################################
+# Errors and results (what crosses into the harness)
+##############################################################################
+
+
+class SandboxError(Exception):
+    """Root of this module's expected failures; the harness reports them in one line."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The sandbox cannot run here; carries the first line of the real error and the fix."""
+
+    def __init__(self, detail: str, fix: str) -> None:
+        super().__init__(f"{detail}\nfix: {fix}")
+        self.detail = detail
+        self.fix = fix
+
+
+class ToolFailure(SandboxError):
+    """A tool call the model got wrong (bad input, a refused path): Toolbox.run turns it into
+    an is_error result, so it never reaches the REPL."""
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What one tool call produced; `output` is what the model sees."""
+
+    output: str
+    is_error: bool = False
+    exit_code: int | None = None
+    # Things the user must hear about that the model need not (e.g. an undone git redirect).
+    warnings: tuple[str, ...] = ()
+
+
+##############################################################################
+# Sandbox (bash under sandbox-runtime: policy, processes, leftovers, git redirects)
+##############################################################################
+
+
+# -- policy ------------------------------------------------------------------------
+
+DEFAULT_DENY_READ: tuple[str, ...] = (
+    # Keys and sign-ins an agent never needs: srt leaves everything readable unless denied.
+    "~/.ssh", "~/.gnupg", "~/.aws", "~/.azure", "~/.config/gcloud", "~/.config/gh", "~/.kube",
+    "~/.docker", "~/.netrc", "~/.git-credentials", "~/.npmrc", "~/.pypirc", "~/.vault-token",
+    "~/.cargo/credentials.toml", "~/.password-store", "~/.claude", "~/.config/anthropic",
+    # Readable by a root caller unless named.
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d", "/etc/ssh",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """What tools may touch. srt enforces it for bash; EditorTool gives the same answers."""
+
+    workdir: Path
+    """The one tree commands and the editor may write; made absolute and resolved here."""
+    state_dir: Path
+    """The harness's home (journal, history, locks): unreadable inside the sandbox too."""
+    allow_domains: tuple[str, ...] = ()
+    """Domains bash may reach through srt's proxy; empty means no network at all."""
+    deny_read: tuple[str, ...] = DEFAULT_DENY_READ
+    """Paths no tool may read (`~` is expanded; entries with * ? [ are globs for srt)."""
+    enabled: bool = True
+    """False only with --no-sandbox: bash then runs on the host with the user's rights."""
+    srt_path: Path | None = None
+    """The srt binary; None means sandbox/node_modules/.bin/srt beside this file."""
+    max_file_bytes: int = 1 << 30
+    """Largest file one command may write (RLIMIT_FSIZE): a runaway write stops here, not at
+    a full disk."""
+
+    def __post_init__(self) -> None:
+        # Every decision compares real paths: a symlinked work dir must not give two answers.
+        object.__setattr__(self, "workdir", Path(os.path.realpath(self.workdir)))
+        state_dir = os.path.realpath(os.path.expanduser(self.state_dir))
+        object.__setattr__(self, "state_dir", Path(state_dir))
+        object.__setattr__(self, "allow_domains", tuple(self.allow_domains))
+        object.__setattr__(self, "deny_read", tuple(self.deny_read))
+
+    @property
+    def srt(self) -> Path:
+        return self.srt_path if self.srt_path is not None else _default_srt_path()
+
+
+_SRT_MIN_VERSION = (0, 0, 83)  # older releases have a reproducible escape (shared directory)
+_NODE_MIN_VERSION = (20, 11)
+_TOOL_DEFINITIONS = (
+    {"type": "bash_20250124", "name": "bash"},
+    {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"},
+)
+# Empty read-only files (and an empty .claude/) srt mounts over these names in the work dir
+# while a command runs. A killed run leaves them behind, and they break `git add -A`.
+# Children come before their parent so that removal can empty the parent first.
+_SRT_PLACEHOLDERS = (
+    ".bashrc", ".bash_profile", ".zshrc", ".zprofile", ".profile", ".gitconfig", ".gitmodules",
+    ".ripgreprc", ".mcp.json", ".vscode", ".idea", ".claude/commands", ".claude/agents", ".claude",
+)  # fmt: skip
+_PROTECTED_NAMES = frozenset(_SRT_PLACEHOLDERS[:9])  # srt's mandatory write denies, by name
+_PROTECTED_DIRS = frozenset({".git", ".vscode", ".idea"})
+_GIT_EXCLUDE_HEADER = "# batching-harness: sandbox-runtime placeholders (empty, read-only)"
+_SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE", re.IGNORECASE)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OUTPUT_HEAD_BYTES = 10_000
+_OUTPUT_TAIL_BYTES = 10_000
+_KILL_GRACE_S = 2.0  # srt unmounts and removes its placeholders on SIGTERM; SIGKILL skips that
+_DRAIN_GRACE_S = 0.5  # a process that outlived its shell may hold the pipe; stop waiting for it
+_CPU_SLACK_S = 5
+_NPROC_LIMIT = 4096  # binds only non-root callers: root is exempt from RLIMIT_NPROC
+_PROBE_TIMEOUT_S = 60.0  # a cold Node start on a loaded CI machine takes seconds
+_GIT_SCAN_MAX_DIRS = 50_000
+_GIT_FILE_MAX_BYTES = 1 << 20
+_EDITOR_COMMANDS = ("view", "create", "str_replace", "insert")
+_EDITOR_MAX_CHARS = 20_000
+_EDITOR_MAX_FILE_BYTES = 16 << 20
+_LISTING_MAX_ENTRIES = 1_000
+_MISSING: Any = object()
+
+
+def _default_srt_path() -> Path:
+    return Path(__file__).resolve().parent / "node_modules" / ".bin" / "srt"
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _has_glob(entry: str) -> bool:
+    return any(ch in entry for ch in "*?[")
+
+
+def _read_denials(policy: SandboxPolicy) -> list[str]:
+    """Every read-denied location, `~` expanded: the deny list plus the harness's home."""
+    return [os.path.expanduser(e) for e in policy.deny_read] + [str(policy.state_dir)]
+
+
+def _literal(path: Path | str) -> dict[str, Any]:
+    # srt reads * ? [ as glob characters; a work dir may legitimately hold them in its name.
+    return {"path": str(path), "literal": True}
+
+
+def _secret_env_names(environ: Mapping[str, str]) -> list[str]:
+    """Names srt must withhold should one reach it. Proxy variables are left out: srt sets its
+    own, and a deny would strip those too."""
+    return sorted(
+        n for n in environ
+        if _ENV_NAME_RE.match(n) and _SECRET_NAME_RE.search(n) and "PROXY" not in n.upper()
+    )  # fmt: skip
+
+
+def _srt_settings(policy: SandboxPolicy, command_tmp: Path) -> dict[str, Any]:
+    """The whole config, written per BashTool: srt refuses a missing or partial file rather
+    than fall back to its defaults, which is what we want."""
+    deny_read = [e if _has_glob(e) else _literal(e) for e in _read_denials(policy)]
+    home = Path.home()
+    secrets_ = _secret_env_names(os.environ)
+    return {
+        "network": {"allowedDomains": list(policy.allow_domains), "deniedDomains": []},
+        "filesystem": {
+            "denyRead": deny_read,
+            "allowWrite": [_literal(policy.workdir), _literal(command_tmp)],
+            # srt leaves these two writable for convenience; both are outside the work dir.
+            "denyWrite": [_literal(home / ".npm" / "_logs"), _literal(home / ".claude" / "debug")],
+        },
+        "credentials": {"envVars": [{"name": n, "mode": "deny"} for n in secrets_]},
+    }
+
+
+def _search_path(path_env: str, writable: Sequence[Path]) -> str:
+    """PATH without entries a sandboxed command could write: srt looks up node, bwrap, socat
+    and rg on PATH and runs them on the host, outside the sandbox."""
+    keep = [
+        d for d in path_env.split(os.pathsep)
+        if os.path.isabs(d) and not any(_is_within(Path(os.path.realpath(d)), w) for w in writable)
+    ]  # fmt: skip
+    return os.pathsep.join(keep) or os.defpath
+
+
+def _child_env(policy: SandboxPolicy, command_tmp: Path, srt_tmp: Path) -> dict[str, str]:
+    """A minimal explicit environment: srt passes its whole environment on to the command, so
+    anything here (an API key, a token) would be readable inside."""
+    return {
+        "PATH": _search_path(os.environ.get("PATH", os.defpath), [policy.workdir, command_tmp]),
+        "HOME": str(Path.home()),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "TERM": os.environ.get("TERM", "dumb"),
+        # srt keeps its sockets in TMPDIR and gives the command CLAUDE_CODE_TMPDIR as TMPDIR:
+        # two directories, so a command cannot touch srt's sockets.
+        "TMPDIR": str(srt_tmp if policy.enabled else command_tmp),
+        "CLAUDE_CODE_TMPDIR": str(command_tmp),
+    }
+
+
+def _capped(kind: int, wanted: int) -> int:
+    hard = resource.getrlimit(kind)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+def _ulimit_lines(max_file_bytes: int, timeout_s: float) -> list[str]:
+    """Limits for the command's shell, set hard so the command cannot raise them: srt sets
+    none, and a runaway write or fork loop would otherwise run until the disk fills."""
+    file_blocks = max(1, _capped(resource.RLIMIT_FSIZE, max_file_bytes) // 1024)  # bash: KiB
+    cpu_s = _capped(resource.RLIMIT_CPU, math.ceil(timeout_s) + _CPU_SLACK_S)
+    lines = ["ulimit -c 0", f"ulimit -f {file_blocks}", f"ulimit -t {cpu_s}"]
+    if os.geteuid() != 0:
+        lines.append(f"ulimit -u {_capped(resource.RLIMIT_NPROC, _NPROC_LIMIT)}")
+    return lines
+
+
+def _shell_script(command: str, cwd: Path, workdir: Path, cwd_file: Path, limits: list[str]) -> str:
+    """Each call is a fresh shell (as in Claude Code): the working directory is carried over
+    through a file written on exit; environment changes are not."""
+    q = shlex.quote
+    lost = "echo '[harness] the previous directory is gone; back in the work directory' >&2"
+    return "\n".join([
+        *limits,
+        f"cd -- {q(str(cwd))} 2>/dev/null || {{ {lost}; cd -- {q(str(workdir))}; }}",
+        f"trap {q(f'pwd -P >| {q(str(cwd_file))} 2>/dev/null')} EXIT",
+        command,
+    ])  # fmt: skip
+
+
+# -- running one process -----------------------------------------------------------
+
+
+class _OutputCapture:
+    """The first and last bytes of a stream of any size: memory stays bounded, and the model
+    sees how a long output starts and how it ended."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = _OUTPUT_HEAD_BYTES - len(self.head)
+        self.head += chunk[: max(room, 0)]
+        self.tail += chunk[max(room, 0) :]
+        del self.tail[: max(len(self.tail) - _OUTPUT_TAIL_BYTES, 0)]
+
+    def text(self) -> str:
+        elided = self.total - len(self.head) - len(self.tail)
+        if elided <= 0:
+            return bytes(self.head + self.tail).decode("utf-8", "replace")
+        notice = (
+            f"\n\n[... {elided:,} of {self.total:,} bytes elided from the middle. Send long "
+            "output to a file and read parts of it: grep -n, head, tail, sed -n '100,200p' ...]\n\n"
+        )
+        return self.head.decode("utf-8", "replace") + notice + self.tail.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class _Finished:
+    output: str
+    exit_code: int | None  # None when the harness killed the command
+    outcome: str  # "exited", "timeout" or "interrupted"
+
+
+def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    # A session of its own: Ctrl-C in the terminal does not reach it, and one killpg ends it.
+    return subprocess.Popen(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def _pump(proc: subprocess.Popen[bytes], capture: _OutputCapture, deadline: float) -> bool:
+    """Read the merged output until the process is done; False if the deadline came first.
+    selectors rather than a blocking read, so a full pipe or a silent command never hangs us."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while (now := time.monotonic()) < deadline:
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            if exited_at is not None and now - exited_at > _DRAIN_GRACE_S:
+                return True
+            if selector.select(min(0.2, deadline - now)):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return _wait_until(proc, deadline)
+                capture.add(chunk)
+    return False
+
+
+def _wait_until(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    try:
+        proc.wait(max(deadline - time.monotonic(), 0))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _stop(proc: subprocess.Popen[bytes], *, term_group: bool) -> None:
+    """End the command and everything it started. srt gets SIGTERM alone first so it can clean
+    up; then the whole group gets SIGKILL, since SIGKILL to srt alone leaves the sandbox up."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if term_group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.wait(_KILL_GRACE_S)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # also ends whatever outlived a normal exit
+    with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.wait(5)
+
+
+def _exit_status(returncode: int | None) -> int | None:
+    # Report a signal the way a shell does (128+N), so the model reads one convention.
+    return None if returncode is None else (128 - returncode if returncode < 0 else returncode)
+
+
+def _run_process(
+    argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float, *, sandboxed: bool,
+    started: Callable[[int], None],
+) -> _Finished:
+    """Run to completion, timeout or Ctrl-C. Ctrl-C stops this command only: it is reported
+    to the model as a result, not re-raised. `started` gets the process group id at once."""
+    proc = _launch(argv, env, cwd)
+    capture, outcome = _OutputCapture(), "exited"
+    try:
+        started(proc.pid)  # its own session: the pid is the group id
+        if not _pump(proc, capture, time.monotonic() + timeout_s):
+            outcome = "timeout"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    finally:
+        # Without srt, the shell's whole group gets SIGTERM: nothing else would clean up.
+        _stop(proc, term_group=not sandboxed)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    code = _exit_status(proc.returncode) if outcome == "exited" else None
+    return _Finished(capture.text(), code, outcome)
+
+
+def _bash_result(run: _Finished, notes: Sequence[str], timeout_s: float) -> ToolResult:
+    parts = [run.output.rstrip("\n")] if run.output.strip() else []
+    if run.outcome == "timeout":
+        parts.append(
+            f"[timed out after {timeout_s:g} s: the command and everything it started were "
+            "killed; any output so far is above. Split the work into shorter commands.]"
+        )
+    elif run.outcome == "interrupted":
+        parts.append("[interrupted: the user pressed Ctrl-C, so the command was killed]")
+    elif run.exit_code:
+        parts.append(f"[exit status {run.exit_code}]")
+    parts += [f"[harness] {note}" for note in notes]
+    is_error = run.outcome != "exited" or run.exit_code != 0
+    return ToolResult("\n".join(parts) or "(no output)", is_error, run.exit_code, tuple(notes))
+
+
+# -- work-dir hygiene: one command at a time, srt's leftovers, git redirects ----------------
+
+
+def _lock_path(policy: SandboxPolicy) -> Path:
+    digest = hashlib.sha256(str(policy.workdir).encode()).hexdigest()[:16]
+    return policy.state_dir / "locks" / f"workdir-{digest}.lock"
+
+
+def _acquire_lock(path: Path, timeout_s: float) -> int | None:
+    """Two srt runs in one directory at once remove each other's mount points: wait our turn."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _placeholder_candidates(workdir: Path, git_dirs: Sequence[Path]) -> list[Path]:
+    # srt also puts an empty file where a repository it found has no hooks directory.
+    return [workdir / name for name in _SRT_PLACEHOLDERS] + [g / "hooks" for g in git_dirs]
+
+
+def _remove_new_placeholders(
+    candidates: Sequence[Path], existed: set[Path], *, read_only: bool = False
+) -> list[Path]:
+    """Remove what srt left: only NEW paths that are an empty file or an empty directory (with
+    read_only, only files nobody may write, as srt makes them). Returns what was removed."""
+    removed = []
+    for path in candidates:
+        # A directory on the way may have become a link (a nested .git): never act through it.
+        if path in existed or os.path.realpath(path.parent) != str(path.parent):
+            continue
+        try:
+            st = os.lstat(path)
+            writable = bool(st.st_mode & 0o222)
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 and not (read_only and writable):
+                os.unlink(path)
+            elif stat.S_ISDIR(st.st_mode) and not os.listdir(path):
+                os.rmdir(path)
+            else:
+                continue
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _ensure_git_excludes(workdir: Path) -> None:
+    """List srt's placeholders in .git/info/exclude: while a command runs they exist, and
+    `git add -A` inside the sandbox refuses them."""
+    info = workdir / ".git" / "info"
+    if not _is_plain_dir(workdir / ".git"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(info, 0o755)
+    if not _is_plain_dir(info):
+        return
+    current = _read_small(info / "exclude") or b""
+    if current.startswith(b"\0link "):
+        current = b""  # planted by a command: replaced below, never written through
+    if _GIT_EXCLUDE_HEADER.encode() in current:
+        return
+    lines = [_GIT_EXCLUDE_HEADER] + ["/" + p for p in _SRT_PLACEHOLDERS if p != ".claude"]
+    prefix = "\n" if current and not current.endswith(b"\n") else ""
+    _replace_file(info / "exclude", current + (prefix + "\n".join(lines) + "\n").encode(), 0o644)
+
+
+def _is_plain_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_small(path: Path) -> bytes | None:
+    """A regular file's bytes (capped), `\\0link target` for a symlink, None when absent.
+    Never follows a link and never opens a FIFO a command may have planted."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return b"\0link " + os.fsencode(os.readlink(path))
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(_GIT_FILE_MAX_BYTES)
+
+
+def _replace_file(path: Path, content: bytes, mode: int) -> None:
+    """A fresh file: never follows a link, nor writes through a hard link, that a sandboxed
+    command may have planted at this name."""
+    _remove(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, mode), "wb") as f:
+        f.write(content)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if _is_plain_dir(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+@dataclass(frozen=True)
+class _RepoState:
+    """The files of one repository that decide what git on the host executes."""
+
+    git_file: bytes | None  # a `.git` that is a file ("gitdir: …") or a link; None for a dir
+    commondir: bytes | None = None
+    configs: tuple[tuple[str, bytes | None], ...] = ()  # config, config.worktree
+    hooks: tuple[tuple[str, bytes], ...] = ()  # "" stands for a hooks dir that is a link
+
+
+def _find_git_entries(workdir: Path) -> list[Path]:
+    """Every `.git` in the tree. Nested repositories deeper than srt's scan are writable, so
+    all of them count; os.walk does not follow links, so the scan stays inside."""
+    found = []
+    for dirs_seen, (root, dirs, files) in enumerate(os.walk(workdir), 1):
+        if ".git" in dirs or ".git" in files:
+            found.append(Path(root) / ".git")
+        dirs[:] = [d for d in dirs if d != ".git"]
+        if dirs_seen >= _GIT_SCAN_MAX_DIRS:
+            break
+    return found
+
+
+def _repo_state(dot_git: Path) -> _RepoState:
+    if not _is_plain_dir(dot_git):
+        return _RepoState(_read_small(dot_git) or b"")
+    configs = tuple((name, _read_small(dot_git / name)) for name in ("config", "config.worktree"))
+    return _RepoState(None, _read_small(dot_git / "commondir"), configs, _hook_files(dot_git))
+
+
+def _hook_files(dot_git: Path) -> tuple[tuple[str, bytes], ...]:
+    hooks = dot_git / "hooks"
+    if os.path.islink(hooks):
+        return (("", _read_small(hooks) or b""),)
+    if not _is_plain_dir(hooks):
+        return ()
+    names = sorted(n for n in os.listdir(hooks) if not n.endswith(".sample"))
+    return tuple((n, _read_small(hooks / n) or b"") for n in names)
+
+
+def _git_snapshot(workdir: Path) -> dict[Path, _RepoState]:
+    return {dot_git: _repo_state(dot_git) for dot_git in _find_git_entries(workdir)}
+
+
+_CONFIG_SECTION_RE = re.compile(r'^\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"((?:[^"\\]|\\.)*)")?\s*\](.*)$')
+_CONFIG_KEY_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:=\s*(.*))?$")
+# Keys through which a config makes git run a program (or read another config that does).
+_DANGEROUS_CONFIG_RE = re.compile(
+    r"^(core\.(fsmonitor|hookspath|sshcommand|pager|editor|askpass|gitproxy|worktree"
+    r"|alternaterefscommand)|include\.path|includeif\..*\.path|filter\..*\.(clean|smudge|process)"
+    r"|diff\.external|diff\..*\.(textconv|command)|merge\..*\.driver|credential\.(.*\.)?helper"
+    r"|sequence\.editor|pager\..*|uploadpack\.packobjectshook|gpg\.(.*\.)?program"
+    r"|interactive\.difffilter)$"
+)
+
+
+def _config_entries(content: bytes) -> list[tuple[int, str, str]]:
+    """(line index, section.key, value) for each entry; a line that is neither comment, section
+    nor key is reported as key "?" so that an odd spelling cannot hide an entry."""
+    entries, section = [], ""
+    for index, raw in enumerate(content.decode("utf-8", "replace").splitlines()):
+        line = raw.strip()
+        if header := _CONFIG_SECTION_RE.match(line):
+            sub = f".{header[2]}" if header[2] is not None else ""
+            section, line = f"{header[1]}{sub}".lower(), header[3].strip()
+        if not line or line[0] in "#;":
+            continue
+        key = _CONFIG_KEY_RE.match(line)
+        name = f"{section}.{key[1].lower()}" if key and section else "?"
+        entries.append((index, name, (key[2] or "").strip() if key else line))
+    return entries
+
+
+def _dangerous_entries(content: bytes | None) -> set[tuple[str, str]]:
+    if content is None:
+        return set()
+    if content.startswith(b"\0link "):
+        return {("config is a link", content[6:].decode("utf-8", "replace"))}
+    entries = _config_entries(content)
+    return {(k, v) for _, k, v in entries if k == "?" or _DANGEROUS_CONFIG_RE.match(k)}
+
+
+def _strip_config(content: bytes, bad: set[tuple[str, str]]) -> bytes:
+    """The config without the offending entries (a section header on the same line stays)."""
+    drop = {i for i, k, v in _config_entries(content) if (k, v) in bad}
+    lines = content.decode("utf-8", "replace").splitlines(keepends=True)
+    kept = [
+        (m[0].split("]", 1)[0] + "]\n" if (m := _CONFIG_SECTION_RE.match(line.strip())) else "")
+        if i in drop else line
+        for i, line in enumerate(lines)
+    ]  # fmt: skip
+    return "".join(kept).encode()
+
+
+def _undo_git_redirects(workdir: Path, before: Mapping[Path, _RepoState]) -> list[str]:
+    """Put back what a command changed that would make host git run planted code: a `.git`
+    file or link (gitdir redirect), `commondir`, dangerous config keys, hooks."""
+    notes: list[str] = []
+    for dot_git in _find_git_entries(workdir):
+        where = str(dot_git.relative_to(workdir))
+        notes += _undo_repo(dot_git, where, before.get(dot_git), _repo_state(dot_git))
+    return notes
+
+
+def _undo_repo(dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState) -> list[str]:
+    if now.git_file is not None:
+        if prior is not None and prior.git_file == now.git_file:
+            return []
+        _restore(dot_git, prior.git_file if prior else None, 0o644)
+        shown = now.git_file.replace(b"\0link ", b"a link to ").decode("utf-8", "replace").strip()
+        return [f"removed a {where} that redirected git ({shown[:120]})"]
+    notes = []
+    old_commondir = prior.commondir if prior else None
+    if now.commondir is not None and now.commondir != old_commondir:
+        _restore(dot_git / "commondir", old_commondir, 0o644)
+        notes.append(f"removed a planted {where}/commondir that redirected git")
+    notes += _undo_configs(dot_git, where, prior, now)
+    return notes + _undo_hooks(dot_git, where, prior, now)
+
+
+def _undo_configs(
+    dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState
+) -> list[str]:
+    notes = []
+    old = dict(prior.configs) if prior else {}
+    for name, content in now.configs:
+        bad = _dangerous_entries(content) - _dangerous_entries(old.get(name))
+        if not bad or content is None:
+            continue
+        if old.get(name) is not None:
+            _restore(dot_git / name, old[name], 0o644)
+        else:
+            _replace_file(dot_git / name, _strip_config(content, bad), 0o644)
+        keys = ", ".join(sorted({k for k, _ in bad}))
+        notes.append(f"removed {keys} from {where}/{name}: git would have run it on the host")
+    return notes
+
+
+def _undo_hooks(dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState) -> list[str]:
+    old = dict(prior.hooks) if prior else {}
+    changed = [name for name, content in now.hooks if old.get(name) != content]
+    for name in changed:
+        _restore(dot_git / "hooks" / name if name else dot_git / "hooks", old.get(name), 0o755)
+    if not changed:
+        return []
+    return [f"removed hooks planted in {where}/hooks: {', '.join(n or '(link)' for n in changed)}"]
+
+
+def _restore(path: Path, content: bytes | None, mode: int) -> None:
+    if content is None or content.startswith(b"\0link "):
+        _remove(path)
+    else:
+        _replace_file(path, content, mode)
+
+
+def _empty_dir(path: Path) -> None:
+    for entry in os.scandir(path):
+        _remove(Path(entry.path))
+
+
+# -- a command that outlived its harness ------------------------------------------------------
+#
+# srt runs in a session of its own, so a harness killed by SIGKILL (or the OOM killer) leaves
+# the command running, reparented to init, while the work-dir lock dies with the harness: a
+# resumed session would run the command again beside it. So each run is recorded beside the
+# lock until it ends, and whoever takes the lock next stops what still runs, then cleans up
+# after it. The lock is not handed down to srt instead (pass_fds): srt passes inherited
+# descriptors on into the sandbox, where the command could release it with `flock -u`.
+
+_ORPHAN_WAIT_S = 5.0  # after SIGKILL, for the sandbox to follow (bwrap --die-with-parent)
+_PRIVATE_PREFIX = "batching-harness-bash-"
+
+
+@dataclass(frozen=True)
+class _RunRecord:
+    """One running command, as kept in the state dir's locks/ while it runs."""
+
+    pgid: int  # its process group (srt's pid, or bash's with --no-sandbox)
+    owner: int  # the harness process that started it
+    sandboxed: bool
+    private: str  # the BashTool's temp dir: its random name marks the run's processes
+    command: str
+    candidates: tuple[str, ...]  # srt's placeholder paths in the work dir,
+    existed: tuple[str, ...]  # and those of them that were there before the run
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    pgid: int
+    text: bytes  # the command line and, on Linux, the environment, as the host sees them
+
+
+def _run_record_path(policy: SandboxPolicy) -> Path:
+    return _lock_path(policy).with_suffix(".running")
+
+
+def _notices_path(policy: SandboxPolicy) -> Path:
+    return _lock_path(policy).with_suffix(".notices")
+
+
+def _write_run_record(path: Path, record: _RunRecord) -> None:
+    part = path.with_suffix(".part")  # then renamed: a kill mid-write leaves no half record
+    _replace_file(part, json.dumps(dataclasses.asdict(record)).encode(), 0o600)
+    os.replace(part, path)
+
+
+def _read_run_record(path: Path) -> _RunRecord | None:
+    """None unless the record is exactly as _write_run_record makes it."""
+    raw = _read_small(path)
+    try:
+        data = json.loads(raw) if raw and not raw.startswith(b"\0link ") else None
+        record = _RunRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    except (ValueError, TypeError, AttributeError):
+        return None
+    texts = (record.private, record.command, *record.candidates, *record.existed)
+    if not all(isinstance(t, str) for t in texts) or type(record.owner) is not int:
+        return None
+    # killpg(0) or killpg(1) would reach far more than one command: never trust such a value.
+    ok = type(record.pgid) is int and record.pgid > 1 and record.pgid != os.getpgrp()
+    return record if ok else None
+
+
+def _processes() -> list[_Proc] | None:
+    """Every live process (a zombie is dead), or None when they cannot be listed."""
+    if not os.path.isdir("/proc/self"):
+        return _ps_processes()
+    found = (_proc_entry(int(entry)) for entry in os.listdir("/proc") if entry.isdigit())
+    return [proc for proc in found if proc is not None]
+
+
+def _proc_entry(pid: int) -> _Proc | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+        text = Path(f"/proc/{pid}/cmdline").read_bytes()
+        with contextlib.suppress(OSError):
+            text += b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else _Proc(pid, int(fields[2]), text)
+
+
+def _ps_processes() -> list[_Proc] | None:
+    """The same from ps, where there is no /proc (macOS): command lines only."""
+    try:
+        listing = subprocess.run(
+            ["ps", "-A", "-ww", "-o", "pid=,pgid=,stat=,command="],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split(None, 3) for line in listing.splitlines()]
+    return [
+        _Proc(int(row[0]), int(row[1]), row[3]) for row in rows
+        if len(row) == 4 and row[0].isdigit() and row[1].isdigit() and not row[2].startswith(b"Z")
+    ]  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):  # init in a container may never reap it
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
+    return True
+
+
+def _wait_for(done: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _run_marker(record: _RunRecord) -> bytes:
+    return os.fsencode(Path(record.private).name)
+
+
+def _is_recorded_group(record: _RunRecord, procs: Sequence[_Proc]) -> bool:
+    """The recorded group still runs AND is verifiably that run: one of its processes names
+    the run's private temp dir (a random name) in its command line or environment. A bare
+    pgid may have been recycled since; then nothing matches and nothing is signalled."""
+    marker = _run_marker(record)
+    return any(p.pgid == record.pgid and marker in p.text for p in procs)
+
+
+def _stop_recorded_group(record: _RunRecord, procs: Sequence[_Proc]) -> None:
+    """As a timeout does (_stop): SIGTERM to srt alone so it unmounts and removes its
+    placeholders, a grace period, then SIGKILL to the group, verified again just before."""
+    pgid = record.pgid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if not record.sandboxed:
+            os.killpg(pgid, signal.SIGTERM)
+        elif any(p.pid == pgid == p.pgid for p in procs):
+            os.kill(pgid, signal.SIGTERM)
+    _wait_for(lambda: not _alive(pgid), _KILL_GRACE_S)
+    if _is_recorded_group(record, _processes() or []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    marker = _run_marker(record)  # the sandbox has a session of its own: wait for it too
+    _wait_for(lambda: not any(marker in p.text for p in _processes() or []), _ORPHAN_WAIT_S)
+
+
+def _stop_leftover(record: _RunRecord) -> list[str]:
+    shown = " ".join(record.command.split())[:200]
+    procs = _processes()
+    if procs is None:
+        return [
+            f"could not check whether a command started by an earlier harness process still "
+            f"runs (process group {record.pgid}: {shown}); if it does, it runs alongside"
+        ]
+    if not _is_recorded_group(record, procs):
+        return []
+    _stop_recorded_group(record, procs)
+    return [f"stopped a command left running by an earlier harness process: {shown}"]
+
+
+def _remove_private_dir(record: _RunRecord) -> None:
+    """The dead run's temp dir, if it is one of ours by name; never while its owner lives."""
+    private = Path(record.private)
+    ours = private.is_absolute() and private.name.startswith(_PRIVATE_PREFIX)
+    if ours and _is_plain_dir(private) and not _alive(record.owner):
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _reap_leftover_run(policy: SandboxPolicy) -> None:
+    """With the work-dir lock held: stop a command whose harness died mid-run, remove the
+    placeholders and temp dir it left, and keep a notice for the next command's result."""
+    path = _run_record_path(policy)
+    record = _read_run_record(path)
+    if record is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # unreadable: nothing in it can be trusted to act on
+        return
+    notes = _stop_leftover(record)
+    candidates = [Path(c) for c in record.candidates if _is_within(Path(c), policy.workdir)]
+    existed = {Path(p) for p in record.existed}
+    if removed := _remove_new_placeholders(candidates, existed, read_only=True):
+        names = ", ".join(str(p.relative_to(policy.workdir)) for p in removed)
+        notes.append(f"removed empty placeholders an interrupted sandbox run left: {names}")
+    _remove_private_dir(record)
+    if notes:
+        with open(_notices_path(policy), "a", encoding="utf-8") as f:
+            f.writelines(f"{note}\n" for note in notes)
+    os.unlink(path)
+
+
+def _take_notices(policy: SandboxPolicy) -> list[str]:
+    path = _notices_path(policy)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    path.unlink()
+    return [line for line in text.splitlines() if line]
+
+
+# -- bash ------------------------------------------------------------------------------
+
+
+class BashTool:
+    """The `bash` tool: every command is a fresh `bash -c` inside srt (bubblewrap on Linux,
+    sandbox-exec on macOS). Fails closed: without a working sandbox nothing runs, unless the
+    user chose --no-sandbox."""
+
+    def __init__(self, policy: SandboxPolicy) -> None:
+        self.policy = policy
+        # Private: srt's sockets (srt/, not writable inside) and the command's TMPDIR (tmp/).
+        self._private = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX))
+        self._srt_tmp, self._tmp = self._private / "srt", self._private / "tmp"
+        self._srt_tmp.mkdir()
+        self._tmp.mkdir()
+        self._settings = self._private / "srt-settings.json"
+        self._settings.write_text(json.dumps(_srt_settings(policy, self._tmp), indent=1))
+        self._env = _child_env(policy, self._tmp, self._srt_tmp)
+        self._cwd_file = self._tmp / ".harness-cwd"
+        self._cwd = policy.workdir
+        self._sandbox_checked = False
+
+    def run(self, command: str, timeout_s: float) -> ToolResult:
+        try:
+            fd = _acquire_lock(_lock_path(self.policy), timeout_s)
+        except KeyboardInterrupt:
+            return ToolResult("[interrupted: the user pressed Ctrl-C before it started]", True)
+        if fd is None:
+            return ToolResult(
+                f"not run: another command kept {self.policy.workdir} busy for {timeout_s:g} s "
+                "(commands in one work directory run one at a time); try again",
+                is_error=True,
+            )
+        try:
+            _reap_leftover_run(self.policy)  # before anything else runs in this work dir
+            notes = _take_notices(self.policy)
+            if problem := self._sandbox_problem():
+                return ToolResult(problem, is_error=True, warnings=tuple(notes))
+            run, undone = self._execute(command, timeout_s)
+            return _bash_result(run, notes + undone, timeout_s)
+        except KeyboardInterrupt:  # while stopping a leftover, or during the first-use probe
+            return ToolResult("[interrupted: the user pressed Ctrl-C before it started]", True)
+        finally:
+            os.close(fd)
+
+    def restart(self) -> ToolResult:
+        self._cwd = self.policy.workdir
+        return ToolResult(f"bash restarted: the working directory is {self._cwd} again.")
+
+    def close(self) -> None:
+        shutil.rmtree(self._private, ignore_errors=True)
+
+    def _execute(self, command: str, timeout_s: float) -> tuple[_Finished, list[str]]:
+        """Run one command with the work dir's hygiene around it; returns the outcome and the
+        notes about git redirects that were undone."""
+        workdir = self.policy.workdir
+        git_before = _git_snapshot(workdir)
+        repos = [dot_git for dot_git, state in git_before.items() if state.git_file is None]
+        candidates = _placeholder_candidates(workdir, repos)
+        existed = {p for p in candidates if os.path.lexists(p)}
+        _ensure_git_excludes(workdir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._cwd_file)
+        limits = _ulimit_lines(self.policy.max_file_bytes, timeout_s)
+        script = _shell_script(command, self._cwd, workdir, self._cwd_file, limits)
+        record = self._recorder(command, candidates, existed)
+        try:
+            run = _run_process(
+                self._argv(script), self._env, workdir, timeout_s, sandboxed=self.policy.enabled,
+                started=record,
+            )
+        finally:
+            _remove_new_placeholders(candidates, existed)
+            _empty_dir(self._srt_tmp)  # srt-mux-*.sock and friends, one set per run
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_run_record_path(self.policy))  # only now: the cleanup is done
+        notes = _undo_git_redirects(workdir, git_before)
+        self._cwd = self._carried_cwd() or self._cwd
+        return run, notes
+
+    def _recorder(
+        self, command: str, candidates: Sequence[Path], existed: set[Path]
+    ) -> Callable[[int], None]:
+        """Records the run once its process group exists, for _reap_leftover_run."""
+
+        def record(pgid: int) -> None:
+            paths = (tuple(map(str, candidates)), tuple(map(str, existed)))
+            run = _RunRecord(pgid, os.getpid(), self.policy.enabled, str(self._private), command,
+                             *paths)
+            _write_run_record(_run_record_path(self.policy), run)
+
+        return record
+
+    def _argv(self, script: str) -> list[str]:
+        if not self.policy.enabled:
+            return ["bash", "-c", script]
+        return [str(self.policy.srt), "--settings", str(self._settings), "-c", script]
+
+    def _carried_cwd(self) -> Path | None:
+        text = (_read_small(self._cwd_file) or b"").decode("utf-8", "replace").strip()
+        path = Path(text) if text and "\0" not in text else None
+        return path if path is not None and path.is_absolute() and path.is_dir() else None
+
+    def _sandbox_problem(self) -> str | None:
+        """Probe once, on first use: a missing bwrap looks like any failing command."""
+        if not self.policy.enabled or self._sandbox_checked:
+            return None
+        try:
+            self._probe_locked()
+        except SandboxUnavailable as exc:
+            return (
+                f"not run: the sandbox is unavailable ({exc.detail}). Tell the user; "
+                f"the fix is: {exc.fix}"
+            )
+        self._sandbox_checked = True
+        return None
+
+    def _probe_locked(self) -> None:
+        _check_srt_install(self.policy)
+        run, _ = self._execute("true", _PROBE_TIMEOUT_S)
+        if run.outcome == "interrupted":
+            raise KeyboardInterrupt  # the user's Ctrl-C, not a verdict on the sandbox
+        if run.outcome == "timeout":
+            raise SandboxUnavailable(
+                f"srt did not run `true` within {_PROBE_TIMEOUT_S:g} s",
+                "run `python batching_harness.py --doctor`",
+            )
+        if run.exit_code != 0:
+            detail = _first_error_line(run.output) or f"srt exited with {run.exit_code}"
+            raise SandboxUnavailable(detail, _fix_for(detail))
+
+
+def _check_srt_install(policy: SandboxPolicy) -> None:
+    srt = policy.srt
+    if sys.platform not in ("linux", "darwin"):
+        raise SandboxUnavailable(f"no sandbox for {sys.platform}", "run on Linux or macOS")
+    if not os.path.exists(srt):
+        prefix = srt.parents[2] if srt.parent.name == ".bin" else Path("sandbox")
+        raise SandboxUnavailable(
+            f"sandbox-runtime is not installed: {srt} does not exist", f"npm ci --prefix {prefix}"
+        )
+    # Judge the name and its target: a command could swap either one for its own program.
+    names = (Path(os.path.abspath(srt)), Path(os.path.realpath(srt)))
+    if any(_is_within(name, policy.workdir) for name in names):
+        raise SandboxUnavailable(
+            f"srt is installed inside the work directory ({srt}), where a sandboxed command "
+            "could rewrite it and run unsandboxed next time",
+            "run the harness from a checkout outside the work directory",
+        )
+
+
+def _first_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    markers = ("bwrap:", "apply-seccomp:", "Error", "error", "No such file", "not found")
+    flagged = [line for line in lines if any(m in line for m in markers)]
+    return (flagged or lines or [""])[0][:300]
+
+
+def _fix_for(detail: str) -> str:
+    """The exact fix for the failures seen in the field (see the doctor for each check)."""
+    if "dependencies not available" in detail or "not installed" in detail:
+        if sys.platform == "darwin":
+            return "brew install ripgrep"
+        return "apt-get install bubblewrap socat ripgrep (they must be on PATH)"
+    if "node" in detail and ("No such file" in detail or "not found" in detail):
+        return "install Node.js 20.11 or newer and put `node` on PATH"
+    if "RTM_NEWADDR" in detail or ("bwrap" in detail and _apparmor_restricts_userns()):
+        return _APPARMOR_FIX
+    if "Can't mount proc" in detail or ("mount" in detail and "not permitted" in detail):
+        return _DOCKER_FIX
+    if "uid map" in detail or "uid_map" in detail:
+        return "give the process CAP_SETFCAP (in Docker's default set) or run as a non-root user"
+    if "namespace" in detail:
+        return _USERNS_FIX
+    return (
+        "run `python batching_harness.py --doctor` for a full check; to run bash without "
+        "the sandbox anyway, restart with --no-sandbox (at your own risk)"
+    )
+
+
+_APPARMOR_FIX = (
+    "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 24.04+), or add an "
+    "AppArmor profile that allows userns for /usr/bin/bwrap"
+)
+_DOCKER_FIX = (
+    "run the container with --security-opt seccomp=unconfined --security-opt apparmor=unconfined "
+    "(or --privileged); inside a container you trust to isolate the agent, --no-sandbox"
+)
+_USERNS_FIX = "sudo sysctl -w kernel.unprivileged_userns_clone=1 user.max_user_namespaces=15000"
+
+
+def _apparmor_restricts_userns() -> bool:
+    path = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() == "1" and os.geteuid() != 0
+    return False
+
+
+def stop_leftovers(policy: SandboxPolicy) -> list[str]:
+    """At start-up, before anything is resumed: stop a command that a killed harness left
+    running in this work dir (it would otherwise go on, or race a resumed turn) and return
+    what was done, for the user."""
+    fd = _acquire_lock(_lock_path(policy), 5.0)
+    if fd is None:
+        return []
+    try:
+        _reap_leftover_run(policy)
+        return _take_notices(policy)
+    finally:
+        os.close(fd)
+
+
+def probe_sandbox(policy: SandboxPolicy) -> None:
+    """Run a real `srt … -c true` in the work dir; raise SandboxUnavailable with the first line
+    of the real error and its fix. srt does not check its dependencies up front."""
+    if not policy.enabled:
+        return
+    tool = BashTool(policy)
+    try:
+        fd = _acquire_lock(_lock_path(policy), _PROBE_TIMEOUT_S)
+        if fd is None:
+            raise SandboxUnavailable(
+                "could not check: another command kept the work directory busy",
+                "wait for it to finish, then run --doctor",
+            )
+        try:
+            _reap_leftover_run(policy)  # its notice waits for the next command's result
+            tool._probe_locked()
+        finally:
+            os.close(fd)
+    finally:
+        tool.close()
+
+
+# -- editor ----------------------------------------------------------------------------
+
+
+##############################################################################
+# Tools (the file editor, the toolbox: where a tool error becomes an is_error result)
+##############################################################################
+
+def _field(tool_input: Mapping[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    """One input field, type-checked: a wrong type is the model's error to fix, not a crash."""
+    value = tool_input.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise ToolFailure(f"missing required field {name!r}")
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ToolFailure(f"field {name!r} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _count_lines(text: str) -> int:
+    return text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+
+
+def _offset_after_line(text: str, line_no: int) -> int:
+    pos = 0
+    for _ in range(line_no):
+        nxt = text.find("\n", pos)
+        if nxt == -1:
+            return len(text)
+        pos = nxt + 1
+    return pos
+
+
+def _numbered(lines: Sequence[str], first: int) -> list[str]:
+    return [f"{first + i:6}\t{line}" for i, line in enumerate(lines)]  # as `cat -n` prints
+
+
+def _view_range(tool_input: Mapping[str, Any], n: int) -> tuple[int, int]:
+    view_range = tool_input.get("view_range")
+    if view_range is None:
+        return 1, n
+    if (not isinstance(view_range, list) or len(view_range) != 2
+            or not all(type(v) is int for v in view_range)):  # fmt: skip
+        raise ToolFailure("view_range must be a list of two integers [start, end]")
+    start, end = view_range
+    if not 1 <= start <= max(n, 1):
+        raise ToolFailure(f"view_range start {start} is out of range: the file has {n} lines")
+    if end != -1 and end < start:
+        raise ToolFailure(f"view_range end {end} is before start {start} (use -1 for the end)")
+    return start, n if end == -1 else min(end, n)
+
+
+def _fit(lines: Sequence[str], first: int) -> tuple[list[str], int]:
+    """Numbered lines up to the character budget; returns them and the last line shown."""
+    out, used = [], 0
+    for i, line in enumerate(_numbered(lines, first)):
+        if used + len(line) + 1 > _EDITOR_MAX_CHARS and out:
+            return out, first + i - 1
+        out.append(line)
+        used += len(line) + 1
+    return out, first + len(lines) - 1
+
+
+def _snippet(text: str, first_line: int, last_line: int) -> str:
+    lines = text.split("\n")
+    start, end = max(first_line - 3, 1), min(last_line + 3, _count_lines(text))
+    return "\n".join(_numbered(lines[start - 1 : end], start))
+
+
+def _match_lines(text: str, needle: str) -> list[int]:
+    lines, pos = [], text.find(needle)
+    while pos != -1:
+        lines.append(text.count("\n", 0, pos) + 1)
+        pos = text.find(needle, pos + len(needle))
+    return lines
+
+
+def _protected_reason(rel: Path) -> str | None:
+    """srt's mandatory write denies, plus all of .git: a planted .git/commondir or gitdir file
+    makes git on the host run code, and the editor runs on the host."""
+    parts = rel.parts
+    if parts and parts[-1] in _PROTECTED_NAMES:
+        return f"{parts[-1]} is a shell or git start-up file"
+    for i, part in enumerate(parts):
+        if part in _PROTECTED_DIRS:
+            return f"{part} is protected (it can make tools on the host run code)"
+        if part == ".claude" and parts[i + 1 : i + 2] in (("commands",), ("agents",)):
+            return ".claude/commands and .claude/agents are protected"
+    return None
+
+
+class EditorTool:
+    """`str_replace_based_edit_tool`. It runs in the harness process, not in srt, so it applies
+    the same rules itself: decide on the real path (links resolved), write only inside the
+    work dir, read nothing the sandbox hides."""
+
+    def __init__(self, policy: SandboxPolicy) -> None:
+        self.policy = policy
+        self._denied: list[Path] = []
+        self._denied_globs: list[str] = []
+        for entry in _read_denials(policy):
+            if _has_glob(entry):
+                self._denied_globs.append(entry)
+            else:
+                self._denied += [Path(os.path.abspath(entry)), Path(os.path.realpath(entry))]
+        # /proc/self/environ would show the harness's own environment: the API key.
+        self._denied.append(Path("/proc"))
+
+    def run(self, tool_input: Mapping[str, Any]) -> ToolResult:
+        command = _field(tool_input, "command", str)
+        handlers = {"view": self._view, "create": self._create, "insert": self._insert,
+                    "str_replace": self._str_replace}  # fmt: skip
+        handler = handlers.get(command)
+        if handler is None:
+            raise ToolFailure(
+                f"unknown command {command!r}; valid commands: {', '.join(_EDITOR_COMMANDS)}"
+            )
+        raw = _field(tool_input, "path", str)
+        if not raw.strip() or "\0" in raw:
+            raise ToolFailure("path is empty or holds a NUL byte")
+        return handler(raw, tool_input)
+
+    # -- commands ----------------------------------------------------------------------
+    def _view(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
+        path = self._readable(raw)
+        if path.is_dir():
+            if tool_input.get("view_range") is not None:
+                raise ToolFailure("view_range applies to files; this is a directory")
+            return ToolResult(self._listing(path, raw))
+        text = self._read_text(path, raw)
+        n = _count_lines(text)
+        start, end = _view_range(tool_input, n)
+        if n == 0:
+            return ToolResult(f"{raw} is empty.")
+        lines, last = _fit(text.split("\n")[start - 1 : end], start)
+        body = f"Here's the result of running `cat -n` on {raw}:\n" + "\n".join(lines)
+        if last < end:
+            body += (
+                f"\n[... truncated at {_EDITOR_MAX_CHARS:,} characters: showing lines "
+                f"{start}-{last} of {n}. Use view_range [{last + 1}, {end}] for more ...]"
+            )
+        return ToolResult(body)
+
+    def _create(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
+        text = _field(tool_input, "file_text", str)
+        path = self._writable(raw)
+        if path.is_dir():
+            raise ToolFailure(f"{raw} is a directory")
+        existed = path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)  # inside the work dir: checked above
+        _write_in_place(path, text)
+        verb = "Overwrote" if existed else "Created"
+        n = _count_lines(text)
+        return ToolResult(f"{verb} {raw} ({n} line{'' if n == 1 else 's'}).")
+
+    def _str_replace(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
+        old = _field(tool_input, "old_str", str)
+        new = _field(tool_input, "new_str", str, default="")
+        if not old:
+            raise ToolFailure("old_str is empty: give the exact text to replace (or use insert)")
+        path = self._writable(raw)
+        text = self._read_text(path, raw)
+        lines = _match_lines(text, old)
+        if not lines:
+            raise ToolFailure(
+                f"No replacement was performed: old_str did not appear verbatim in "
+                f"{raw}. View the file and copy the text exactly, whitespace too."
+            )
+        if len(lines) > 1:
+            raise ToolFailure(
+                f"No replacement was performed: old_str appears {len(lines)} times "
+                f"in {raw}, on lines {', '.join(map(str, lines))}. Include more "
+                "surrounding lines so that it matches exactly once."
+            )
+        pos = text.index(old)
+        updated = text[:pos] + new + text[pos + len(old) :]
+        _write_in_place(path, updated)
+        snippet = _snippet(updated, lines[0], lines[0] + new.count("\n"))
+        return ToolResult(f"Edited {raw}. A snippet of the result (cat -n):\n{snippet}")
+
+    def _insert(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
+        line_no = _field(tool_input, "insert_line", int)
+        block = _field(tool_input, "insert_text", str)
+        path = self._writable(raw)
+        text = self._read_text(path, raw)
+        n = _count_lines(text)
+        if not 0 <= line_no <= n:
+            raise ToolFailure(
+                f"insert_line {line_no} is out of range: {raw} has {n} lines, so "
+                f"use 0 (before the first line) to {n} (after the last)"
+            )
+        offset = _offset_after_line(text, line_no)
+        if offset == len(text) and text and not text.endswith("\n"):
+            block = "\n" + block  # the file's last line had no newline: keep it that way
+        elif not block.endswith("\n"):
+            block += "\n"
+        _write_in_place(path, text[:offset] + block + text[offset:])
+        snippet = _snippet(
+            text[:offset] + block + text[offset:], line_no + 1, line_no + block.count("\n")
+        )
+        return ToolResult(f"Inserted after line {line_no} of {raw}. Snippet (cat -n):\n{snippet}")
+
+    # -- path policy -------------------------------------------------------------------
+    def _resolve(self, raw: str) -> Path:
+        path = Path(raw)
+        # realpath before any decision: links and `..` are judged by where they land.
+        return Path(os.path.realpath(path if path.is_absolute() else self.policy.workdir / path))
+
+    def _read_refusal(self, real: Path) -> str | None:
+        if any(_is_within(real, denied) for denied in self._denied):
+            return "reading it is denied by the sandbox policy"
+        candidates = [str(real)] + [str(p) for p in real.parents]
+        if any(fnmatch.fnmatchcase(c, g) for g in self._denied_globs for c in candidates):
+            return "reading it is denied by the sandbox policy"
+        return None
+
+    def _readable(self, raw: str) -> Path:
+        real = self._resolve(raw)
+        if reason := self._read_refusal(real):
+            raise ToolFailure(f"refused: {raw}: {reason}")
+        if not real.exists():
+            raise ToolFailure(f"{raw} does not exist")
+        return real
+
+    def _writable(self, raw: str) -> Path:
+        real = self._resolve(raw)
+        workdir = self.policy.workdir
+        if not _is_within(real, workdir) or real == workdir:
+            raise ToolFailure(
+                f"refused: {raw} resolves to {real}, outside the work directory "
+                f"{workdir} (links and .. are followed before deciding)"
+            )
+        reason = _protected_reason(real.relative_to(workdir)) or self._read_refusal(real)
+        if reason:
+            raise ToolFailure(f"refused: {raw}: {reason}")
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(real)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                raise ToolFailure(
+                    f"refused: {raw} has {st.st_nlink} hard links; one may be "
+                    "outside the work directory"
+                )
+        return real
+
+    def _read_text(self, path: Path, raw: str) -> str:
+        if not path.exists():
+            raise ToolFailure(f"{raw} does not exist")
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ToolFailure(f"{raw} is not a regular file")
+        if st.st_size > _EDITOR_MAX_FILE_BYTES:
+            raise ToolFailure(
+                f"{raw} is {st.st_size:,} bytes, too big for the editor: use bash "
+                "(grep -n, sed -n '100,200p')"
+            )
+        data = _read_small_text(path)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ToolFailure(
+                f"{raw} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                f"{exc.start}); the editor edits UTF-8 only: use bash (file, iconv, "
+                "xxd)"
+            ) from None
+
+    def _listing(self, root: Path, raw: str) -> str:
+        prefix, entries = raw.rstrip("/"), []
+        for child in self._visible_children(root):
+            entries.append(_listing_entry(prefix, child))
+            if _is_plain_dir(child):  # a link to a directory is listed, not entered
+                inner = f"{prefix}/{child.name}"
+                entries += [_listing_entry(inner, g) for g in self._visible_children(child)]
+        shown = entries[:_LISTING_MAX_ENTRIES]
+        head = f"Files and directories up to 2 levels deep in {raw}, hidden items excluded:\n"
+        more = len(entries) - len(shown)
+        tail = f"\n[... {more} more entries not shown: view a subdirectory ...]" if more else ""
+        return head + "\n".join(shown) + tail
+
+    def _visible_children(self, directory: Path) -> list[Path]:
+        try:
+            names = sorted(n for n in os.listdir(directory) if not n.startswith("."))
+        except OSError:
+            return []
+        paths = [directory / n for n in names]
+        return [p for p in paths if not self._read_refusal(Path(os.path.realpath(p)))]
+
+
+def _listing_entry(prefix: str, path: Path) -> str:
+    return f"{prefix}/{path.name}" + ("/" if _is_plain_dir(path) else "")
+
+
+def _write_in_place(path: Path, text: str) -> None:
+    """Bytes exactly as given (no tab expansion, no newline translation), into the same inode
+    so the file keeps its mode; the caller has refused links and hard links already."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as f:
+        f.write(text.encode("utf-8"))
+
+
+def _read_small_text(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(_EDITOR_MAX_FILE_BYTES + 1)
+
+
+# -- toolbox: the one place a tool error becomes an is_error result ---------------------
+
+
+class Toolbox:
+    """The tools the model is offered, and the boundary where every tool failure (bad input,
+    a refused path, a bug) becomes an is_error result the model can act on."""
+
+    def __init__(self, bash: BashTool, editor: EditorTool, tool_timeout_s: float) -> None:
+        self.bash = bash
+        self.editor = editor
+        self.tool_timeout_s = tool_timeout_s
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return [dict(d) for d in _TOOL_DEFINITIONS]
+
+    def run(self, name: str, tool_input: object) -> ToolResult:
+        try:
+            if name not in ("bash", "str_replace_based_edit_tool"):
+                raise ToolFailure(
+                    f"unknown tool {name!r}; the tools are bash and str_replace_based_edit_tool"
+                )
+            if not isinstance(tool_input, Mapping):
+                raise ToolFailure(f"the input must be an object, not {type(tool_input).__name__}")
+            if name == "bash":
+                return self._bash(tool_input)
+            return self.editor.run(tool_input)
+        except ToolFailure as exc:
+            return ToolResult(str(exc), is_error=True)
+        except Exception as exc:  # a tool bug must not end the session: the model sees it
+            return ToolResult(f"{name} failed: {type(exc).__name__}: {exc}", is_error=True)
+
+    def _bash(self, tool_input: Mapping[str, Any]) -> ToolResult:
+        if _field(tool_input, "restart", bool, default=False):
+            return self.bash.restart()
+        command = _field(tool_input, "command", str)
+        if not command.strip():
+            raise ToolFailure("command is empty")
+        return self.bash.run(command, self.tool_timeout_s)
+
+    def close(self) -> None:
+        self.bash.close()
+
+
+def describe_tool_call(name: str, tool_input: object) -> str:
+    """One compact line for the UI: `bash $ ls -la`, `view src/app.py`."""
+    args = tool_input if isinstance(tool_input, Mapping) else {}
+    if name == "bash":
+        restart = args.get("restart") is True
+        text = "bash (restart)" if restart else f"bash $ {args.get('command', '')}"
+    elif name == "str_replace_based_edit_tool":
+        text = f"{args.get('command')} {args.get('path')}"
+        if args.get("view_range") is not None:
+            text += f" {args.get('view_range')}"
+        if args.get("command") == "insert":
+            text += f" at line {args.get('insert_line')}"
+    else:
+        text = f"{name} {json.dumps(tool_input, default=str)}"
+    text = " ".join(text.split())
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+# -- doctor ----------------------------------------------------------------------------
+
+
+##############################################################################
+# Doctor (can the sandbox run here, and if not, the exact fix)
+##############################################################################
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def doctor_checks(policy: SandboxPolicy) -> list[DoctorCheck]:
+    """Everything the sandbox needs, each with the exact fix; the last check runs it for real."""
+    checks = [_check_srt(policy), _check_node()]
+    if sys.platform == "darwin":
+        checks.append(_check_program("sandbox-exec", "built into macOS", "/usr/bin/sandbox-exec"))
+        checks.append(_check_program("rg", "brew install ripgrep"))
+    else:
+        checks += [
+            _check_program("bwrap", "apt-get install bubblewrap"),
+            _check_program("socat", "apt-get install socat"),
+            _check_program("rg", "apt-get install ripgrep"),
+            _check_user_namespaces(),
+            _check_apparmor(),
+            _check_container(),
+        ]
+    return [*checks, _check_probe(policy)]
+
+
+def _version_of(argv: list[str]) -> tuple[str, tuple[int, ...]] | None:
+    """The first line a program prints for --version, and the number in it."""
+    env = {"PATH": _search_path(os.environ.get("PATH", os.defpath), []), "HOME": str(Path.home())}
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (done.stdout + done.stderr).strip()
+    found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if done.returncode != 0 or found is None:
+        return None
+    return text.splitlines()[0], tuple(int(g or 0) for g in found.groups())
+
+
+def _check_srt(policy: SandboxPolicy) -> DoctorCheck:
+    srt = policy.srt
+    fix = f"npm ci --prefix {srt.parents[2] if srt.parent.name == '.bin' else 'sandbox'}"
+    found = _version_of([str(srt), "--version"]) if srt.exists() else None
+    if found is None:
+        return DoctorCheck("srt", False, f"sandbox-runtime not found at {srt}", fix)
+    wanted = ".".join(map(str, _SRT_MIN_VERSION))
+    if found[1] < _SRT_MIN_VERSION:
+        return DoctorCheck("srt", False, f"version {found[0]} is older than {wanted}", fix)
+    return DoctorCheck("srt", True, f"{srt} (version {found[0]})")
+
+
+def _check_node() -> DoctorCheck:
+    found = _version_of(["node", "--version"])
+    fix = "install Node.js 20.11 or newer and put `node` on PATH"
+    if found is None:
+        return DoctorCheck("node", False, "node not found on PATH", fix)
+    if found[1][:2] < _NODE_MIN_VERSION:
+        return DoctorCheck("node", False, f"{found[0]} is too old", fix)
+    return DoctorCheck("node", True, found[0])
+
+
+def _check_program(name: str, fix: str, path: str | None = None) -> DoctorCheck:
+    where = (
+        path
+        if path and os.path.exists(path)
+        else shutil.which(name, path=_search_path(os.environ.get("PATH", os.defpath), []))
+    )
+    if where is None:
+        return DoctorCheck(name, False, f"{name} not found on PATH", fix)
+    return DoctorCheck(name, True, where)
+
+
+def _proc_value(path: str) -> str | None:
+    with contextlib.suppress(OSError):
+        return Path(path).read_text().strip()
+    return None
+
+
+def _check_user_namespaces() -> DoctorCheck:
+    max_ns = _proc_value("/proc/sys/user/max_user_namespaces")
+    clone = _proc_value("/proc/sys/kernel/unprivileged_userns_clone")
+    if max_ns == "0":
+        return DoctorCheck("user namespaces", False, "user.max_user_namespaces is 0", _USERNS_FIX)
+    if clone == "0" and os.geteuid() != 0:
+        return DoctorCheck("user namespaces", False, "unprivileged_userns_clone is 0", _USERNS_FIX)
+    return DoctorCheck("user namespaces", True, f"max_user_namespaces={max_ns or '?'}")
+
+
+def _check_apparmor() -> DoctorCheck:
+    value = _proc_value("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    if value == "1" and os.geteuid() != 0:
+        return DoctorCheck(
+            "AppArmor userns restriction",
+            False,
+            "kernel.apparmor_restrict_unprivileged_userns=1",
+            _APPARMOR_FIX,
+        )
+    return DoctorCheck("AppArmor userns restriction", True, "not restricting" if value != "1"
+                       else "restricted, but root is exempt")  # fmt: skip
+
+
+def _check_container() -> DoctorCheck:
+    cgroup = _proc_value("/proc/1/cgroup") or ""
+    markers = ("docker", "containerd", "kubepods", "lxc", "podman")
+    inside = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") or any(
+        m in cgroup for m in markers)  # fmt: skip
+    if not inside:
+        return DoctorCheck("container", True, "not inside a container")
+    return DoctorCheck(
+        "container",
+        True,
+        "inside a container: if the probe fails with "
+        '"Can\'t mount proc", the container needs more rights',
+        _DOCKER_FIX,
+    )
+
+
+def _check_probe(policy: SandboxPolicy) -> DoctorCheck:
+    try:
+        probe_sandbox(dataclasses.replace(policy, enabled=True))
+    except SandboxUnavailable as exc:
+        return DoctorCheck("sandbox probe", False, exc.detail, exc.fix)
+    note = "" if policy.enabled else " (but --no-sandbox is set: bash is NOT sandboxed)"
+    return DoctorCheck("sandbox probe", True, f"`srt -c true` works here{note}")
