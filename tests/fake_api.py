@@ -79,6 +79,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import http
 import json
 import math
 import re
@@ -105,6 +106,8 @@ __all__ = [
     "expired",
     "min_cacheable_tokens",
     "raw",
+    "refusal",
+    "stream_events",
     "text",
     "tool_calls",
 ]
@@ -147,7 +150,14 @@ FAULT_KINDS = (
     "drop",
     "slow",
     "drop-after-create",
+    "413",
+    "stream-error",
+    "stream-drop",
 )
+# Faults that only a streamed /v1/messages answer takes (other requests pass them by).
+STREAM_FAULT_KINDS = ("stream-error", "stream-drop")
+# Faults that are an HTTP error answer (the ones `error_code` and `html` apply to).
+_STATUS_FAULT_KINDS = ("429", "429-spend", "413", "500", "502", "503", "504", "529")
 _FAULT_ERRORS = {
     "429": (429, "rate_limit_error", "Number of request tokens has exceeded your rate limit."),
     "429-spend": (
@@ -160,7 +170,21 @@ _FAULT_ERRORS = {
     "503": (503, "api_error", "Service unavailable"),
     "504": (504, "timeout_error", "Request timed out"),
     "529": (529, "overloaded_error", "Overloaded"),
+    "413": (413, "request_too_large", "Request exceeds the maximum allowed size."),
 }
+# error.details.error_code values the SDK (2.14) maps to their own exception classes on a 429;
+# the spend limits must not be retried, ramp_limit_exceeded is retried after `retry-after`.
+SPEND_LIMIT_CODES = ("enforced_spend_limit_reached", "contract_spend_limit_reached")
+_ERROR_CODE_MESSAGES = {
+    "enforced_spend_limit_reached": (
+        "Your organization has reached its enforced spend limit for this month."
+    ),
+    "contract_spend_limit_reached": "Your organization has reached the spend limit of its contract.",
+    "ramp_limit_exceeded": "This request would exceed your organization's ramp limit.",
+}
+INFERENCE_GEOS = ("us", "global", "not_available")
+STREAM_CHUNK_CHARS = 16  # at most this many characters (or JSON characters) per delta
+STREAM_PING_S = 5.0  # a ping every this many seconds while the first token is awaited
 ERROR_STATUS = {
     "invalid_request_error": 400,
     "authentication_error": 401,
@@ -271,22 +295,39 @@ class Step:
     message: str = ""
 
 
-def text(s: str, stop_reason: str = "end_turn") -> Step:
-    return Step("message", [{"type": "text", "text": s}], stop_reason)
+def text(s: str, stop_reason: str = "end_turn", **extra: Any) -> Step:
+    """A text answer. `extra` as for raw(): usage={...} (e.g. {"inference_geo": "us"}) merges
+    into the computed usage; other keywords are set on the message."""
+    return Step("message", [{"type": "text", "text": s}], stop_reason, dict(extra))
 
 
-def tool_calls(*calls: tuple[str, dict[str, Any]], text: str | None = None) -> Step:
+def tool_calls(*calls: tuple[str, dict[str, Any]], text: str | None = None, **extra: Any) -> Step:
     """A tool_use turn; ids (toolu_...) are filled in when the step is answered."""
     content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
     for name, tool_input in calls:
         content.append({"type": "tool_use", "id": None, "name": name, "input": dict(tool_input)})
-    return Step("message", content, "tool_use")
+    return Step("message", content, "tool_use", dict(extra))
 
 
 def raw(content: list[dict[str, Any]], stop_reason: str, **extra: Any) -> Step:
     """Any content and stop_reason. `usage={...}` overrides computed usage fields (merged);
     other keywords (stop_details=..., stop_sequence=...) are set on the message as given."""
     return Step("message", [dict(b) for b in content], stop_reason, dict(extra))
+
+
+def refusal(
+    category: str | None = "cyber",
+    content: Step | Iterable[dict[str, Any]] = (),
+    *,
+    explanation: str | None = None,
+    **extra: Any,
+) -> Step:
+    """stop_reason "refusal" with stop_details {"type": "refusal", "category", "explanation"}.
+    `content` is what the model produced before it stopped: [] (a refusal before any output)
+    or partial blocks, e.g. a tool_use or a whole tool_calls(...) step (ids filled in)."""
+    blocks = content.content if isinstance(content, Step) else content
+    details = {"type": "refusal", "category": category, "explanation": explanation}
+    return Step("message", [dict(b) for b in blocks], "refusal", {"stop_details": details, **extra})
 
 
 def errored(error_type: str = "api_error", message: str = "Internal server error") -> Step:
@@ -335,6 +376,12 @@ class _Fault:
     remaining: int
     retry_after: float | None
     delay_s: float
+    error_code: str | None = None
+    html: bool = False
+    after_events: int = 3
+
+    def applies(self, streaming: bool) -> bool:
+        return streaming or self.kind not in STREAM_FAULT_KINDS
 
 
 @dataclasses.dataclass
@@ -358,6 +405,9 @@ class _Batch:
     ended_wall: float | None = None
     results: list[dict[str, Any]] | None = None
     deleted: bool = False
+    held: bool = False  # ends only after release() (or expiry on the fake clock)
+    released_wall: float | None = None
+    null_url_looks: int = 0  # retrieves/lists left that show results_url null once ended
 
     @property
     def expires_at(self) -> float:
@@ -959,6 +1009,87 @@ def _demo_tool_call(prompt: str, params: dict[str, Any]) -> Step:
 
 
 ##############################################################################
+# Streaming (server-sent events of /v1/messages with "stream": true)
+##############################################################################
+
+
+def _chunks(s: str) -> list[str]:
+    """s in at least 3 pieces (when it has 3 characters) of at most STREAM_CHUNK_CHARS."""
+    size = max(1, min(STREAM_CHUNK_CHARS, math.ceil(len(s) / 3)))
+    return [s[i : i + size] for i in range(0, len(s), size)]
+
+
+def _block_events(index: int, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    kind = block.get("type")
+    deltas: list[dict[str, Any]] = []
+    if kind == "text":
+        start = {**block, "text": ""}
+        citations = block.get("citations")
+        if isinstance(citations, list):
+            start["citations"] = []
+            deltas += [{"type": "citations_delta", "citation": c} for c in citations]
+        deltas[:0] = [{"type": "text_delta", "text": c} for c in _chunks(block["text"])]
+    elif kind == "thinking":
+        start = {**block, "thinking": "", "signature": ""}
+        deltas = [{"type": "thinking_delta", "thinking": c} for c in _chunks(block["thinking"])]
+        deltas.append({"type": "signature_delta", "signature": block.get("signature", "")})
+    elif kind in ("tool_use", "server_tool_use"):
+        start = {**block, "input": {}}
+        partial = _chunks(json.dumps(block.get("input", {})))
+        deltas = [{"type": "input_json_delta", "partial_json": c} for c in partial]
+    else:  # redacted_thinking, server tool results: the whole block at once, no delta
+        start = dict(block)
+    events = [("content_block_start", {"type": "content_block_start", "index": index,
+                                       "content_block": start})]
+    for delta in deltas:
+        events.append(
+            ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        )
+    events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
+def stream_events(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The (event name, data) sequence the API streams for `message`: message_start (usage
+    with the input and cache figures, output_tokens 1), ping, per block content_block_start /
+    content_block_delta... / content_block_stop, message_delta (stop_reason, stop_sequence,
+    stop_details, cumulative usage with the final output_tokens), message_stop."""
+    usage = message["usage"]
+    head = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "stop_details": None,
+        "usage": {**usage, "output_tokens": min(1, usage["output_tokens"])},
+    }
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"type": "message_start", "message": head}),
+        ("ping", {"type": "ping"}),
+    ]
+    for index, block in enumerate(message["content"]):
+        events += _block_events(index, block)
+    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+            "output_tokens", "server_tool_use")
+    delta = {k: message.get(k) for k in ("stop_reason", "stop_sequence", "stop_details")}
+    final_usage = {k: usage[k] for k in keys if k in usage}
+    events.append(("message_delta", {"type": "message_delta", "delta": delta,
+                                     "usage": final_usage}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+@dataclasses.dataclass
+class _Stream:
+    """A streamed answer, written by the handler outside the lock at the pace asked for."""
+
+    events: list[tuple[str, dict[str, Any]]]
+    ttft_s: float
+    chunk_delay_s: float
+    ping_s: float
+
+
+##############################################################################
 # The fake API
 ##############################################################################
 
@@ -973,11 +1104,25 @@ class FakeAPI:
         host: str = "127.0.0.1",
         port: int = 0,
         log: Callable[[str], None] | None = None,
+        hold: bool = False,
+        latency_by_model: dict[str, float] | None = None,
+        inference_geo: str | None = None,
+        null_results_url: int = 0,
+        stream_ttft_s: float = 0.0,
+        stream_chunk_delay_s: float = 0.0,
     ) -> None:
         self.latency_s = latency_s
         self.cancel_latency_s = 0.0
         self.sync_latency_s = 0.0
         self.cancel_succeeds = False
+        # Each of these is also a plain attribute a test may change at any time.
+        self.hold = hold  # read at create: a held batch ends only after release()
+        self.latency_by_model: dict[str, float] = dict(latency_by_model or {})
+        self.inference_geo = inference_geo  # usage.inference_geo unless a step/request says
+        self.null_results_url = null_results_url  # read when a batch ends
+        self.stream_ttft_s = stream_ttft_s
+        self.stream_chunk_delay_s = stream_chunk_delay_s
+        self.stream_ping_s = STREAM_PING_S
         self.script: collections.deque[Any] = collections.deque()
         self.calls: list[Call] = []
         self.cache = PromptCache()
@@ -986,6 +1131,8 @@ class FakeAPI:
         self._port = port
         self._log = log
         self._lock = threading.RLock()
+        # Notified on every recorded call and every new batch; waits on it hold no sleep.
+        self._changed = threading.Condition(self._lock)
         self._offset_s = 0.0
         self._batches: dict[str, _Batch] = {}
         self._seq = 0
@@ -1050,19 +1197,35 @@ class FakeAPI:
         *,
         retry_after: float | None = None,
         delay_s: float = 0.0,
+        error_code: str | None = None,
+        html: bool = False,
+        after_events: int = 3,
     ) -> None:
         """Make the next `count` requests to `endpoint` fail with `kind` (FIFO per endpoint;
-        an endpoint's own faults are used before "any" faults). delay_s applies to any kind."""
+        an endpoint's own faults are used before "any" faults). delay_s applies to any kind.
+
+        HTTP error kinds also take `error_code` (sent as error.details.error_code, e.g.
+        "contract_spend_limit_reached") and `html` (a proxy's text/html page instead of the
+        API's JSON). "stream-error" / "stream-drop" are taken only by streamed /v1/messages
+        requests: after `after_events` events (pings included) the stream gets an
+        overloaded_error `error` event and ends, or the connection is cut."""
         if endpoint not in ENDPOINTS:
             raise ValueError(f"unknown endpoint {endpoint!r}; one of {ENDPOINTS}")
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {FAULT_KINDS}")
         if kind == "drop-after-create" and endpoint != "create":
             raise ValueError("drop-after-create only applies to the 'create' endpoint")
+        if kind in STREAM_FAULT_KINDS and endpoint not in ("messages", "any"):
+            raise ValueError(f"{kind} only applies to the 'messages' endpoint")
+        if (error_code or html) and kind not in _STATUS_FAULT_KINDS:
+            raise ValueError(f"error_code and html apply to HTTP error kinds, not {kind!r}")
         if count < 1:
             raise ValueError("count must be at least 1")
+        if after_events < 0:
+            raise ValueError("after_events must be at least 0")
+        fault = _Fault(kind, count, retry_after, delay_s, error_code, html, after_events)
         with self._lock:
-            self._faults[endpoint].append(_Fault(kind, count, retry_after, delay_s))
+            self._faults[endpoint].append(fault)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -1096,6 +1259,45 @@ class FakeAPI:
             self._tick()
             return self._batches[batch_id].ended_wall
 
+    def release(self, batch_id: str | None = None) -> list[str]:
+        """Let a held batch (None: every batch created so far) end at the next look; its
+        results are computed then. A held batch that was cancelled ends canceled (or
+        succeeded with cancel_succeeds). Returns the ids released."""
+        with self._lock:
+            if batch_id is not None and batch_id not in self._batches:
+                raise KeyError(batch_id)
+            chosen = [self._batches[batch_id]] if batch_id else list(self._batches.values())
+            wall = time.time()
+            released = []
+            for b in chosen:
+                if b.held and b.status != "ended":
+                    b.held = False
+                    b.released_wall = wall
+                    # A cancelled batch's own work never finishes: the cancel ends it.
+                    b.end_wall = math.inf if b.cancel_wall is not None else wall
+                    released.append(b.id)
+            return released
+
+    def wait_for_batches(self, n: int, timeout_s: float = 10) -> list[str]:
+        """Block until at least `n` batches were created; their ids, oldest first."""
+        self._wait_until(lambda: len(self._batches) >= n, timeout_s, f"{n} batch(es)")
+        return self.batch_ids()
+
+    def wait_for(self, endpoint: str, n: int, timeout_s: float = 10) -> int:
+        """Block until count(endpoint) >= n (a call counts once its answer is about to be
+        written); returns the count."""
+        self._wait_until(lambda: self.count(endpoint) >= n, timeout_s, f"{n} {endpoint} call(s)")
+        return self.count(endpoint)
+
+    def _wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+        with self._changed:
+            if not self._changed.wait_for(ready, timeout=timeout_s):
+                seen = collections.Counter(c.endpoint for c in self.calls)
+                raise TimeoutError(
+                    f"fake API: no {what} after {timeout_s:g} s "
+                    f"(batches: {len(self._batches)}, calls: {dict(seen)})"
+                )
+
     # -- batch life cycle --------------------------------------------------
 
     def _tick(self) -> None:
@@ -1111,9 +1313,12 @@ class FakeAPI:
                 self._expire(b, wall)
 
     def _due_wall(self, b: _Batch) -> float:
-        if b.cancel_wall is None:
-            return b.end_wall
-        return min(b.end_wall, b.cancel_wall + self.cancel_latency_s)
+        if b.held:
+            return math.inf
+        due = b.end_wall
+        if b.cancel_wall is not None:
+            due = min(due, b.cancel_wall + self.cancel_latency_s)
+        return max(due, b.released_wall or due)
 
     def _end(self, b: _Batch, ended_wall: float, ended_at: float) -> None:
         # A cancel only bites if it took effect before the batch would have finished anyway.
@@ -1131,14 +1336,14 @@ class FakeAPI:
         results = [{"custom_id": r["custom_id"], "result": {"type": "expired"}} for r in b.requests]
         self._finish(b, results, ended_wall, b.expires_at)
 
-    @staticmethod
     def _finish(
-        b: _Batch, results: list[dict[str, Any]], ended_wall: float, ended_at: float
+        self, b: _Batch, results: list[dict[str, Any]], ended_wall: float, ended_at: float
     ) -> None:
         b.results = results
         b.status = "ended"
         b.ended_wall = ended_wall
         b.ended_at = ended_at
+        b.null_url_looks = max(0, int(self.null_results_url))
 
     def _answer(self, params: Any, custom_id: str | None, batch_id: str | None, now: float) -> dict:
         """One batch entry's result dict: validate, then play one step."""
@@ -1191,6 +1396,10 @@ class FakeAPI:
             },
             "service_tier": tier,
         }
+        geo = params.get("inference_geo")
+        geo = geo if geo in ("us", "global") else self.inference_geo
+        if geo is not None:
+            usage["inference_geo"] = geo
         extra = dict(step.extra)
         for key, value in (extra.pop("usage", None) or {}).items():
             if key == "cache_creation" and isinstance(value, dict):
@@ -1211,7 +1420,13 @@ class FakeAPI:
         message.update(extra)
         return message
 
-    def _batch_json(self, b: _Batch, base_url: str) -> dict[str, Any]:
+    def _batch_json(self, b: _Batch, base_url: str, look: bool = False) -> dict[str, Any]:
+        """The MessageBatch object; `look` is a retrieve or list showing it to a client."""
+        url = f"{base_url}/v1/messages/batches/{b.id}/results" if b.status == "ended" else None
+        if url and b.null_url_looks > 0:
+            url = None  # the schema allows null on an ended batch; clients must cope
+            if look:
+                b.null_url_looks -= 1
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         if b.status == "ended":
             for line in b.results or []:
@@ -1229,9 +1444,7 @@ class FakeAPI:
             "ended_at": rfc3339(b.ended_at),
             "cancel_initiated_at": rfc3339(b.cancel_initiated_at),
             "archived_at": rfc3339(archived) if self.now() >= archived else None,
-            "results_url": (
-                f"{base_url}/v1/messages/batches/{b.id}/results" if b.status == "ended" else None
-            ),
+            "results_url": url,
         }
 
     # -- endpoint handlers (called with the lock held; raise _HTTPError) -----
@@ -1254,10 +1467,26 @@ class FakeAPI:
             requests=[{"custom_id": r["custom_id"], "params": r["params"]} for r in requests],
             created_at=now,
             created_wall=wall,
-            end_wall=wall + max(0.0, float(self.latency_s)),
+            end_wall=wall + max(0.0, self._latency_of(requests)),
+            held=bool(self.hold),
         )
         self._batches[b.id] = b
+        self._changed.notify_all()
         return _Response.of_json(self._batch_json(b, req.base_url))
+
+    def _latency_of(self, requests: list[dict[str, Any]]) -> float:
+        """The slowest entry sets the batch's latency: latency_by_model[model] (a dated id
+        falls back to its base id), else latency_s."""
+
+        def one(params: dict[str, Any]) -> float:
+            model = params.get("model")
+            if isinstance(model, str):
+                for key in (model, _DATED_SUFFIX_RE.sub("", model)):
+                    if key in self.latency_by_model:
+                        return float(self.latency_by_model[key])
+            return float(self.latency_s)
+
+        return max(one(r["params"]) for r in requests)
 
     def _get_batch(self, batch_id: str) -> _Batch:
         b = self._batches.get(batch_id)
@@ -1266,7 +1495,8 @@ class FakeAPI:
         return b
 
     def _ep_retrieve(self, req: _Request) -> _Response:
-        return _Response.of_json(self._batch_json(self._get_batch(req.batch_id), req.base_url))
+        b = self._get_batch(req.batch_id)
+        return _Response.of_json(self._batch_json(b, req.base_url, look=True))
 
     def _ep_list(self, req: _Request) -> _Response:
         after_id, before_id = req.query.get("after_id"), req.query.get("before_id")
@@ -1284,7 +1514,7 @@ class FakeAPI:
             rest = ordered
         rest = [b for b in rest if not b.deleted]
         page = rest[-limit:] if before_id else rest[:limit]
-        data = [self._batch_json(b, req.base_url) for b in page]
+        data = [self._batch_json(b, req.base_url, look=True) for b in page]
         return _Response.of_json(
             {
                 "data": data,
@@ -1330,8 +1560,9 @@ class FakeAPI:
 
     def _ep_messages(self, req: _Request) -> _Response:
         params = req.json()
-        if isinstance(params, dict) and params.get("stream"):
-            raise _invalid("stream: streaming is not supported by this fake API")
+        streaming = isinstance(params, dict) and params.get("stream") is True
+        if isinstance(params, dict) and params.get("stream") not in (None, True, False):
+            raise _invalid("stream: Input should be a valid boolean")
         try:
             validate_params(params)
         except _Invalid as exc:
@@ -1347,7 +1578,11 @@ class FakeAPI:
             raise _HTTPError(500, "api_error", "Request was canceled (scripted canceled step)")
         message = self._render(step, params, "standard", self.now())
         record.usage = message["usage"]
-        return _Response.of_json(message)
+        if not streaming:
+            return _Response.of_json(message)
+        pace = (self.stream_ttft_s, self.stream_chunk_delay_s, self.stream_ping_s)
+        return _Response(200, b"", "text/event-stream; charset=utf-8",
+                         stream=_Stream(stream_events(message), *pace))
 
     def _ep_count_tokens(self, req: _Request) -> _Response:
         params = req.json()
@@ -1359,21 +1594,23 @@ class FakeAPI:
 
     # -- faults ------------------------------------------------------------
 
-    def take_fault(self, endpoint: str) -> _Fault | None:
+    def take_fault(self, endpoint: str, streaming: bool = False) -> _Fault | None:
+        """The first queued fault this request takes (stream faults wait for a stream)."""
         with self._lock:
             for name in (endpoint, "any"):
                 queue = self._faults.get(name) or []
-                if queue:
-                    fault = queue[0]
+                fault = next((f for f in queue if f.applies(streaming)), None)
+                if fault is not None:
                     fault.remaining -= 1
                     if fault.remaining <= 0:
-                        queue.pop(0)
+                        queue.remove(fault)
                     return fault
             return None
 
     def record(self, call: Call) -> None:
-        with self._lock:
+        with self._changed:
             self.calls.append(call)
+            self._changed.notify_all()
         if self._log is not None:
             status = "dropped" if call.status is None else str(call.status)
             self._log(f"{time.strftime('%H:%M:%S')} {call.method} {call.path} -> {status}")
@@ -1448,6 +1685,7 @@ class _Response:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    stream: _Stream | None = None  # server-sent events instead of `body`
 
     @classmethod
     def of_json(
@@ -1461,18 +1699,45 @@ class _Response:
         return cls.of_json(body, err.status, err.headers)
 
 
+def _asks_to_stream(body: bytes) -> bool:
+    try:
+        params = json.loads(body or b"null")
+    except ValueError:
+        return False
+    return isinstance(params, dict) and params.get("stream") is True
+
+
 def _fault_response(fault: _Fault) -> _Response:
     status, error_type, message = _FAULT_ERRORS[fault.kind]
-    details = {"error_code": "enforced_spend_limit_reached"} if fault.kind == "429-spend" else None
+    code = fault.error_code
+    if code is None and fault.kind == "429-spend":
+        code = "enforced_spend_limit_reached"
+    details = {"error_code": code} if code else None
+    message = _ERROR_CODE_MESSAGES.get(code or "", message)
     headers = {}
     retry_after = fault.retry_after
-    if retry_after is None and fault.kind == "429":
+    if retry_after is None and fault.kind == "429" and code not in SPEND_LIMIT_CODES:
         retry_after = 1
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
+    if fault.html:
+        return _Response(status, _html_error_page(status), "text/html", headers)
     return _Response.of_error(
         _HTTPError(status, error_type, message, details=details, headers=headers)
     )
+
+
+def _html_error_page(status: int) -> bytes:
+    """The page a proxy in front of the API (here nginx) answers with, e.g. for a 413."""
+    try:
+        title = f"{status} {http.HTTPStatus(status).phrase}"
+    except ValueError:
+        title = f"{status} Error"
+    return (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
 
 
 class _Server(ThreadingHTTPServer):
@@ -1557,18 +1822,21 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authenticated():
             error = _HTTPError(401, "authentication_error", "x-api-key header is required")
             return self._finish(api, t_wall, endpoint, _Response.of_error(error))
-        fault = api.take_fault(endpoint)
+        streaming = endpoint == "messages" and _asks_to_stream(body)
+        fault = api.take_fault(endpoint, streaming)
         if fault is not None and fault.delay_s > 0:
             time.sleep(fault.delay_s)
         if fault is not None and fault.kind == "drop":
             return self._drop(api, t_wall, endpoint)
-        if fault is not None and fault.kind not in ("slow", "drop-after-create"):
+        if fault is not None and fault.kind in _STATUS_FAULT_KINDS:
             return self._finish(api, t_wall, endpoint, _fault_response(fault))
-        if endpoint == "messages" and api.sync_latency_s > 0:
+        if endpoint == "messages" and not streaming and api.sync_latency_s > 0:
             time.sleep(api.sync_latency_s)
         response = self._dispatch(api, req)
         if fault is not None and fault.kind == "drop-after-create":
             return self._drop(api, t_wall, endpoint)
+        if response.stream is not None:
+            return self._write_stream(api, t_wall, endpoint, response.stream, fault)
         self._finish(api, t_wall, endpoint, response)
 
     def _authenticated(self) -> bool:
@@ -1608,6 +1876,63 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("connection", "close")
         self.end_headers()
         self.wfile.write(response.body)
+
+    def _write_stream(
+        self, api: FakeAPI, t_wall: float, endpoint: str, stream: _Stream, fault: _Fault | None
+    ) -> None:
+        """Server-sent events in chunked encoding: message_start at once, the first content
+        event after ttft_s (pinging meanwhile), then a delta every chunk_delay_s."""
+        if fault is not None and fault.kind not in STREAM_FAULT_KINDS:
+            fault = None  # e.g. "slow": already served
+        api.record(Call(self.command, self.path, endpoint, t_wall, 200))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.send_header("request-id", new_id("req_"))
+        self.end_headers()
+        sent = 0
+        cut = fault.after_events if fault is not None else math.inf
+        first_content = next(
+            (i for i, (name, _) in enumerate(stream.events) if name not in ("message_start", "ping")),
+            len(stream.events),
+        )
+        for i, (name, data) in enumerate(stream.events):
+            pause_s = stream.ttft_s if i == first_content else 0.0
+            if i > first_content and name == "content_block_delta":
+                pause_s = stream.chunk_delay_s
+            deadline = time.monotonic() + pause_s
+            while sent < cut and (left_s := deadline - time.monotonic()) > 0:
+                if left_s > stream.ping_s > 0:
+                    time.sleep(stream.ping_s)
+                    sent += self._event("ping", {"type": "ping"})
+                else:
+                    time.sleep(left_s)
+            if sent >= cut:
+                break
+            sent += self._event(name, data)
+        if sent < cut or fault is None:
+            return self._end_chunks()
+        if fault.kind == "stream-drop":
+            return self._drop_stream()
+        error = {"type": "overloaded_error", "message": "Overloaded"}
+        self._event("error", {"type": "error", "error": error, "request_id": new_id("req_")})
+        self._end_chunks()
+
+    def _event(self, name: str, data: dict[str, Any]) -> int:
+        payload = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+        self.wfile.flush()
+        return 1
+
+    def _end_chunks(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _drop_stream(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 ##############################################################################

@@ -303,6 +303,128 @@ def test_stopped_server_answers_nothing():
 
 
 ##############################################################################
+# Held batches, waiting helpers, per-model latency
+##############################################################################
+
+
+def _create(client: anthropic.Anthropic, model: str = MODEL) -> str:
+    return client.messages.batches.create(
+        requests=[{"custom_id": "a", "params": params(model=model)}]
+    ).id
+
+
+def _status(client: anthropic.Anthropic, batch_id: str) -> str:
+    return client.messages.batches.retrieve(batch_id).processing_status
+
+
+def test_held_batch_ends_when_released_and_is_answered_then(
+    fake_api: FakeAPI, client: anthropic.Anthropic
+):
+    fake_api.hold = True
+    fake_api.script.extend([text("first answered"), text("second answered")])
+    b1, b2 = _create(client), _create(client)
+    fake_api.advance(3600)  # no amount of time ends a held batch (short of expiry)
+    assert (_status(client, b1), _status(client, b2)) == ("in_progress", "in_progress")
+    assert fake_api.model_requests == [] and fake_api.ended_wall_time(b1) is None
+    assert fake_api.release(b2) == [b2]
+    assert (_status(client, b1), _status(client, b2)) == ("in_progress", "ended")
+    assert fake_api.release() == [b1]  # None: every batch; b2 has ended already
+    assert _status(client, b1) == "ended"
+    answers = {
+        b: next(iter(client.messages.batches.results(b))).result.message.content[0].text
+        for b in (b1, b2)
+    }
+    assert answers == {b2: "first answered", b1: "second answered"}  # in release order
+
+
+def test_hold_is_read_at_create(fake_api: FakeAPI, client: anthropic.Anthropic):
+    fake_api.hold = True
+    held = _create(client)
+    fake_api.hold = False
+    free = _create(client)
+    assert (_status(client, held), _status(client, free)) == ("in_progress", "ended")
+
+
+@pytest.mark.parametrize(("cancel_succeeds", "result"), [(False, "canceled"), (True, "succeeded")])
+def test_cancelled_held_batch_ends_on_release(
+    fake_api: FakeAPI, client: anthropic.Anthropic, cancel_succeeds: bool, result: str
+):
+    fake_api.hold = True
+    fake_api.cancel_succeeds = cancel_succeeds
+    batch_id = _create(client)
+    client.messages.batches.cancel(batch_id)
+    assert _status(client, batch_id) == "canceling"
+    fake_api.release(batch_id)
+    ended = client.messages.batches.retrieve(batch_id)
+    assert ended.processing_status == "ended"
+    assert getattr(ended.request_counts, result) == 1
+
+
+def test_held_batch_still_expires(fake_api: FakeAPI, client: anthropic.Anthropic):
+    fake_api.hold = True
+    batch_id = _create(client)
+    fake_api.advance(DAY_S + 1)
+    assert client.messages.batches.retrieve(batch_id).request_counts.expired == 1
+    assert fake_api.release() == []
+
+
+def test_release_unknown_batch(fake_api: FakeAPI):
+    with pytest.raises(KeyError):
+        fake_api.release("msgbatch_nope")
+
+
+def test_wait_for_batches_and_calls_block_without_polling():
+    with FakeAPI(hold=True) as api:
+        c = make_client(api)
+        go = threading.Event()
+
+        def work() -> None:
+            go.wait()
+            for _ in range(2):
+                _create(c)
+            c.messages.batches.list()
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        go.set()
+        ids = api.wait_for_batches(2)
+        assert len(ids) == 2 and ids == api.batch_ids()
+        assert api.wait_for("list", 1) == 1
+        worker.join()
+        assert api.wait_for("create", 2, timeout_s=0) == 2  # already true: no wait
+        with pytest.raises(TimeoutError, match="3 batch"):
+            api.wait_for_batches(3, timeout_s=0.01)
+        with pytest.raises(TimeoutError, match="1 messages call"):
+            api.wait_for("messages", 1, timeout_s=0.01)
+        assert {b: _status(c, b) for b in ids} == dict.fromkeys(ids, "in_progress")
+
+
+def test_latency_by_model(fake_api: FakeAPI, client: anthropic.Anthropic):
+    fake_api.latency_s = 60
+    fake_api.latency_by_model = {MODEL: 0, "claude-haiku-5-5": 3600}
+    fast = _create(client)
+    slow_dated = _create(client, "claude-haiku-5-5-20261001")  # priced like its base id
+    other = _create(client, "claude-sonnet-5-5")  # not listed: latency_s
+    mixed = client.messages.batches.create(
+        requests=[
+            {"custom_id": "a", "params": params()},
+            {"custom_id": "b", "params": params(model="claude-haiku-5-5")},
+        ]
+    ).id
+    assert _status(client, fast) == "ended"
+    assert [_status(client, b) for b in (slow_dated, other, mixed)] == ["in_progress"] * 3
+    fake_api.latency_by_model = {}  # read at create: the batches made keep their latency
+    assert _status(client, slow_dated) == "in_progress"
+
+
+def test_latency_by_model_from_the_constructor():
+    with FakeAPI(latency_by_model={MODEL: 3600}) as api:
+        c = make_client(api)
+        assert _status(c, _create(c)) == "in_progress"
+        assert _status(c, _create(c, "claude-opus-5")) == "ended"
+
+
+##############################################################################
 # List, cancel, delete
 ##############################################################################
 
