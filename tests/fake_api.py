@@ -1039,8 +1039,12 @@ def _block_events(index: int, block: dict[str, Any]) -> list[tuple[str, dict[str
         deltas = [{"type": "input_json_delta", "partial_json": c} for c in partial]
     else:  # redacted_thinking, server tool results: the whole block at once, no delta
         start = dict(block)
-    events = [("content_block_start", {"type": "content_block_start", "index": index,
-                                       "content_block": start})]
+    events = [
+        (
+            "content_block_start",
+            {"type": "content_block_start", "index": index, "content_block": start},
+        )
+    ]
     for delta in deltas:
         events.append(
             ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
@@ -1069,12 +1073,18 @@ def stream_events(message: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     ]
     for index, block in enumerate(message["content"]):
         events += _block_events(index, block)
-    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
-            "output_tokens", "server_tool_use")
+    keys = (
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+        "output_tokens",
+        "server_tool_use",
+    )
     delta = {k: message.get(k) for k in ("stop_reason", "stop_sequence", "stop_details")}
     final_usage = {k: usage[k] for k in keys if k in usage}
-    events.append(("message_delta", {"type": "message_delta", "delta": delta,
-                                     "usage": final_usage}))
+    events.append(
+        ("message_delta", {"type": "message_delta", "delta": delta, "usage": final_usage})
+    )
     events.append(("message_stop", {"type": "message_stop"}))
     return events
 
@@ -1581,8 +1591,12 @@ class FakeAPI:
         if not streaming:
             return _Response.of_json(message)
         pace = (self.stream_ttft_s, self.stream_chunk_delay_s, self.stream_ping_s)
-        return _Response(200, b"", "text/event-stream; charset=utf-8",
-                         stream=_Stream(stream_events(message), *pace))
+        return _Response(
+            200,
+            b"",
+            "text/event-stream; charset=utf-8",
+            stream=_Stream(stream_events(message), *pace),
+        )
 
     def _ep_count_tokens(self, req: _Request) -> _Response:
         params = req.json()
@@ -1894,7 +1908,11 @@ class _Handler(BaseHTTPRequestHandler):
         sent = 0
         cut = fault.after_events if fault is not None else math.inf
         first_content = next(
-            (i for i, (name, _) in enumerate(stream.events) if name not in ("message_start", "ping")),
+            (
+                i
+                for i, (name, _) in enumerate(stream.events)
+                if name not in ("message_start", "ping")
+            ),
             len(stream.events),
         )
         for i, (name, data) in enumerate(stream.events):
@@ -1979,8 +1997,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
     try:  # a signal may arrive while the banner is printed: stop cleanly then too
-        print(f"Fake Anthropic API on {api.base_url} (batches take {args.latency:g} s; "
-              "demo model)")
+        print(f"Fake Anthropic API on {api.base_url} (batches take {args.latency:g} s; demo model)")
         print("To try the harness against it:")
         print(f"  export ANTHROPIC_BASE_URL={api.base_url}")
         print("  export ANTHROPIC_API_KEY=any-non-empty")
