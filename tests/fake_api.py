@@ -13,26 +13,56 @@ Standalone, for a person trying the harness with no network and no key:
     export ANTHROPIC_BASE_URL=http://127.0.0.1:8765
     export ANTHROPIC_API_KEY=any-non-empty
 
+(`--help` lists the rest: per-model latency, streaming pace, inference_geo, null results_url.)
+
 What it does
 ------------
 * Endpoints: POST/GET /v1/messages/batches, GET/DELETE /v1/messages/batches/{id},
   POST /v1/messages/batches/{id}/cancel, GET /v1/messages/batches/{id}/results (the absolute
-  `results_url` it hands out), POST /v1/messages (synchronous, service_tier "standard") and
-  POST /v1/messages/count_tokens. Endpoint names (for `inject` and `count`): create, retrieve,
-  list, cancel, delete, results, messages, count_tokens; "any" matches every request.
+  `results_url` it hands out; one plain GET, no retrieve needed first), POST /v1/messages
+  (synchronous, service_tier "standard"; streamed with `"stream": true`) and
+  POST /v1/messages/count_tokens. Endpoint names (for `inject`, `count` and `wait_for`):
+  create, retrieve, list, cancel, delete, results, messages, count_tokens; "any" matches
+  every request.
+* List: newest first, `limit` 1-1000 (default 20), `after_id` / `before_id`, `has_more`,
+  `first_id`, `last_id`; deleted batches are left out.
 * Auth: a non-empty `x-api-key` header or `Authorization: Bearer <key>` (SDK 2.14 sends the
   API key as a Bearer token); neither -> 401 authentication_error.
-* A batch ends `latency_s` real seconds after it is created (read at create time). Its status
-  is computed lazily from the clocks whenever anything looks at it: an entry is answered by
-  the scripted model at that moment, in creation order. If the fake clock (`now()`, moved by
-  `advance()`) passes `expires_at` (created + 24 h) first, every entry ends `expired`.
-  Results are downloadable until created + 29 days on the fake clock, then 404.
+* A batch ends `latency_s` real seconds after it is created; `latency_by_model` overrides
+  it for the models it names (a dated id falls back to its base id; a batch takes its
+  slowest entry's figure). Both are read at create time. Its status is computed lazily from
+  the clocks whenever anything looks at it: an entry is answered by the scripted model at
+  that moment, in creation order. If the fake clock (`now()`, moved by `advance()`) passes
+  `expires_at` (created + 24 h) first, every entry ends `expired`. Results are downloadable
+  until created + 29 days on the fake clock, then 404.
+* Held batches, for deterministic tests: with `hold` true (`FakeAPI(hold=True)` or the
+  attribute; read at create) a batch stays `in_progress` (or `canceling`) until
+  `release(batch_id)` (no id: every batch so far); it then ends at the next look, answered
+  then. Only expiry on the fake clock ends a held batch otherwise. `wait_for_batches(n)` and
+  `wait_for(endpoint, n)` block on a Condition (no polling) until n batches exist / n calls
+  were recorded (a call is recorded just before its answer is written, or when dropped),
+  and raise TimeoutError after `timeout_s` (default 10).
+* `null_results_url=N` (read when a batch ends): an ended batch shows `results_url: null` to
+  its next N retrieves or lists (the schema allows it); the results endpoint itself works.
 * Cancel: in_progress -> canceling (the cancel response) -> ended after `cancel_latency_s`
-  (default 0, i.e. at the next look). Entries end `canceled`, or `succeeded` when
+  (default 0, i.e. at the next look; a held batch at its release). Entries end `canceled`, or `succeeded` when
   `cancel_succeeds` is true (the work was already under way). Cancelling an ended batch is a
   400 invalid_request_error (a client must expect that race).
-* /v1/messages never streams (`stream: true` is a 400); `sync_latency_s` (default 0) delays
-  each synchronous answer.
+* `sync_latency_s` (default 0) delays each non-streamed /v1/messages answer.
+* Streaming (`"stream": true` on /v1/messages) answers with server-sent events in chunked
+  encoding, in the API's order (see `stream_events`): message_start (full usage but
+  output_tokens 1) and a ping at once; then, per content block, content_block_start,
+  deltas, content_block_stop: text in `text_delta` pieces, thinking in `thinking_delta`
+  pieces then one `signature_delta`, tool input JSON in `input_json_delta` pieces,
+  redacted_thinking (and server tool results) whole in the start event with no delta; then
+  message_delta (stop_reason, stop_sequence, stop_details, final usage) and message_stop.
+  Text is cut into at least 3 pieces of at most 16 characters. The first content event
+  comes `stream_ttft_s` after message_start, with a ping every `stream_ping_s` (5) while
+  waiting; each later delta `stream_chunk_delay_s` after the one before. The SDK's
+  `messages.stream(...).get_final_message()` equals the non-streamed message of that step
+  (ids aside). HTTP errors (faults, errored steps, invalid params) come before any event.
+* `inference_geo` (None: omitted): `usage.inference_geo` of every answer, unless the request
+  sends `inference_geo` ("us" or "global") or the step's `usage={...}` sets it.
 * Params are validated like the real API: shape errors at create are HTTP 400; message-level
   errors come back as an `errored` entry (invalid_request_error) and are HTTP 400 on
   /v1/messages. An invalid entry does not consume a script step.
@@ -40,10 +70,31 @@ What it does
 The scripted model
 ------------------
 `api.script` is a deque; each model request (batch entry or /v1/messages call) pops one step:
-`text(...)`, `tool_calls(...)`, `raw(...)`, `errored(...)`, `expired()`, `canceled()`, a plain
-string (same as `text(s)`), or a callable `f(params) -> step` (None -> the demo model).
+`text(...)`, `tool_calls(...)`, `raw(...)`, `refusal(...)`, `errored(...)`, `expired()`,
+`canceled()`, a plain string (same as `text(s)`), or a callable `f(params) -> step` (None ->
+the demo model). `text`, `tool_calls`, `raw` and `refusal` take `usage={...}` (merged into the
+computed usage, e.g. {"inference_geo": "us"}) and any message field (stop_details=...);
+`text("...", stop_reason="model_context_window_exceeded")` is a context-full answer.
+`refusal(category, content)` stops with "refusal" and stop_details {"type": "refusal",
+"category", "explanation"}; content [] is a refusal before any output, or partial blocks
+(a `tool_calls(...)` step's or a list) holding the tool_use a client must not run.
 On /v1/messages an `errored` step is the matching HTTP error, `expired` a 504 timeout_error
 and `canceled` a 500 api_error.
+
+Faults (`inject(endpoint, kind, count=1, ...)`)
+-----------------------------------------------
+The next `count` requests to `endpoint` fail (FIFO; the endpoint's own before "any"'s):
+"429" (retry-after 1 unless `retry_after=`), "429-spend", "413", "500", "502", "503", "504",
+"529": the API's JSON error; with `error_code="contract_spend_limit_reached"` (or
+"enforced_spend_limit_reached", "ramp_limit_exceeded", ...) it carries
+error.details.error_code, which the SDK turns into its own exception class (no default
+retry-after for a spend limit); with `html=True` it is a proxy's text/html page instead.
+"drop": the connection is cut unanswered; "drop-after-create": the batch is made, then the
+connection cut; "slow": answered after `delay_s` (which any kind takes). Only a streamed
+/v1/messages request takes "stream-error" (an `error` event with overloaded_error after
+`after_events` events, pings included, then the stream ends; the SDK raises
+APIStatusError) or "stream-drop" (the connection cut after `after_events` events; the SDK
+raises httpx2.RemoteProtocolError mid-iteration); other requests pass them by.
 
 The demo model (empty script)
 -----------------------------
@@ -1958,6 +2009,16 @@ class _Handler(BaseHTTPRequestHandler):
 ##############################################################################
 
 
+def _model_latency(value: str) -> tuple[str, float]:
+    model, sep, seconds = value.partition("=")
+    try:
+        if not (sep and model):
+            raise ValueError
+        return model, float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODEL=SECONDS, not {value!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fake_api",
@@ -1975,6 +2036,49 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="seconds each batch takes (default %(default)s)",
     )
+    parser.add_argument(
+        "--latency-by-model",
+        action="append",
+        default=[],
+        metavar="MODEL=S",
+        type=_model_latency,
+        help="seconds a batch with this model takes, instead of --latency (repeatable; "
+        "a batch takes its slowest entry's figure)",
+    )
+    parser.add_argument(
+        "--sync-latency",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds before each non-streamed /v1/messages answer (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream-ttft",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds from message_start to the first streamed content, so a person sees "
+        "the wait (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stream-chunk-delay",
+        type=float,
+        default=0.02,
+        metavar="S",
+        help="seconds between streamed deltas (default %(default)s)",
+    )
+    parser.add_argument(
+        "--inference-geo",
+        choices=INFERENCE_GEOS,
+        help="usage.inference_geo of every answer (default: omitted); 'us' bills 1.1x",
+    )
+    parser.add_argument(
+        "--null-results-url",
+        type=int,
+        default=0,
+        metavar="N",
+        help="an ended batch shows results_url null to its next N retrieves/lists",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     args = parser.parse_args(argv)
 
@@ -1985,8 +2089,17 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     api = FakeAPI(
-        latency_s=args.latency, host=args.host, port=args.port, log=None if args.quiet else log
+        latency_s=args.latency,
+        host=args.host,
+        port=args.port,
+        log=None if args.quiet else log,
+        latency_by_model=dict(args.latency_by_model),
+        inference_geo=args.inference_geo,
+        null_results_url=args.null_results_url,
+        stream_ttft_s=args.stream_ttft,
+        stream_chunk_delay_s=args.stream_chunk_delay,
     )
+    api.sync_latency_s = args.sync_latency
     try:
         api.start()
     except OSError as exc:
@@ -1997,7 +2110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
     try:  # a signal may arrive while the banner is printed: stop cleanly then too
-        print(f"Fake Anthropic API on {api.base_url} (batches take {args.latency:g} s; demo model)")
+        takes = f"{args.latency:g} s" + "".join(
+            f", {model} {seconds:g} s" for model, seconds in args.latency_by_model
+        )
+        print(f"Fake Anthropic API on {api.base_url} (batches take {takes}; demo model)")
         print("To try the harness against it:")
         print(f"  export ANTHROPIC_BASE_URL={api.base_url}")
         print("  export ANTHROPIC_API_KEY=any-non-empty")

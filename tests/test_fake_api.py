@@ -34,6 +34,7 @@ from tests.fake_api import (
     text,
     tool_calls,
 )
+from tests.fake_api import main as fake_api_main
 
 MODEL = "claude-opus-5-5"  # minimum cacheable prefix 512 tokens
 BASH = {"type": "bash_20250124", "name": "bash"}
@@ -1541,7 +1542,10 @@ def test_html_error_body_from_a_proxy(fake_api: FakeAPI, client: anthropic.Anthr
 
 def test_standalone_cli_serves_and_stops_cleanly():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_api", "--port", "0", "--latency", "0.1"],
+        [
+            *(sys.executable, "-m", "tests.fake_api", "--port", "0", "--latency", "60"),
+            *("--latency-by-model", f"{MODEL}=0.1", "--inference-geo", "us"),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1567,12 +1571,21 @@ def test_standalone_cli_serves_and_stops_cleanly():
         wait_ended(c, batch.id)
         (line,) = list(c.messages.batches.results(batch.id))
         assert line.result.message.content[-1].input == {"command": "ls"}
+        assert line.result.message.usage.inference_geo == "us"
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "POST /v1/messages/batches -> 200" in out
+
+
+def test_standalone_cli_refuses_a_bad_model_latency(capsys: pytest.CaptureFixture[str]):
+    for bad in ("claude-opus-5-5", "=3", "claude-opus-5-5=soon"):
+        with pytest.raises(SystemExit) as info:
+            fake_api_main(["--latency-by-model", bad])
+        assert info.value.code == 2
+    assert "expected MODEL=SECONDS" in capsys.readouterr().err
 
 
 def test_standalone_cli_exits_cleanly_on_sigterm():
