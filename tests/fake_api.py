@@ -45,9 +45,9 @@ What it does
 * `null_results_url=N` (read when a batch ends): an ended batch shows `results_url: null` to
   its next N retrieves or lists (the schema allows it); the results endpoint itself works.
 * Cancel: in_progress -> canceling (the cancel response) -> ended after `cancel_latency_s`
-  (default 0, i.e. at the next look; a held batch at its release). Entries end `canceled`, or `succeeded` when
-  `cancel_succeeds` is true (the work was already under way). Cancelling an ended batch is a
-  400 invalid_request_error (a client must expect that race).
+  (default 0, i.e. at the next look; a held batch at its release). Entries end `canceled`,
+  or `succeeded` when `cancel_succeeds` is true (the work was already under way). Cancelling
+  an ended batch is a 400 invalid_request_error (a client must expect that race).
 * `sync_latency_s` (default 0) delays each non-streamed /v1/messages answer.
 * Streaming (`"stream": true` on /v1/messages) answers with server-sent events in chunked
   encoding, in the API's order (see `stream_events`): message_start (full usage but
@@ -92,9 +92,9 @@ retry-after for a spend limit); with `html=True` it is a proxy's text/html page 
 "drop": the connection is cut unanswered; "drop-after-create": the batch is made, then the
 connection cut; "slow": answered after `delay_s` (which any kind takes). Only a streamed
 /v1/messages request takes "stream-error" (an `error` event with overloaded_error after
-`after_events` events, pings included, then the stream ends; the SDK raises
-APIStatusError) or "stream-drop" (the connection cut after `after_events` events; the SDK
-raises httpx2.RemoteProtocolError mid-iteration); other requests pass them by.
+`after_events` (default 3) events, pings included, if the stream is that long; then it ends;
+the SDK raises APIStatusError) or "stream-drop" (the connection cut after `after_events`
+events; the SDK raises httpx2.RemoteProtocolError mid-iteration); other requests pass them by.
 
 The demo model (empty script)
 -----------------------------
@@ -230,7 +230,9 @@ _ERROR_CODE_MESSAGES = {
     "enforced_spend_limit_reached": (
         "Your organization has reached its enforced spend limit for this month."
     ),
-    "contract_spend_limit_reached": "Your organization has reached the spend limit of its contract.",
+    "contract_spend_limit_reached": (
+        "Your organization has reached the spend limit of its contract."
+    ),
     "ramp_limit_exceeded": "This request would exceed your organization's ramp limit.",
 }
 INFERENCE_GEOS = ("us", "global", "not_available")
