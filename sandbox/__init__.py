@@ -17,7 +17,9 @@ Sections, in dependency order (grep '^#####'):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import fnmatch
 import hashlib
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,11 @@ class SandboxUnavailable(SandboxError):
         self.fix = fix
 
 
+class WorkdirRefused(SandboxError):
+    """The work dir would let a sandboxed command plant code the host runs later (the home
+    dir, a system dir, the harness's own install); --dangerously-allow-workdir overrides."""
+
+
 class ToolFailure(SandboxError):
     """A tool call the model got wrong (bad input, a refused path): Toolbox.run turns it into
     an is_error result, so it never reaches the REPL."""
@@ -72,6 +79,31 @@ class ToolResult:
     exit_code: int | None = None
     # Things the user must hear about that the model need not (e.g. an undone git redirect).
     warnings: tuple[str, ...] = ()
+
+
+# C0 controls but newline and tab, DEL, C1 controls, and the bidi overrides that reorder what a
+# line seems to say. ESC and CSI start the sequences that write the clipboard (OSC 52), set
+# the title, move the cursor or erase a line (a file could print a fake success line).
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    if code < 0x20 or code == 0x7F:
+        return "^" + chr(code ^ 0x40)  # caret notation, as `cat -v` prints: ESC is ^[
+    return f"<U+{code:04X}>"
+
+
+def terminal_safe(text: str) -> str:
+    """Text from outside (tool output, file contents, the model's words, a command line) made
+    safe to print: every control character that could drive the terminal is shown instead of
+    sent; newline and tab stay, and CRLF becomes a newline."""
+    return _CONTROL_RE.sub(_visible, text.replace("\r\n", "\n"))
+
+
+def model_safe(text: str) -> str:
+    """Text for the model: NUL bytes shown as ^@ (the API takes text, not binary)."""
+    return text.replace("\0", "^@")
 
 
 ##############################################################################
@@ -109,8 +141,22 @@ class SandboxPolicy:
     srt_path: Path | None = None
     """The srt binary; None means sandbox/node_modules/.bin/srt beside this file."""
     max_file_bytes: int = 1 << 30
-    """Largest file one command may write (RLIMIT_FSIZE): a runaway write stops here, not at
-    a full disk."""
+    """Largest single file one command may write (RLIMIT_FSIZE)."""
+    max_disk_bytes: int = 4 << 30
+    """Disk space one command may use in all (watched while it runs): many files, each under
+    max_file_bytes, would otherwise still fill the disk."""
+    max_memory_bytes: int = 4 << 30
+    """Memory for one command and everything it starts (a cgroup where one can be made, else
+    an address-space limit per process)."""
+    max_processes: int = 1024
+    """Processes and threads one command may have at once (cgroup pids.max; RLIMIT_NPROC for
+    a non-root caller)."""
+    git_scan_max_dirs: int = 200_000
+    """Directories the git guard walks; past this, bash and editor writes are refused: what
+    is not checked could hold a git config that runs code on the host."""
+    allow_dangerous_workdir: bool = False
+    """True only with --dangerously-allow-workdir: tools then run in a work dir that holds
+    the home dir, a system dir or the harness itself (see check_workdir)."""
 
     def __post_init__(self) -> None:
         # Every decision compares real paths: a symlinked work dir must not give two answers.
@@ -123,6 +169,96 @@ class SandboxPolicy:
     @property
     def srt(self) -> Path:
         return self.srt_path if self.srt_path is not None else _default_srt_path()
+
+
+# -- the work dir and the state dir --------------------------------------------------
+
+DANGEROUS_WORKDIR_FLAG = "--dangerously-allow-workdir"
+# A work dir equal to one of these, or inside one of the trees, gives commands the machine.
+_SYSTEM_DIRS = ("/", "/home", "/var", "/opt", "/srv", "/mnt", "/media", "/tmp", "/root",
+                "/Users", "/Volumes", "/private", "/Applications", "/Library")  # fmt: skip
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                 "/proc", "/run", "/sbin", "/sys", "/usr", "/System", "/private/etc",
+                 "/private/var/db")  # fmt: skip
+
+
+def _harness_install() -> list[tuple[str, Path]]:
+    """Where the harness's own code lives: a file planted there (a .pth, a module) runs at its
+    next start, with the API key in its environment."""
+    import site
+
+    found = [("the Python environment", Path(sys.prefix)),
+             ("the harness's own code", Path(__file__).resolve().parent.parent)]  # fmt: skip
+    with contextlib.suppress(AttributeError):
+        found += [("site-packages", Path(p)) for p in site.getsitepackages()]
+    with contextlib.suppress(AttributeError):
+        found.append(("your site-packages", Path(site.getusersitepackages())))
+    found += [("a directory Python imports from", Path(p))
+              for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]  # fmt: skip
+    return found
+
+
+def workdir_refusal(
+    workdir: Path | str, *, state_dir: Path | str, protected: Sequence[Path | str] = ()
+) -> str | None:
+    """Why tools must not run in this work dir, or None. `protected` adds paths (the harness's
+    own file) that must stay outside it."""
+    real = Path(os.path.realpath(workdir))
+    home = Path(os.path.realpath(Path.home()))
+    if real == home or _is_within(home, real):
+        return "it holds your home directory, whose start-up files (~/.bashrc, ~/.config, " \
+            "~/.local/bin) run on the host"  # fmt: skip
+    if str(real) in _SYSTEM_DIRS or any(_is_within(real, Path(t)) for t in _SYSTEM_TREES):
+        return "it is a system directory"
+    below = real.relative_to(home).parts if _is_within(real, home) else ()
+    if below and below[0].startswith("."):
+        return f"it is inside ~/{below[0]}, where tools keep configuration they run"
+    inside = [("the harness's state directory", Path(state_dir)),
+              ("the temp directory", Path(tempfile.gettempdir())), *_harness_install(),
+              *(("a protected path", Path(p)) for p in protected)]  # fmt: skip
+    # Inside the install or the state dir is as bad as holding it; inside /tmp is fine.
+    no_inside = ("the temp directory", "a directory Python imports from")
+    for what, path in inside:
+        where = Path(os.path.realpath(os.path.expanduser(path)))
+        if _is_within(where, real):
+            return f"it contains {what} ({where})"
+        if what not in no_inside and _is_within(real, where):
+            return f"it is inside {what} ({where})"
+    return None
+
+
+def check_workdir(
+    workdir: Path | str, *, state_dir: Path | str, allow_dangerous: bool = False,
+    protected: Sequence[Path | str] = (),
+) -> None:
+    """Refuse (WorkdirRefused, one line) a work dir from which a sandboxed command could plant
+    code the host runs later, unless the user passed --dangerously-allow-workdir."""
+    if allow_dangerous:
+        return
+    if reason := workdir_refusal(workdir, state_dir=state_dir, protected=protected):
+        raise WorkdirRefused(
+            f"refused work directory {os.path.realpath(workdir)}: {reason}. Choose a project "
+            f"directory, or pass {DANGEROUS_WORKDIR_FLAG} to use it anyway"
+        )
+
+
+def secure_state_dir(path: Path | str) -> None:
+    """The state dir private to the user: 0700, every file in it 0600, existing ones tightened.
+    The journal holds tool output, and a command may have printed a secret. Links are left
+    alone (never followed)."""
+    root = Path(os.path.expanduser(path))
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                if not os.path.islink(os.path.join(parent, name)):
+                    os.chmod(os.path.join(parent, name), 0o700)
+        for name in files:
+            with contextlib.suppress(OSError):
+                full = os.path.join(parent, name)
+                if stat.S_ISREG(os.lstat(full).st_mode):
+                    os.chmod(full, 0o600)
 
 
 _SRT_MIN_VERSION = (0, 0, 83)  # older releases have a reproducible escape (shared directory)
@@ -146,6 +282,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OUTPUT_HEAD_BYTES = 10_000
 _OUTPUT_TAIL_BYTES = 10_000
 _KILL_GRACE_S = 2.0  # srt unmounts and removes its placeholders on SIGTERM; SIGKILL skips that
+_DISK_CHECK_S = 0.05
 _DRAIN_GRACE_S = 0.5  # a process that outlived its shell may hold the pipe; stop waiting for it
 _CPU_SLACK_S = 5
 _NPROC_LIMIT = 4096  # binds only non-root callers: root is exempt from RLIMIT_NPROC
@@ -154,6 +291,10 @@ _GIT_SCAN_MAX_DIRS = 50_000
 _GIT_FILE_MAX_BYTES = 1 << 20
 _EDITOR_COMMANDS = ("view", "create", "str_replace", "insert")
 _EDITOR_MAX_CHARS = 20_000
+_EDITOR_MAX_LINE_CHARS = 2_000
+_EDITOR_LOCK_WAIT_S = 60.0
+_MATCH_LINES_SHOWN = 20
+_TOOL_MAX_CHARS = 40_000
 _EDITOR_MAX_FILE_BYTES = 16 << 20
 _LISTING_MAX_ENTRIES = 1_000
 _MISSING: Any = object()
@@ -191,8 +332,9 @@ def _secret_env_names(environ: Mapping[str, str]) -> list[str]:
 
 
 def _srt_settings(policy: SandboxPolicy, command_tmp: Path) -> dict[str, Any]:
-    """The whole config, written per BashTool: srt refuses a missing or partial file rather
-    than fall back to its defaults, which is what we want."""
+    """The whole config, written per BashTool into the state dir (which the sandbox can neither
+    read nor write): srt refuses a missing or partial file rather than fall back to its
+    defaults, which is what we want."""
     deny_read = [e if _has_glob(e) else _literal(e) for e in _read_denials(policy)]
     home = Path.home()
     secrets_ = _secret_env_names(os.environ)
@@ -201,8 +343,12 @@ def _srt_settings(policy: SandboxPolicy, command_tmp: Path) -> dict[str, Any]:
         "filesystem": {
             "denyRead": deny_read,
             "allowWrite": [_literal(policy.workdir), _literal(command_tmp)],
-            # srt leaves these two writable for convenience; both are outside the work dir.
-            "denyWrite": [_literal(home / ".npm" / "_logs"), _literal(home / ".claude" / "debug")],
+            # srt leaves the first two writable for convenience; the rest is ours: srt's
+            # sockets, and the state dir, should a dangerous work dir hold them.
+            "denyWrite": [
+                _literal(home / ".npm" / "_logs"), _literal(home / ".claude" / "debug"),
+                _literal(command_tmp.parent / "srt"), _literal(policy.state_dir),
+            ],
         },
         "credentials": {"envVars": [{"name": n, "mode": "deny"} for n in secrets_]},
     }
@@ -238,12 +384,14 @@ def _capped(kind: int, wanted: int) -> int:
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
 
 
-def _ulimit_lines(max_file_bytes: int, timeout_s: float) -> list[str]:
+def _ulimit_lines(policy: SandboxPolicy, timeout_s: float, in_cgroup: bool) -> list[str]:
     """Limits for the command's shell, set hard so the command cannot raise them: srt sets
-    none, and a runaway write or fork loop would otherwise run until the disk fills."""
-    file_blocks = max(1, _capped(resource.RLIMIT_FSIZE, max_file_bytes) // 1024)  # bash: KiB
+    none. Without a cgroup, an address-space limit per process stands in for memory.max."""
+    file_blocks = max(1, _capped(resource.RLIMIT_FSIZE, policy.max_file_bytes) // 1024)  # KiB
     cpu_s = _capped(resource.RLIMIT_CPU, math.ceil(timeout_s) + _CPU_SLACK_S)
     lines = ["ulimit -c 0", f"ulimit -f {file_blocks}", f"ulimit -t {cpu_s}"]
+    if not in_cgroup:
+        lines.append(f"ulimit -v {max(1, _capped(resource.RLIMIT_AS, policy.max_memory_bytes) // 1024)}")
     if os.geteuid() != 0:
         lines.append(f"ulimit -u {_capped(resource.RLIMIT_NPROC, _NPROC_LIMIT)}")
     return lines
@@ -260,6 +408,233 @@ def _shell_script(command: str, cwd: Path, workdir: Path, cwd_file: Path, limits
         f"trap {q(f'pwd -P >| {q(str(cwd_file))} 2>/dev/null')} EXIT",
         command,
     ])  # fmt: skip
+
+
+# -- resource limits: memory, processes, disk -------------------------------------------------
+#
+# srt sets none. rlimits in the command's shell bind each process, not the command as a whole
+# (and RLIMIT_NPROC does not bind root), so where the machine lets us make a cgroup, the
+# command and everything it starts run in one with memory and process caps; the disk is
+# watched while the command runs.
+
+_CGROUP_JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+def _mounts() -> list[tuple[str, str, set[str]]]:
+    """(mount point, file system type, options) of each cgroup file system."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(fields) > 4 and len(tail) > 2 and tail[0] in ("cgroup", "cgroup2"):
+                found.append((fields[4], tail[0], set(tail[2].split(","))))
+    return found
+
+
+def _own_cgroups() -> dict[str, str]:
+    """Our cgroup per v1 controller ('memory', 'pids') and for v2 (key '')."""
+    own = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                own[name] = path
+    return own
+
+
+class _Cgroup:
+    """One cgroup (v2) or one per controller (v1) for one BashTool's commands."""
+
+    def __init__(self, version: int, dirs: dict[str, Path]) -> None:
+        self.version = version
+        self.dirs = dirs  # 'memory'/'pids' -> its directory (the same one under v2)
+        self._counts = self._events()
+
+    @classmethod
+    def create(cls, name: str, memory_bytes: int, processes: int) -> _Cgroup | None:
+        for make in (cls._make_v2, cls._make_v1):
+            with contextlib.suppress(OSError, ValueError):
+                if (made := make(name, memory_bytes, processes)) is not None:
+                    return made
+        return None
+
+    @classmethod
+    def _make_v2(cls, name: str, memory_bytes: int, processes: int) -> _Cgroup | None:
+        mount = next((m for m, kind, _ in _mounts() if kind == "cgroup2"), None)
+        own = _own_cgroups().get("")
+        if mount is None or own is None:
+            return None
+        base = Path(mount) / own.lstrip("/")
+        # Ours, if it may have children with these controllers; else a sibling of ours.
+        for parent in (base, base.parent):
+            wanted = {"memory", "pids"}
+            enabled = set((parent / "cgroup.subtree_control").read_text().split())
+            if not wanted <= enabled:
+                with contextlib.suppress(OSError):
+                    (parent / "cgroup.subtree_control").write_text("+memory +pids")
+                enabled = set((parent / "cgroup.subtree_control").read_text().split())
+            if wanted <= enabled:
+                path = parent / name
+                path.mkdir()
+                try:
+                    (path / "memory.max").write_text(str(memory_bytes))
+                    with contextlib.suppress(OSError):
+                        (path / "memory.swap.max").write_text("0")  # no escape into swap
+                    (path / "pids.max").write_text(str(processes))
+                except OSError:
+                    path.rmdir()
+                    raise
+                return cls(2, {"memory": path, "pids": path})
+        return None
+
+    @classmethod
+    def _make_v1(cls, name: str, memory_bytes: int, processes: int) -> _Cgroup | None:
+        own, dirs = _own_cgroups(), {}
+        for controller, limits in (
+            ("memory", {"memory.limit_in_bytes": memory_bytes,
+                        "memory.memsw.limit_in_bytes": memory_bytes}),
+            ("pids", {"pids.max": processes}),
+        ):  # fmt: skip
+            mount = next((m for m, kind, opts in _mounts()
+                          if kind == "cgroup" and controller in opts), None)  # fmt: skip
+            if mount is None or controller not in own:
+                break
+            path = Path(mount) / own[controller].lstrip("/") / name
+            path.mkdir()
+            dirs[controller] = path
+            try:
+                for file, value in limits.items():
+                    if (path / file).exists() or file == next(iter(limits)):
+                        (path / file).write_text(str(value))
+            except OSError:
+                break
+        else:
+            return cls(1, dirs)
+        for path in dirs.values():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        return None
+
+    def join_argv(self, argv: list[str]) -> list[str]:
+        """argv, started inside the cgroup: the shell joins it, then execs (same pid)."""
+        procs = sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
+        return ["/bin/sh", "-c", _CGROUP_JOIN, "sh", *procs, "--", *argv]
+
+    def kill_all(self) -> None:
+        """Whatever of the command is left, at once (srt's namespace usually took it already)."""
+        for directory in set(self.dirs.values()):
+            if self.version == 2 and (directory / "cgroup.kill").exists():
+                with contextlib.suppress(OSError):
+                    (directory / "cgroup.kill").write_text("1")
+                continue
+            for _ in range(20):
+                pids = _read_ints(directory / "cgroup.procs")
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.01)
+
+    def _events(self) -> tuple[int, int]:
+        memory, pids = self.dirs["memory"], self.dirs["pids"]
+        oom = _event_count(memory / ("memory.events" if self.version == 2
+                                     else "memory.oom_control"), "oom_kill")  # fmt: skip
+        return oom, _event_count(pids / "pids.events", "max")
+
+    def limit_hit(self) -> str | None:
+        """A note if the last command ran into the memory or process cap."""
+        before, self._counts = self._counts, self._events()
+        hit = []
+        if self._counts[0] > before[0]:
+            hit.append("its memory limit (the kernel killed a process in it)")
+        if self._counts[1] > before[1]:
+            hit.append("its process limit (starting a process or thread failed)")
+        return f"the command ran into {' and '.join(hit)}" if hit else None
+
+    def remove(self) -> None:
+        self.kill_all()
+        for directory in set(self.dirs.values()):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def _read_ints(path: Path) -> list[int]:
+    with contextlib.suppress(OSError, ValueError):
+        return [int(x) for x in path.read_text().split()]
+    return []
+
+
+def _event_count(path: Path, name: str) -> int:
+    with contextlib.suppress(OSError, ValueError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    return 0
+
+
+@dataclass
+class _DiskBudget:
+    """Disk space one command may use, watched on the file systems it can write (the work dir
+    and its temp dir): the file-size limit alone lets many files fill the disk."""
+
+    budget_bytes: int
+    roots: tuple[str, ...]
+    free_at_start: dict[int, int] = dataclasses.field(default_factory=dict)
+    checked_at: float = 0.0
+
+    @classmethod
+    def for_policy(cls, policy: SandboxPolicy, command_tmp: Path) -> _DiskBudget:
+        budget = cls(policy.max_disk_bytes, (str(policy.workdir), str(command_tmp)))
+        budget.free_at_start = budget._free()
+        return budget
+
+    def _free(self) -> dict[int, int]:
+        free = {}
+        for root in self.roots:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(root)
+                free[os.stat(root).st_dev] = st.f_bavail * st.f_frsize
+        return free
+
+    def exceeded(self, now: float) -> bool:
+        """True once the free space has dropped by more than the budget (checked every
+        _DISK_CHECK_S: a statvfs is cheap, but not free)."""
+        if now - self.checked_at < _DISK_CHECK_S:
+            return False
+        self.checked_at = now
+        free = self._free()
+        used = sum(max(self.free_at_start.get(dev, 0) - left, 0) for dev, left in free.items())
+        return used > self.budget_bytes
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):g} MiB"
+
+
+def active_limits(policy: SandboxPolicy) -> list[tuple[str, str, bool]]:
+    """(what, how it is enforced here, bounded?) for --doctor and the README's promise."""
+    cgroup = _Cgroup.create(f"{_PRIVATE_PREFIX}doctor-{os.getpid()}", policy.max_memory_bytes,
+                            policy.max_processes)  # fmt: skip
+    if cgroup is not None:
+        cgroup.remove()
+        kind = f"cgroup v{cgroup.version}"
+        memory = (f"{_gib(policy.max_memory_bytes)} for a command and all it starts ({kind})", True)
+        procs = (f"{policy.max_processes} processes and threads ({kind} pids.max)", True)
+    else:
+        memory = (f"{_gib(policy.max_memory_bytes)} per process (RLIMIT_AS; no cgroup can be "
+                  "made here, so many processes together can use more)", True)  # fmt: skip
+        procs = ((f"{_NPROC_LIMIT} processes for your user (RLIMIT_NPROC)", True)
+                 if os.geteuid() != 0 else
+                 ("NOT bounded: no cgroup here and RLIMIT_NPROC does not bind root; only the "
+                  "CPU limit and --tool-timeout stop a fork bomb", False))  # fmt: skip
+    disk = (f"{_gib(policy.max_file_bytes)} per file (RLIMIT_FSIZE), {_gib(policy.max_disk_bytes)} "
+            "per command in all (watched every 50 ms; a fast write can pass it by a little)", True)
+    cpu = ("--tool-timeout plus a few seconds of CPU (RLIMIT_CPU); the whole tree is killed "
+           "at the timeout", True)  # fmt: skip
+    return [("memory", *memory), ("processes", *procs), ("disk", *disk), ("time", *cpu)]
 
 
 # -- running one process -----------------------------------------------------------
@@ -296,7 +671,7 @@ class _OutputCapture:
 class _Finished:
     output: str
     exit_code: int | None  # None when the harness killed the command
-    outcome: str  # "exited", "timeout" or "interrupted"
+    outcome: str  # "exited", "timeout", "interrupted", "disk" (over budget) or "refused"
 
 
 def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
@@ -307,9 +682,13 @@ def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen
     )  # fmt: skip
 
 
-def _pump(proc: subprocess.Popen[bytes], capture: _OutputCapture, deadline: float) -> bool:
-    """Read the merged output until the process is done; False if the deadline came first.
-    selectors rather than a blocking read, so a full pipe or a silent command never hangs us."""
+def _pump(
+    proc: subprocess.Popen[bytes], capture: _OutputCapture, deadline: float,
+    budget: _DiskBudget | None = None,
+) -> str:
+    """Read the merged output until the process is done: "exited", or "timeout" / "disk" when
+    the deadline or the disk budget came first. selectors rather than a blocking read, so a
+    full pipe or a silent command never hangs us."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     exited_at: float | None = None
@@ -319,21 +698,27 @@ def _pump(proc: subprocess.Popen[bytes], capture: _OutputCapture, deadline: floa
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             if exited_at is not None and now - exited_at > _DRAIN_GRACE_S:
-                return True
-            if selector.select(min(0.2, deadline - now)):
+                return "exited"
+            if budget is not None and exited_at is None and budget.exceeded(now):
+                return "disk"
+            if selector.select(min(_DISK_CHECK_S, deadline - now)):
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    return _wait_until(proc, deadline)
+                    return _wait_until(proc, deadline, budget)
                 capture.add(chunk)
-    return False
+    return "timeout"
 
 
-def _wait_until(proc: subprocess.Popen[bytes], deadline: float) -> bool:
-    try:
-        proc.wait(max(deadline - time.monotonic(), 0))
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+def _wait_until(
+    proc: subprocess.Popen[bytes], deadline: float, budget: _DiskBudget | None
+) -> str:
+    while (now := time.monotonic()) < deadline:
+        if budget is not None and budget.exceeded(now):
+            return "disk"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(min(_DISK_CHECK_S, max(deadline - now, 0)))
+            return "exited"
+    return "timeout"
 
 
 def _stop(proc: subprocess.Popen[bytes], *, term_group: bool) -> None:
@@ -360,7 +745,7 @@ def _exit_status(returncode: int | None) -> int | None:
 
 def _run_process(
     argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float, *, sandboxed: bool,
-    started: Callable[[int], None],
+    started: Callable[[int], None], budget: _DiskBudget | None = None,
 ) -> _Finished:
     """Run to completion, timeout or Ctrl-C. Ctrl-C stops this command only: it is reported
     to the model as a result, not re-raised. `started` gets the process group id at once."""
@@ -368,8 +753,10 @@ def _run_process(
     capture, outcome = _OutputCapture(), "exited"
     try:
         started(proc.pid)  # its own session: the pid is the group id
-        if not _pump(proc, capture, time.monotonic() + timeout_s):
-            outcome = "timeout"
+        outcome = _pump(proc, capture, time.monotonic() + timeout_s, budget)
+        if outcome == "disk":  # every moment of grace is more of the disk: no SIGTERM first
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
     except KeyboardInterrupt:
         outcome = "interrupted"
     finally:
@@ -390,11 +777,18 @@ def _bash_result(run: _Finished, notes: Sequence[str], timeout_s: float) -> Tool
         )
     elif run.outcome == "interrupted":
         parts.append("[interrupted: the user pressed Ctrl-C, so the command was killed]")
+    elif run.outcome == "disk":
+        parts.append(
+            "[stopped: the command used more disk space than one command may "
+            "(the per-command disk budget); what it wrote so far is still there (du -sh)]"
+        )
     elif run.exit_code:
         parts.append(f"[exit status {run.exit_code}]")
+    notes = [terminal_safe(note) for note in notes]  # they name paths a command chose
     parts += [f"[harness] {note}" for note in notes]
     is_error = run.outcome != "exited" or run.exit_code != 0
-    return ToolResult("\n".join(parts) or "(no output)", is_error, run.exit_code, tuple(notes))
+    output = model_safe("\n".join(parts) or "(no output)")
+    return ToolResult(output, is_error, run.exit_code, tuple(notes))
 
 
 # -- work-dir hygiene: one command at a time, srt's leftovers, git redirects ----------------
@@ -517,7 +911,7 @@ def _remove(path: Path) -> None:
 
 @dataclass(frozen=True)
 class _RepoState:
-    """The files of one repository that decide what git on the host executes."""
+    """The files of one git directory that decide what git on the host executes."""
 
     git_file: bytes | None  # a `.git` that is a file ("gitdir: …") or a link; None for a dir
     commondir: bytes | None = None
@@ -525,23 +919,102 @@ class _RepoState:
     hooks: tuple[tuple[str, bytes], ...] = ()  # "" stands for a hooks dir that is a link
 
 
-def _find_git_entries(workdir: Path) -> list[Path]:
-    """Every `.git` in the tree. Nested repositories deeper than srt's scan are writable, so
-    all of them count; os.walk does not follow links, so the scan stays inside."""
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the guard compares after a command: git directories, files host tools run."""
+
+    repos: Mapping[Path, _RepoState]
+    host_run: Mapping[Path, bytes]  # content (protected files) or a signature (noticed ones)
+    capped: bool  # the walk stopped at its limit: some of the tree was NOT looked at
+
+
+_GIT_DATA_DIRS = frozenset({"objects", "refs", "logs", "lfs"})  # data, never config: not walked
+_CONFIG_FILES = ("config", "config.worktree")
+# Host files that run code: Claude Code runs hooks from .claude/settings*.json without the
+# user asking (protected: put back), the others run when the user runs a tool (noticed).
+_HOST_RUN_NAMES = frozenset({".envrc", "makefile", "gnumakefile", "justfile",
+                             ".pre-commit-config.yaml", ".gitmodules", ".gitattributes"})
+_HOST_RUN_DIRS = frozenset({".devcontainer", ".vscode", ".idea", ".husky"})
+
+
+def _git_shaped(entries: Mapping[str, os.DirEntry[str]]) -> bool:
+    """A directory git would take for a repository: HEAD, and objects/ + refs/ or commondir.
+    Names are compared case-folded: on macOS `.GIT/HEAD` is `.git/HEAD`."""
+    head, common = entries.get("head"), entries.get("commondir")
+    objects, refs = entries.get("objects"), entries.get("refs")
+    if head is None or head.is_dir(follow_symlinks=False):
+        return False
+    return common is not None or (objects is not None and refs is not None
+                                  and objects.is_dir() and refs.is_dir())  # fmt: skip
+
+
+def _host_run_kind(rel: Path) -> str | None:
+    """'protected', 'noticed' or None for a file at `rel` in the work dir."""
+    parts = [p.casefold() for p in rel.parts]
+    if len(parts) >= 2 and parts[-2] == ".claude" and fnmatch.fnmatchcase(parts[-1], "settings*.json"):
+        return "protected"
+    if parts[-1] in _HOST_RUN_NAMES or any(p in _HOST_RUN_DIRS for p in parts[:-1]):
+        return "noticed"
+    return None
+
+
+def _signature(path: Path) -> bytes:
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        return f"{st.st_mode}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode()
+    return b""
+
+
+def _walk(workdir: Path, max_dirs: int) -> tuple[list[Path], dict[Path, bytes], bool]:
+    """Every git directory (by name or by shape, so bare repositories and `.git/modules/*`
+    count), every `.git` file or link, and the host-run files. Links are never followed."""
+    git_paths: list[Path] = []
+    host_run: dict[Path, bytes] = {}
+    stack, seen = [workdir], 0
+    while stack:
+        here = stack.pop()
+        seen += 1
+        if seen > max_dirs:
+            return git_paths, host_run, True
+        try:
+            entries = {e.name.casefold(): e for e in os.scandir(here)}
+        except OSError:
+            continue
+        is_git = here != workdir and (here.name.casefold() == ".git" or _git_shaped(entries))
+        if is_git or (here == workdir and _git_shaped(entries)):
+            git_paths.append(here)
+        for folded, entry in entries.items():
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                if not (is_git and folded in _GIT_DATA_DIRS):
+                    stack.append(path)
+            elif folded == ".git":
+                git_paths.append(path)  # a gitdir file or a link: a redirect
+            elif kind := _host_run_kind(path.relative_to(workdir)):
+                host_run[path] = (_read_small(path) or b"") if kind == "protected" else _signature(path)
+    return git_paths, host_run, False
+
+
+def _linked_git_dirs(workdir: Path, git_paths: Sequence[Path]) -> list[Path]:
+    """Directories a `gitdir:` file or a `commondir` points at inside the tree (in case the
+    walk skipped them): their config and hooks are what git on the host would use."""
     found = []
-    for dirs_seen, (root, dirs, files) in enumerate(os.walk(workdir), 1):
-        if ".git" in dirs or ".git" in files:
-            found.append(Path(root) / ".git")
-        dirs[:] = [d for d in dirs if d != ".git"]
-        if dirs_seen >= _GIT_SCAN_MAX_DIRS:
-            break
+    for path in git_paths:
+        link = path / "commondir" if _is_plain_dir(path) else path
+        text = (_read_small(link) or b"").decode("utf-8", "replace").strip()
+        text = text.removeprefix("gitdir:").strip() if link is path else text
+        if not text or text.startswith("\0"):
+            continue
+        target = Path(os.path.realpath(link.parent / text))
+        if _is_within(target, workdir) and _is_plain_dir(target) and target not in git_paths:
+            found.append(target)
     return found
 
 
 def _repo_state(dot_git: Path) -> _RepoState:
     if not _is_plain_dir(dot_git):
         return _RepoState(_read_small(dot_git) or b"")
-    configs = tuple((name, _read_small(dot_git / name)) for name in ("config", "config.worktree"))
+    configs = tuple((name, _read_small(dot_git / name)) for name in _CONFIG_FILES)
     return _RepoState(None, _read_small(dot_git / "commondir"), configs, _hook_files(dot_git))
 
 
@@ -555,71 +1028,137 @@ def _hook_files(dot_git: Path) -> tuple[tuple[str, bytes], ...]:
     return tuple((n, _read_small(hooks / n) or b"") for n in names)
 
 
-def _git_snapshot(workdir: Path) -> dict[Path, _RepoState]:
-    return {dot_git: _repo_state(dot_git) for dot_git in _find_git_entries(workdir)}
+def _snapshot(workdir: Path, max_dirs: int) -> _Snapshot:
+    git_paths, host_run, capped = _walk(workdir, max_dirs)
+    git_paths += _linked_git_dirs(workdir, git_paths)
+    return _Snapshot({p: _repo_state(p) for p in git_paths}, host_run, capped)
 
 
-_CONFIG_SECTION_RE = re.compile(r'^\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"((?:[^"\\]|\\.)*)")?\s*\](.*)$')
-_CONFIG_KEY_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*(?:=\s*(.*))?$")
-# Keys through which a config makes git run a program (or read another config that does).
-_DANGEROUS_CONFIG_RE = re.compile(
-    r"^(core\.(fsmonitor|hookspath|sshcommand|pager|editor|askpass|gitproxy|worktree"
-    r"|alternaterefscommand)|include\.path|includeif\..*\.path|filter\..*\.(clean|smudge|process)"
-    r"|diff\.external|diff\..*\.(textconv|command)|merge\..*\.driver|credential\.(.*\.)?helper"
-    r"|sequence\.editor|pager\..*|uploadpack\.packobjectshook|gpg\.(.*\.)?program"
-    r"|interactive\.difffilter)$"
+def _scan_cap_refusal(policy: SandboxPolicy) -> str:
+    return (
+        f"not run: the work directory has more than {policy.git_scan_max_dirs:,} directories, "
+        "so the harness cannot check all of them for git config and hooks that would run code "
+        "on the host (it fails closed). Tell the user: move large trees out of the work "
+        "directory, or raise the limit (SandboxPolicy.git_scan_max_dirs)"
+    )
+
+
+# -- config: read the way git reads it, keep only keys that run nothing -----------------------
+
+# Keys git never turns into a command. Everything else a command adds or changes is reverted:
+# the keys that run programs (fsmonitor, pager, sshCommand, gpg.*.program, defaultKeyCommand,
+# uploadpack, receivepack, remote.*.vcs, url.*.insteadOf, credential helpers, filters, …) keep
+# growing with every git release, so naming them cannot be complete.
+_SAFE_CONFIG_KEYS = frozenset({
+    "core.repositoryformatversion", "core.filemode", "core.bare", "core.logallrefupdates",
+    "core.ignorecase", "core.precomposeunicode", "core.symlinks", "core.autocrlf", "core.eol",
+    "core.safecrlf", "extensions.objectformat", "extensions.worktreeconfig", "user.name",
+    "user.email",
+})  # fmt: skip
+_SAFE_CONFIG_KEY_RE = re.compile(
+    r"branch\..+\.(remote|merge)|remote\..+\.(fetch|push)|submodule\..+\.active", re.DOTALL
 )
+_URL_CONFIG_KEY_RE = re.compile(r"remote\..+\.(url|pushurl)|submodule\..+\.url", re.DOTALL)
+# A URL that names a place, not a program: no `transport::address` helper, no leading `-`.
+_PLAIN_URL_RE = re.compile(
+    r"(?:https?|ssh|git|file)://(?!-)[^\s]+|[\w.~+-]+@(?!-)[\w.-]+:[^\s]+|\.{0,2}/[^\s]*"
+)
+_GIT_READ_ENV = {
+    "PATH": os.defpath, "HOME": "/nonexistent", "XDG_CONFIG_HOME": "/nonexistent",
+    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_SYSTEM": "/dev/null", "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_PAGER": "cat", "PAGER": "cat", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C",
+}  # fmt: skip
+_ConfigEntry = tuple[str, "str | None"]
 
 
-def _config_entries(content: bytes) -> list[tuple[int, str, str]]:
-    """(line index, section.key, value) for each entry; a line that is neither comment, section
-    nor key is reported as key "?" so that an odd spelling cannot hide an entry."""
-    entries, section = [], ""
-    for index, raw in enumerate(content.decode("utf-8", "replace").splitlines()):
-        line = raw.strip()
-        if header := _CONFIG_SECTION_RE.match(line):
-            sub = f".{header[2]}" if header[2] is not None else ""
-            section, line = f"{header[1]}{sub}".lower(), header[3].strip()
-        if not line or line[0] in "#;":
-            continue
-        key = _CONFIG_KEY_RE.match(line)
-        name = f"{section}.{key[1].lower()}" if key and section else "?"
-        entries.append((index, name, (key[2] or "").strip() if key else line))
+def _harmless_config(key: str, value: str | None) -> bool:
+    if key in _SAFE_CONFIG_KEYS or _SAFE_CONFIG_KEY_RE.fullmatch(key):
+        return True
+    if not _URL_CONFIG_KEY_RE.fullmatch(key) or value is None:
+        return False
+    return "::" not in value and "@-" not in value and bool(_PLAIN_URL_RE.fullmatch(value))
+
+
+def _host_git(workdir: Path) -> str | None:
+    return shutil.which("git", path=_search_path(os.environ.get("PATH", os.defpath), [workdir]))
+
+
+def _git_config_entries(content: bytes, git: str | None) -> list[_ConfigEntry] | None:
+    """The entries exactly as git reads them (`git config --list --null --no-includes`, no
+    system or global config, no pager), or None when git cannot read them."""
+    if git is None or content.startswith(b"\0link ") or len(content) > _GIT_FILE_MAX_BYTES:
+        return None
+    try:
+        done = subprocess.run(
+            [git, "config", "--file", "-", "--list", "--null", "--no-includes"], input=content,
+            capture_output=True, env=_GIT_READ_ENV, cwd="/", timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    entries: list[_ConfigEntry] = []
+    for item in done.stdout.split(b"\0")[:-1]:
+        key, newline, value = item.partition(b"\n")
+        text = value.decode("utf-8", "surrogateescape") if newline else None
+        entries.append((key.decode("utf-8", "surrogateescape"), text))
     return entries
 
 
-def _dangerous_entries(content: bytes | None) -> set[tuple[str, str]]:
-    if content is None:
-        return set()
-    if content.startswith(b"\0link "):
-        return {("config is a link", content[6:].decode("utf-8", "replace"))}
-    entries = _config_entries(content)
-    return {(k, v) for _, k, v in entries if k == "?" or _DANGEROUS_CONFIG_RE.match(k)}
+def _config_bytes(entries: Sequence[_ConfigEntry]) -> bytes:
+    """A config file holding exactly these entries (the caller checks it with git)."""
+
+    def quoted(text: str) -> str:
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        return '"' + escaped.replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+    lines, header = [], None
+    for key, value in entries:
+        section, _, name = key.rpartition(".")
+        top, dot, sub = section.partition(".")
+        wanted = f"[{top} {quoted(sub)}]" if dot else f"[{top}]"
+        if wanted != header:
+            lines.append(wanted)
+            header = wanted
+        lines.append(f"\t{name}" if value is None else f"\t{name} = {quoted(value)}")
+    return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape") if lines else b""
 
 
-def _strip_config(content: bytes, bad: set[tuple[str, str]]) -> bytes:
-    """The config without the offending entries (a section header on the same line stays)."""
-    drop = {i for i, k, v in _config_entries(content) if (k, v) in bad}
-    lines = content.decode("utf-8", "replace").splitlines(keepends=True)
-    kept = [
-        (m[0].split("]", 1)[0] + "]\n" if (m := _CONFIG_SECTION_RE.match(line.strip())) else "")
-        if i in drop else line
-        for i, line in enumerate(lines)
-    ]  # fmt: skip
-    return "".join(kept).encode()
+def _vetted_config(
+    content: bytes, before: bytes | None, git: str | None
+) -> tuple[bytes | None, str] | None:
+    """None if every entry is harmless or was there before; else what to put in the file's
+    place (None: remove it) and what was taken out, for the note."""
+    entries = _git_config_entries(content, git)
+    prior = (_git_config_entries(before, git) or []) if before is not None else []
+    if entries is None:
+        readable = before is not None and _git_config_entries(before, git) is not None
+        return (before if readable else None), "all of it (git could not read it as checked)"
+    kept = [entry for entry in entries if _harmless_config(*entry) or entry in prior]
+    if len(kept) == len(entries):
+        return None
+    dropped = ", ".join(sorted({key for key, value in entries if (key, value) not in kept}))
+    if before is not None and kept == prior:
+        return before, dropped  # only additions: the user's file, comments and all
+    rebuilt = _config_bytes(kept)
+    if _git_config_entries(rebuilt, git) != kept:
+        rebuilt = b""  # it would not read back as meant: an empty config runs nothing
+    return rebuilt, dropped
 
 
-def _undo_git_redirects(workdir: Path, before: Mapping[Path, _RepoState]) -> list[str]:
-    """Put back what a command changed that would make host git run planted code: a `.git`
-    file or link (gitdir redirect), `commondir`, dangerous config keys, hooks."""
+def _undo_git(workdir: Path, before: _Snapshot, after: _Snapshot) -> list[str]:
+    """Put back what a command changed that would make git on the host run planted code."""
     notes: list[str] = []
-    for dot_git in _find_git_entries(workdir):
-        where = str(dot_git.relative_to(workdir))
-        notes += _undo_repo(dot_git, where, before.get(dot_git), _repo_state(dot_git))
+    git = _host_git(workdir)
+    for path, now in after.repos.items():
+        where = str(path.relative_to(workdir)) if path != workdir else "."
+        notes += _undo_repo(path, where, before.repos.get(path), now, git)
     return notes
 
 
-def _undo_repo(dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState) -> list[str]:
+def _undo_repo(
+    dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState, git: str | None
+) -> list[str]:
     if now.git_file is not None:
         if prior is not None and prior.git_file == now.git_file:
             return []
@@ -631,25 +1170,27 @@ def _undo_repo(dot_git: Path, where: str, prior: _RepoState | None, now: _RepoSt
     if now.commondir is not None and now.commondir != old_commondir:
         _restore(dot_git / "commondir", old_commondir, 0o644)
         notes.append(f"removed a planted {where}/commondir that redirected git")
-    notes += _undo_configs(dot_git, where, prior, now)
+    notes += _undo_configs(dot_git, where, prior, now, git)
     return notes + _undo_hooks(dot_git, where, prior, now)
 
 
 def _undo_configs(
-    dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState
+    dot_git: Path, where: str, prior: _RepoState | None, now: _RepoState, git: str | None
 ) -> list[str]:
     notes = []
     old = dict(prior.configs) if prior else {}
     for name, content in now.configs:
-        bad = _dangerous_entries(content) - _dangerous_entries(old.get(name))
-        if not bad or content is None:
+        if content is None or content == old.get(name):
             continue
-        if old.get(name) is not None:
-            _restore(dot_git / name, old[name], 0o644)
-        else:
-            _replace_file(dot_git / name, _strip_config(content, bad), 0o644)
-        keys = ", ".join(sorted({k for k, _ in bad}))
-        notes.append(f"removed {keys} from {where}/{name}: git would have run it on the host")
+        verdict = _vetted_config(content, old.get(name), git)
+        if verdict is None:
+            continue
+        replacement, dropped = verdict
+        _restore(dot_git / name, replacement, 0o644)
+        notes.append(
+            f"reverted {dropped} in {where}/{name}: only keys that run nothing may be set "
+            "from inside the sandbox"
+        )
     return notes
 
 
@@ -661,6 +1202,42 @@ def _undo_hooks(dot_git: Path, where: str, prior: _RepoState | None, now: _RepoS
     if not changed:
         return []
     return [f"removed hooks planted in {where}/hooks: {', '.join(n or '(link)' for n in changed)}"]
+
+
+def _undo_host_run(workdir: Path, before: _Snapshot, after: _Snapshot) -> list[str]:
+    """Protected host-run files are put back; the others are named so the user can look."""
+    protected, noticed = [], []
+    for path, now in after.host_run.items():
+        if before.host_run.get(path) == now:
+            continue
+        rel = str(path.relative_to(workdir))
+        if _host_run_kind(path.relative_to(workdir)) == "protected":
+            _restore(path, before.host_run.get(path), 0o644)
+            protected.append(rel)
+        else:
+            noticed.append(rel)
+    notes = []
+    if protected:
+        notes.append(f"put back {', '.join(protected)}: Claude Code runs hooks from it "
+                     "without asking")  # fmt: skip
+    if noticed:
+        notes.append(f"created or changed {', '.join(sorted(noticed)[:20])}: tools on the host "
+                     "run these (make, direnv, your editor); review them before you do")  # fmt: skip
+    return notes
+
+
+def _guard_notes(policy: SandboxPolicy, before: _Snapshot) -> list[str]:
+    """After a command or an editor write: undo what would run on the host, and say so."""
+    workdir = policy.workdir
+    after = _snapshot(workdir, policy.git_scan_max_dirs)
+    notes = _undo_git(workdir, before, after) + _undo_host_run(workdir, before, after)
+    if after.capped:
+        notes.append(
+            f"WARNING: the work directory now has more than {policy.git_scan_max_dirs:,} "
+            "directories; git config and hooks past that point were NOT checked. Do not run "
+            "git on the host in it until you have looked; further commands are refused"
+        )
+    return notes
 
 
 def _restore(path: Path, content: bytes | None, mode: int) -> None:
@@ -889,12 +1466,19 @@ class BashTool:
         self._srt_tmp, self._tmp = self._private / "srt", self._private / "tmp"
         self._srt_tmp.mkdir()
         self._tmp.mkdir()
-        self._settings = self._private / "srt-settings.json"
-        self._settings.write_text(json.dumps(_srt_settings(policy, self._tmp), indent=1))
+        # In the state dir, not the temp dir: with TMPDIR inside the work dir, a command
+        # rewrote the settings and the next one ran unconfined. Named after the private dir,
+        # so a leftover srt is recognised by its command line too (_is_recorded_group).
+        self._settings = policy.state_dir / "sandbox" / f"{self._private.name}.json"
+        self._settings.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings = json.dumps(_srt_settings(policy, self._tmp), indent=1).encode()
+        _replace_file(self._settings, settings, 0o600)
         self._env = _child_env(policy, self._tmp, self._srt_tmp)
         self._cwd_file = self._tmp / ".harness-cwd"
         self._cwd = policy.workdir
         self._sandbox_checked = False
+        self._cgroup: _Cgroup | None = None
+        self._cgroup_tried = False
 
     def run(self, command: str, timeout_s: float) -> ToolResult:
         try:
@@ -924,33 +1508,49 @@ class BashTool:
         return ToolResult(f"bash restarted: the working directory is {self._cwd} again.")
 
     def close(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._settings)
         shutil.rmtree(self._private, ignore_errors=True)
 
     def _execute(self, command: str, timeout_s: float) -> tuple[_Finished, list[str]]:
         """Run one command with the work dir's hygiene around it; returns the outcome and the
-        notes about git redirects that were undone."""
+        notes about what was undone (git redirects, host-run files)."""
         workdir = self.policy.workdir
-        git_before = _git_snapshot(workdir)
-        repos = [dot_git for dot_git, state in git_before.items() if state.git_file is None]
+        if not self._cgroup_tried:
+            self._cgroup_tried = True
+            self._cgroup = _Cgroup.create(
+                self._private.name, self.policy.max_memory_bytes, self.policy.max_processes
+            )
+        before = _snapshot(workdir, self.policy.git_scan_max_dirs)
+        if before.capped:
+            return _Finished(_scan_cap_refusal(self.policy), None, "refused"), []
+        repos = [p for p, st in before.repos.items() if st.git_file is None and p.name == ".git"]
         candidates = _placeholder_candidates(workdir, repos)
         existed = {p for p in candidates if os.path.lexists(p)}
         _ensure_git_excludes(workdir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._cwd_file)
-        limits = _ulimit_lines(self.policy.max_file_bytes, timeout_s)
+        limits = _ulimit_lines(self.policy, timeout_s, self._cgroup is not None)
         script = _shell_script(command, self._cwd, workdir, self._cwd_file, limits)
         record = self._recorder(command, candidates, existed)
         try:
             run = _run_process(
                 self._argv(script), self._env, workdir, timeout_s, sandboxed=self.policy.enabled,
-                started=record,
+                started=record, budget=_DiskBudget.for_policy(self.policy, self._tmp),
             )
         finally:
+            if self._cgroup is not None:
+                self._cgroup.kill_all()
             _remove_new_placeholders(candidates, existed)
             _empty_dir(self._srt_tmp)  # srt-mux-*.sock and friends, one set per run
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_run_record_path(self.policy))  # only now: the cleanup is done
-        notes = _undo_git_redirects(workdir, git_before)
+        notes = _guard_notes(self.policy, before)
+        if self._cgroup is not None and (why := self._cgroup.limit_hit()):
+            notes.append(why)
         self._cwd = self._carried_cwd() or self._cwd
         return run, notes
 
@@ -969,8 +1569,10 @@ class BashTool:
 
     def _argv(self, script: str) -> list[str]:
         if not self.policy.enabled:
-            return ["bash", "-c", script]
-        return [str(self.policy.srt), "--settings", str(self._settings), "-c", script]
+            argv = ["bash", "-c", script]
+        else:
+            argv = [str(self.policy.srt), "--settings", str(self._settings), "-c", script]
+        return self._cgroup.join_argv(argv) if self._cgroup is not None else argv
 
     def _carried_cwd(self) -> Path | None:
         text = (_read_small(self._cwd_file) or b"").decode("utf-8", "replace").strip()
@@ -979,6 +1581,14 @@ class BashTool:
 
     def _sandbox_problem(self) -> str | None:
         """Probe once, on first use: a missing bwrap looks like any failing command."""
+        if refused := _workdir_problem(self.policy):
+            return refused
+        if _is_within(self._private, self.policy.workdir):
+            return (
+                f"not run: the temp directory {self._private.parent} is inside the work "
+                "directory, where a command could rewrite what the sandbox relies on. Tell the "
+                "user: set TMPDIR to a directory outside the work directory"
+            )
         if not self.policy.enabled or self._sandbox_checked:
             return None
         try:
@@ -1004,6 +1614,16 @@ class BashTool:
         if run.exit_code != 0:
             detail = _first_error_line(run.output) or f"srt exited with {run.exit_code}"
             raise SandboxUnavailable(detail, _fix_for(detail))
+
+
+def _workdir_problem(policy: SandboxPolicy) -> str | None:
+    """The refusal of a dangerous work dir, as the model reads it (both tools check)."""
+    try:
+        check_workdir(policy.workdir, state_dir=policy.state_dir,
+                      allow_dangerous=policy.allow_dangerous_workdir)  # fmt: skip
+    except WorkdirRefused as exc:
+        return f"not run: {exc}. Tell the user; only they can change the work directory."
+    return None
 
 
 def _check_srt_install(policy: SandboxPolicy) -> None:
@@ -1160,10 +1780,19 @@ def _view_range(tool_input: Mapping[str, Any], n: int) -> tuple[int, int]:
     return start, n if end == -1 else min(end, n)
 
 
+def _cut_line(line: str) -> str:
+    """One line at most _EDITOR_MAX_LINE_CHARS: a minified file is one line of megabytes."""
+    if len(line) <= _EDITOR_MAX_LINE_CHARS:
+        return line
+    cut = len(line) - _EDITOR_MAX_LINE_CHARS
+    return f"{line[:_EDITOR_MAX_LINE_CHARS]}[... {cut:,} more characters on this line cut]"
+
+
 def _fit(lines: Sequence[str], first: int) -> tuple[list[str], int]:
-    """Numbered lines up to the character budget; returns them and the last line shown."""
+    """Numbered lines, each cut to its cap, up to the character budget; returns them and the
+    last line shown."""
     out, used = [], 0
-    for i, line in enumerate(_numbered(lines, first)):
+    for i, line in enumerate(_numbered([_cut_line(x) for x in lines], first)):
         if used + len(line) + 1 > _EDITOR_MAX_CHARS and out:
             return out, first + i - 1
         out.append(line)
@@ -1174,7 +1803,9 @@ def _fit(lines: Sequence[str], first: int) -> tuple[list[str], int]:
 def _snippet(text: str, first_line: int, last_line: int) -> str:
     lines = text.split("\n")
     start, end = max(first_line - 3, 1), min(last_line + 3, _count_lines(text))
-    return "\n".join(_numbered(lines[start - 1 : end], start))
+    shown, last = _fit(lines[start - 1 : end], start)
+    more = f"\n[... lines {last + 1}-{end} not shown: view them with view_range]" if last < end else ""
+    return "\n".join(shown) + more
 
 
 def _match_lines(text: str, needle: str) -> list[int]:
@@ -1185,24 +1816,125 @@ def _match_lines(text: str, needle: str) -> list[int]:
     return lines
 
 
+def _line_list(lines: Sequence[int]) -> str:
+    shown = ", ".join(map(str, lines[:_MATCH_LINES_SHOWN]))
+    return shown + (f" and {len(lines) - _MATCH_LINES_SHOWN:,} more" if len(lines) > _MATCH_LINES_SHOWN else "")
+
+
 def _protected_reason(rel: Path) -> str | None:
-    """srt's mandatory write denies, plus all of .git: a planted .git/commondir or gitdir file
-    makes git on the host run code, and the editor runs on the host."""
-    parts = rel.parts
+    """srt's mandatory write denies, all of .git, and files host tools run without asking.
+    Names are compared case-folded: on macOS `.GIT/config` is `.git/config`."""
+    parts = [p.casefold() for p in rel.parts]
     if parts and parts[-1] in _PROTECTED_NAMES:
-        return f"{parts[-1]} is a shell or git start-up file"
+        return f"{rel.parts[-1]} is a shell or git start-up file"
     for i, part in enumerate(parts):
         if part in _PROTECTED_DIRS:
-            return f"{part} is protected (it can make tools on the host run code)"
-        if part == ".claude" and parts[i + 1 : i + 2] in (("commands",), ("agents",)):
+            return f"{rel.parts[i]} is protected (it can make tools on the host run code)"
+        if part == ".claude" and parts[i + 1 : i + 2] in (["commands"], ["agents"]):
             return ".claude/commands and .claude/agents are protected"
+    if _host_run_kind(rel) == "protected":
+        return f"{rel} is protected: Claude Code runs hooks from it without asking"
     return None
+
+
+def _inside_git_dir(real: Path, workdir: Path) -> Path | None:
+    """The first directory on the way to `real` that git would take for a repository."""
+    here = workdir
+    for part in real.relative_to(workdir).parts[:-1]:
+        here = here / part
+        with contextlib.suppress(OSError):
+            if _git_shaped({e.name.casefold(): e for e in os.scandir(here)}):
+                return here
+    return None
+
+
+# -- opening without following links: no check-then-use race --------------------------------
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture (since 5.6)
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
+_OPENAT2_MISSING = {errno.ENOSYS, errno.EPERM, errno.E2BIG, errno.EOPNOTSUPP}
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int | None:
+    """openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): the kernel refuses any link and any
+    way out, on every component at once. None where the kernel (or a seccomp filter) has no
+    openat2."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(flags, mode if flags & os.O_CREAT else 0,
+                   _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)  # fmt: skip
+    fd = libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd),
+                      ctypes.c_char_p(os.fsencode(rel)), ctypes.byref(how),
+                      ctypes.c_size_t(ctypes.sizeof(how)))  # fmt: skip
+    if fd >= 0:
+        return int(fd)
+    err = ctypes.get_errno()
+    if err in _OPENAT2_MISSING:
+        return None
+    raise OSError(err, os.strerror(err), rel)
+
+
+def _walk_open(base_fd: int, parts: Sequence[str], flags: int, mode: int, make_parents: bool) -> int:
+    """The same without openat2: one directory fd at a time, each opened O_NOFOLLOW, so a
+    component swapped for a link fails instead of leading elsewhere."""
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.dup(base_fd)
+    try:
+        for name in parts[:-1]:
+            try:
+                nxt = os.open(name, dir_flags, dir_fd=fd)
+            except FileNotFoundError:
+                if not make_parents:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                nxt = os.open(name, dir_flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _open_no_links(real: Path, base: Path, flags: int, *, make_parents: bool = False) -> int:
+    """Open `real` (a path realpath gave, so it holds no link) below `base` without following
+    any link: if a command swapped a directory for a link since the policy looked, this fails
+    (ELOOP / ENOTDIR / EXDEV) instead of reaching outside."""
+    parts = real.relative_to(base).parts
+    if not parts:
+        return os.open(base, flags | os.O_CLOEXEC)
+    base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not make_parents:
+            fd = _openat2(base_fd, os.path.join(*parts), flags | os.O_CLOEXEC, 0o644)
+            if fd is not None:
+                return fd
+        return _walk_open(base_fd, parts, flags, 0o644, make_parents)
+    finally:
+        os.close(base_fd)
+
+
+_LINK_ERRNOS = {errno.ELOOP, errno.ENOTDIR, errno.EXDEV}
+
+
+def _has_link_on_the_way(real: Path, raw: str, workdir: Path) -> bool:
+    """Whether the path as given now passes through a link (a swap happened, or is one)."""
+    path = Path(raw) if os.path.isabs(raw) else workdir / raw
+    return any(os.path.islink(p) for p in [path, *path.parents]) or real != Path(os.path.realpath(path))
 
 
 class EditorTool:
     """`str_replace_based_edit_tool`. It runs in the harness process, not in srt, so it applies
-    the same rules itself: decide on the real path (links resolved), write only inside the
-    work dir, read nothing the sandbox hides."""
+    the same rules itself: decide on the real path (links resolved), then open that path with
+    no link followed anywhere (so a swap in between fails), write only inside the work dir,
+    read nothing the sandbox hides, one call at a time with bash (the work-dir lock), and the
+    same git and host-run guard around every write."""
 
     def __init__(self, policy: SandboxPolicy) -> None:
         self.policy = policy
@@ -1228,16 +1960,55 @@ class EditorTool:
         raw = _field(tool_input, "path", str)
         if not raw.strip() or "\0" in raw:
             raise ToolFailure("path is empty or holds a NUL byte")
-        return handler(raw, tool_input)
+        if refused := _workdir_problem(self.policy):
+            raise ToolFailure(refused)
+        fd = _acquire_lock(_lock_path(self.policy), _EDITOR_LOCK_WAIT_S)
+        if fd is None:
+            raise ToolFailure(
+                f"not run: another command kept {self.policy.workdir} busy for "
+                f"{_EDITOR_LOCK_WAIT_S:g} s (one tool at a time per work directory); try again"
+            )
+        try:
+            if command == "view":
+                return handler(raw, tool_input)
+            return self._guarded(handler, raw, tool_input)
+        except OSError as exc:
+            if exc.errno in _LINK_ERRNOS and _has_link_on_the_way(self._resolve(raw), raw, self.policy.workdir):
+                raise ToolFailure(
+                    f"refused: {raw}: a directory on its path is (or just became) a link; "
+                    "nothing was read or written"
+                ) from None
+            raise ToolFailure(f"{raw}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
+
+    def _guarded(
+        self, handler: Callable[[str, Mapping[str, Any]], ToolResult], raw: str,
+        tool_input: Mapping[str, Any],
+    ) -> ToolResult:
+        """A write with the git and host-run guard around it, as bash has: four `create`
+        calls can lay out a repository whose config runs a pager."""
+        before = _snapshot(self.policy.workdir, self.policy.git_scan_max_dirs)
+        if before.capped:
+            raise ToolFailure(_scan_cap_refusal(self.policy).replace("not run", "not written"))
+        result = handler(raw, tool_input)
+        notes = [terminal_safe(n) for n in _guard_notes(self.policy, before)]
+        if not notes:
+            return result
+        output = "\n".join([result.output, *(f"[harness] {n}" for n in notes)])
+        return dataclasses.replace(result, output=output, warnings=tuple(notes))
 
     # -- commands ----------------------------------------------------------------------
     def _view(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
-        path = self._readable(raw)
-        if path.is_dir():
+        real = self._readable(raw)
+        fd = self._open(real, os.O_RDONLY | os.O_NONBLOCK)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
             if tool_input.get("view_range") is not None:
                 raise ToolFailure("view_range applies to files; this is a directory")
-            return ToolResult(self._listing(path, raw))
-        text = self._read_text(path, raw)
+            return ToolResult(self._listing(real, raw))
+        with os.fdopen(fd, "rb") as f:
+            text = self._decode(self._read_fd(f, raw), raw)
         n = _count_lines(text)
         start, end = _view_range(tool_input, n)
         if n == 0:
@@ -1253,12 +2024,23 @@ class EditorTool:
 
     def _create(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
         text = _field(tool_input, "file_text", str)
-        path = self._writable(raw)
-        if path.is_dir():
+        real = self._writable(raw)
+        if _is_plain_dir(real):
             raise ToolFailure(f"{raw} is a directory")
-        existed = path.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)  # inside the work dir: checked above
-        _write_in_place(path, text)
+        # O_NONBLOCK: a FIFO planted at the name fails at once instead of hanging the harness.
+        flags = os.O_WRONLY | os.O_NONBLOCK
+        try:
+            fd, existed = self._open(real, flags | os.O_CREAT | os.O_EXCL, True), False
+        except FileExistsError:
+            fd, existed = None, True
+        if fd is None:
+            try:
+                fd = self._open(real, flags)
+            except IsADirectoryError:
+                raise ToolFailure(f"{raw} is a directory") from None
+        with os.fdopen(fd, "wb") as f:
+            self._check_target(f, raw)
+            _rewrite(f, text)
         verb = "Overwrote" if existed else "Created"
         n = _count_lines(text)
         return ToolResult(f"{verb} {raw} ({n} line{'' if n == 1 else 's'}).")
@@ -1268,46 +2050,43 @@ class EditorTool:
         new = _field(tool_input, "new_str", str, default="")
         if not old:
             raise ToolFailure("old_str is empty: give the exact text to replace (or use insert)")
-        path = self._writable(raw)
-        text = self._read_text(path, raw)
-        lines = _match_lines(text, old)
-        if not lines:
-            raise ToolFailure(
-                f"No replacement was performed: old_str did not appear verbatim in "
-                f"{raw}. View the file and copy the text exactly, whitespace too."
-            )
-        if len(lines) > 1:
-            raise ToolFailure(
-                f"No replacement was performed: old_str appears {len(lines)} times "
-                f"in {raw}, on lines {', '.join(map(str, lines))}. Include more "
-                "surrounding lines so that it matches exactly once."
-            )
-        pos = text.index(old)
-        updated = text[:pos] + new + text[pos + len(old) :]
-        _write_in_place(path, updated)
+        with self._open_for_edit(raw) as (f, text):
+            lines = _match_lines(text, old)
+            if not lines:
+                raise ToolFailure(
+                    f"No replacement was performed: old_str did not appear verbatim in "
+                    f"{raw}. View the file and copy the text exactly, whitespace too."
+                )
+            if len(lines) > 1:
+                raise ToolFailure(
+                    f"No replacement was performed: old_str appears {len(lines)} times "
+                    f"in {raw}, on lines {_line_list(lines)}. Include more "
+                    "surrounding lines so that it matches exactly once."
+                )
+            pos = text.index(old)
+            updated = text[:pos] + new + text[pos + len(old) :]
+            _rewrite(f, updated)
         snippet = _snippet(updated, lines[0], lines[0] + new.count("\n"))
         return ToolResult(f"Edited {raw}. A snippet of the result (cat -n):\n{snippet}")
 
     def _insert(self, raw: str, tool_input: Mapping[str, Any]) -> ToolResult:
         line_no = _field(tool_input, "insert_line", int)
         block = _field(tool_input, "insert_text", str)
-        path = self._writable(raw)
-        text = self._read_text(path, raw)
-        n = _count_lines(text)
-        if not 0 <= line_no <= n:
-            raise ToolFailure(
-                f"insert_line {line_no} is out of range: {raw} has {n} lines, so "
-                f"use 0 (before the first line) to {n} (after the last)"
-            )
-        offset = _offset_after_line(text, line_no)
-        if offset == len(text) and text and not text.endswith("\n"):
-            block = "\n" + block  # the file's last line had no newline: keep it that way
-        elif not block.endswith("\n"):
-            block += "\n"
-        _write_in_place(path, text[:offset] + block + text[offset:])
-        snippet = _snippet(
-            text[:offset] + block + text[offset:], line_no + 1, line_no + block.count("\n")
-        )
+        with self._open_for_edit(raw) as (f, text):
+            n = _count_lines(text)
+            if not 0 <= line_no <= n:
+                raise ToolFailure(
+                    f"insert_line {line_no} is out of range: {raw} has {n} lines, so "
+                    f"use 0 (before the first line) to {n} (after the last)"
+                )
+            offset = _offset_after_line(text, line_no)
+            if offset == len(text) and text and not text.endswith("\n"):
+                block = "\n" + block  # the file's last line had no newline: keep it that way
+            elif not block.endswith("\n"):
+                block += "\n"
+            updated = text[:offset] + block + text[offset:]
+            _rewrite(f, updated)
+        snippet = _snippet(updated, line_no + 1, line_no + block.count("\n"))
         return ToolResult(f"Inserted after line {line_no} of {raw}. Snippet (cat -n):\n{snippet}")
 
     # -- path policy -------------------------------------------------------------------
@@ -1315,6 +2094,12 @@ class EditorTool:
         path = Path(raw)
         # realpath before any decision: links and `..` are judged by where they land.
         return Path(os.path.realpath(path if path.is_absolute() else self.policy.workdir / path))
+
+    def _open(self, real: Path, flags: int, make_parents: bool = False) -> int:
+        """Open the path the policy judged, following no link on the way (see _open_no_links)."""
+        workdir = self.policy.workdir
+        base = workdir if _is_within(real, workdir) else Path("/")
+        return _open_no_links(real, base, flags, make_parents=make_parents)
 
     def _read_refusal(self, real: Path) -> str | None:
         if any(_is_within(real, denied) for denied in self._denied):
@@ -1328,7 +2113,7 @@ class EditorTool:
         real = self._resolve(raw)
         if reason := self._read_refusal(real):
             raise ToolFailure(f"refused: {raw}: {reason}")
-        if not real.exists():
+        if not os.path.lexists(real):
             raise ToolFailure(f"{raw} does not exist")
         return real
 
@@ -1341,21 +2126,39 @@ class EditorTool:
                 f"{workdir} (links and .. are followed before deciding)"
             )
         reason = _protected_reason(real.relative_to(workdir)) or self._read_refusal(real)
+        if reason is None and (repo := _inside_git_dir(real, workdir)) is not None:
+            reason = f"{repo.relative_to(workdir)} is a git directory (protected like .git)"
         if reason:
             raise ToolFailure(f"refused: {raw}: {reason}")
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(real)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                raise ToolFailure(
-                    f"refused: {raw} has {st.st_nlink} hard links; one may be "
-                    "outside the work directory"
-                )
         return real
 
-    def _read_text(self, path: Path, raw: str) -> str:
-        if not path.exists():
-            raise ToolFailure(f"{raw} does not exist")
-        st = os.stat(path)
+    def _check_target(self, f: Any, raw: str) -> os.stat_result:
+        """On the open file itself, so nothing can change between check and write."""
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ToolFailure(f"{raw} is not a regular file")
+        if st.st_nlink > 1:
+            raise ToolFailure(
+                f"refused: {raw} has {st.st_nlink} hard links; one may be outside the work "
+                "directory"
+            )
+        return st
+
+    @contextlib.contextmanager
+    def _open_for_edit(self, raw: str) -> Iterator[tuple[Any, str]]:
+        real = self._writable(raw)
+        try:
+            fd = self._open(real, os.O_RDWR | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise ToolFailure(f"{raw} does not exist") from None
+        except IsADirectoryError:
+            raise ToolFailure(f"{raw} is not a regular file") from None
+        with os.fdopen(fd, "r+b") as f:
+            self._check_target(f, raw)
+            yield f, self._decode(self._read_fd(f, raw), raw)
+
+    def _read_fd(self, f: Any, raw: str) -> bytes:
+        st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ToolFailure(f"{raw} is not a regular file")
         if st.st_size > _EDITOR_MAX_FILE_BYTES:
@@ -1363,7 +2166,10 @@ class EditorTool:
                 f"{raw} is {st.st_size:,} bytes, too big for the editor: use bash "
                 "(grep -n, sed -n '100,200p')"
             )
-        data = _read_small_text(path)
+        return f.read(_EDITOR_MAX_FILE_BYTES + 1)
+
+    @staticmethod
+    def _decode(data: bytes, raw: str) -> str:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -1384,7 +2190,7 @@ class EditorTool:
         head = f"Files and directories up to 2 levels deep in {raw}, hidden items excluded:\n"
         more = len(entries) - len(shown)
         tail = f"\n[... {more} more entries not shown: view a subdirectory ...]" if more else ""
-        return head + "\n".join(shown) + tail
+        return head + "\n".join(_cut_line(e) for e in shown) + tail
 
     def _visible_children(self, directory: Path) -> list[Path]:
         try:
@@ -1399,18 +2205,23 @@ def _listing_entry(prefix: str, path: Path) -> str:
     return f"{prefix}/{path.name}" + ("/" if _is_plain_dir(path) else "")
 
 
-def _write_in_place(path: Path, text: str) -> None:
+def _rewrite(f: Any, text: str) -> None:
     """Bytes exactly as given (no tab expansion, no newline translation), into the same inode
-    so the file keeps its mode; the caller has refused links and hard links already."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-    with os.fdopen(os.open(path, flags, 0o644), "wb") as f:
-        f.write(text.encode("utf-8"))
+    so the file keeps its mode, through the descriptor that was checked."""
+    data = text.encode("utf-8")
+    f.seek(0)
+    f.truncate()
+    f.write(data)
+    f.flush()
 
 
-def _read_small_text(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(_EDITOR_MAX_FILE_BYTES + 1)
+def _cap_total(text: str) -> str:
+    """The last guard on what one tool call returns: head and tail, the cut stated."""
+    if len(text) <= _TOOL_MAX_CHARS:
+        return text
+    half = _TOOL_MAX_CHARS // 2
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n[... {cut:,} characters cut from the middle ...]\n{text[-half:]}"
 
 
 # -- toolbox: the one place a tool error becomes an is_error result ---------------------
@@ -1436,13 +2247,12 @@ class Toolbox:
                 )
             if not isinstance(tool_input, Mapping):
                 raise ToolFailure(f"the input must be an object, not {type(tool_input).__name__}")
-            if name == "bash":
-                return self._bash(tool_input)
-            return self.editor.run(tool_input)
+            result = self._bash(tool_input) if name == "bash" else self.editor.run(tool_input)
         except ToolFailure as exc:
-            return ToolResult(str(exc), is_error=True)
+            result = ToolResult(str(exc), is_error=True)
         except Exception as exc:  # a tool bug must not end the session: the model sees it
-            return ToolResult(f"{name} failed: {type(exc).__name__}: {exc}", is_error=True)
+            result = ToolResult(f"{name} failed: {type(exc).__name__}: {exc}", is_error=True)
+        return dataclasses.replace(result, output=model_safe(_cap_total(result.output)))
 
     def _bash(self, tool_input: Mapping[str, Any]) -> ToolResult:
         if _field(tool_input, "restart", bool, default=False):
@@ -1470,7 +2280,7 @@ def describe_tool_call(name: str, tool_input: object) -> str:
             text += f" at line {args.get('insert_line')}"
     else:
         text = f"{name} {json.dumps(tool_input, default=str)}"
-    text = " ".join(text.split())
+    text = terminal_safe(" ".join(text.split()))  # the command line is the model's text
     return text if len(text) <= 80 else text[:79] + "…"
 
 

@@ -294,10 +294,19 @@ def test_missing_or_wrong_typed_fields_are_error_results(tools, work, name, tool
     assert result.is_error and expected in result.output
 
 
-def test_an_unexpected_exception_becomes_an_error_result(tools, work):
+def test_an_unexpected_exception_becomes_an_error_result(tools, work, monkeypatch):
+    def broken(raw, tool_input):
+        raise RuntimeError("a bug in the editor")
+
+    monkeypatch.setattr(tools.editor, "_create", broken)
+    result = edit(tools, command="create", path="f.txt", file_text="x")
+    assert result.is_error and "RuntimeError: a bug in the editor" in result.output
+
+
+def test_a_file_where_a_directory_should_be_is_a_plain_error(tools, work):
     (work / "afile").write_text("")
     result = edit(tools, command="create", path="afile/child.txt", file_text="x")
-    assert result.is_error and "Error" in result.output
+    assert result.is_error and "Not a directory" in result.output
 
 
 def test_definitions_are_the_anthropic_defined_tools(tools):
