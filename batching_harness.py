@@ -28,6 +28,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -38,13 +39,14 @@ import secrets
 import shlex
 import signal
 import sqlite3
+import stat
 import sys
 import termios
 import threading
 import time
 import tty
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -165,6 +167,15 @@ class TransportError(HarnessError):
     """The Batches API could not be reached or refused us; the journal keeps the turn."""
 
 
+class NotSent(TransportError):
+    """The request certainly created nothing (refused, or never left this machine): not
+    billed, and nothing to resume."""
+
+
+class Unreachable(NotSent):
+    """Connection refused or an unknown host: nothing was sent; the URL is probably wrong."""
+
+
 class BatchNotFound(TransportError):
     """The API does not know the batch (or no longer keeps its results): a 404."""
 
@@ -182,7 +193,14 @@ class BudgetExceeded(HarnessError):
 
 
 class TurnFailed(HarnessError):
-    """The turn ended without an answer (errored, canceled, refusal, ...)."""
+    """The turn ended without an answer (errored, canceled, over a limit, ...). It carries
+    what to record: the agent loop marks `custom_id` failed with `record` in ONE place."""
+
+    def __init__(self, message: str, *, custom_id: str | None = None,
+                 record: str | None = None) -> None:
+        super().__init__(message)
+        self.custom_id = custom_id
+        self.record = record
 
 
 class Detached(HarnessError):
@@ -195,42 +213,101 @@ class Detached(HarnessError):
 
 
 ##############################################################################
-# Config
+# Config (one definition per option: the parser, the resume command and the agent's
+# settings are all built from the fields below)
 ##############################################################################
 
 CACHE_TTLS = {"1h": "1h", "5m": "5m", "off": None}
 OUTPUT_FORMATS = ("text", "json")
+DEFAULT_POLL_INTERVAL_S = 2.5
+"""At 2.5 s, polls plus the create and the results download stay under 30 requests a minute."""
+DEFAULT_TOOL_TIMEOUT_S = 120.0
+DEFAULT_CACHE_TTL = "1h"
+"""One batch turn plus its tool run outlasts 5 minutes; see add_cache_breakpoints."""
+
+
+def option(*flags: str, help: str, metavar: str | None = None, carried: bool = False,
+           action: str | None = None, choices: Sequence[str] | None = None,
+           parse: Callable[[Any], Any] | None = None,
+           show: Callable[[Any], str] | None = None) -> dict[str, Any]:
+    """Field metadata that makes a Config field a command-line option.
+
+    carried: the printed resume command repeats it when it differs from the default (the
+    journal keeps the conversation, not the flags). parse turns what argparse gives into
+    the field's value; show turns the value back into what the flag takes."""
+    return {"option": {"flags": flags, "help": help, "metavar": metavar, "carried": carried,
+                       "action": action, "choices": choices, "parse": parse, "show": show}}
+
+
+def _ttl_shown(ttl: str | None) -> str:
+    return ttl or "off"
 
 
 @dataclass(frozen=True)
 class Config:
     """Everything the user can set, resolved once from argv and the environment."""
 
-    model: str = DEFAULT_MODEL
+    model: str = field(default=DEFAULT_MODEL, metadata=option(
+        "--model", metavar="ID", help=f"model id (default {DEFAULT_MODEL}; a resumed session "
+        "keeps its own unless this is given)"))
+    workdir: Path = field(default=Path("."), metadata=option(
+        "--workdir", metavar="DIR", help="directory the tools work in (default: .)",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    poll_interval_s: float = field(default=DEFAULT_POLL_INTERVAL_S, metadata=option(
+        "--poll-interval", metavar="S", carried=True, parse=float,
+        help=f"first poll interval in seconds (default {DEFAULT_POLL_INTERVAL_S})"))
+    max_turns: int | None = field(default=None, metadata=option(
+        "--max-turns", metavar="N", carried=True, parse=int,
+        help="model turns allowed per prompt"))
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=option(
+        "--max-tokens", metavar="N", carried=True, parse=int,
+        help=f"max_tokens per model turn (default {DEFAULT_MAX_TOKENS})"))
+    tool_timeout_s: float = field(default=DEFAULT_TOOL_TIMEOUT_S, metadata=option(
+        "--tool-timeout", metavar="S", carried=True, parse=float,
+        help=f"seconds one tool call may run (default {DEFAULT_TOOL_TIMEOUT_S:g})"))
+    allow_domains: tuple[str, ...] = field(default=(), metadata=option(
+        "--allow-domain", metavar="DOMAIN", carried=True, action="append", parse=tuple,
+        help="let sandboxed bash reach this domain (repeatable)"))
+    sandbox: bool = field(default=True, metadata=option(
+        "--no-sandbox", action="store_false", carried=True,
+        help="run bash WITHOUT the sandbox"))
+    cache_ttl: str | None = field(default=DEFAULT_CACHE_TTL, metadata=option(
+        "--cache-ttl", choices=sorted(CACHE_TTLS), carried=True, parse=CACHE_TTLS.__getitem__,
+        show=_ttl_shown, help=f"prompt-cache TTL (default {DEFAULT_CACHE_TTL})"))
+    max_budget_usd: float | None = field(default=None, metadata=option(
+        "--max-budget-usd", metavar="USD", carried=True, parse=float,
+        help="refuse to submit a turn that would take the session past this spend"))
+    prompt: str | None = field(default=None, metadata=option(
+        "-p", "--print", metavar="PROMPT",
+        help="run headless: answer PROMPT ('-' reads stdin) and exit"))
+    output_format: str = field(default="text", metadata=option(
+        "--output-format", choices=OUTPUT_FORMATS, help="headless output: text or one JSON object"))
+    continue_last: bool = field(default=False, metadata=option(
+        "-c", "--continue", action="store_true",
+        help="reopen the most recent session in this work directory"))
+    resume_id: str | None = field(default=None, metadata=option(
+        "--resume", metavar="ID", help="reopen session ID"))
+    stats: bool = field(default=False, metadata=option(
+        "--stats", action="store_true", help="print spend and batch turnaround history"))
+    doctor: bool = field(default=False, metadata=option(
+        "--doctor", action="store_true", help="check that the sandbox can run here"))
     model_given: bool = False
     """--model was on the command line: it then overrides a resumed session's model."""
-    workdir: Path = Path(".")
     home: Path = Path("~/.batching-harness")
     """Where the journal, history and temp files live (BATCHING_HARNESS_HOME)."""
-    poll_interval_s: float = 2.5
-    """First poll interval; the schedule stays at or under 30 polls a minute."""
-    max_turns: int | None = None
-    """Model turns allowed for one prompt; None = no limit."""
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    tool_timeout_s: float = 120.0
-    allow_domains: tuple[str, ...] = ()
-    sandbox: bool = True
-    cache_ttl: str | None = "1h"
-    max_budget_usd: float | None = None
-    prompt: str | None = None
-    """-p: run headless with this prompt ("-" reads stdin)."""
-    output_format: str = "text"
-    continue_last: bool = False
-    resume_id: str | None = None
-    action: str = "run"
-    """run | stats | doctor"""
     api_key: str | None = None
     base_url: str | None = None
+
+    @property
+    def action(self) -> str:
+        """run | stats | doctor"""
+        return "stats" if self.stats else "doctor" if self.doctor else "run"
+
+
+def _options() -> Iterator[tuple[dataclasses.Field[Any], dict[str, Any]]]:
+    for f in dataclasses.fields(Config):
+        if "option" in f.metadata:
+            yield f, f.metadata["option"]
 
 
 def _build_arg_parser() -> argparse.ArgumentParser:
@@ -238,32 +315,14 @@ def _build_arg_parser() -> argparse.ArgumentParser:
         prog="batching-harness",
         description="A coding agent whose every model turn is a Message Batch (50% cheaper, slower).",
     )
-    p.add_argument("--model", help=f"model id (default {DEFAULT_MODEL}; a resumed session "
-                   "keeps its own unless this is given)")
-    p.add_argument("--workdir", default=".", help="directory the tools work in (default: .)")
-    p.add_argument("--poll-interval", type=float, default=2.5, metavar="S",
-                   help="first poll interval in seconds (default %(default)s)")
-    p.add_argument("--max-turns", type=int, metavar="N", help="model turns allowed per prompt")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
-                   help="max_tokens per model turn (default %(default)s)")
-    p.add_argument("--tool-timeout", type=float, default=120.0, metavar="S",
-                   help="seconds one tool call may run (default %(default)s)")
-    p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
-                   help="let sandboxed bash reach this domain (repeatable)")
-    p.add_argument("--no-sandbox", action="store_true", help="run bash WITHOUT the sandbox")
-    p.add_argument("--cache-ttl", choices=sorted(CACHE_TTLS), default="1h",
-                   help="prompt-cache TTL (default %(default)s)")
-    p.add_argument("--max-budget-usd", type=float, metavar="USD",
-                   help="refuse to submit a turn that would take the session past this spend")
-    p.add_argument("-p", "--print", dest="prompt", metavar="PROMPT",
-                   help="run headless: answer PROMPT ('-' reads stdin) and exit")
-    p.add_argument("--output-format", choices=OUTPUT_FORMATS, default="text",
-                   help="headless output: text or one JSON object")
-    p.add_argument("-c", "--continue", dest="continue_last", action="store_true",
-                   help="reopen the most recent session in this work directory")
-    p.add_argument("--resume", dest="resume_id", metavar="ID", help="reopen session ID")
-    p.add_argument("--stats", action="store_true", help="print spend and batch turnaround history")
-    p.add_argument("--doctor", action="store_true", help="check that the sandbox can run here")
+    for f, opt in _options():
+        kwargs: dict[str, Any] = {"dest": f.name, "help": opt["help"]}
+        if opt["action"] in ("store_true", "store_false"):
+            kwargs.update(action=opt["action"], default=f.default)
+        else:
+            kwargs.update(action=opt["action"] or "store", default=None, metavar=opt["metavar"],
+                          choices=opt["choices"])
+        p.add_argument(*opt["flags"], **kwargs)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -274,20 +333,24 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         ns = _build_arg_parser().parse_args(list(argv))
     except SystemExit as exc:  # argparse already printed usage or --help/--version
         raise _ArgparseExit(int(exc.code or 0)) from None
-    _check_numbers(ns)
+    values: dict[str, Any] = {}
+    for f, opt in _options():
+        raw = getattr(ns, f.name)
+        if raw is None:  # not given: the field's default
+            continue
+        try:
+            values[f.name] = opt["parse"](raw) if opt["parse"] else raw
+        except (TypeError, ValueError):
+            raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
-    return Config(
-        model=ns.model or DEFAULT_MODEL, model_given=ns.model is not None,
-        workdir=Path(ns.workdir).expanduser().resolve(),
-        home=home.expanduser().resolve(), poll_interval_s=ns.poll_interval,
-        max_turns=ns.max_turns, max_tokens=ns.max_tokens, tool_timeout_s=ns.tool_timeout,
-        allow_domains=tuple(ns.allow_domain), sandbox=not ns.no_sandbox,
-        cache_ttl=CACHE_TTLS[ns.cache_ttl], max_budget_usd=ns.max_budget_usd,
-        prompt=ns.prompt, output_format=ns.output_format, continue_last=ns.continue_last,
-        resume_id=ns.resume_id, action="stats" if ns.stats else "doctor" if ns.doctor else "run",
-        api_key=environ.get("ANTHROPIC_API_KEY") or None,
-        base_url=environ.get("ANTHROPIC_BASE_URL") or None,
-    )
+    config = Config(**values, model_given=ns.model is not None,
+                    home=home.expanduser().resolve(),
+                    api_key=environ.get("ANTHROPIC_API_KEY") or None,
+                    base_url=environ.get("ANTHROPIC_BASE_URL") or None)
+    if "workdir" not in values:
+        config = dataclasses.replace(config, workdir=Path(".").resolve())
+    _check_values(config, ns)
+    return config
 
 
 class _ArgparseExit(Exception):
@@ -298,21 +361,48 @@ class _ArgparseExit(Exception):
         self.status = status
 
 
-def _check_numbers(ns: argparse.Namespace) -> None:
-    if ns.poll_interval <= 0:
+def _check_values(c: Config, ns: argparse.Namespace) -> None:
+    if c.poll_interval_s <= 0:
         raise ConfigError("--poll-interval must be a positive number of seconds")
-    if ns.max_turns is not None and ns.max_turns < 1:
+    if c.max_turns is not None and c.max_turns < 1:
         raise ConfigError("--max-turns must be at least 1")
-    if ns.max_tokens < 1:
+    if c.max_tokens < 1:
         raise ConfigError("--max-tokens must be at least 1")
-    if ns.tool_timeout <= 0:
+    if c.tool_timeout_s <= 0:
         raise ConfigError("--tool-timeout must be a positive number of seconds")
-    if ns.max_budget_usd is not None and ns.max_budget_usd <= 0:
+    if c.max_budget_usd is not None and c.max_budget_usd <= 0:
         raise ConfigError("--max-budget-usd must be a positive amount")
-    if ns.continue_last and ns.resume_id:
+    if c.continue_last and c.resume_id:
         raise ConfigError("use --continue or --resume ID, not both")
-    if ns.workdir and not Path(ns.workdir).expanduser().is_dir():
+    if ns.workdir and not c.workdir.is_dir():
         raise ConfigError(f"--workdir {ns.workdir}: no such directory")
+
+
+def carried_flags(config: Config) -> list[str]:
+    """The flags a printed resume command repeats: every carried option not at its default."""
+    flags: list[str] = []
+    for f, opt in _options():
+        value, flag = getattr(config, f.name), opt["flags"][-1]
+        if not opt["carried"] or value == f.default:
+            continue
+        if opt["action"] in ("store_true", "store_false"):
+            flags.append(flag)
+        elif opt["action"] == "append":
+            flags += [part for item in value for part in (flag, str(item))]
+        else:
+            shown = opt["show"](value) if opt["show"] else (
+                f"{value:g}" if isinstance(value, float) else str(value))
+            flags += [flag, shown]
+    return flags
+
+
+def settings_from(config: Config, cls: type[Any], **overrides: Any) -> Any:
+    """Build a settings dataclass (e.g. AgentSettings) from the Config fields it shares by
+    name, so a new option reaches the agent without a hand-written copy."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+              if f.name in names}
+    return cls(**{**shared, **overrides})
 
 
 ##############################################################################
@@ -403,8 +493,12 @@ def _check_ttl(ttl: str | None) -> None:
         raise ValueError(f"cache TTL must be one of {_BREAKPOINT_TTLS} or None, not {ttl!r}")
 
 
-def _rate(batch: bool) -> float:
-    return BATCH_DISCOUNT if batch else 1.0
+# What each lane bills, as a share of the standard price.
+LANE_RATES = {"batch": BATCH_DISCOUNT, "sync": 1.0}
+
+
+def _rate(lane: str) -> float:
+    return LANE_RATES[lane]
 
 
 def _cache_writes(usage: Usage, requested_ttl: str | None) -> tuple[int, int]:
@@ -436,7 +530,7 @@ def _dollars(price: ModelPrice, usage: Usage, writes: tuple[int, int], rate: flo
 
 
 def cost_usd(
-    model: str, usage: Usage, *, batch: bool, requested_ttl: str | None = "1h"
+    model: str, usage: Usage, *, lane: str, requested_ttl: str | None = "1h"
 ) -> float | None:
     """Dollars ONE response cost (pricing.md, "Cost of one response"); None when unknown.
 
@@ -447,7 +541,7 @@ def cost_usd(
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return None
-    return _dollars(price, usage, _cache_writes(usage, requested_ttl), _rate(batch))
+    return _dollars(price, usage, _cache_writes(usage, requested_ttl), _rate(lane))
 
 
 def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
@@ -456,7 +550,7 @@ def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-def estimate_cost_usd(model: str, params: Mapping[str, Any], *, batch: bool = True) -> float | None:
+def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "batch") -> float | None:
     """Spend committed when a batch is SUBMITTED, before its usage is known; None when unknown.
 
     Counting it keeps a spend ceiling honest while batches are in flight; replace it with
@@ -478,7 +572,7 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, batch: bool = Tr
     usage = Usage(input_tokens=0 if ttls else prompt_tokens,
                   cache_creation_input_tokens=prompt_tokens if ttls else 0,
                   output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
-    return _dollars(price, usage, writes, _rate(batch))
+    return _dollars(price, usage, writes, _rate(lane))
 
 
 def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
@@ -516,13 +610,13 @@ class CostBreakdown:
 
 
 def cost_breakdown(
-    model: str, usage: Usage, *, batch: bool, requested_ttl: str | None
+    model: str, usage: Usage, *, lane: str, requested_ttl: str | None
 ) -> CostBreakdown:
     """Paid, synchronous-equivalent and cache-saved dollars of one response."""
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return CostBreakdown(None, None, None)
-    writes, rate = _cache_writes(usage, requested_ttl), _rate(batch)
+    writes, rate = _cache_writes(usage, requested_ttl), _rate(lane)
     cached = Usage(cache_read_input_tokens=usage.cache_read_input_tokens)
     as_plain = Usage(input_tokens=usage.cache_read_input_tokens + sum(writes))
     saved = _dollars(price, as_plain, (0, 0), rate) - _dollars(price, cached, writes, rate)
@@ -663,40 +757,11 @@ def _mark_message(message: Any, marker: Mapping[str, str]) -> Any:
 
 
 ##############################################################################
-# Journal (the only code that writes SQL)
+# Store (the journal: the only code that writes SQL; many threads share one store)
 ##############################################################################
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    workdir TEXT NOT NULL, model TEXT NOT NULL, conversation INTEGER NOT NULL DEFAULT 0,
-    title TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-    conversation INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
-    stop_reason TEXT, created_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, conversation, id);
-CREATE TABLE IF NOT EXISTS requests (
-    custom_id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-    conversation INTEGER NOT NULL, n_messages INTEGER NOT NULL, model TEXT NOT NULL,
-    cache_ttl TEXT, max_tokens INTEGER NOT NULL, request_hash TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL, batch_id TEXT,
-    submitted_at REAL NOT NULL, ended_at REAL, result_type TEXT, error_type TEXT,
-    error_message TEXT, stop_reason TEXT, message TEXT, usage TEXT,
-    estimate_usd REAL, cost_usd REAL, sync_cost_usd REAL, cache_saved_usd REAL, wait_s REAL);
-CREATE INDEX IF NOT EXISTS requests_by_session ON requests(session_id, submitted_at);
-CREATE INDEX IF NOT EXISTS requests_by_batch ON requests(batch_id);
-CREATE TABLE IF NOT EXISTS tool_calls (
-    id INTEGER PRIMARY KEY, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
-    tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
-    is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
-    UNIQUE (custom_id, tool_use_id));
-CREATE TABLE IF NOT EXISTS batches_tried (
-    custom_id TEXT NOT NULL REFERENCES requests(custom_id), batch_id TEXT NOT NULL,
-    PRIMARY KEY (custom_id, batch_id));
-"""
 IN_FLIGHT_STATES = ("submitting", "submitted", "ended")
+LANES = ("batch", "sync")
 
 
 @dataclass(frozen=True)
@@ -712,7 +777,7 @@ class SessionRow:
 
 @dataclass(frozen=True)
 class RequestRow:
-    """One model request: what was sent (by hash), which batch carries it, what came back."""
+    """One model request: what was sent (by hash), on which lane, what came back."""
 
     custom_id: str
     session_id: str
@@ -738,6 +803,8 @@ class RequestRow:
     sync_cost_usd: float | None = None
     cache_saved_usd: float | None = None
     wait_s: float | None = None
+    lane: str = "batch"
+    """batch | sync: which channel carried it, and so at which rates it was priced."""
 
     @property
     def usage_value(self) -> Usage:
@@ -753,7 +820,7 @@ class RequestRow:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a request ended, as the journal records it."""
+    """How a request ended, as the store records it."""
 
     result_type: str
     ended_at: float
@@ -774,39 +841,187 @@ def new_custom_id() -> str:
     return f"bh_{int(time.time())}_{secrets.token_hex(8)}"
 
 
-class Journal:
-    """Crash-safe record of every session; each public write is one committed transaction."""
+def request_hash(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Store(Protocol):
+    """What the agent and the front-ends need from a journal. SQLite below; a PostgreSQL
+    store for a pool shared across hosts is a second class with the same methods."""
+
+    def create_session(self, workdir: Path, model: str) -> SessionRow: ...
+    def session(self, session_id: str) -> SessionRow | None: ...
+    def find_session(self, prefix: str) -> SessionRow | None: ...
+    def latest_session(self, workdir: Path | None = None) -> SessionRow | None: ...
+    def recent_sessions(self, limit: int = 10) -> list[SessionRow]: ...
+    def update_session(self, session_id: str, **fields: Any) -> None: ...
+    def messages(self, session_id: str, conversation: int) -> list[dict[str, Any]]: ...
+    def last_stop_reason(self, session_id: str, conversation: int) -> str | None: ...
+    def add_user_content(self, session_id: str, conversation: int,
+                         blocks: list[dict[str, Any]]) -> None: ...
+    def add_tool_results(self, session_id: str, conversation: int,
+                         blocks: list[dict[str, Any]]) -> None: ...
+    def begin_request(self, row: RequestRow) -> None: ...
+    def set_batch(self, custom_id: str, batch_id: str) -> None: ...
+    def record_outcome(self, custom_id: str, outcome: Outcome) -> None: ...
+    def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None: ...
+    def fail_request(self, custom_id: str, reason: str | None = None) -> None: ...
+    def request(self, custom_id: str) -> RequestRow: ...
+    def requests(self, session_id: str | None = None) -> list[RequestRow]: ...
+    def pending_request(self, session_id: str) -> RequestRow | None: ...
+    def latest_request(self, session_id: str, conversation: int) -> RequestRow | None: ...
+    def last_applied(self, session_id: str, conversation: int) -> RequestRow | None: ...
+    def recent_requests(self, session_id: str, limit: int) -> list[RequestRow]: ...
+    def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool: ...
+    def committed_usd(self, session_id: str) -> float: ...
+    def turnaround_samples(self, model: str, limit: int = 50) -> list[float]: ...
+    def known_batch_ids(self) -> set[str]: ...
+    def batches_tried(self, custom_id: str) -> int: ...
+    def start_tool(self, custom_id: str, tool_use_id: str, name: str,
+                   tool_input: object) -> None: ...
+    def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None: ...
+    def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
+    def close(self) -> None: ...
+
+
+# -- numbered migrations -----------------------------------------------------------
+# Each step takes the schema from version N-1 to N inside the transaction that also sets
+# user_version, so a journal is never left half-upgraded; an old journal upgrades in place
+# the first time a newer harness opens it.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+def migration(version: int) -> Callable[[Callable[[sqlite3.Connection], None]],
+                                        Callable[[sqlite3.Connection], None]]:
+    def register(step: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
+        assert version not in MIGRATIONS, f"two migrations numbered {version}"
+        MIGRATIONS[version] = step
+        return step
+
+    return register
+
+
+_SCHEMA_V1 = """
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    workdir TEXT NOT NULL, model TEXT NOT NULL, conversation INTEGER NOT NULL DEFAULT 0,
+    title TEXT NOT NULL DEFAULT '');
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    conversation INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
+    stop_reason TEXT, created_at REAL NOT NULL);
+CREATE INDEX messages_by_session ON messages(session_id, conversation, id);
+CREATE TABLE requests (
+    custom_id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    conversation INTEGER NOT NULL, n_messages INTEGER NOT NULL, model TEXT NOT NULL,
+    cache_ttl TEXT, max_tokens INTEGER NOT NULL, request_hash TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL, batch_id TEXT,
+    submitted_at REAL NOT NULL, ended_at REAL, result_type TEXT, error_type TEXT,
+    error_message TEXT, stop_reason TEXT, message TEXT, usage TEXT,
+    estimate_usd REAL, cost_usd REAL, sync_cost_usd REAL, cache_saved_usd REAL, wait_s REAL);
+CREATE INDEX requests_by_session ON requests(session_id, submitted_at);
+CREATE INDEX requests_by_batch ON requests(batch_id);
+CREATE TABLE tool_calls (
+    id INTEGER PRIMARY KEY, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
+    tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
+    is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
+    UNIQUE (custom_id, tool_use_id));
+CREATE TABLE batches_tried (
+    custom_id TEXT NOT NULL REFERENCES requests(custom_id), batch_id TEXT NOT NULL,
+    PRIMARY KEY (custom_id, batch_id));
+"""
+
+
+@migration(1)
+def _create_tables(db: sqlite3.Connection) -> None:
+    """The schema of batching-harness 0.1 (one agent, the batch lane only)."""
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+@migration(2)
+def _lanes_and_targeted_indexes(db: sqlite3.Connection) -> None:
+    """A lane on every request (a synchronous turn is priced at full rates), and indexes so
+    that a turn's queries do not grow with the journal (turnaround by model, work in flight)."""
+    db.execute("ALTER TABLE requests ADD COLUMN lane TEXT NOT NULL DEFAULT 'batch'")
+    db.execute("CREATE INDEX requests_by_model ON requests(model, lane, submitted_at)")
+    db.execute("CREATE INDEX requests_by_state ON requests(session_id, state)")
+    db.execute("CREATE INDEX requests_by_transcript ON requests(session_id, conversation, "
+               "n_messages)")
+
+
+SCHEMA_VERSION = max(MIGRATIONS)
+
+
+class SqliteStore:
+    """The journal in one SQLite file (WAL). Each thread gets its own connection, and each
+    public write is one BEGIN IMMEDIATE transaction on it, so many agents' threads can share
+    one store; a crash between two writes loses neither."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._transcripts: dict[tuple[str, int], list[dict[str, Any]]] = {}
         try:
-            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
+            _private_dir(path.parent)
             self._migrate()
+            _private_files(path)
         except sqlite3.DatabaseError as exc:
             raise JournalError(_explain_db_error(path, exc)) from None
+        except OSError as exc:
+            raise JournalError(f"the journal {path} cannot be opened: {exc.strerror or exc}; "
+                               "set BATCHING_HARNESS_HOME to a writable directory") from None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(version)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:  # under the write lock: a second process waits, then sees it done
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[step](db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise JournalError(
                 f"{self.path} was written by a newer batching-harness (schema {version}, this "
                 f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
-        if version < SCHEMA_VERSION:
-            with self._tx() as db:  # schema and version change together, or not at all
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self.path)
 
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        return self._db.execute(sql, args).fetchone()
+
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+        self._local = threading.local()
 
     # -- sessions ----------------------------------------------------------
     def create_session(self, workdir: Path, model: str) -> SessionRow:
@@ -817,7 +1032,7 @@ class Journal:
         return row
 
     def session(self, session_id: str) -> SessionRow | None:
-        row = self._db.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        row = self._one("SELECT * FROM sessions WHERE id=?", (session_id,))
         return SessionRow(**dict(row)) if row else None
 
     def find_session(self, prefix: str) -> SessionRow | None:
@@ -831,7 +1046,7 @@ class Journal:
         sql, args = "SELECT * FROM sessions", ()
         if workdir is not None:
             sql, args = sql + " WHERE workdir=?", (str(workdir),)
-        row = self._db.execute(sql + " ORDER BY updated_at DESC LIMIT 1", args).fetchone()
+        row = self._one(sql + " ORDER BY updated_at DESC LIMIT 1", args)
         return SessionRow(**dict(row)) if row else None
 
     def recent_sessions(self, limit: int = 10) -> list[SessionRow]:
@@ -847,22 +1062,35 @@ class Journal:
 
     # -- messages ----------------------------------------------------------
     def messages(self, session_id: str, conversation: int) -> list[dict[str, Any]]:
-        rows = self._db.execute(
-            "SELECT id, role, content FROM messages WHERE session_id=? AND conversation=? "
-            "ORDER BY id", (session_id, conversation)).fetchall()
-        return [{"role": r["role"], "content": self._load_json(r["content"], r["id"])}
-                for r in rows]
+        """The transcript, parsed once and then kept: only this process writes a session
+        (the session lock), and every write below drops the copy."""
+        key = (session_id, conversation)
+        with self._lock:
+            cached = self._transcripts.get(key)
+        if cached is None:
+            rows = self._db.execute(
+                "SELECT id, role, content FROM messages WHERE session_id=? AND conversation=? "
+                "ORDER BY id", key).fetchall()
+            cached = [{"role": r["role"], "content": self._load_json(r["content"], r["id"])}
+                      for r in rows]
+            with self._lock:
+                self._transcripts[key] = cached
+        return copy.deepcopy(cached)
+
+    def _forget_transcript(self, session_id: str, conversation: int) -> None:
+        with self._lock:
+            self._transcripts.pop((session_id, conversation), None)
 
     def last_stop_reason(self, session_id: str, conversation: int) -> str | None:
-        row = self._db.execute(
-            "SELECT stop_reason FROM messages WHERE session_id=? AND conversation=? "
-            "ORDER BY id DESC LIMIT 1", (session_id, conversation)).fetchone()
+        row = self._one("SELECT stop_reason FROM messages WHERE session_id=? AND conversation=? "
+                        "ORDER BY id DESC LIMIT 1", (session_id, conversation))
         return row["stop_reason"] if row else None
 
     def add_user_content(self, session_id: str, conversation: int,
                          blocks: list[dict[str, Any]]) -> None:
         """Append user blocks; merged into the last message when it is a user one, so the
         conversation keeps alternating roles even after a turn that ended without an answer."""
+        self._forget_transcript(session_id, conversation)
         with self._tx() as db:
             last = db.execute(
                 "SELECT id, role, content FROM messages WHERE session_id=? AND conversation=? "
@@ -873,6 +1101,14 @@ class Journal:
                            (json.dumps(merged), last["id"]))
             else:
                 self._insert_message(db, session_id, conversation, "user", blocks, None)
+            self._touch(db, session_id)
+
+    def add_tool_results(self, session_id: str, conversation: int,
+                         blocks: list[dict[str, Any]]) -> None:
+        """The user message answering every tool_use of the last assistant message."""
+        self._forget_transcript(session_id, conversation)
+        with self._tx() as db:
+            self._insert_message(db, session_id, conversation, "user", blocks, None)
             self._touch(db, session_id)
 
     def _insert_message(self, db: sqlite3.Connection, session_id: str, conversation: int,
@@ -893,15 +1129,15 @@ class Journal:
 
     # -- requests ----------------------------------------------------------
     def begin_request(self, row: RequestRow) -> None:
-        """Committed BEFORE the create call, so a crash mid-submit can be reconciled."""
+        """Committed BEFORE the request is sent, so a crash mid-send can be reconciled."""
+        cols = [f.name for f in dataclasses.fields(RequestRow)]
         with self._tx() as db:
-            cols = [f.name for f in dataclasses.fields(RequestRow)]
             db.execute(f"INSERT INTO requests ({', '.join(cols)}) VALUES "
                        f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
             self._touch(db, row.session_id)
 
     def set_batch(self, custom_id: str, batch_id: str) -> None:
-        """Committed BEFORE polling starts: from here on the paid turn can always be found."""
+        """Committed BEFORE waiting starts: from here on the paid turn can always be found."""
         with self._tx() as db:
             db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
                        (batch_id, custom_id))
@@ -924,6 +1160,7 @@ class Journal:
     def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None:
         """Append the assistant message (if any) and close the request in ONE transaction,
         so a crash can never add the same paid answer twice."""
+        self._forget_transcript(request.session_id, request.conversation)
         with self._tx() as db:
             changed = db.execute("UPDATE requests SET state='applied' WHERE custom_id=? AND "
                                  "state='ended'", (request.custom_id,)).rowcount
@@ -938,11 +1175,13 @@ class Journal:
                        "error_message) WHERE custom_id=?", (reason, custom_id))
 
     def request(self, custom_id: str) -> RequestRow:
-        row = self._db.execute("SELECT * FROM requests WHERE custom_id=?",
-                               (custom_id,)).fetchone()
+        row = self._one("SELECT * FROM requests WHERE custom_id=?", (custom_id,))
+        if row is None:
+            raise JournalError(f"{self.path}: request {custom_id} is missing")
         return RequestRow(**dict(row))
 
     def requests(self, session_id: str | None = None) -> list[RequestRow]:
+        """Every request (of one session): for /stats and --stats, never per turn."""
         sql, args = "SELECT * FROM requests", ()
         if session_id is not None:
             sql, args = sql + " WHERE session_id=?", (session_id,)
@@ -950,16 +1189,48 @@ class Journal:
                 self._db.execute(sql + " ORDER BY submitted_at, rowid", args).fetchall()]
 
     def pending_request(self, session_id: str) -> RequestRow | None:
-        row = self._db.execute(
+        row = self._one(
             "SELECT * FROM requests WHERE session_id=? AND state IN (?,?,?) "
-            "ORDER BY submitted_at DESC LIMIT 1", (session_id, *IN_FLIGHT_STATES)).fetchone()
+            "ORDER BY submitted_at DESC LIMIT 1", (session_id, *IN_FLIGHT_STATES))
+        return RequestRow(**dict(row)) if row else None
+
+    def latest_request(self, session_id: str, conversation: int) -> RequestRow | None:
+        row = self._one("SELECT * FROM requests WHERE session_id=? AND conversation=? "
+                        "ORDER BY submitted_at DESC, rowid DESC LIMIT 1",
+                        (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
 
     def last_applied(self, session_id: str, conversation: int) -> RequestRow | None:
-        row = self._db.execute(
+        row = self._one(
             "SELECT * FROM requests WHERE session_id=? AND conversation=? AND state='applied' "
-            "ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation)).fetchone()
+            "ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
+
+    def recent_requests(self, session_id: str, limit: int) -> list[RequestRow]:
+        """The session's newest requests, newest first."""
+        rows = self._db.execute("SELECT * FROM requests WHERE session_id=? ORDER BY "
+                                "submitted_at DESC, rowid DESC LIMIT ?", (session_id, limit))
+        return [RequestRow(**dict(r)) for r in rows]
+
+    def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool:
+        return self._one("SELECT 1 FROM requests WHERE session_id=? AND conversation=? AND "
+                         "n_messages=? LIMIT 1", (session_id, conversation, n_messages)) is not None
+
+    def committed_usd(self, session_id: str) -> float:
+        """The session's spend so far: actual costs, and estimates for turns in flight."""
+        row = self._one(
+            "SELECT SUM(CASE WHEN state IN (?,?,?) AND cost_usd IS NULL THEN "
+            "COALESCE(estimate_usd, 0) ELSE COALESCE(cost_usd, 0) END) FROM requests "
+            "WHERE session_id=?", (*IN_FLIGHT_STATES, session_id))
+        return float(row[0] or 0.0) if row else 0.0
+
+    def turnaround_samples(self, model: str, limit: int = 50) -> list[float]:
+        """The newest batch turnarounds of `model` that ended with an answer, oldest first."""
+        rows = self._db.execute(
+            "SELECT wait_s FROM requests WHERE model=? AND lane='batch' AND "
+            "result_type='succeeded' AND wait_s IS NOT NULL ORDER BY submitted_at DESC LIMIT ?",
+            (model, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
 
     def known_batch_ids(self) -> set[str]:
         """Every batch this journal has held, adopted ones that proved foreign included, so
@@ -969,8 +1240,8 @@ class Journal:
         return {r[0] for r in rows}
 
     def batches_tried(self, custom_id: str) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM batches_tried WHERE custom_id=?",
-                                (custom_id,)).fetchone()[0]
+        row = self._one("SELECT COUNT(*) FROM batches_tried WHERE custom_id=?", (custom_id,))
+        return int(row[0]) if row else 0
 
     # -- tools -------------------------------------------------------------
     def start_tool(self, custom_id: str, tool_use_id: str, name: str,
@@ -995,12 +1266,27 @@ class Journal:
         return {r["tool_use_id"]: None if r["ended_at"] is None else
                 ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
 
-    def add_tool_results(self, session_id: str, conversation: int,
-                         blocks: list[dict[str, Any]]) -> None:
-        """The user message answering every tool_use of the last assistant message."""
-        with self._tx() as db:
-            self._insert_message(db, session_id, conversation, "user", blocks, None)
-            self._touch(db, session_id)
+
+# Back-ends by name: a new store is a class plus one entry here.
+STORES: dict[str, Callable[[Path], Store]] = {"sqlite": SqliteStore}
+Journal = SqliteStore  # the name the 0.1 code and its tests know
+
+
+def _private_dir(path: Path) -> None:
+    """The state dir holds tool output (a user's command may print secrets): 0700."""
+    if path.exists() and not path.is_dir():
+        raise OSError(errno.ENOTDIR, f"{path} is not a directory")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o700)
+
+
+def _private_files(db_path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        candidate = db_path.with_name(db_path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(candidate.stat().st_mode) & 0o077:
+                candidate.chmod(0o600)
 
 
 class _Transaction:
@@ -1030,22 +1316,49 @@ def _explain_db_error(path: Path, exc: sqlite3.Error) -> str:
     return f"the journal {path} cannot be used: {text}"
 
 
-def request_hash(params: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
-
-
 ##############################################################################
-# Transport (the Message Batches API behind a few calls; every wait injectable)
+# Channels (how a request reaches the model and its answer comes back: a channel owns
+# every create, poll, budget and download; the agent only sends and waits)
 ##############################################################################
 
-# Slack for comparing our clock with the API's created_at when reconciling a create.
-CLOCK_SKEW_S = 120.0
-SPEND_LIMIT_CODE = "enforced_spend_limit_reached"
+# Slack for comparing our clock with the API's created_at when reconciling a create: a
+# batch made more than this BEFORE our request was sent cannot be the one it made.
+CLOCK_SKEW_S = 5.0
+# 429s that no retry can help: the organisation or workspace is out of money.
+SPEND_LIMIT_MARK = "spend_limit"
 # After a create whose outcome is unknown, wait this long before looking for its batch.
 UNKNOWN_CREATE_WAIT_S = 5.0
 # Slowest steady poll rate without history: 24 a minute, leaving room for the create and
-# the two requests that fetch results within 30 a minute.
+# the results download within 30 a minute.
 STEADY_POLL_S = 2.5
+# Poll ticks allowed in any minute, however many batches are in flight: one tick is one
+# list call covering all of them, so the budget no longer grows with the number of agents.
+POLLS_PER_MINUTE = 28
+# Every batch-endpoint request of one API key shares this budget (create, list, retrieve,
+# cancel, results). The API's own limit is 1,000 a minute at the Start tier (50 on the
+# oldest tier); staying at 50 keeps a single user polite on any tier.
+BATCH_REQUESTS_PER_MINUTE = 50
+# A batch missing from this many list ticks in a row is asked for by id.
+MISSING_TICKS_BEFORE_RETRIEVE = 2
+# An ended batch whose results_url is still null is asked for again this many times.
+NULL_RESULTS_URL_TRIES = 5
+# Connection refused / unknown host: the request never left this machine, so trying again
+# for minutes helps nobody; a few quick tries ride out a blip.
+UNREACHABLE_ATTEMPTS = 3
+
+
+class Clock:
+    """Real time. Tests inject another: `now`, `sleep`, and `wait` on an event (where a
+    Ctrl-C lands while the agent waits for a channel)."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, seconds))
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        return event.wait(max(0.0, timeout_s))
 
 
 @dataclass(frozen=True)
@@ -1055,6 +1368,7 @@ class BatchView:
     created_at: float | None
     size: int
     ended_at: float | None = None
+    results_url: str | None = None
 
     @property
     def turnaround_s(self) -> float | None:
@@ -1066,13 +1380,22 @@ class BatchView:
 
 @dataclass(frozen=True)
 class EntryResult:
-    """One request's result, matched by custom_id."""
+    """One request's result, matched by custom_id; `message` exactly as the API sent it."""
 
     custom_id: str
     type: str  # succeeded | errored | canceled | expired
     message: dict[str, Any] | None = None
     error_type: str | None = None
     error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What came back for one request: its entry (None when the batch held none for it)
+    and the view of the batch that carried it (its own clock gives the turnaround)."""
+
+    entry: EntryResult | None
+    view: BatchView
 
 
 @dataclass(frozen=True)
@@ -1091,14 +1414,13 @@ class RetryPolicy:
 
 
 def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None) -> float:
-    """Seconds to wait before the next retrieve.
+    """Seconds until a batch `elapsed_s` old should be looked at again.
 
-    Budget: at most 30 polls a minute on average while one batch is waited for (the batch
-    endpoints share one rate limit). When past turnarounds give an expected wait, poll
-    sparsely until close to it and then every second, so a result is seen within about half
-    a second of the batch ending; otherwise poll every `base_s` (2.5 s by default; a faster
-    --poll-interval holds for the first 10 s only), slowing down for batches that run long
-    (most end within minutes, some take hours).
+    When past turnarounds give an expected wait, look sparsely until close to it and then
+    every second, so a result is seen within about half a second of the batch ending;
+    otherwise every `base_s` (2.5 s by default; a faster --poll-interval holds for the first
+    10 s only), slowing down for batches that run long (most end within minutes, some take
+    hours).
     """
     if elapsed_s > 3600:
         return 60.0
@@ -1112,22 +1434,93 @@ def next_poll_delay_s(elapsed_s: float, base_s: float, expected_s: float | None)
     return base_s if elapsed_s < 10 else max(base_s, STEADY_POLL_S)
 
 
-class Transport(Protocol):
-    def submit(self, entries: Sequence[tuple[str, dict[str, Any]]], *,
-               exclude: Callable[[], set[str]], notify: Callable[[str], None]) -> str: ...
-    def find_batch(self, *, not_before: float, size: int, exclude: set[str],
-                   notify: Callable[[str], None]) -> str | None: ...
-    def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView: ...
-    def results(self, batch_id: str, notify: Callable[[str], None]) -> dict[str, EntryResult]: ...
-    def cancel(self, batch_id: str, notify: Callable[[str], None]) -> None: ...
+class RequestBudget:
+    """A sliding minute of requests for ONE API key, shared by every thread that uses it."""
+
+    def __init__(self, per_minute: int = BATCH_REQUESTS_PER_MINUTE,
+                 clock: Clock | None = None) -> None:
+        self.per_minute = per_minute
+        self.clock = clock or Clock()
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def take(self) -> None:
+        """Block until one more request fits in the minute, then count it."""
+        while True:
+            with self._lock:
+                now = self.clock.now()
+                self._forget(now)
+                if len(self._sent) < self.per_minute:
+                    self._sent.append(now)
+                    return
+                wait_s = self._sent[0] + 60.0 - now
+            self.clock.sleep(wait_s)
+
+    def in_last_minute(self) -> int:
+        with self._lock:
+            self._forget(self.clock.now())
+            return len(self._sent)
+
+    def _forget(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - 60.0:
+            self._sent.popleft()
 
 
-class BatchTransport:
-    """Batches over the real `anthropic` SDK. Retries are ours (the SDK's are off) so the
-    spinner can say what is happening, and so a create is never blindly re-sent."""
+class Ticket:
+    """One request in flight on a channel: the channel resolves it, the agent waits on it."""
 
-    def __init__(self, client_factory: Callable[[], Any], *, retry: RetryPolicy = RetryPolicy(),
-                 sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, custom_id: str, handle: str) -> None:
+        self.custom_id, self.handle = custom_id, handle
+        self.event = threading.Event()
+        self.status = "in_progress"
+        self._arrival: Arrival | None = None
+        self._error: BaseException | None = None
+
+    def resolve(self, arrival: Arrival) -> None:
+        self._arrival = arrival
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self.event.set()
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def result(self) -> Arrival:
+        if self._error is not None:
+            raise self._error
+        assert self._arrival is not None, "result() before the ticket was resolved"
+        return self._arrival
+
+
+Notify = Callable[[str], None]
+
+
+class Channel(Protocol):
+    """One lane to the model. `send` returns a handle (a batch id) that the caller journals
+    before waiting; `watch` gives the ticket to wait on; `reconcile` finds what a send whose
+    outcome is unknown left behind; `cancel` stops it. A new lane is a class and one entry
+    in CHANNELS."""
+
+    lane: str
+
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str: ...
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None: ...
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify) -> Ticket: ...
+    def cancel(self, handle: str, notify: Notify) -> None: ...
+
+
+class BatchAPI:
+    """The Message Batches endpoints over the real `anthropic` SDK, one call each. Retries
+    are ours (the SDK's are off) so the UI can say what is happening, so a create is never
+    blindly re-sent, and so every request is counted against the key's budget."""
+
+    def __init__(self, client_factory: Callable[[], Any], *, budget: RequestBudget | None = None,
+                 retry: RetryPolicy = RetryPolicy(), clock: Clock | None = None,
                  jitter: Callable[[], float] | None = None) -> None:
         self._client_factory = client_factory
         self._client: Any = None
@@ -1135,8 +1528,9 @@ class BatchTransport:
         self._client_ready = threading.Event()
         self._builder: threading.Thread | None = None
         self._builder_lock = threading.Lock()
+        self.budget = budget or RequestBudget(clock=clock)
         self.retry = retry
-        self.sleep = sleep
+        self.clock = clock or Clock()
         self._jitter = jitter or secrets.SystemRandom().random
 
     def warm_up(self) -> None:
@@ -1166,36 +1560,43 @@ class BatchTransport:
                 raise self._client_error
         return self._client
 
-    def submit(self, entries: Sequence[tuple[str, dict[str, Any]]], *,
-               exclude: Callable[[], set[str]], notify: Callable[[str], None]) -> str:
+    # -- the calls ---------------------------------------------------------------
+    def create(self, requests: list[dict[str, Any]], *, exclude: Callable[[], set[str]],
+               notify: Notify) -> str:
         """Create one batch. When the outcome of a create is unknown (timeout, dropped
         connection, 5xx) list() is checked before trying again: never two paid batches."""
-        requests = [{"custom_id": cid, "params": params} for cid, params in entries]
-        not_before, unknown = time.time(), False
+        sent_at, unknown, unreachable = self.clock.now(), False, 0
         for attempt in range(1, self.retry.max_attempts + 1):
             # After an unknown outcome, look before creating again (after the back-off, so a
             # create still being processed has had time to appear in the list).
-            found = unknown and self.find_batch(not_before=not_before, size=len(entries),
-                                                exclude=exclude(), notify=notify)
+            found = unknown and self.find(not_before=sent_at, size=len(requests),
+                                          exclude=exclude(), notify=notify)
             if found:
                 notify(f"a create call failed but made its batch: {found}; using it")
                 return found
             try:
+                self.budget.take()
                 return self.client.messages.batches.create(requests=requests).id
             except Exception as exc:
                 fault = self._classify(exc, "submitting the batch")
+                unreachable = unreachable + 1 if fault.unreachable else 0
+                if unreachable >= UNREACHABLE_ATTEMPTS:
+                    raise Unreachable(self._unreachable_text(exc)) from None
                 unknown = unknown or fault.outcome_unknown
                 if fault.outcome_unknown:  # a create the API is still processing must show
-                    self.sleep(UNKNOWN_CREATE_WAIT_S)  # up in list() before we look
+                    self.clock.sleep(UNKNOWN_CREATE_WAIT_S)  # up in list() before we look
                 self._back_off(attempt, fault, "submitting", notify)
+        if not unknown:
+            raise NotSent("the batch could not be submitted: API faults outlasted "
+                          f"{self.retry.max_attempts} attempts; nothing was created")
         raise RetriesExhausted("the batch could not be submitted: API faults outlasted "
                                f"{self.retry.max_attempts} attempts")
 
-    def find_batch(self, *, not_before: float, size: int, exclude: set[str],
-                   notify: Callable[[str], None]) -> str | None:
+    def find(self, *, not_before: float, size: int, exclude: set[str],
+             notify: Notify) -> str | None:
         """The batch a create made, if it made one: list() shows no custom_ids, so match on
         creation time and size among batches this journal does not know (results later
-        confirm the custom_id)."""
+        confirm the custom_id). A batch created before the request was sent is never it."""
         def recent() -> list[Any]:  # newest first: stop paging once past the window
             batches = []
             for b in self.client.messages.batches.list(limit=100):
@@ -1206,52 +1607,75 @@ class BatchTransport:
 
         found = [b for b in self._call(recent, "listing batches", notify)
                  if b.id not in exclude and _batch_size(b) == size]
+        return min(found, key=lambda b: abs(b.created_at.timestamp() - not_before)).id \
+            if found else None
 
-        def closeness(b: Any) -> tuple[bool, float]:  # made after we sent it, then nearest
-            t = b.created_at.timestamp()
-            return (t < not_before - 1.0, abs(t - not_before))
+    def list_views(self, *, oldest: float, notify: Notify) -> dict[str, BatchView]:
+        """Every batch created since `oldest`, in as few list calls as paging allows (one,
+        for anything but a key shared with many other clients)."""
+        def page_through() -> dict[str, BatchView]:
+            views: dict[str, BatchView] = {}
+            for b in self.client.messages.batches.list(limit=100):
+                views[b.id] = _view(b)
+                if b.created_at.timestamp() < oldest - CLOCK_SKEW_S:
+                    break
+            return views
 
-        return min(found, key=closeness).id if found else None
+        return self._call(page_through, "polling", notify)
 
-    def retrieve(self, batch_id: str, notify: Callable[[str], None]) -> BatchView:
-        b = self._call(lambda: self.client.messages.batches.retrieve(batch_id), "polling", notify)
-        ended = b.ended_at.timestamp() if b.ended_at else None
-        return BatchView(b.id, b.processing_status, b.created_at.timestamp(), _batch_size(b),
-                         ended)
+    def retrieve(self, batch_id: str, notify: Notify) -> BatchView:
+        return _view(self._call(lambda: self.client.messages.batches.retrieve(batch_id),
+                                "polling", notify))
 
-    def results(self, batch_id: str, notify: Callable[[str], None]) -> dict[str, EntryResult]:
+    def results(self, results_url: str, notify: Notify) -> dict[str, EntryResult]:
+        """The results file in ONE request (the SDK's results() spends a retrieve first),
+        parsed as plain JSON so every block is kept exactly as the API sent it."""
         def fetch() -> dict[str, EntryResult]:
-            return {r.custom_id: _entry_result(r)
-                    for r in self.client.messages.batches.results(batch_id)}
+            text = self.client.get(results_url, cast_to=str,
+                                   options={"headers": {"Accept": "application/binary"}})
+            entries = (json.loads(line) for line in text.splitlines() if line.strip())
+            return {e["custom_id"]: _entry_result(e) for e in entries}
 
         return self._call(fetch, "fetching results", notify)
 
-    def cancel(self, batch_id: str, notify: Callable[[str], None]) -> None:
+    def cancel(self, batch_id: str, notify: Notify) -> None:
         self._call(lambda: self.client.messages.batches.cancel(batch_id), "canceling", notify)
 
-    def _call(self, fn: Callable[[], Any], doing: str, notify: Callable[[str], None]) -> Any:
+    # -- faults -------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any], doing: str, notify: Notify) -> Any:
+        unreachable = 0
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
+                self.budget.take()
                 return fn()
             except Exception as exc:
                 fault = self._classify(exc, doing)
+                unreachable = unreachable + 1 if fault.unreachable else 0
+                if unreachable >= UNREACHABLE_ATTEMPTS:
+                    raise Unreachable(self._unreachable_text(exc)) from None
                 self._back_off(attempt, fault, doing, notify)
         raise RetriesExhausted(f"{doing}: API faults outlasted {self.retry.max_attempts} attempts")
 
-    def _back_off(self, attempt: int, fault: _Fault, doing: str,
-                  notify: Callable[[str], None]) -> None:
+    def _back_off(self, attempt: int, fault: _Fault, doing: str, notify: Notify) -> None:
         if attempt >= self.retry.max_attempts:
             return
         delay = self.retry.delay_s(attempt, fault.retry_after_s, self._jitter())
         notify(f"{fault.label} while {doing}; retry {attempt}/{self.retry.max_attempts - 1} "
                f"in {delay:.0f}s")
-        self.sleep(delay)
+        self.clock.sleep(delay)
+
+    def _unreachable_text(self, exc: Exception) -> str:
+        url = str(getattr(self.client, "base_url", "")) or "the API"
+        cause = exc.__cause__ or exc.__context__ or exc
+        return f"cannot reach {url}: {cause}; nothing was sent (check ANTHROPIC_BASE_URL)"
 
     def _classify(self, exc: Exception, doing: str) -> _Fault:
         """Transient faults come back as a _Fault; anything else is raised as a clear error."""
         import anthropic
 
         if isinstance(exc, anthropic.APIConnectionError):
+            if _never_connected(exc):
+                return _Fault("connection refused", None, outcome_unknown=False, unreachable=True)
             kind = "timeout" if isinstance(exc, anthropic.APITimeoutError) else "connection lost"
             return _Fault(kind, None, outcome_unknown=True)
         if _is_transport_failure(exc):  # e.g. the results stream cut off mid-download
@@ -1260,7 +1684,7 @@ class BatchTransport:
             raise exc
         status, message = exc.status_code, _api_error_message(exc)
         if status == 429:
-            if SPEND_LIMIT_CODE in json.dumps(getattr(exc, "body", None) or {}):
+            if SPEND_LIMIT_MARK in _error_code(exc):
                 raise SpendLimitReached(f"spend limit reached while {doing}: {message}") from None
             return _Fault("rate limited (429)", _retry_after_s(exc), outcome_unknown=False)
         if status >= 500 or status in (408, 409):
@@ -1275,6 +1699,13 @@ class _Fault:
     label: str
     retry_after_s: float | None
     outcome_unknown: bool
+    unreachable: bool = False
+
+
+def _never_connected(exc: Exception) -> bool:
+    """Connection refused or an unknown host: the request never left this machine."""
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ in ("ConnectError", "ConnectionRefusedError", "gaierror")
 
 
 def _is_transport_failure(exc: Exception) -> bool:
@@ -1288,6 +1719,12 @@ def _batch_size(batch: Any) -> int:
     return c.processing + c.succeeded + c.errored + c.canceled + c.expired
 
 
+def _view(b: Any) -> BatchView:
+    ended = b.ended_at.timestamp() if b.ended_at else None
+    return BatchView(b.id, b.processing_status, b.created_at.timestamp(), _batch_size(b),
+                     ended, getattr(b, "results_url", None))
+
+
 def _retry_after_s(exc: Any) -> float | None:
     try:
         return float(exc.response.headers.get("retry-after"))
@@ -1295,34 +1732,40 @@ def _retry_after_s(exc: Any) -> float | None:
         return None
 
 
-def _api_error_message(exc: Any) -> str:
+def _error_body(exc: Any) -> dict[str, Any]:
     body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error") if isinstance(body.get("error"), dict) else body
+    if not isinstance(body, dict):
+        return {}
+    return body.get("error") if isinstance(body.get("error"), dict) else body
+
+
+def _error_code(exc: Any) -> str:
+    details = _error_body(exc).get("details")
+    return str(details.get("error_code") or "") if isinstance(details, dict) else ""
+
+
+def _api_error_message(exc: Any) -> str:
+    err = _error_body(exc)
+    if err:
         return f"{err.get('type', 'error')}: {err.get('message', '')}".strip()
-    return str(exc)
+    text = str(getattr(exc, "message", "") or exc)
+    if "<html" in text.lower() or "<!doctype" in text.lower():  # a proxy's error page
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        return (title.group(1).strip() if title else "an HTML error page") + \
+            f" (HTTP {getattr(exc, 'status_code', '?')}, from something in front of the API)"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _entry_result(line: Any) -> EntryResult:
-    result = line.result
-    if result.type == "succeeded":
-        return EntryResult(line.custom_id, "succeeded", message_to_dict(result.message))
-    if result.type == "errored":
-        err = result.error.error
-        return EntryResult(line.custom_id, "errored", None, err.type, err.message)
-    return EntryResult(line.custom_id, result.type)
-
-
-def message_to_dict(message: Any) -> dict[str, Any]:
-    """A returned Message as plain data; `content` blocks exactly as returned (thinking
-    signatures included), which is the form they must be sent back in."""
-    details = getattr(message, "stop_details", None)
-    return {
-        "id": message.id, "model": message.model, "stop_reason": message.stop_reason,
-        "content": [b.model_dump(mode="json", exclude_none=True) for b in message.content],
-        "usage": message.usage.model_dump(mode="json", exclude_none=True),
-        "stop_details": details.model_dump(mode="json") if details is not None else None,
-    }
+def _entry_result(line: Mapping[str, Any]) -> EntryResult:
+    result = line.get("result") or {}
+    kind = str(result.get("type"))
+    if kind == "succeeded":
+        return EntryResult(line["custom_id"], "succeeded", dict(result.get("message") or {}))
+    if kind == "errored":
+        err = (result.get("error") or {}).get("error") or {}
+        return EntryResult(line["custom_id"], "errored", None, err.get("type"),
+                           err.get("message"))
+    return EntryResult(line["custom_id"], kind)
 
 
 def make_client_factory(api_key: str | None, base_url: str | None,
@@ -1336,6 +1779,216 @@ def make_client_factory(api_key: str | None, base_url: str | None,
                                    timeout=timeout_s)
 
     return factory
+
+
+@dataclass
+class _Watch:
+    """One batch in flight and everyone waiting on it."""
+
+    batch_id: str
+    started_at: float
+    expected_s: float | None
+    due_at: float
+    tickets: dict[str, Ticket] = field(default_factory=dict)
+    listeners: list[tuple[Callable[[str], None], Notify]] = field(default_factory=list)
+    missing_ticks: int = 0
+    null_url_tries: int = 0
+
+
+class BatchChannel:
+    """The batch lane. ONE poller thread per process watches every batch in flight with one
+    list call per tick (retrieve only for a batch the list did not show twice running),
+    downloads each ended batch's results in one request and resolves its tickets. Modelled on
+    rich's Progress: many tasks in a dict under a lock, one refresh thread."""
+
+    lane = "batch"
+
+    def __init__(self, api: BatchAPI, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+                 clock: Clock | None = None) -> None:
+        self.api = api
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock or Clock()
+        self._watches: dict[str, _Watch] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._ticks: collections.deque[float] = collections.deque()
+
+    # -- the Channel protocol ----------------------------------------------------------
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        return self.api.create([{"custom_id": custom_id, "params": params}], exclude=exclude,
+                               notify=notify)
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+        wait_s = sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
+        if wait_s > 0:  # a create cut off moments ago may not be listed yet
+            self.clock.sleep(wait_s)
+        return self.api.find(not_before=sent_at, size=1, exclude=exclude, notify=notify)
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify) -> Ticket:
+        ticket = Ticket(custom_id, handle)
+        now = self.clock.now()
+        # A batch just created cannot have ended: the first look waits one interval; a
+        # re-attached one is looked at at once.
+        first_s = next_poll_delay_s(0.0, self.poll_interval_s, expected_s) \
+            if now - sent_at < self.poll_interval_s else 0.0
+        with self._lock:
+            watch = self._watches.get(handle)
+            if watch is None:
+                watch = self._watches[handle] = _Watch(handle, sent_at, expected_s, now + first_s)
+            watch.tickets[custom_id] = ticket
+            watch.listeners.append((on_status, notify))
+            self._start_poller()
+        self._wake.set()
+        return ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        self.api.cancel(handle, notify)
+        with self._lock:
+            if handle in self._watches:
+                self._watches[handle].due_at = self.clock.now()  # see 'canceling' at once
+        self._wake.set()
+
+    def forget(self, ticket: Ticket) -> None:
+        """Stop watching for this ticket (its waiter went away: detached)."""
+        with self._lock:
+            watch = self._watches.get(ticket.handle)
+            if watch is not None:
+                watch.tickets.pop(ticket.custom_id, None)
+                if not watch.tickets:
+                    del self._watches[ticket.handle]
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._watches)
+
+    # -- the poller ---------------------------------------------------------------------
+    def _start_poller(self) -> None:
+        if self._poller is None or not self._poller.is_alive():
+            self._poller = threading.Thread(target=self._poll_forever, daemon=True,
+                                            name="batch-poller")
+            self._poller.start()
+
+    def _poll_forever(self) -> None:
+        while True:
+            with self._lock:
+                if not self._watches:
+                    self._poller = None
+                    return
+                due_at = min(w.due_at for w in self._watches.values())
+            delay_s = max(due_at - self.clock.now(), self._tick_budget_wait_s())
+            if delay_s > 0:
+                self._wake.clear()
+                self.clock.wait(self._wake, delay_s)  # a new watch or a cancel wakes us
+                continue
+            try:
+                self._tick()
+            except BaseException as exc:  # a bug: every waiter hears it, none hangs
+                self._fail_all(exc)
+
+    def _tick_budget_wait_s(self) -> float:
+        """Seconds until another tick fits in POLLS_PER_MINUTE (spread, not bunched)."""
+        now = self.clock.now()
+        while self._ticks and self._ticks[0] <= now - 60.0:
+            self._ticks.popleft()
+        if len(self._ticks) >= POLLS_PER_MINUTE:
+            return self._ticks[0] + 60.0 - now
+        if len(self._ticks) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall
+            return self._ticks[-1] + 60.0 / POLLS_PER_MINUTE - now
+        return 0.0
+
+    def _tick(self) -> None:
+        """One look at every batch in flight: one list call, then act on what it shows."""
+        self._ticks.append(self.clock.now())
+        with self._lock:
+            watches = list(self._watches.values())
+        oldest = min(w.started_at for w in watches)
+        try:
+            views = self.api.list_views(oldest=oldest, notify=self._notify_all)
+        except HarnessError as exc:
+            self._fail_all(exc)
+            return
+        for watch in watches:
+            self._look(watch, views.get(watch.batch_id))
+
+    def _look(self, watch: _Watch, view: BatchView | None) -> None:
+        if view is None:
+            watch.missing_ticks += 1
+            if watch.missing_ticks < MISSING_TICKS_BEFORE_RETRIEVE:
+                watch.due_at = self.clock.now()
+                return
+            try:
+                view = self.api.retrieve(watch.batch_id, self._notifier(watch))
+            except HarnessError as exc:
+                self._finish(watch, error=exc)
+                return
+        watch.missing_ticks = 0
+        for on_status, _ in list(watch.listeners):
+            on_status(view.status)
+        if view.status == "ended":
+            self._collect(watch, view)
+            return
+        elapsed = self.clock.now() - watch.started_at
+        watch.due_at = self.clock.now() + next_poll_delay_s(elapsed, self.poll_interval_s,
+                                                            watch.expected_s)
+
+    def _collect(self, watch: _Watch, view: BatchView) -> None:
+        if not view.results_url:  # allowed by the schema; the file shows up a little later
+            watch.null_url_tries += 1
+            if watch.null_url_tries > NULL_RESULTS_URL_TRIES:
+                self._finish(watch, error=TransportError(
+                    f"batch {watch.batch_id} ended but the API gives no results_url; resume "
+                    "later to fetch its results"))
+                return
+            self._notifier(watch)(f"batch {watch.batch_id} ended without a results_url yet; "
+                                  "asking again")
+            watch.due_at = self.clock.now() + min(30.0, 2.0 ** watch.null_url_tries)
+            return
+        try:
+            results = self.api.results(view.results_url, self._notifier(watch))
+            if any(cid not in results for cid in watch.tickets):  # a cut download: once more
+                results = {**self.api.results(view.results_url, self._notifier(watch)),
+                           **results}
+        except HarnessError as exc:
+            self._finish(watch, error=exc)
+            return
+        self._finish(watch, view=view, results=results)
+
+    def _finish(self, watch: _Watch, *, view: BatchView | None = None,
+                results: Mapping[str, EntryResult] | None = None,
+                error: BaseException | None = None) -> None:
+        with self._lock:
+            self._watches.pop(watch.batch_id, None)
+        for custom_id, ticket in watch.tickets.items():
+            if error is not None or view is None:
+                ticket.fail(error or AssertionError("finished without a view"))
+            else:
+                ticket.resolve(Arrival((results or {}).get(custom_id), view))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            watches = list(self._watches.values())
+        for watch in watches:
+            self._finish(watch, error=exc)
+
+    def _notifier(self, watch: _Watch) -> Notify:
+        def notify(text: str) -> None:
+            for _, listener in list(watch.listeners):
+                listener(text)
+
+        return notify
+
+    def _notify_all(self, text: str) -> None:
+        with self._lock:
+            watches = list(self._watches.values())
+        for watch in watches:
+            self._notifier(watch)(text)
+
+
+# Lanes by name: a new lane is a class plus one entry here.
+CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel}
 
 
 ##############################################################################
@@ -1352,77 +2005,86 @@ issue independent tool calls together in one turn, and read enough at once. When
 done, reply with a short summary of what you did and what you found."""
 RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error")
 RESULTS_RETENTION_S = 29 * 86400
-# Polls allowed in any minute of one wait: with the two requests that fetch the results,
-# at most 30 batch-endpoint requests a minute.
-POLLS_PER_MINUTE = 28
 # Batches adopted for one turn after an unknown create before giving up: list() shows no
 # custom_ids, so a match by time and size is confirmed only by the results.
 MAX_ADOPTIONS = 3
+# How often a waiting agent wakes to check its ticket; Ctrl-C lands at once regardless.
+WAIT_SLICE_S = 0.25
 
 
 @dataclass(frozen=True)
 class AgentSettings:
+    """What one agent needs of the Config (built from it by name, see settings_from)."""
+
     model: str
     max_tokens: int = DEFAULT_MAX_TOKENS
-    cache_ttl: str | None = "1h"
+    cache_ttl: str | None = DEFAULT_CACHE_TTL
     max_turns: int | None = None
     max_budget_usd: float | None = None
-    poll_interval_s: float = 2.5
     max_resubmits: int = 3
     """Times an expired or transiently errored request is sent again before the turn fails."""
 
 
-# Events: what the loop tells the UI. Each is a small frozen record.
+# Events: what the loop tells the UI. Each is a small frozen record that carries its
+# session id (stamped by the agent), so one UI can show many agents.
 @dataclass(frozen=True)
-class BatchSubmitted:
-    batch_id: str
+class TurnSent:
+    handle: str
     custom_id: str
     model: str
     turn: int
-    submitted_at: float
+    sent_at: float
     estimate_usd: float | None
     expected_s: float | None
+    lane: str = "batch"
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
-class BatchPolled:
-    batch_id: str
+class TurnWaiting:
+    handle: str
     status: str
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
-class BatchEnded:
-    batch_id: str
+class TurnEnded:
+    handle: str
     result_type: str
     wait_s: float
     usage: Usage | None
     cost: CostBreakdown | None
+    lane: str = "batch"
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
 class AssistantText:
     text: str
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
 class ToolStarted:
     label: str
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
 class ToolFinished:
     label: str
     result: ToolResult
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
 class Notice:
     text: str
     level: str = "info"  # info | warn | error
+    session_id: str = ""
 
 
-Event = (BatchSubmitted | BatchPolled | BatchEnded | AssistantText | ToolStarted | ToolFinished
-         | Notice)
+Event = TurnSent | TurnWaiting | TurnEnded | AssistantText | ToolStarted | ToolFinished | Notice
 
 
 @dataclass(frozen=True)
@@ -1433,38 +2095,15 @@ class RunResult:
     stop_reason: str | None
 
 
-def wait_for_batch(transport: Transport, batch_id: str, *, started_at: float,
-                   expected_s: float | None, base_interval_s: float,
-                   sleep: Callable[[float], None], on_poll: Callable[[BatchView], None],
-                   notify: Callable[[str], None],
-                   clock: Callable[[], float] = time.time) -> BatchView:
-    """Poll until the batch ends (no webhook exists: polling is the only way). A batch just
-    created cannot have ended, so the first poll waits one interval; a re-attached one is
-    polled at once. Whatever the schedule proposes, no 60 s window holds more than
-    POLLS_PER_MINUTE polls."""
-    polls: collections.deque[float] = collections.deque()
-    if clock() - started_at < base_interval_s:
-        sleep(next_poll_delay_s(0.0, base_interval_s, expected_s))
-    while True:
-        over_budget_s = _poll_budget_wait_s(polls, clock())
-        if over_budget_s > 0:
-            sleep(over_budget_s)
-        polls.append(clock())
-        view = transport.retrieve(batch_id, notify)
-        on_poll(view)
-        if view.status == "ended":
-            return view
-        delay_s = next_poll_delay_s(clock() - started_at, base_interval_s, expected_s)
-        if len(polls) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall later
-            delay_s = max(delay_s, 60.0 / POLLS_PER_MINUTE)
-        sleep(delay_s)
+@dataclass(frozen=True)
+class RunReport:
+    """What a front-end may show about a run: the requests it touched, the model, the answer."""
 
-
-def _poll_budget_wait_s(polls: collections.deque[float], now: float) -> float:
-    """Seconds until another poll fits in the budget (forgets polls older than a minute)."""
-    while polls and polls[0] <= now - 60.0:
-        polls.popleft()
-    return 0.0 if len(polls) < POLLS_PER_MINUTE else polls[0] + 60.0 - now
+    session_id: str
+    model: str
+    requests: tuple[RequestRow, ...]
+    answer: str
+    in_flight: RequestRow | None
 
 
 def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, Any]],
@@ -1515,71 +2154,198 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with an ended request: apply | resubmit | look_again | fail (why)."""
+
+    action: str
+    reason: str = ""
+
+
+def classify(request: RequestRow, max_resubmits: int) -> Verdict:
+    """Pure: the journal's record of an ended request in, what the loop does next out."""
+    kind = request.result_type
+    if kind == "succeeded":
+        return Verdict("apply")
+    if kind == "missing":  # an adopted batch that was not ours, or a cut download
+        return Verdict("look_again")
+    if kind == "expired" or (kind == "errored" and request.error_type in RESUBMITTABLE):
+        return retry_verdict(request, max_resubmits)
+    if kind == "errored":
+        return Verdict("fail", f"the API refused this turn ({request.error_type}: "
+                               f"{request.error_message}); nothing was billed")
+    if kind == "canceled":
+        return Verdict("fail", "the batch was canceled before the model answered; nothing "
+                               "was billed")
+    raise AssertionError(f"unknown result type {kind!r}")
+
+
+def retry_verdict(request: RequestRow, max_resubmits: int) -> Verdict:
+    reason = (f"{request.error_type}: {request.error_message}"
+              if request.result_type == "errored" else str(request.result_type))
+    if request.attempt >= max_resubmits:
+        return Verdict("fail", f"the turn failed {request.attempt} times ({reason}); "
+                               "send the prompt again to retry")
+    return Verdict("resubmit", f"batch entry {reason}; resubmitting (attempt "
+                               f"{request.attempt + 1} of {max_resubmits})")
+
+
+def answer_content(message: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The content that joins the transcript, exactly as the API sent it, or None: a refused
+    turn's partial output is discarded (never acted on, never resent)."""
+    if message.get("stop_reason") == "refusal":
+        return None
+    # Empty text blocks are the one thing dropped: the API refuses them as input ("text
+    # content blocks must be non-empty"). Everything else goes back byte for byte.
+    content = [b for b in message.get("content") or [] if not _is_empty_text(b)]
+    return content or None
+
+
+def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
+    """Pure: how a request ended, priced for its lane, as the journal records it."""
+    view, entry = arrival.view, arrival.entry
+    wait_s = view.turnaround_s if view.turnaround_s is not None else now - request.submitted_at
+    if entry is None:
+        return Outcome("missing", now, wait_s, error_message="result not in the batch")
+    if entry.type != "succeeded" or entry.message is None:
+        return Outcome(entry.type, now, wait_s, error_type=entry.error_type,
+                       error_message=entry.error_message)
+    usage = Usage.from_api(entry.message.get("usage"))
+    cost = cost_breakdown(request.model, usage, lane=request.lane,
+                          requested_ttl=request.cache_ttl)
+    if entry.message.get("stop_reason") == "refusal" and not entry.message.get("content"):
+        cost = CostBreakdown(0.0, 0.0, 0.0)  # a refusal before any output is not charged
+    return Outcome("succeeded", now, wait_s, entry.message, usage=usage, cost=cost)
+
+
 class Agent:
     """Advances one session turn by turn. Every step is decided from the journal, so a
     fresh prompt and a session resumed after a crash run through the same code."""
 
-    def __init__(self, journal: Journal, transport: Transport, toolbox: Toolbox,
+    def __init__(self, store: Store, channel: Channel, toolbox: Toolbox,
                  settings: AgentSettings, session: SessionRow, *,
-                 emit: Callable[[Event], None],
-                 ask_interrupt: Callable[[str], str],
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.journal = journal
-        self.transport = transport
-        self.toolbox = toolbox
-        self.settings = settings
-        self.session = session
-        self.emit = emit
-        self.ask_interrupt = ask_interrupt
-        self.sleep = sleep
+                 emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
+                 clock: Clock | None = None) -> None:
+        self.store, self.channel, self.toolbox = store, channel, toolbox
+        self.settings, self.session = settings, session
+        self._emit_to, self.ask_interrupt = emit, ask_interrupt
+        self.clock = clock or Clock()
         self._turns = 0
-        self.touched: list[str] = []
-        """custom_ids of every request this agent submitted or re-attached to (headless JSON)."""
+        self._touched: list[str] = []
 
-    # -- entry points --------------------------------------------------------
+    # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
         try:
             if self._in_flight():
-                self.run(submit_prompt=False)
+                self.run(new_prompt=False)
         except (TurnFailed, BudgetExceeded) as exc:  # that turn is over; the new prompt goes
             self.emit(Notice(str(exc), "warn"))
         except (TransportError, Detached, KeyboardInterrupt):
             self.emit(Notice("your new prompt was NOT sent: an earlier turn is still in "
                              "flight; send it again once that turn is collected", "warn"))
             raise
-        self.journal.add_user_content(self.session.id, self.session.conversation,
-                                      [{"type": "text", "text": text}])
-        return self.run(submit_prompt=True)
+        self.store.add_user_content(self.session.id, self.session.conversation,
+                                    [{"type": "text", "text": text}])
+        return self.run(new_prompt=True)
 
     def resume(self) -> RunResult | None:
         """Finish whatever the session left in flight; None when nothing was."""
-        if not self._has_unfinished_work():
-            return None
-        return self.run(submit_prompt=False)
+        return self.run(new_prompt=False) if self._has_unfinished_work() else None
 
-    def run(self, *, submit_prompt: bool) -> RunResult:
-        """Take steps until the model ends its turn; typed exceptions end it early."""
+    def run(self, *, new_prompt: bool) -> RunResult:
+        """Take steps until the model ends its turn. A failure is recorded here, once."""
         self._turns = 0
-        while (step := self._next_step(submit_prompt)) is not None:
-            step()
-            submit_prompt = False
-        return self._result()
+        while (step := self._next_step(new_prompt)) is not None:
+            new_prompt = False
+            try:
+                step()
+            except TurnFailed as failure:
+                if failure.custom_id is not None:
+                    self.store.fail_request(failure.custom_id, failure.record)
+                raise
+        return RunResult(self.last_answer(), self._last_stop_reason())
 
     def switch_model(self, model: str) -> None:
         self.settings = dataclasses.replace(self.settings, model=model)
-        self.journal.update_session(self.session.id, model=model)
+        self.store.update_session(self.session.id, model=model)
+
+    def switch_session(self, session: SessionRow) -> None:
+        self.session = session
+        self.switch_model(session.model)
 
     def clear(self) -> None:
         """A new conversation in the same session: the session's spend stays counted."""
         conversation = self.session.conversation + 1
-        self.journal.update_session(self.session.id, conversation=conversation)
+        self.store.update_session(self.session.id, conversation=conversation)
         self.session = dataclasses.replace(self.session, conversation=conversation)
 
-    # -- deciding the next step ----------------------------------------------
-    def _next_step(self, submit_prompt: bool) -> Callable[[], None] | None:
-        pending = self.journal.pending_request(self.session.id)
+    def pending(self) -> RequestRow | None:
+        return self.store.pending_request(self.session.id)
+
+    def last_answer(self) -> str:
+        """The text of the conversation's last message when the model wrote it, else ''."""
+        messages = self._messages()
+        last = messages[-1] if messages else {}
+        return final_text(last.get("content")) if last.get("role") == "assistant" else ""
+
+    def report(self) -> RunReport:
+        return RunReport(self.session.id, self.settings.model,
+                         tuple(self.store.request(c) for c in self._touched),
+                         self.last_answer(), self.pending())
+
+    def expected_wait_s(self, model: str) -> float | None:
+        """Median turnaround of this model's recent batches, once there are two."""
+        waits = self.store.turnaround_samples(model, 50)
+        return median(waits) if len(waits) >= 2 else None
+
+    # -- one turn, as a story ---------------------------------------------------------
+    def _send_turn(self) -> None:
+        # Build the request from the transcript, with the prompt-cache breakpoints.
+        row, params = self._prepare()
+        # Check the limits before anything is paid.
+        self._check_limits(row.estimate_usd)
+        # Journal it BEFORE sending: a crash mid-send is reconciled, never sent twice.
+        self.store.begin_request(row)
+        self._touch(row.custom_id)
+        handle = self._send(row, params)
+        self._turns += 1
+        self.emit(TurnSent(handle, row.custom_id, row.model, self._turns, self.clock.now(),
+                           row.estimate_usd, self.expected_wait_s(row.model), row.lane))
+        # Wait (the channel owns the waiting), then apply what came back.
+        self._settle(self.store.request(row.custom_id))
+
+    def _settle(self, request: RequestRow) -> None:
+        """Wait for a request in flight and apply its outcome."""
+        self._touch(request.custom_id)
+        if request.state == "submitting" and not self._reattach(request):
+            self.store.fail_request(request.custom_id, "never reached the API")
+            return  # the transcript is unanswered: the next step sends it afresh
+        request = self.store.request(request.custom_id)
+        if request.state == "submitted":
+            self._collect(request)
+        self._apply(self.store.request(request.custom_id))
+
+    def _apply(self, request: RequestRow) -> None:
+        verdict = classify(request, self.settings.max_resubmits)
+        if verdict.action == "look_again":
+            self.emit(Notice(f"batch {request.batch_id} held no result for this turn; looking "
+                             "for the batch the interrupted create made", "warn"))
+            if self._reattach(request):
+                return
+            verdict = retry_verdict(request, self.settings.max_resubmits)
+        if verdict.action == "fail":
+            raise TurnFailed(verdict.reason, custom_id=request.custom_id)
+        if verdict.action == "resubmit":
+            self.store.fail_request(request.custom_id)
+            self.emit(Notice(verdict.reason, "warn"))
+            return
+        self._apply_message(request)
+
+    # -- deciding the next step ---------------------------------------------------------
+    def _next_step(self, new_prompt: bool) -> Callable[[], None] | None:
+        pending = self.pending()
         if pending is not None:
             return lambda: self._settle(pending)
         messages = self._messages()
@@ -1589,32 +2355,28 @@ class Agent:
         if last["role"] == "assistant":
             if unanswered_tool_uses(last):
                 return lambda: self._run_tools(last)
-            if self._last_stop_reason() == "pause_turn":
-                return self._submit
-            return None
-        if submit_prompt or not self._answered(len(messages)):
-            return self._submit
+            return self._send_turn if self._last_stop_reason() == "pause_turn" else None
+        if new_prompt or not self._answered(len(messages)):
+            return self._send_turn
         return None  # answered with nothing: an empty reply ends the turn
 
     def _has_unfinished_work(self) -> bool:
-        if self.journal.pending_request(self.session.id) is not None:
+        if self._in_flight():
             return True
         messages = self._messages()
         if not messages:
             return False
-        last = messages[-1]
-        if last["role"] == "assistant":
-            return bool(unanswered_tool_uses(last)) or self._last_stop_reason() == "pause_turn"
-        # A prompt or tool results journaled but never submitted (killed in between) are
+        if messages[-1]["role"] == "assistant":
+            return self._last_stop_reason() == "pause_turn"
+        # A prompt or tool results journaled but never sent (killed in between) are
         # unfinished; ones whose turn already failed (canceled, refused, over a limit) wait for
         # the user instead of being sent, and paid for, again unchanged.
-        return not any(r.conversation == self.session.conversation
-                       and r.n_messages == len(messages)
-                       for r in self.journal.requests(self.session.id))
+        return not self.store.was_sent(self.session.id, self.session.conversation,
+                                       len(messages))
 
     def _in_flight(self) -> bool:
-        """A batch out, or tool calls still to run: work a new prompt must not jump over."""
-        if self.journal.pending_request(self.session.id) is not None:
+        """A request out, or tool calls still to run: work a new prompt must not jump over."""
+        if self.pending() is not None:
             return True
         messages = self._messages()
         return bool(messages) and bool(unanswered_tool_uses(messages[-1]))
@@ -1622,51 +2384,47 @@ class Agent:
     def _answered(self, n_messages: int) -> bool:
         """The newest request of this conversation carried these messages and was applied
         (an empty answer adds no message, so the transcript alone cannot tell)."""
-        latest = [r for r in self.journal.requests(self.session.id)
-                  if r.conversation == self.session.conversation]
-        return bool(latest) and latest[-1].state == "applied" and (
-            latest[-1].n_messages == n_messages)
+        latest = self.store.latest_request(self.session.id, self.session.conversation)
+        return latest is not None and latest.state == "applied" and (
+            latest.n_messages == n_messages)
 
     def _messages(self) -> list[dict[str, Any]]:
-        return self.journal.messages(self.session.id, self.session.conversation)
+        return self.store.messages(self.session.id, self.session.conversation)
 
     def _last_stop_reason(self) -> str | None:
-        return self.journal.last_stop_reason(self.session.id, self.session.conversation)
+        return self.store.last_stop_reason(self.session.id, self.session.conversation)
 
-    # -- submitting ------------------------------------------------------------
-    def _submit(self) -> None:
+    # -- sending ------------------------------------------------------------------
+    def _prepare(self) -> tuple[RequestRow, dict[str, Any]]:
         messages = self._messages()
-        previous = self.journal.last_applied(self.session.id, self.session.conversation)
+        previous = self.store.last_applied(self.session.id, self.session.conversation)
         previous_end = previous.n_messages - 1 if previous else None
         params = build_params(self.settings, Path(self.session.workdir),
                               self.toolbox.definitions(), messages, previous_end)
-        estimate = estimate_cost_usd(self.settings.model, params, batch=True)
-        self._check_limits(estimate)
+        lane = self.channel.lane
         row = RequestRow(
             custom_id=new_custom_id(), session_id=self.session.id,
             conversation=self.session.conversation, n_messages=len(messages),
             model=self.settings.model, cache_ttl=self.settings.cache_ttl,
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
             attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
-            submitted_at=time.time(), estimate_usd=estimate)
-        self.journal.begin_request(row)
-        batch_id = self._create(row, params)
-        self.journal.set_batch(row.custom_id, batch_id)
-        self._turns += 1
-        self.touched.append(row.custom_id)
-        self.emit(BatchSubmitted(batch_id, row.custom_id, row.model, self._turns, time.time(),
-                                 estimate, self.expected_wait_s(row.model)))
+            submitted_at=self.clock.now(), lane=lane,
+            estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane))
+        return row, params
 
-    def _create(self, row: RequestRow, params: dict[str, Any]) -> str:
+    def _send(self, row: RequestRow, params: dict[str, Any]) -> str:
         try:
-            return self.transport.submit([(row.custom_id, params)],
-                                         exclude=self.journal.known_batch_ids,
-                                         notify=self._notify)
-        except (SpendLimitReached, RetriesExhausted):
-            raise  # outcome may be unknown: the row stays 'submitting' and resume reconciles
-        except TransportError:
-            self.journal.fail_request(row.custom_id, "refused at submission")
-            raise
+            handle = self.channel.send(row.custom_id, params, exclude=self.store.known_batch_ids,
+                                       notify=self._warn)
+        except NotSent as exc:  # nothing was created: not billed, nothing to resume
+            raise TurnFailed(str(exc), custom_id=row.custom_id, record="never sent") from None
+        except TransportError as exc:
+            if isinstance(exc, (SpendLimitReached, RetriesExhausted)):
+                raise  # outcome may be unknown: the row stays 'submitting'; resume reconciles
+            raise TurnFailed(str(exc), custom_id=row.custom_id,
+                             record="refused at submission") from None
+        self.store.set_batch(row.custom_id, handle)  # BEFORE waiting: the paid turn is found
+        return handle
 
     def _check_limits(self, estimate_usd: float | None) -> None:
         s = self.settings
@@ -1677,7 +2435,7 @@ class Agent:
             return
         if estimate_usd is None:
             raise BudgetExceeded(f"price unknown for {s.model}: cannot keep --max-budget-usd")
-        committed = sum(r.committed_usd for r in self.journal.requests(self.session.id))
+        committed = self.store.committed_usd(self.session.id)
         if committed + estimate_usd > s.max_budget_usd:
             raise BudgetExceeded(
                 f"not submitted: {fmt_usd(committed)} committed + up to {fmt_usd(estimate_usd)} "
@@ -1686,7 +2444,7 @@ class Agent:
     def _attempt_number(self, n_messages: int) -> int:
         """Consecutive resubmissions of the same transcript, to bound them."""
         attempt = 1
-        for r in reversed(self.journal.requests(self.session.id)):
+        for r in self.store.recent_requests(self.session.id, self.settings.max_resubmits + 2):
             if r.conversation != self.session.conversation or r.n_messages != n_messages:
                 break
             if r.state == "failed" and (r.result_type in ("expired", "missing")
@@ -1694,152 +2452,87 @@ class Agent:
                 attempt = max(attempt, r.attempt + 1)
         return attempt
 
-    # -- waiting and collecting --------------------------------------------------
-    def _settle(self, request: RequestRow) -> None:
-        if request.custom_id not in self.touched:
-            self.touched.append(request.custom_id)
-        if request.state == "submitting":
-            if not self._reconcile(request):
-                self.journal.fail_request(request.custom_id, "never reached the API")
-            return
-        if request.state == "submitted":
-            self._collect(request)
-        self._apply(self.journal.request(request.custom_id))
-
-    def _reconcile(self, request: RequestRow) -> bool:
-        """A crash or fault left a create whose outcome we never saw: adopt the batch it
-        made (True), or say there is none (False), and the caller decides what next."""
-        wait_s = request.submitted_at + UNKNOWN_CREATE_WAIT_S - time.time()
-        if wait_s > 0:  # a create cut off moments ago may not be listed yet
-            self.sleep(wait_s)
-        if self.journal.batches_tried(request.custom_id) >= MAX_ADOPTIONS:
-            self.journal.fail_request(request.custom_id, "no batch of ours found")
+    # -- waiting -------------------------------------------------------------------
+    def _reattach(self, request: RequestRow) -> bool:
+        """A crash or fault left a send whose outcome we never saw: adopt what it made
+        (True), or say there is none (False), and the caller decides what next."""
+        if self.store.batches_tried(request.custom_id) >= MAX_ADOPTIONS:
             raise TurnFailed(f"{MAX_ADOPTIONS} batches that looked like this turn's were not "
-                             "(another client shares the key?); send the prompt again")
-        batch_id = self.transport.find_batch(not_before=request.submitted_at, size=1,
-                                             exclude=self.journal.known_batch_ids(),
-                                             notify=self._notify)
-        if batch_id:
-            self.journal.set_batch(request.custom_id, batch_id)
-            self._notify(f"re-attached to {batch_id}, created before the interruption")
-        return batch_id is not None
+                             "(another client shares the key?); send the prompt again",
+                             custom_id=request.custom_id, record="no batch of ours found")
+        handle = self.channel.reconcile(request.submitted_at,
+                                        exclude=self.store.known_batch_ids(), notify=self._warn)
+        if handle:
+            self.store.set_batch(request.custom_id, handle)
+            self._warn(f"re-attached to {handle}, created before the interruption")
+        return handle is not None
 
     def _collect(self, request: RequestRow) -> None:
         assert request.batch_id is not None
-        if time.time() - request.submitted_at > RESULTS_RETENTION_S:
-            self.journal.fail_request(request.custom_id, "results expired from the API")
+        if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
             raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
-                             "longer keeps its results. Nothing more can be recovered.")
-        view = self._wait(request)
-        entry = self._fetch_entry(request)
-        outcome = self._outcome(request, entry, view)
-        self.journal.record_outcome(request.custom_id, outcome)
-        self.emit(BatchEnded(request.batch_id, outcome.result_type, outcome.wait_s,
-                             outcome.usage, outcome.cost))
+                             "longer keeps its results. Nothing more can be recovered.",
+                             custom_id=request.custom_id, record="results expired from the API")
+        ticket = self.channel.watch(
+            request.custom_id, request.batch_id, sent_at=request.submitted_at,
+            expected_s=self.expected_wait_s(request.model), notify=self._warn,
+            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)))
+        try:
+            arrival = self._await(ticket)
+        except BatchNotFound as exc:
+            raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
+                             f"API ({exc}); send the prompt again", custom_id=request.custom_id,
+                             record="batch unknown to the API") from None
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome)
+        self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
+                            outcome.usage, outcome.cost, request.lane))
 
-    def _wait(self, request: RequestRow) -> BatchView:
-        assert request.batch_id is not None
-        expected = self.expected_wait_s(request.model)
+    def _await(self, ticket: Ticket) -> Arrival:
+        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do,
+        while the channel keeps polling."""
         while True:
             try:
-                return wait_for_batch(
-                    self.transport, request.batch_id, started_at=request.submitted_at,
-                    expected_s=expected, base_interval_s=self.settings.poll_interval_s,
-                    sleep=self.sleep, notify=self._notify,
-                    on_poll=lambda v: self.emit(BatchPolled(v.id, v.status)))
+                while not self.clock.wait(ticket.event, WAIT_SLICE_S):
+                    pass
+                return ticket.result()
             except KeyboardInterrupt:
-                self._on_interrupt(request.batch_id)
-            except BatchNotFound as exc:
-                self.journal.fail_request(request.custom_id, "batch unknown to the API")
-                raise TurnFailed(f"batch {request.batch_id} no longer exists at the API "
-                                 f"({exc}); send the prompt again") from None
+                self._on_interrupt(ticket)
 
-    def _on_interrupt(self, batch_id: str) -> None:
-        choice = self.ask_interrupt(batch_id)
+    def _on_interrupt(self, ticket: Ticket) -> None:
+        choice = self.ask_interrupt(ticket.handle)
         if choice == "detach":
-            raise Detached(self.session.id, batch_id)
+            if hasattr(self.channel, "forget"):
+                self.channel.forget(ticket)
+            raise Detached(self.session.id, ticket.handle)
         if choice == "cancel":
             try:
-                self.transport.cancel(batch_id, self._notify)
+                self.channel.cancel(ticket.handle, self._warn)
             except TransportError as exc:  # most often: it ended while the user decided
                 self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
                 return
-            self.emit(Notice(f"cancel requested for {batch_id}; waiting for it to end (work "
-                             "already under way may still finish, and is then used)", "warn"))
+            self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
+                             "(work already under way may still finish, and is then used)",
+                             "warn"))
 
-    def _fetch_entry(self, request: RequestRow) -> EntryResult | None:
-        assert request.batch_id is not None
-        try:
-            results = self.transport.results(request.batch_id, self._notify)
-        except BatchNotFound as exc:
-            self.journal.fail_request(request.custom_id, "results no longer available")
-            raise TurnFailed(f"the results of {request.batch_id} are no longer available "
-                             f"from the API ({exc})") from None
-        if request.custom_id not in results:  # a short download, or a batch not ours:
-            results = self.transport.results(request.batch_id, self._notify)  # ask once more
-        return results.get(request.custom_id)
-
-    def _outcome(self, request: RequestRow, entry: EntryResult | None,
-                 view: BatchView) -> Outcome:
-        now = time.time()
-        wait_s = view.turnaround_s if view.turnaround_s is not None else (
-            now - request.submitted_at)
-        if entry is None:  # an adopted batch that was not ours, or a truncated download
-            return Outcome("missing", now, wait_s, error_message="result not in the batch")
-        if entry.type != "succeeded" or entry.message is None:
-            return Outcome(entry.type, now, wait_s, error_type=entry.error_type,
-                           error_message=entry.error_message)
-        usage = Usage.from_api(entry.message.get("usage"))
-        cost = cost_breakdown(request.model, usage, batch=True,
-                              requested_ttl=request.cache_ttl)
-        return Outcome("succeeded", now, wait_s, entry.message, usage=usage, cost=cost)
-
-    # -- applying a result ---------------------------------------------------------
-    def _apply(self, request: RequestRow) -> None:
-        kind = request.result_type
-        if kind == "succeeded":
-            self._apply_message(request)
-        elif kind in ("expired", "missing") or (kind == "errored"
-                                                and request.error_type in RESUBMITTABLE):
-            if kind != "missing" or not self._adopt_instead(request):
-                self._resubmit_or_fail(request)
-        elif kind == "errored":
-            self.journal.fail_request(request.custom_id)
-            raise TurnFailed(f"the API refused this turn ({request.error_type}: "
-                             f"{request.error_message}); nothing was billed")
-        elif kind == "canceled":
-            self.journal.fail_request(request.custom_id)
-            raise TurnFailed("the batch was canceled before the model answered; nothing "
-                             "was billed")
-        else:
-            raise AssertionError(f"unknown result type {kind!r}")
-
-    def _adopt_instead(self, request: RequestRow) -> bool:
-        """A batch with no entry for us was adopted by mistake: look for the real one."""
-        self._notify(f"batch {request.batch_id} held no result for this turn; looking for "
-                     "the batch the interrupted create made")
-        return self._reconcile(request)
-
-    def _resubmit_or_fail(self, request: RequestRow) -> None:
-        self.journal.fail_request(request.custom_id)
-        reason = (f"{request.error_type}: {request.error_message}"
-                  if request.result_type == "errored" else request.result_type)
-        if request.attempt >= self.settings.max_resubmits:
-            raise TurnFailed(f"the turn failed {request.attempt} times ({reason}); "
-                             "send the prompt again to retry")
-        self.emit(Notice(f"batch entry {reason}; resubmitting (attempt "
-                         f"{request.attempt + 1} of {self.settings.max_resubmits})", "warn"))
-
+    # -- applying an answer ----------------------------------------------------------
     def _apply_message(self, request: RequestRow) -> None:
         message = json.loads(request.message or "{}")
-        content = [b for b in message.get("content") or [] if not _is_empty_text(b)]
-        self.journal.apply_request(request, content or None)
+        content = answer_content(message)
+        self.store.apply_request(request, content)
+        stop = message.get("stop_reason")
+        if stop == "refusal":
+            category = (message.get("stop_details") or {}).get("category") or "unspecified"
+            billed = "it was not billed" if not message.get("content") else (
+                "its partial output was billed and discarded")
+            raise TurnFailed(f"the model declined to go on (refusal, category {category}); "
+                             f"{billed}")
         text = final_text(content)
         if text:
             self.emit(AssistantText(text))
         elif not content:
-            self.emit(Notice(f"the model returned an empty answer (stop_reason "
-                             f"{message.get('stop_reason')}); the turn ends here", "warn"))
+            self.emit(Notice(f"the model returned an empty answer (stop_reason {stop}); the "
+                             "turn ends here", "warn"))
         self._report_stop(request, message)
 
     def _report_stop(self, request: RequestRow, message: dict[str, Any]) -> None:
@@ -1847,25 +2540,23 @@ class Agent:
         if stop == "max_tokens" and not unanswered_tool_uses(message | {"role": "assistant"}):
             self.emit(Notice(f"the answer was cut off at max_tokens ({request.max_tokens}); "
                              "ask it to continue, or raise --max-tokens", "warn"))
-        elif stop == "refusal":
-            category = (message.get("stop_details") or {}).get("category") or "unspecified"
-            raise TurnFailed(f"the model declined to go on (refusal, category {category}); "
-                             "the turn was billed")
         elif stop == "model_context_window_exceeded":
-            raise TurnFailed("the conversation no longer fits the model's context window; "
-                             "/clear starts a new one")
+            self.emit(Notice("the conversation now fills the model's context window: this "
+                             "answer was cut there. /clear starts a new conversation (or "
+                             "start a new session)", "warn"))
         elif stop == "pause_turn":
             self.emit(Notice("the model paused a long turn; sending it back to continue"))
 
-    # -- tools --------------------------------------------------------------------
+    # -- tools ---------------------------------------------------------------------
     def _run_tools(self, assistant: dict[str, Any]) -> None:
         """Answer every tool_use of the last assistant message in ONE user message.
         Calls finished before a crash are not run again: their results are in the journal."""
-        request = self.journal.last_applied(self.session.id, self.session.conversation)
+        request = self.store.last_applied(self.session.id, self.session.conversation)
         custom_id = request.custom_id if request else "unknown"
-        done = self.journal.tool_results(custom_id)
+        done = self.store.tool_results(custom_id)
         calls = unanswered_tool_uses(assistant)
-        cut_off = request is not None and request.stop_reason == "max_tokens"
+        cut_off = request is not None and request.stop_reason in (
+            "max_tokens", "model_context_window_exceeded")
         blocks = []
         for i, call in enumerate(calls):
             if call.get("id") in done:
@@ -1876,15 +2567,15 @@ class Agent:
             else:
                 result = self._run_tool(custom_id, call)
             blocks.append(tool_result_block(str(call.get("id")), result))
-        self.journal.add_tool_results(self.session.id, self.session.conversation, blocks)
+        self.store.add_tool_results(self.session.id, self.session.conversation, blocks)
 
     def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
         name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
         label = describe_tool_call(name, tool_input)
         self.emit(ToolStarted(label))
-        self.journal.start_tool(custom_id, tool_use_id, name, tool_input)
+        self.store.start_tool(custom_id, tool_use_id, name, tool_input)
         result = self.toolbox.run(name, tool_input)
-        self.journal.record_tool(custom_id, tool_use_id, result)
+        self.store.record_tool(custom_id, tool_use_id, result)
         self.emit(ToolFinished(label, result))
         for warning in result.warnings:
             self.emit(Notice(warning, "warn"))
@@ -1896,34 +2587,27 @@ class Agent:
         result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
                             "have partly taken effect. Check its effects before running it "
                             "again.", True)
-        self.journal.record_tool(custom_id, str(call.get("id")), result)
+        self.store.record_tool(custom_id, str(call.get("id")), result)
         self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
                          "interrupted by the earlier stop; the model is told, not re-run", "warn"))
         return result
 
-    # -- figures -----------------------------------------------------------------
-    def expected_wait_s(self, model: str) -> float | None:
-        """Median turnaround of this model's recent batches, once there are two."""
-        waits = turnarounds(self.journal.requests(), model)[-50:]
-        return median(waits) if len(waits) >= 2 else None
+    # -- small things ------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        self._emit_to(dataclasses.replace(event, session_id=self.session.id))
 
-    def _notify(self, text: str) -> None:
+    def _warn(self, text: str) -> None:
         self.emit(Notice(text, "warn"))
 
-    def last_answer(self) -> str:
-        """The text of the conversation's last message when the model wrote it, else ''."""
-        messages = self._messages()
-        last = messages[-1] if messages else {}
-        return final_text(last.get("content")) if last.get("role") == "assistant" else ""
-
-    def _result(self) -> RunResult:
-        return RunResult(self.last_answer(), self._last_stop_reason())
+    def _touch(self, custom_id: str) -> None:
+        if custom_id not in self._touched:
+            self._touched.append(custom_id)
 
 
 def turnarounds(requests: Sequence[RequestRow], model: str | None = None) -> list[float]:
     """Seconds from submission to result for batches that ended with an answer."""
     return [r.wait_s for r in requests
-            if r.wait_s is not None and r.result_type == "succeeded"
+            if r.wait_s is not None and r.result_type == "succeeded" and r.lane == "batch"
             and (model is None or r.model == model)]
 
 
@@ -2010,24 +2694,24 @@ class ConsoleUI:
         if handler is not None:
             handler(event)
 
-    def _on_BatchSubmitted(self, e: BatchSubmitted) -> None:
-        self._wait = WaitState(e.batch_id, e.turn, e.submitted_at, e.expected_s)
+    def _on_TurnSent(self, e: TurnSent) -> None:
+        self._wait = WaitState(e.handle, e.turn, e.sent_at, e.expected_s)
         estimate = f" · est. {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
-        self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.batch_id} "
+        self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.handle} "
                            f"submitted{estimate}[/]")
         self._start_live()
 
-    def _on_BatchPolled(self, e: BatchPolled) -> None:
+    def _on_TurnWaiting(self, e: TurnWaiting) -> None:
         if self._wait is None:  # re-attached after a restart: spinner from the journal's time
-            self._wait = WaitState(e.batch_id, 0, self.clock(), None)
+            self._wait = WaitState(e.handle, 0, self.clock(), None)
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
         self._wait.polls += 1
 
-    def _on_BatchEnded(self, e: BatchEnded) -> None:
+    def _on_TurnEnded(self, e: TurnEnded) -> None:
         self.stop_live()
         self._wait = None
-        line = f"batch {e.batch_id} {e.result_type} after {fmt_elapsed(e.wait_s)}"
+        line = f"batch {e.handle} {e.result_type} after {fmt_elapsed(e.wait_s)}"
         if e.cost is not None and e.usage is not None:
             line += (f" · {fmt_tokens(e.usage.prompt_tokens)} in / "
                      f"{fmt_tokens(e.usage.output_tokens)} out · paid {fmt_usd(e.cost.paid_usd)}"
@@ -2447,8 +3131,7 @@ class Repl:
                           f"{self.resume_command(chosen.id)}")
             return None
         self.lock.acquire(chosen.id)  # one process per session, as on the command line
-        self.agent.session = chosen
-        self.agent.switch_model(chosen.model)
+        self.agent.switch_session(chosen)
         self.ui.info(f"resumed session {chosen.id}")
         return self.guarded(self.agent.resume)
 
@@ -2522,23 +3205,6 @@ def resume_command(session_id: str, config: Config) -> str:
     return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config))])
 
 
-def carried_flags(config: Config) -> list[str]:
-    default, flags = Config(), []
-    for flag, value, default_value in (
-        ("--max-budget-usd", config.max_budget_usd, default.max_budget_usd),
-        ("--max-turns", config.max_turns, default.max_turns),
-        ("--max-tokens", config.max_tokens, default.max_tokens),
-        ("--tool-timeout", config.tool_timeout_s, default.tool_timeout_s),
-        ("--poll-interval", config.poll_interval_s, default.poll_interval_s),
-        ("--cache-ttl", config.cache_ttl or "off", default.cache_ttl),
-    ):
-        if value != default_value:
-            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    for domain in config.allow_domains:
-        flags += ["--allow-domain", domain]
-    return flags + ([] if config.sandbox else ["--no-sandbox"])
-
-
 def open_session(journal: Journal, config: Config) -> SessionRow:
     if config.resume_id:
         session = journal.find_session(config.resume_id)
@@ -2585,9 +3251,7 @@ class SessionLock:
 
 
 def agent_settings(config: Config, model: str) -> AgentSettings:
-    return AgentSettings(model=model, max_tokens=config.max_tokens, cache_ttl=config.cache_ttl,
-                         max_turns=config.max_turns, max_budget_usd=config.max_budget_usd,
-                         poll_interval_s=config.poll_interval_s)
+    return settings_from(config, AgentSettings, model=model)
 
 
 def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) -> int:
@@ -2604,16 +3268,16 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
                             f"in {log_bug(config.home, exc)}")
     if error:
         err_console.print(f"error: {error}")
-    if agent.journal.pending_request(agent.session.id) is not None:
+    report = agent.report()
+    if report.in_flight is not None:
         err_console.print("a turn is still in flight (and billed); resume with: "
-                          f"{resume_command(agent.session.id, config)}")
-    print_headless(agent, config, error)
+                          f"{resume_command(report.session_id, config)}")
+    print_headless(report, config, error)
     return status
 
 
-def print_headless(agent: Agent, config: Config, error: str | None) -> None:
-    requests = [agent.journal.request(c) for c in agent.touched]
-    text = agent.last_answer()
+def print_headless(report: RunReport, config: Config, error: str | None) -> None:
+    requests, text = list(report.requests), report.answer
     if config.output_format == "text":
         if text:
             print(text)
@@ -2621,7 +3285,7 @@ def print_headless(agent: Agent, config: Config, error: str | None) -> None:
     totals = stats_totals(requests)
     u = totals.usage
     out = {
-        "session_id": agent.session.id, "model": agent.settings.model, "result": text,
+        "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
         "turns": sum(1 for r in requests if r.result_type == "succeeded"),
         "batches": [r.batch_id for r in requests if r.batch_id],
@@ -2710,10 +3374,11 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     headless = prompt is not None
     console = Console(stderr=headless, highlight=False)
     ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
-    transport = BatchTransport(make_client_factory(config.api_key, config.base_url))
+    api = BatchAPI(make_client_factory(config.api_key, config.base_url))
+    channel = BatchChannel(api, poll_interval_s=config.poll_interval_s)
     resumed = config.resume_id or config.continue_last
     model = session.model if resumed and not config.model_given else config.model
-    agent = Agent(journal, transport, toolbox, agent_settings(config, model), session,
+    agent = Agent(journal, channel, toolbox, agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:
         _check_sandbox(config, toolbox, lambda text: console.print(text, markup=False))
@@ -2725,7 +3390,7 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     restore_terminal = show_prompt_early()
     try:
         read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))
-        _warm_up_in_background(transport, config, toolbox)
+        _warm_up_in_background(api, config, toolbox)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
                     lambda exc: log_bug(config.home, exc), lock).run()
     finally:
@@ -2761,13 +3426,13 @@ def _check_sandbox(config: Config, toolbox: Toolbox, say: Callable[[str], object
             "then (or restart with --no-sandbox)")
 
 
-def _warm_up_in_background(transport: BatchTransport, config: Config,
+def _warm_up_in_background(api: BatchAPI, config: Config,
                            toolbox: Toolbox) -> None:
     """The prompt shows first; the SDK import (seconds) and the sandbox probe (about a
     second: Node start-up plus srt's proxy) happen while the user types."""
 
     def warm() -> None:
-        transport.warm_up()
+        api.warm_up()
         if config.sandbox:  # printed above the live prompt without disturbing it
             from prompt_toolkit import print_formatted_text
 

@@ -269,7 +269,7 @@ def check_session(config: Config, run: bh.RunResult, records: Sequence[fa.ModelR
 
 
 def price(usage: bh.Usage, *, batch: bool, ttl: str | None) -> float:
-    dollars = bh.cost_usd(MODEL, usage, batch=batch, requested_ttl=ttl)
+    dollars = bh.cost_usd(MODEL, usage, lane="batch" if batch else "sync", requested_ttl=ttl)
     if dollars is None:
         raise SystemExit(f"the harness has no price for {MODEL}")
     return dollars

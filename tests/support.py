@@ -22,6 +22,7 @@ class Rig:
     workdir: Path
     home: Path
     interrupts: list[str]
+    clock: Any = None
 
     def texts(self) -> list[str]:
         return [e.text for e in self.events if isinstance(e, bh.AssistantText)]
@@ -56,14 +57,40 @@ def detach_first_turn(rig: Rig, prompt: str = "go") -> None:
     def interrupt(_s: float) -> None:
         raise KeyboardInterrupt
 
-    rig.agent.sleep = interrupt
+    rig.clock.on_wait = interrupt
     with pytest.raises(bh.Detached):
         rig.agent.prompt(prompt)
 
 
+class TestClock(bh.Clock):
+    """Real time, but no sleep longer than 50 ms (back-offs and poll gaps shrink); `on_wait`,
+    when set, runs each time the agent waits on its ticket: where a test's Ctrl-C lands."""
+
+    def __init__(self) -> None:
+        self.on_wait: Any = None
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(max(seconds, 0.0), 0.05))
+
+    def wait(self, event: Any, timeout_s: float) -> bool:
+        if self.on_wait is not None:
+            self.on_wait(timeout_s)
+        return event.wait(min(max(timeout_s, 0.0), 0.05))
+
+
+def make_channel(api: Any, *, retry_attempts: int = 4, timeout_s: float = 60.0,
+                 poll_interval_s: float = 0.02) -> bh.BatchChannel:
+    clock = TestClock()
+    batch_api = bh.BatchAPI(
+        bh.make_client_factory("test-key", api.base_url, timeout_s=timeout_s),
+        retry=bh.RetryPolicy(max_attempts=retry_attempts, base_delay_s=0.01, max_delay_s=0.05),
+        clock=clock, budget=bh.RequestBudget(1000, clock))
+    return bh.BatchChannel(batch_api, poll_interval_s=poll_interval_s, clock=clock)
+
+
 def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts: int = 4,
              interrupts: list[str] | None = None, session: bh.SessionRow | None = None,
-             **settings: Any) -> Rig:
+             poll_interval_s: float = 0.02, **settings: Any) -> Rig:
     home, workdir = tmp_path / "home", tmp_path / "work"
     home.mkdir(exist_ok=True)
     workdir.mkdir(exist_ok=True)
@@ -71,22 +98,17 @@ def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts:
     policy = sb.SandboxPolicy(workdir=workdir.resolve(), state_dir=home.resolve(),
                               enabled=sandbox)
     toolbox = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=20)
-    transport = bh.BatchTransport(
-        bh.make_client_factory("test-key", api.base_url),
-        retry=bh.RetryPolicy(max_attempts=retry_attempts, base_delay_s=0.01, max_delay_s=0.05),
-        sleep=lambda s: time.sleep(min(s, 0.05)))
+    channel = make_channel(api, retry_attempts=retry_attempts, poll_interval_s=poll_interval_s)
     settings.setdefault("model", "claude-opus-5-5")
-    settings.setdefault("poll_interval_s", 0.02)
     events: list[Any] = []
     answers = list(interrupts or [])
     session = session or journal.create_session(workdir.resolve(), settings["model"])
-    agent = bh.Agent(journal, transport, toolbox, bh.AgentSettings(**settings), session,
-                     emit=events.append, ask_interrupt=lambda _b: answers.pop(0),
-                     sleep=lambda s: time.sleep(min(s, 0.05)))
-    rig = Rig(agent, journal, events, workdir, home, answers)
+    clock = TestClock()
+    agent = bh.Agent(journal, channel, toolbox, bh.AgentSettings(**settings), session,
+                     emit=events.append, ask_interrupt=lambda _b: answers.pop(0), clock=clock)
+    rig = Rig(agent, journal, events, workdir, home, answers, clock)
     OPEN_TOOLBOXES.append(toolbox)
     return rig
 
 
-OPEN_TOOLBOXES: list[sb.Toolbox] = []
-"""Closed after each test by the autouse fixture in conftest.py (removes srt temp dirs)."""
+OPEN_TOOLBOXES: list[Any] = []

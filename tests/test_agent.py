@@ -10,7 +10,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import detach_first_turn, journal_in_flight, make_rig
+from tests.support import detach_first_turn, journal_in_flight, make_channel, make_rig
 
 
 @pytest.fixture
@@ -137,14 +137,44 @@ def test_pause_turn_is_sent_back(api, tmp_path):
     assert rig.agent.prompt("long job").text == "finished"
 
 
-@pytest.mark.parametrize("stop,match", [("refusal", "declined"),
-                                        ("model_context_window_exceeded", "context window")])
-def test_terminal_stop_reasons(api, tmp_path, stop, match):
-    api.script.append(fa.raw([{"type": "text", "text": "partial"}], stop))
+def test_a_refusal_with_partial_output_is_billed_and_never_acted_on(api, tmp_path):
+    """Regression (issue 14.1): a refused turn holding a tool_use was kept; the next prompt
+    ran the tool and resent the refused turn with every later request."""
+    partial = [{"type": "text", "text": "sure, "},
+               {"type": "tool_use", "id": "toolu_bad", "name": "bash",
+                "input": {"command": "touch planted"}}]
+    api.script.extend([fa.raw(partial, "refusal"), fa.text("fine")])
     rig = make_rig(api, tmp_path)
-    with pytest.raises(bh.TurnFailed, match=match):
+    with pytest.raises(bh.TurnFailed, match=r"declined.*billed and discarded"):
         rig.agent.prompt("go")
-    assert rig.requests()[0].cost_usd is not None  # billed all the same
+    assert rig.requests()[0].cost_usd > 0  # output was produced: billed
+    assert rig.agent.prompt("something else").text == "fine"
+    assert not (rig.workdir / "planted").exists()
+    sent = api.model_requests[-1].params["messages"]
+    assert [m["role"] for m in sent] == ["user"]  # the refused turn is never resent
+    assert "toolu_bad" not in json.dumps(sent)
+
+
+def test_a_refusal_before_any_output_is_free(api, tmp_path):
+    """Regression (issue 14.2): a refusal with content [] was billed though the API does not
+    charge it."""
+    api.script.append(fa.raw([], "refusal"))
+    rig = make_rig(api, tmp_path)
+    with pytest.raises(bh.TurnFailed, match="not billed"):
+        rig.agent.prompt("go")
+    row = rig.requests()[0]
+    assert row.cost_usd == 0 and row.sync_cost_usd == 0 and row.usage_value.input_tokens > 0
+
+
+def test_a_full_context_window_keeps_the_answer_and_says_what_to_do(api, tmp_path):
+    """Regression (issue 14.6): model_context_window_exceeded is a valid answer, not a
+    failed turn."""
+    api.script.append(fa.raw([{"type": "text", "text": "partial"}],
+                             "model_context_window_exceeded"))
+    rig = make_rig(api, tmp_path)
+    assert rig.agent.prompt("go").text == "partial"
+    assert any("context window" in n and "/clear" in n for n in rig.notices())
+    assert rig.requests()[0].state == "applied"
 
 
 def test_max_tokens_text_only_warns(api, tmp_path):
@@ -155,8 +185,8 @@ def test_max_tokens_text_only_warns(api, tmp_path):
 
 
 @pytest.mark.parametrize("endpoint,kind", [
-    ("create", "429"), ("create", "529"), ("retrieve", "500"), ("retrieve", "drop"),
-    ("results", "503"), ("results", "drop"), ("retrieve", "504"), ("create", "502"),
+    ("create", "429"), ("create", "529"), ("list", "500"), ("list", "drop"),
+    ("results", "503"), ("results", "drop"), ("list", "504"), ("create", "502"),
 ])
 def test_api_faults_are_waited_out(api, tmp_path, endpoint, kind):
     api.inject(endpoint, kind, count=2, retry_after=0.01)
@@ -188,7 +218,7 @@ def test_spend_limit_is_not_retried(api, tmp_path):
 
 def test_retries_are_bounded_and_turn_stays_resumable(api, tmp_path):
     api.script.append(fa.text("later"))
-    api.inject("retrieve", "500", count=50)
+    api.inject("list", "500", count=50)
     rig = make_rig(api, tmp_path, retry_attempts=3)
     with pytest.raises(bh.RetriesExhausted):
         rig.agent.prompt("go")
@@ -211,7 +241,7 @@ def test_ctrl_c_cancel(api, tmp_path):
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    rig.agent.sleep = interrupting_sleep
+    rig.clock.on_wait = interrupting_sleep
     with pytest.raises(bh.TurnFailed, match="canceled"):
         rig.agent.prompt("go")
     assert api.count("cancel") == 1
@@ -225,7 +255,7 @@ def test_ctrl_c_detach_keeps_batch_and_resume_collects_it(api, tmp_path):
     def interrupting_sleep(_s):
         raise KeyboardInterrupt
 
-    rig.agent.sleep = interrupting_sleep
+    rig.clock.on_wait = interrupting_sleep
     with pytest.raises(bh.Detached) as info:
         rig.agent.prompt("go")
     assert info.value.batch_id == rig.requests()[0].batch_id
@@ -300,7 +330,7 @@ def test_prompt_after_a_stuck_turn_answers_both(api, tmp_path):
     """Regression: a prompt typed while a turn was in flight was folded into the message the
     paid batch had already carried, and never answered."""
     api.script.extend([fa.text("answer to FIRST"), fa.text("answer to SECOND")])
-    api.inject("retrieve", "500", count=50)
+    api.inject("list", "500", count=50)
     rig = make_rig(api, tmp_path, retry_attempts=2)
     with pytest.raises(bh.RetriesExhausted):
         rig.agent.prompt("FIRST")
@@ -316,7 +346,7 @@ def test_a_batch_the_api_no_longer_knows_ends_the_turn(api, tmp_path):
     """Regression: a 404 while polling left the turn 'in flight' forever."""
     rig = make_rig(api, tmp_path)
     journal_in_flight(rig, "msgbatch_unknown")
-    with pytest.raises(bh.TurnFailed, match="no longer exists"):
+    with pytest.raises(bh.TurnFailed, match="no longer at the API"):
         rig.agent.resume()
     assert rig.journal.pending_request(rig.agent.session.id) is None
     api.script.append(fa.text("fresh"))
@@ -349,7 +379,7 @@ def test_cancel_after_the_batch_ended_still_collects_it(api, tmp_path):
             time.sleep(0.6)  # the batch ends while the user reads the menu
             raise KeyboardInterrupt
 
-    rig.agent.sleep = sleep_then_interrupt
+    rig.clock.on_wait = sleep_then_interrupt
     assert rig.agent.prompt("go").text == "paid and kept"
     assert any("cancel refused" in n for n in rig.notices())
 
@@ -420,9 +450,7 @@ def test_a_create_that_times_out_but_lands_is_not_sent_twice(api, tmp_path):
     api.inject("create", "slow", delay_s=2.0)
     api.script.append(fa.text("once"))
     rig = make_rig(api, tmp_path)
-    rig.agent.transport = bh.BatchTransport(
-        bh.make_client_factory("k", api.base_url, timeout_s=1.0),
-        retry=bh.RetryPolicy(max_attempts=4, base_delay_s=0.1, max_delay_s=0.2))
+    rig.agent.channel = make_channel(api, timeout_s=1.0)
     assert rig.agent.prompt("go").text == "once"
     assert len(api.batch_ids()) == 1
 
@@ -483,7 +511,7 @@ def test_results_missing_from_our_own_batch_are_resubmitted_a_bounded_number_of_
         api, tmp_path):
     """Regression: a batch with no entry for us led to unbounded paid resubmissions."""
     rig = make_rig(api, tmp_path, max_resubmits=3)
-    rig.agent.transport.results = lambda batch_id, notify: {}  # every download lacks us
+    rig.agent.channel.api.results = lambda url, notify: {}  # every download lacks us
     with pytest.raises(bh.TurnFailed, match="3 times"):
         rig.agent.prompt("go")
     assert len(api.batch_ids()) == 3
@@ -494,7 +522,7 @@ def test_a_prompt_that_cannot_be_sent_yet_says_so(api, tmp_path):
     api.latency_s = 0.5
     rig = make_rig(api, tmp_path, interrupts=["detach"], retry_attempts=2)
     detach_first_turn(rig)
-    api.inject("retrieve", "500", count=50)
+    api.inject("list", "500", count=50)
     rig2 = make_rig(api, tmp_path, session=rig.agent.session, retry_attempts=2)
     with pytest.raises(bh.RetriesExhausted):
         rig2.agent.prompt("second")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import stat
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 import batching_harness as bh
+from tests import fake_api as fa
+from tests.support import make_channel, make_rig
 
 
 def _request(session: bh.SessionRow, **kw) -> bh.RequestRow:
@@ -81,7 +87,7 @@ def test_request_lifecycle_and_committed_spend(tmp_path):
     journal.set_batch(row.custom_id, "msgbatch_x")
     assert journal.known_batch_ids() == {"msgbatch_x"}
     usage = bh.Usage(input_tokens=10, output_tokens=5)
-    cost = bh.cost_breakdown("claude-opus-5-5", usage, batch=True, requested_ttl="1h")
+    cost = bh.cost_breakdown("claude-opus-5-5", usage, lane="batch", requested_ttl="1h")
     journal.record_outcome(row.custom_id, bh.Outcome(
         "succeeded", time.time(), 3.0, {"content": [{"type": "text", "text": "x"}],
                                         "stop_reason": "end_turn"}, usage=usage, cost=cost))
@@ -109,3 +115,93 @@ def test_second_process_cannot_open_the_same_session(tmp_path):
     second.acquire("s1")
     second.release()
     first.release()
+
+
+# -- a store many threads share, and one that can grow ------------------------------------
+
+FIXTURE_V1 = Path(__file__).parent / "fixtures" / "journal_v1.db"
+
+
+def test_many_threads_share_one_store(tmp_path):
+    """Regression: four threads calling add_user_content on one journal gave three
+    'cannot start a transaction within a transaction' failures."""
+    store = bh.SqliteStore(tmp_path / "j.db")
+    sessions = [store.create_session(tmp_path, "claude-opus-5-5") for _ in range(8)]
+    errors: list[BaseException] = []
+
+    def work(session: bh.SessionRow) -> None:
+        try:
+            for i in range(25):
+                store.add_user_content(session.id, 0, [{"type": "text", "text": str(i)}])
+                store.begin_request(_request(session))
+        except BaseException as exc:  # collected: the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for s in sessions:
+        assert len(store.messages(s.id, 0)[0]["content"]) == 25
+        assert len(store.requests(s.id)) == 25
+    store.close()
+
+
+def test_migrations_are_numbered_from_one_without_gaps():
+    assert sorted(bh.MIGRATIONS) == list(range(1, bh.SCHEMA_VERSION + 1))
+    assert bh.SCHEMA_VERSION >= 2
+
+
+def test_a_journal_from_0_1_upgrades_in_place(tmp_path):
+    path = tmp_path / "journal.db"
+    shutil.copy(FIXTURE_V1, path)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    store = bh.SqliteStore(path)
+    assert store.schema_version == bh.SCHEMA_VERSION
+    rows = store.requests()
+    assert [r.state for r in rows] == ["applied", "applied", "submitted"]
+    assert {r.lane for r in rows} == {"batch"}
+    assert store.turnaround_samples("claude-opus-5-5")  # the new index answers old rows
+    store.close()
+    bh.SqliteStore(path).close()  # a second open finds nothing to do
+
+
+def test_a_journal_from_0_1_resumes_its_in_flight_turn(fake_api, tmp_path):
+    """The version before the re-cut left a batch in flight; this one upgrades the file and
+    collects that batch without sending it again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    path = home / "journal.db"
+    shutil.copy(FIXTURE_V1, path)
+    old = sqlite3.connect(path)  # point the fixture's batch at one the stand-in holds
+    in_flight = old.execute("SELECT custom_id FROM requests WHERE state='submitted'").fetchone()[0]
+    fake_api.script.append(fa.text("answered after the upgrade"))
+    batch_id = make_channel(fake_api).send(in_flight, {
+        "model": "claude-opus-5-5", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "and again"}]}, exclude=set, notify=print)
+    old.execute("UPDATE requests SET batch_id=? WHERE custom_id=?", (batch_id, in_flight))
+    old.commit()
+    old.close()
+    session = bh.SqliteStore(path).latest_session()
+    rig = make_rig(fake_api, tmp_path, session=session)
+    assert rig.agent.resume().text == "answered after the upgrade"
+    assert fake_api.count("create") == 1  # only the one this test made
+    assert rig.journal.request(in_flight).state == "applied"
+
+
+def test_state_is_private(tmp_path):
+    """Regression (issue 13.11): the state dir was 755 and journal.db 644, while the journal
+    holds tool output."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    bh.SqliteStore(home / "journal.db").close()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "journal.db").stat().st_mode) == 0o600
+
+
+def test_a_state_location_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(bh.JournalError, match="not a directory"):
+        bh.SqliteStore(tmp_path / "file" / "journal.db")

@@ -140,8 +140,8 @@ def test_constants():
 def test_every_row_every_category_standard_and_batch(model, index):
     usage = one_category(CATEGORIES[index], N)
     expected_usd = HAND_COMPUTED[model][index]
-    assert bh.cost_usd(model, usage, batch=False) == pytest.approx(expected_usd, rel=REL)
-    assert bh.cost_usd(model, usage, batch=True) == pytest.approx(expected_usd / 2, rel=REL)
+    assert bh.cost_usd(model, usage, lane="sync") == pytest.approx(expected_usd, rel=REL)
+    assert bh.cost_usd(model, usage, lane="batch") == pytest.approx(expected_usd / 2, rel=REL)
 
 
 def test_worked_example_opus_5_5():
@@ -155,8 +155,8 @@ def test_worked_example_opus_5_5():
         ephemeral_1h_input_tokens=2_000,
     )
     # 2,000x4 + 2,000x8 + 50,000x0.20 + 1,000x20 = 8,000 + 16,000 + 10,000 + 20,000 = 54,000
-    assert bh.cost_usd("claude-opus-5-5", usage, batch=False) == pytest.approx(0.054, rel=REL)
-    assert bh.cost_usd("claude-opus-5-5", usage, batch=True) == pytest.approx(0.027, rel=REL)
+    assert bh.cost_usd("claude-opus-5-5", usage, lane="sync") == pytest.approx(0.054, rel=REL)
+    assert bh.cost_usd("claude-opus-5-5", usage, lane="batch") == pytest.approx(0.027, rel=REL)
 
 
 # ---------------------------------------------------------------- Haiku 5.5 long prompt
@@ -201,11 +201,11 @@ def test_haiku_55_tier_boundary_in_price_for():
 def test_haiku_55_every_category_switches_row_above_100k(
     make_usage, at_100_000_usd, at_100_001_usd
 ):
-    low = bh.cost_usd(HAIKU, make_usage(100_000), batch=False, requested_ttl=None)
-    high = bh.cost_usd(HAIKU, make_usage(100_001), batch=False, requested_ttl=None)
+    low = bh.cost_usd(HAIKU, make_usage(100_000), lane="sync", requested_ttl=None)
+    high = bh.cost_usd(HAIKU, make_usage(100_001), lane="sync", requested_ttl=None)
     assert low == pytest.approx(at_100_000_usd, rel=REL)
     assert high == pytest.approx(at_100_001_usd, rel=REL)
-    high_batch = bh.cost_usd(HAIKU, make_usage(100_001), batch=True, requested_ttl=None)
+    high_batch = bh.cost_usd(HAIKU, make_usage(100_001), lane="batch", requested_ttl=None)
     assert high_batch == pytest.approx(at_100_001_usd / 2, rel=REL)
 
 
@@ -222,11 +222,11 @@ def test_haiku_55_prompt_size_counts_input_reads_and_writes_together():
     high = dataclasses.replace(low, input_tokens=40_001)
     # low:  40,000x0.10 + 20,000x0.125 + 20,000x0.20 + 20,000x0.01 + 10,000x0.50
     #     = 4,000 + 2,500 + 4,000 + 200 + 5,000 = 15,700
-    assert bh.cost_usd(HAIKU, low, batch=False) == pytest.approx(0.0157, rel=REL)
+    assert bh.cost_usd(HAIKU, low, lane="sync") == pytest.approx(0.0157, rel=REL)
     # high: 40,001x0.50 + 20,000x0.625 + 20,000x1.00 + 20,000x0.05 + 10,000x2.50
     #     = 20,000.5 + 12,500 + 20,000 + 1,000 + 25,000 = 78,500.5
-    assert bh.cost_usd(HAIKU, high, batch=False) == pytest.approx(0.0785005, rel=REL)
-    assert bh.cost_usd(HAIKU, high, batch=True) == pytest.approx(0.03925025, rel=REL)
+    assert bh.cost_usd(HAIKU, high, lane="sync") == pytest.approx(0.0785005, rel=REL)
+    assert bh.cost_usd(HAIKU, high, lane="batch") == pytest.approx(0.03925025, rel=REL)
 
 
 # ---------------------------------------------------------------- model ids
@@ -249,7 +249,7 @@ def test_dated_aliases_price_like_their_base_id(alias, base):
 def test_dated_alias_cost():
     # claude-sonnet-4-5: 10,000 input x 3 + 10,000 output x 15 = 30,000 + 150,000 = 180,000
     usage = Usage(input_tokens=10_000, output_tokens=10_000)
-    cost = bh.cost_usd("claude-sonnet-4-5-20250929", usage, batch=True)
+    cost = bh.cost_usd("claude-sonnet-4-5-20250929", usage, lane="batch")
     assert cost == pytest.approx(0.09, rel=REL)
 
 
@@ -266,9 +266,9 @@ def test_dated_alias_cost():
 def test_unknown_model_is_priced_as_unknown_never_a_default(model):
     usage = Usage(input_tokens=1_000, output_tokens=1_000)
     assert bh.price_for(model) is None
-    assert bh.cost_usd(model, usage, batch=True) is None
+    assert bh.cost_usd(model, usage, lane="batch") is None
     assert bh.estimate_cost_usd(model, {"messages": [], "max_tokens": 10}) is None
-    assert bh.cost_breakdown(model, usage, batch=True, requested_ttl="1h") == bh.CostBreakdown(
+    assert bh.cost_breakdown(model, usage, lane="batch", requested_ttl="1h") == bh.CostBreakdown(
         None, None, None
     )
 
@@ -281,20 +281,20 @@ NO_BREAKDOWN = Usage(cache_creation_input_tokens=10_000)
 
 def test_missing_breakdown_goes_to_the_requested_ttl():
     # 10,000 x 8 = 80,000 -> $0.08 ; 10,000 x 5 = 50,000 -> $0.05
-    assert bh.cost_usd(OPUS, NO_BREAKDOWN, batch=False, requested_ttl="1h") == pytest.approx(
+    assert bh.cost_usd(OPUS, NO_BREAKDOWN, lane="sync", requested_ttl="1h") == pytest.approx(
         0.08, rel=REL
     )
-    assert bh.cost_usd(OPUS, NO_BREAKDOWN, batch=False, requested_ttl="5m") == pytest.approx(
+    assert bh.cost_usd(OPUS, NO_BREAKDOWN, lane="sync", requested_ttl="5m") == pytest.approx(
         0.05, rel=REL
     )
-    assert bh.cost_usd(OPUS, NO_BREAKDOWN, batch=True, requested_ttl="5m") == pytest.approx(
+    assert bh.cost_usd(OPUS, NO_BREAKDOWN, lane="batch", requested_ttl="5m") == pytest.approx(
         0.025, rel=REL
     )
 
 
 def test_missing_breakdown_defaults_to_1h_and_none_means_5m():
-    assert bh.cost_usd(OPUS, NO_BREAKDOWN, batch=False) == pytest.approx(0.08, rel=REL)
-    assert bh.cost_usd(OPUS, NO_BREAKDOWN, batch=False, requested_ttl=None) == pytest.approx(
+    assert bh.cost_usd(OPUS, NO_BREAKDOWN, lane="sync") == pytest.approx(0.08, rel=REL)
+    assert bh.cost_usd(OPUS, NO_BREAKDOWN, lane="sync", requested_ttl=None) == pytest.approx(
         0.05, rel=REL
     )
 
@@ -306,23 +306,23 @@ def test_present_breakdown_wins_over_requested_ttl():
         ephemeral_1h_input_tokens=0,
     )
     # 10,000 x 5 = 50,000, whatever the request asked for
-    assert bh.cost_usd(OPUS, usage, batch=False, requested_ttl="1h") == pytest.approx(0.05, rel=REL)
+    assert bh.cost_usd(OPUS, usage, lane="sync", requested_ttl="1h") == pytest.approx(0.05, rel=REL)
 
 
 def test_partial_breakdown_remainder_goes_to_requested_ttl():
     """A Usage summed from responses with and without a breakdown: the rest is the request's TTL."""
     usage = Usage(cache_creation_input_tokens=10_000, ephemeral_1h_input_tokens=4_000)
     # 4,000 x 8 + 6,000 x 5 = 32,000 + 30,000 = 62,000
-    assert bh.cost_usd(OPUS, usage, batch=False, requested_ttl="5m") == pytest.approx(
+    assert bh.cost_usd(OPUS, usage, lane="sync", requested_ttl="5m") == pytest.approx(
         0.062, rel=REL
     )
     # 10,000 x 8 = 80,000
-    assert bh.cost_usd(OPUS, usage, batch=False, requested_ttl="1h") == pytest.approx(0.08, rel=REL)
+    assert bh.cost_usd(OPUS, usage, lane="sync", requested_ttl="1h") == pytest.approx(0.08, rel=REL)
 
 
 def test_bad_ttl_is_a_bug_not_a_price():
     with pytest.raises(ValueError):
-        bh.cost_usd(OPUS, NO_BREAKDOWN, batch=False, requested_ttl="off")
+        bh.cost_usd(OPUS, NO_BREAKDOWN, lane="sync", requested_ttl="off")
 
 
 # ---------------------------------------------------------------- breakdown and hit ratio
@@ -338,7 +338,7 @@ WORKED = Usage(
 
 
 def test_cost_breakdown_batch():
-    got = bh.cost_breakdown(OPUS, WORKED, batch=True, requested_ttl="1h")
+    got = bh.cost_breakdown(OPUS, WORKED, lane="batch", requested_ttl="1h")
     assert got.paid_usd == pytest.approx(0.027, rel=REL)
     assert got.sync_usd == pytest.approx(0.054, rel=REL)
     # as plain input: (50,000 + 2,000) x 4 = 208,000
@@ -348,7 +348,7 @@ def test_cost_breakdown_batch():
 
 
 def test_cost_breakdown_standard():
-    got = bh.cost_breakdown(OPUS, WORKED, batch=False, requested_ttl="1h")
+    got = bh.cost_breakdown(OPUS, WORKED, lane="sync", requested_ttl="1h")
     assert got.paid_usd == pytest.approx(0.054, rel=REL)
     assert got.sync_usd == pytest.approx(0.054, rel=REL)
     assert got.cache_saved_usd == pytest.approx(0.182, rel=REL)
@@ -356,7 +356,7 @@ def test_cost_breakdown_standard():
 
 def test_cost_breakdown_unrepaid_writes_save_a_negative_amount():
     usage = Usage(input_tokens=1_000, cache_creation_input_tokens=10_000)  # no breakdown
-    got = bh.cost_breakdown(OPUS, usage, batch=True, requested_ttl="1h")
+    got = bh.cost_breakdown(OPUS, usage, lane="batch", requested_ttl="1h")
     # plain 10,000 x 4 = 40,000 ; paid 10,000 x 8 = 80,000 ; saved -40,000 x 0.5 = -20,000
     assert got.cache_saved_usd == pytest.approx(-0.02, rel=REL)
     # paid: (1,000 x 4 + 80,000) x 0.5 = 42,000
@@ -366,7 +366,7 @@ def test_cost_breakdown_unrepaid_writes_save_a_negative_amount():
 
 def test_cost_breakdown_5m_requested():
     usage = Usage(cache_creation_input_tokens=10_000, cache_read_input_tokens=10_000)
-    got = bh.cost_breakdown(OPUS, usage, batch=False, requested_ttl="5m")
+    got = bh.cost_breakdown(OPUS, usage, lane="sync", requested_ttl="5m")
     # plain 20,000 x 4 = 80,000 ; paid 10,000 x 5 + 10,000 x 0.20 = 52,000 ; saved 28,000
     assert got.cache_saved_usd == pytest.approx(0.028, rel=REL)
     assert got.paid_usd == pytest.approx(0.052, rel=REL)
@@ -400,14 +400,14 @@ def test_estimate_character_count_assumption():
 def test_estimate_4000_chars_is_1000_tokens_plus_1000_output():
     params = {"model": OPUS, "max_tokens": 16_000, "messages": user_text(3_967)}  # 4,000 chars
     # 1,000 x 4 + min(16,000, 1,000) x 20 = 4,000 + 20,000 = 24,000
-    assert bh.estimate_cost_usd(OPUS, params, batch=False) == pytest.approx(0.024, rel=REL)
+    assert bh.estimate_cost_usd(OPUS, params, lane="sync") == pytest.approx(0.024, rel=REL)
     assert bh.estimate_cost_usd(OPUS, params) == pytest.approx(0.012, rel=REL)  # batch default
 
 
 def test_estimate_rounds_tokens_up():
     params = {"max_tokens": 16_000, "messages": user_text(3_968)}  # 4,001 chars -> 1,001 tokens
     # 1,001 x 4 + 1,000 x 20 = 4,004 + 20,000 = 24,004 ; x 0.5 = 12,002
-    assert bh.estimate_cost_usd(OPUS, params, batch=True) == pytest.approx(0.012002, rel=REL)
+    assert bh.estimate_cost_usd(OPUS, params, lane="batch") == pytest.approx(0.012002, rel=REL)
 
 
 def test_estimate_counts_tools_and_system_and_caps_output_at_max_tokens():
@@ -418,20 +418,20 @@ def test_estimate_counts_tools_and_system_and_caps_output_at_max_tokens():
         "messages": user_text(3_947),  # 33 + 3,947 = 3,980 chars; total 4,000 -> 1,000 tokens
     }
     # 1,000 x 4 + min(200, 1,000) x 20 = 4,000 + 4,000 = 8,000
-    assert bh.estimate_cost_usd(OPUS, params, batch=False) == pytest.approx(0.008, rel=REL)
+    assert bh.estimate_cost_usd(OPUS, params, lane="sync") == pytest.approx(0.008, rel=REL)
 
 
 def test_estimate_without_max_tokens_uses_the_default_allowance():
     params = {"messages": user_text(3_967)}  # DEFAULT_MAX_TOKENS 16,000 -> 1,000 allowance
-    assert bh.estimate_cost_usd(OPUS, params, batch=False) == pytest.approx(0.024, rel=REL)
+    assert bh.estimate_cost_usd(OPUS, params, lane="sync") == pytest.approx(0.024, rel=REL)
 
 
 def test_estimate_uses_haiku_55_long_row_for_a_long_prompt():
     params = {"max_tokens": 16_000, "messages": user_text(399_972)}  # 400,005 chars
     # ceil(400,005 / 4) = 100,002 tokens > 100,000: high row
     # 100,002 x 0.50 + 1,000 x 2.50 = 50,001 + 2,500 = 52,501
-    assert bh.estimate_cost_usd(HAIKU, params, batch=False) == pytest.approx(0.052501, rel=REL)
-    assert bh.estimate_cost_usd(HAIKU, params, batch=True) == pytest.approx(0.0262505, rel=REL)
+    assert bh.estimate_cost_usd(HAIKU, params, lane="sync") == pytest.approx(0.052501, rel=REL)
+    assert bh.estimate_cost_usd(HAIKU, params, lane="batch") == pytest.approx(0.0262505, rel=REL)
 
 
 def test_estimate_is_an_upper_bound_when_the_request_asks_for_a_1h_cache():

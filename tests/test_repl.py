@@ -84,7 +84,7 @@ def test_detach_exits_zero_with_the_resume_command(api, tmp_path):
     def interrupt(_s):
         raise KeyboardInterrupt
 
-    rig.agent.sleep = interrupt
+    rig.clock.on_wait = interrupt
     repl, out = make_repl(rig, ["long task", "never read"], tmp_path)
     assert repl.run() == 0
     assert f"resume {rig.agent.session.id}" in out.getvalue()
@@ -137,7 +137,7 @@ def test_clear_waits_for_a_turn_in_flight(api, tmp_path):
 
 def test_headless_prints_the_resume_command_when_faults_outlast_retries(api, tmp_path, capsys):
     """Regression: -p exited 1 with no resume command while a paid batch was in flight."""
-    api.inject("retrieve", "503", count=50)
+    api.inject("list", "503", count=50)
     rig = make_rig(api, tmp_path, retry_attempts=2)
     err = io.StringIO()
     config = bh.parse_config(["--output-format", "json"], {})

@@ -96,7 +96,7 @@ def test_killed_while_polling(tmp_path):
     with fa.FakeAPI(latency_s=3.0) as api:
         api.script.extend([fa.text("slow answer"), fa.text("next answer")])
         proc = start(api, tmp_path, "-p", "first")
-        wait_until(lambda: api.count("retrieve") >= 1)
+        wait_until(lambda: api.count("list") >= 1)
         kill(proc)
         result = resume(api, tmp_path, "next")
         assert result["result"] == "next answer"
