@@ -55,18 +55,22 @@ __version__ = "0.1.0"
 
 def _load_sandbox_module() -> Any:
     """The security boundary lives in sandbox/ beside the srt pin, reviewable on its own.
-    Installed, it is the package `batching_harness_sandbox`; from a clone it is loaded by
-    path, so no generic top-level `sandbox` name ever lands on the user's import path."""
+    The copy beside this file wins (a clone, a worktree: the two always match); an install
+    without it uses the package `batching_harness_sandbox`. Either way no generic top-level
+    `sandbox` name ever lands on the user's import path."""
     import importlib.util
 
-    with contextlib.suppress(ModuleNotFoundError):
+    here = Path(__file__).resolve().parent / "sandbox" / "__init__.py"
+    loaded = sys.modules.get("batching_harness_sandbox")
+    if loaded is not None and Path(loaded.__file__ or "").resolve() == here:
+        return loaded
+    if not here.exists():
         import batching_harness_sandbox
 
         return batching_harness_sandbox
-    here = Path(__file__).resolve().parent / "sandbox" / "__init__.py"
     spec = importlib.util.spec_from_file_location("batching_harness_sandbox", here)
     if spec is None or spec.loader is None:
-        raise ImportError(f"batching-harness: {here} is missing; reinstall from a full clone")
+        raise ImportError(f"batching-harness: {here} cannot be loaded")
     module = importlib.util.module_from_spec(spec)
     sys.modules["batching_harness_sandbox"] = module
     spec.loader.exec_module(module)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import batching_harness  # noqa: F401  (first: it loads the sandbox module beside it)
 from tests.fake_api import FakeAPI
 
 
