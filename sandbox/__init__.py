@@ -1512,7 +1512,7 @@ class BashTool:
             )
         try:
             _reap_leftover_run(self.policy)  # before anything else runs in this work dir
-            notes = _take_notices(self.policy)
+            notes = [terminal_safe(note) for note in _take_notices(self.policy)]
             if problem := self._sandbox_problem():
                 return ToolResult(problem, is_error=True, warnings=tuple(notes))
             run, undone = self._execute(command, timeout_s)
@@ -1720,7 +1720,7 @@ def stop_leftovers(policy: SandboxPolicy) -> list[str]:
         return []
     try:
         _reap_leftover_run(policy)
-        return _take_notices(policy)
+        return [terminal_safe(note) for note in _take_notices(policy)]  # they quote a command
     finally:
         os.close(fd)
 
