@@ -82,14 +82,17 @@ _load_sandbox_module()
 from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     BashTool,
     EditorTool,
+    SandboxError,
     SandboxPolicy,
     SandboxUnavailable,
     Toolbox,
     ToolResult,
+    check_workdir,
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
     stop_leftovers,
+    terminal_safe,
 )
 
 ##############################################################################
@@ -288,6 +291,11 @@ class Config:
     sandbox: bool = field(default=True, metadata=option(
         "--no-sandbox", action="store_false", carried=True,
         help="run bash WITHOUT the sandbox"))
+    allow_dangerous_workdir: bool = field(default=False, metadata=option(
+        "--dangerously-allow-workdir", action="store_true", carried=True,
+        help="let tools work in a directory that is refused by default (/, your home, a "
+        "system directory, one holding the harness or its state): code planted there can "
+        "run on the host later"))
     cache_ttl: str | None = field(default=DEFAULT_CACHE_TTL, metadata=option(
         "--cache-ttl", choices=sorted(CACHE_TTLS), carried=True, parse=CACHE_TTLS.__getitem__,
         show=_ttl_shown, help=f"prompt-cache TTL (default {DEFAULT_CACHE_TTL})"))
@@ -3152,7 +3160,7 @@ class ConsoleUI:
             return
         self.stop_live()
         self._streamed += e.text
-        self.console.print(e.text, end="", markup=False, highlight=False)
+        self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
         if self._wait is None:  # re-attached after a restart: spinner from the journal's time
@@ -3183,7 +3191,7 @@ class ConsoleUI:
         if self._streamed:  # already on screen as it arrived
             self._streamed = ""
             return
-        self.console.print(Markdown(e.text))
+        self.console.print(Markdown(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
@@ -3261,9 +3269,10 @@ def read_key_from_tty() -> str:
 
 
 def _escape(text: str) -> str:
+    """Outside text made inert for the terminal (no escape sequences), then for rich markup."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(terminal_safe(text))
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -3825,7 +3834,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return _run(config)
     except _ArgparseExit as exc:
         return exc.status
-    except (ConfigError, JournalError, SandboxUnavailable) as exc:
+    except (ConfigError, JournalError, SandboxError) as exc:
         print(f"batching-harness: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -3866,6 +3875,8 @@ def _run(config: Config) -> int:
     session = open_session(journal, config)
     lock = SessionLock(config.home)
     lock.acquire(session.id)
+    check_workdir(session.workdir, state_dir=config.home,
+                  allow_dangerous=config.allow_dangerous_workdir)
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -3923,7 +3934,8 @@ def build_toolbox(config: Config, workdir: Path) -> Toolbox:
 
 def sandbox_policy(config: Config, workdir: Path) -> SandboxPolicy:
     return SandboxPolicy(workdir=workdir, state_dir=config.home,
-                         allow_domains=config.allow_domains, enabled=config.sandbox)
+                         allow_domains=config.allow_domains, enabled=config.sandbox,
+                         allow_dangerous_workdir=config.allow_dangerous_workdir)
 
 
 def _sandbox_line(config: Config) -> str:
