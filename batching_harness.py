@@ -32,13 +32,16 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
 import re
 import secrets
+import select
 import shlex
 import signal
+import socket
 import sqlite3
 import stat
 import sys
@@ -46,6 +49,7 @@ import termios
 import threading
 import time
 import tty
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +176,14 @@ class JournalError(HarnessError):
 
 
 class TransportError(HarnessError):
-    """The Batches API could not be reached or refused us; the journal keeps the turn."""
+    """The Batches API could not be reached or refused us; the journal keeps the turn.
+    `status` and `error_type` say how the API refused, when it did (the proxy hands them on
+    to its client)."""
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
 
 
 class NotSent(TransportError):
@@ -342,18 +353,19 @@ class Config:
         return "stats" if self.stats else "doctor" if self.doctor else "run"
 
 
-def _options() -> Iterator[tuple[dataclasses.Field[Any], dict[str, Any]]]:
-    for f in dataclasses.fields(Config):
+def _options(cls: type[Any] = Config) -> Iterator[tuple[dataclasses.Field[Any], dict[str, Any]]]:
+    for f in dataclasses.fields(cls):
         if "option" in f.metadata:
             yield f, f.metadata["option"]
 
 
-def _build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="batching-harness",
-        description="A coding agent whose every model turn is a Message Batch (50% cheaper, slower).",
-    )
-    for f, opt in _options():
+def _build_arg_parser(cls: type[Any] = Config, prog: str = "batching-harness",
+                      description: str = "A coding agent whose every model turn is a Message "
+                      "Batch (50% cheaper, slower).") -> argparse.ArgumentParser:
+    """The parser for a settings dataclass whose fields carry option(...) metadata (Config
+    for the agent, ProxyConfig for `batching-harness proxy`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for f, opt in _options(cls):
         kwargs: dict[str, Any] = {"dest": f.name, "help": opt["help"]}
         if opt["action"] in ("store_true", "store_false"):
             kwargs.update(action=opt["action"], default=f.default)
@@ -367,19 +379,7 @@ def _build_arg_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
     """Pure: argv and environment in, a validated Config out (ConfigError on nonsense)."""
-    try:
-        ns = _build_arg_parser().parse_args(list(argv))
-    except SystemExit as exc:  # argparse already printed usage or --help/--version
-        raise _ArgparseExit(int(exc.code or 0)) from None
-    values: dict[str, Any] = {}
-    for f, opt in _options():
-        raw = getattr(ns, f.name)
-        if raw is None:  # not given: the field's default
-            continue
-        try:
-            values[f.name] = opt["parse"](raw) if opt["parse"] else raw
-        except (TypeError, ValueError):
-            raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
+    ns, values = _parse_options(Config, argv)
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
     config = Config(**values, model_given=ns.model is not None,
                     home=home.expanduser().resolve(),
@@ -389,6 +389,25 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         config = dataclasses.replace(config, workdir=Path(".").resolve())
     _check_values(config, ns)
     return config
+
+
+def _parse_options(cls: type[Any], argv: Sequence[str],
+                   **parser: str) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """argv parsed by cls's parser: the namespace and the values given (parsed per field)."""
+    try:
+        ns = _build_arg_parser(cls, **parser).parse_args(list(argv))
+    except SystemExit as exc:  # argparse already printed usage or --help/--version
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    values: dict[str, Any] = {}
+    for f, opt in _options(cls):
+        raw = getattr(ns, f.name)
+        if raw is None:  # not given: the field's default
+            continue
+        try:
+            values[f.name] = opt["parse"](raw) if opt["parse"] else raw
+        except (TypeError, ValueError):
+            raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
+    return ns, values
 
 
 class _ArgparseExit(Exception):
@@ -869,6 +888,39 @@ class RequestRow:
 
 
 @dataclass(frozen=True)
+class ProxyRow:
+    """One request the proxy carried for another harness. Its body and answer are kept
+    (the journal is the user's alone: 0600 in a 0700 directory); the key never is."""
+
+    custom_id: str
+    turn_key: str
+    """Hash of the request without stream/max_tokens, plus betas and the key's fingerprint."""
+    key_fp: str
+    client: str
+    model: str
+    lane: str
+    why: str | None
+    stream: int
+    state: str  # pooled | submitted | ended | delivered | unsent | failed (batch); ended (sync)
+    batch_id: str | None
+    params: str | None
+    betas: str | None
+    received_at: float
+    ended_at: float | None = None
+    delivered_at: float | None = None
+    result_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    message: str | None = None
+    usage: str | None = None
+    cost_usd: float | None = None
+    sync_cost_usd: float | None = None
+    wait_s: float | None = None
+    attaches: int = 1
+    """Client requests this row answered: more than 1 means retries re-attached for free."""
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How a request ended, as the store records it."""
 
@@ -1008,6 +1060,24 @@ def _route_decisions(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
 
 
+# Numbered 30+ on the proxy branch; the lead renumbers at merge.
+@migration(30)
+def _proxy_requests(db: sqlite3.Connection) -> None:
+    """What the proxy carried for other harnesses: one row per batch entry or synchronous
+    call, keyed for re-attaching a client's retry (the key's fingerprint, never the key)."""
+    db.execute("""
+        CREATE TABLE proxy_requests (
+            custom_id TEXT PRIMARY KEY, turn_key TEXT NOT NULL, key_fp TEXT NOT NULL,
+            client TEXT NOT NULL, model TEXT NOT NULL, lane TEXT NOT NULL, why TEXT,
+            stream INTEGER NOT NULL, state TEXT NOT NULL, batch_id TEXT, params TEXT,
+            betas TEXT, received_at REAL NOT NULL, ended_at REAL, delivered_at REAL,
+            result_type TEXT, error_type TEXT, error_message TEXT, message TEXT, usage TEXT,
+            cost_usd REAL, sync_cost_usd REAL, wait_s REAL,
+            attaches INTEGER NOT NULL DEFAULT 1)""")
+    db.execute("CREATE INDEX proxy_by_turn ON proxy_requests(key_fp, turn_key, received_at)")
+    db.execute("CREATE INDEX proxy_by_model ON proxy_requests(model, lane, received_at)")
+
+
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1053,7 +1123,7 @@ class SqliteStore:
             return
         with self._tx() as db:  # under the write lock: a second process waits, then sees it done
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(version + 1, SCHEMA_VERSION + 1):
+            for step in sorted(n for n in MIGRATIONS if n > version):  # gaps allowed
                 MIGRATIONS[step](db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -1330,6 +1400,59 @@ class SqliteStore:
         rows = self._db.execute("SELECT * FROM tool_calls WHERE custom_id=?", (custom_id,))
         return {r["tool_use_id"]: None if r["ended_at"] is None else
                 ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
+
+
+    # -- proxy -------------------------------------------------------------
+    def begin_proxy_request(self, row: ProxyRow) -> None:
+        """Committed BEFORE the entry is pooled: a crash mid-create leaves a trace."""
+        cols = [f.name for f in dataclasses.fields(ProxyRow)]
+        with self._tx() as db:
+            db.execute(f"INSERT INTO proxy_requests ({', '.join(cols)}) VALUES "
+                       f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
+
+    def update_proxy_request(self, custom_id: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE proxy_requests SET {cols} WHERE custom_id=?",
+                       (*fields.values(), custom_id))
+
+    def proxy_attached(self, custom_id: str) -> None:
+        """One more client request served by this entry (a retry that paid nothing)."""
+        with self._tx() as db:
+            db.execute("UPDATE proxy_requests SET attaches=attaches+1 WHERE custom_id=?",
+                       (custom_id,))
+
+    def proxy_reattachable(self, key_fp: str, turn_key: str, since: float) -> ProxyRow | None:
+        """The newest entry of this key and turn that is paid for and not yet delivered."""
+        row = self._one("SELECT * FROM proxy_requests WHERE key_fp=? AND turn_key=? AND "
+                        "lane='batch' AND state IN ('submitted','ended') AND received_at>=? "
+                        "ORDER BY received_at DESC LIMIT 1", (key_fp, turn_key, since))
+        return ProxyRow(**dict(row)) if row else None
+
+    def proxy_requests(self) -> list[ProxyRow]:
+        """Every proxy row: for --stats, never per request."""
+        return [ProxyRow(**dict(r)) for r in self._db.execute(
+            "SELECT * FROM proxy_requests ORDER BY received_at, rowid").fetchall()]
+
+    def proxy_unsent(self) -> int:
+        """Rows a crash left between pooling and a known batch: mark them so no retry waits
+        on them (a create cut off by the crash may still have made a batch: it is listed in
+        --stats as unsent)."""
+        with self._tx() as db:
+            return db.execute("UPDATE proxy_requests SET state='unsent' WHERE "
+                              "state='pooled'").rowcount
+
+    def proxy_turnarounds(self, model: str, limit: int = 50) -> list[float]:
+        rows = self._db.execute(
+            "SELECT wait_s FROM proxy_requests WHERE model=? AND lane='batch' AND "
+            "result_type='succeeded' AND wait_s IS NOT NULL ORDER BY received_at DESC LIMIT ?",
+            (model, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    def proxy_batch_ids(self) -> set[str]:
+        rows = self._db.execute("SELECT DISTINCT batch_id FROM proxy_requests WHERE "
+                                "batch_id IS NOT NULL")
+        return {r[0] for r in rows}
 
 
 # Back-ends by name: a new store is a class plus one entry here.
@@ -1653,9 +1776,11 @@ class BatchAPI:
 
     # -- the calls ---------------------------------------------------------------
     def create(self, requests: list[dict[str, Any]], *, exclude: Callable[[], set[str]],
-               notify: Notify) -> str:
+               notify: Notify, betas: Sequence[str] = ()) -> str:
         """Create one batch. When the outcome of a create is unknown (timeout, dropped
-        connection, 5xx) list() is checked before trying again: never two paid batches."""
+        connection, 5xx) list() is checked before trying again: never two paid batches.
+        `betas` go into the create call (the anthropic-beta header), as a client that asked
+        for them would have sent them with its own request."""
         sent_at, unknown, unreachable = self.clock.now(), False, 0
         for attempt in range(1, self.retry.max_attempts + 1):
             # After an unknown outcome, look before creating again (after the back-off, so a
@@ -1667,6 +1792,9 @@ class BatchAPI:
                 return found
             try:
                 self.budget.take()
+                if betas:
+                    return self.client.beta.messages.batches.create(
+                        requests=requests, betas=list(betas)).id
                 return self.client.messages.batches.create(requests=requests).id
             except Exception as exc:
                 fault = self._classify(exc, "submitting the batch")
@@ -1782,7 +1910,8 @@ class BatchAPI:
             return _Fault(f"API error {status}", _retry_after_s(exc), outcome_unknown=True)
         if status == 404:
             raise BatchNotFound(f"{doing}: the API does not know it (404): {message}") from None
-        raise TransportError(f"the API refused {doing} ({status}): {message}") from None
+        raise TransportError(f"the API refused {doing} ({status}): {message}", status=status,
+                             error_type=_error_body(exc).get("type")) from None
 
 
 @dataclass(frozen=True)
@@ -3720,6 +3849,1416 @@ def show_prompt_early() -> Callable[[], None]:
 
 
 ##############################################################################
+# Proxy (a local Anthropic-compatible endpoint: harnesses that know nothing about batches
+# point ANTHROPIC_BASE_URL here, and their agent turns go through pooled batches)
+##############################################################################
+
+PROXY_DEFAULT_PORT = 8787
+DEFAULT_UPSTREAM = "https://api.anthropic.com"
+# A ping at least this often while a batch waits: Claude Code 2.1.332 kept a stream open
+# for 200 s with a ping every 5 s (reference/clients.md); the issue asks for 10 s at most.
+PROXY_PING_S = 5.0
+# A streaming client gets its headers once its entry is in a batch, or this long after the
+# pool flushed at the latest. A create refused at once (a bad key, a spend limit) is then
+# the plain HTTP error the client knows how to show; a slow create still starts the stream.
+HEADERS_GRACE_S = 5.0
+# Pool narrow and flush fast: a batch returns nothing until its slowest entry ends and its
+# width does not change the price, so an entry waits at most this long for company.
+DEFAULT_POOL_WINDOW_S = 2.0
+DEFAULT_POOL_WIDTH = 32
+# A client's retry re-attaches to an undelivered entry sent within this long (a batch
+# expires 24 h after it is created).
+REATTACH_WINDOW_S = 24 * 3600.0
+# Side requests go sync under --route batch: nobody should wait minutes for a title or a
+# quota probe, and on a cheap model the discount is worth a fraction of a cent.
+SIDE_MAX_TOKENS = 1024
+FAST_MODEL_PREFIXES = ("claude-haiku-",)
+ROUTE_HEADER = "x-batching-route"
+TOKEN_HEADER = "x-batching-token"
+TOKEN_ENV = "BATCHING_HARNESS_PROXY_TOKEN"
+# Never handed on: hop-by-hop headers, the ones this proxy recomputes, and its own.
+_NOT_FORWARDED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", ROUTE_HEADER, TOKEN_HEADER})
+# The HTTP status the synchronous API answers each error type with (batch-api.md, Errors).
+ERROR_STATUS = {
+    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+    "permission_error": 403, "not_found_error": 404, "conflict_error": 409,
+    "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+    "timeout_error": 504, "overloaded_error": 529}
+_DELTA_USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                     "output_tokens", "server_tool_use")
+MAX_BODY_BYTES = 256 * 1024 * 1024
+# Claude Code settings that keep ONE stream open for a long batch, each verified against
+# Claude Code 2.1.332 (README, "Proxy"). Without them it gives up on a stream after 600 s
+# (5 minutes of pings, then its 5-minute idle limit) and resends the turn, or falls back
+# to a non-streaming request: the proxy re-attaches both, but the turn is shown twice.
+CLAUDE_CODE_SETTINGS = (
+    ("API_TIMEOUT_MS", "86400000", "the SDK's request timeout (600 s by default)"),
+    ("API_FORCE_IDLE_TIMEOUT", "0", "no idle limit on a stream that is only pinging"),
+    ("CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK", "1",
+     "no second, non-streaming request for the same turn"),
+)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything, so it is not loopback
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`batching-harness proxy`: everything its user can set."""
+
+    host: str = field(default="127.0.0.1", metadata=option(
+        "--host", metavar="ADDR", help="address to listen on (default 127.0.0.1; anything "
+        "but loopback needs --token)"))
+    port: int = field(default=PROXY_DEFAULT_PORT, metadata=option(
+        "--port", metavar="N", parse=int,
+        help=f"port to listen on (default {PROXY_DEFAULT_PORT}; 0 picks a free one, printed)"))
+    route: str = field(default="batch", metadata=option(
+        "--route", choices=ROUTES, help="batch (default: agent turns batched, side requests "
+        "sync), sync (everything passes through) or auto (per request, from measured "
+        "turnaround and --wait-price)"))
+    upstream: str = field(default=DEFAULT_UPSTREAM, metadata=option(
+        "--upstream", metavar="URL", help=f"the API the proxy talks to (default "
+        f"{DEFAULT_UPSTREAM}; e.g. the offline stand-in)"))
+    token: str | None = field(default=None, metadata=option(
+        "--token", metavar="TOKEN", help=f"clients must send it in {TOKEN_HEADER}; needed to "
+        f"listen beyond loopback (or set {TOKEN_ENV})"))
+    wait_price_usd_per_min: float = field(default=HEADLESS_WAIT_PRICE, metadata=option(
+        "--wait-price", metavar="USD_PER_MIN", parse=float, help=f"for --route auto: what a "
+        f"minute of a client's waiting is worth (default {HEADLESS_WAIT_PRICE:g})"))
+    pool_window_s: float = field(default=DEFAULT_POOL_WINDOW_S, metadata=option(
+        "--pool-window", metavar="S", parse=float, help=f"how long a batch entry waits for "
+        f"others of the same key, model and betas (default {DEFAULT_POOL_WINDOW_S:g}; 0 sends "
+        "one-entry batches)"))
+    pool_width: int = field(default=DEFAULT_POOL_WIDTH, metadata=option(
+        "--max-width", metavar="N", parse=int,
+        help=f"entries per batch at most (default {DEFAULT_POOL_WIDTH})"))
+    poll_interval_s: float = field(default=DEFAULT_POLL_INTERVAL_S, metadata=option(
+        "--poll-interval", metavar="S", parse=float,
+        help=f"first poll interval in seconds (default {DEFAULT_POLL_INTERVAL_S})"))
+    output_format: str = field(default="text", metadata=option(
+        "--output-format", choices=OUTPUT_FORMATS, help="text, or one JSON object per line"))
+    log_path: Path | None = field(default=None, metadata=option(
+        "--log", metavar="FILE", parse=lambda v: Path(v).expanduser(),
+        help="also append one JSON object per line to FILE (0600)"))
+    home: Path = Path("~/.batching-harness")
+    """Where the journal lives (BATCHING_HARNESS_HOME)."""
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_proxy_config(argv: Sequence[str], environ: Mapping[str, str]) -> ProxyConfig:
+    """Pure: `proxy ...` arguments and the environment in, a validated ProxyConfig out."""
+    _, values = _parse_options(ProxyConfig, argv, prog="batching-harness proxy",
+                               description="A local Anthropic-compatible endpoint that "
+                               "batches other harnesses' turns (50% cheaper, slower).")
+    home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
+    values["token"] = values.get("token") or environ.get(TOKEN_ENV) or None
+    config = ProxyConfig(**values, home=home.expanduser().resolve())
+    _check_proxy_values(config)
+    return config
+
+
+def _check_proxy_values(c: ProxyConfig) -> None:
+    if not _loopback(c.host) and not c.token:
+        raise ConfigError(f"--host {c.host}: the proxy spends the API keys of whoever reaches "
+                          "it; listening beyond loopback needs --token (clients then send it "
+                          f"in {TOKEN_HEADER})")
+    if not 0 <= c.port <= 65535:
+        raise ConfigError("--port must be between 0 and 65535")
+    if urllib.parse.urlsplit(c.upstream).scheme not in ("http", "https"):
+        raise ConfigError(f"--upstream {c.upstream}: an http:// or https:// URL, please")
+    if c.pool_window_s < 0 or c.poll_interval_s <= 0 or c.wait_price_usd_per_min < 0:
+        raise ConfigError("--pool-window, --poll-interval and --wait-price take positive numbers")
+    if not 1 <= c.pool_width <= 100_000:
+        raise ConfigError("--max-width must be between 1 and 100000 (the API's limit)")
+
+
+# -- what a request is -----------------------------------------------------------------
+
+
+class ProxyError(HarnessError):
+    """An answer the API itself would give: its HTTP status and error body."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type = status, error_type
+
+    def body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.error_type, "message": str(self)},
+                "request_id": "req_proxy_" + secrets.token_hex(8)}
+
+
+class ClientGone(Exception):
+    """The client closed its connection: its entry stays in flight for its retry."""
+
+
+@dataclass(frozen=True)
+class Credential:
+    """The client's own key, exactly as it sent it; told apart by a fingerprint that is
+    safe to log and to journal. The key itself is never written anywhere."""
+
+    header: str  # x-api-key | authorization
+    secret: str = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return "key_" + hashlib.sha256(self.secret.encode()).hexdigest()[:12]
+
+    def client_kwargs(self) -> dict[str, str]:
+        """How the SDK carries it (explicit, so the proxy's own environment never leaks in)."""
+        return {"api_key": self.secret} if self.header == "x-api-key" else {
+            "auth_token": self.secret}
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> Credential | None:
+        key = (headers.get("x-api-key") or "").strip()
+        if key:
+            return cls("x-api-key", key)
+        scheme, _, token = (headers.get("authorization") or "").strip().partition(" ")
+        return cls("authorization", token.strip()) if scheme.lower() == "bearer" and \
+            token.strip() else None
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    """One HTTP request as the client sent it (header names in lower case)."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+    received_at: float
+
+    @property
+    def target(self) -> str:
+        return self.path + (f"?{self.query}" if self.query else "")
+
+
+@dataclass(frozen=True)
+class MessagesCall:
+    """A POST /v1/messages: its parameters exactly as sent, and who sent them."""
+
+    params: dict[str, Any]
+    credential: Credential
+    betas: tuple[str, ...]
+    client: str
+    route_header: str | None
+
+    @property
+    def model(self) -> str:
+        return str(self.params["model"])
+
+    @property
+    def stream(self) -> bool:
+        return self.params.get("stream") is True
+
+    @property
+    def batch_params(self) -> dict[str, Any]:
+        """Every parameter the client sent but `stream`, which a batch entry may not carry."""
+        return {k: v for k, v in self.params.items() if k != "stream"}
+
+    @property
+    def turn_key(self) -> str:
+        """The same turn: the same body but for `stream` and `max_tokens` (Claude Code's
+        non-streaming fallback lowers max_tokens), the same betas, the same key."""
+        same = {k: v for k, v in self.params.items() if k not in ("stream", "max_tokens")}
+        blob = json.dumps({"params": same, "betas": sorted(self.betas),
+                           "key": self.credential.fingerprint}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def client_label(headers: Mapping[str, str]) -> str:
+    """Who is asking, for the log: Claude Code by its session id, the SDKs by name."""
+    session = headers.get("x-claude-code-session-id") or ""
+    agent = headers.get("user-agent") or ""
+    if session or agent.startswith("claude-cli"):
+        return f"claude-code:{session[:8]}" if session else "claude-code"
+    if agent.startswith("Anthropic/"):
+        return "sdk-" + agent.split("/")[1].split(" ")[0].lower()
+    return re.sub(r"[^A-Za-z0-9._-]", "", agent.split("/")[0])[:24] or "client"
+
+
+def parse_messages_call(req: ProxyRequest) -> MessagesCall:
+    """The request's parameters, checked as the API checks them first (400 otherwise)."""
+    credential = Credential.from_headers(req.headers)
+    if credential is None:
+        raise ProxyError(401, "authentication_error", "x-api-key header is required")
+    try:
+        params = json.loads(req.body or b"null")
+    except ValueError:
+        raise ProxyError(400, "invalid_request_error", "There was an error parsing the body "
+                         "of your request as JSON.") from None
+    problem = _shape_problem(params)
+    if problem:
+        raise ProxyError(400, "invalid_request_error", problem)
+    betas = tuple(b.strip() for b in (req.headers.get("anthropic-beta") or "").split(",")
+                  if b.strip())
+    route = (req.headers.get(ROUTE_HEADER) or "").strip().lower() or None
+    if route not in (None, "batch", "sync"):
+        raise ProxyError(400, "invalid_request_error", f"{ROUTE_HEADER}: batch or sync, "
+                         f"not {route!r}")
+    return MessagesCall(params, credential, betas, client_label(req.headers), route)
+
+
+def _shape_problem(params: Any) -> str | None:
+    if not isinstance(params, dict):
+        return "body: Input should be a valid dictionary"
+    for name, kind, text in (("model", str, "string"), ("messages", list, "list"),
+                             ("max_tokens", int, "integer")):
+        if name not in params:
+            return f"{name}: Field required"
+        if not isinstance(params[name], kind) or isinstance(params[name], bool):
+            return f"{name}: Input should be a valid {text}"
+    if params.get("stream") not in (None, True, False):
+        return "stream: Input should be a valid boolean"
+    return None
+
+
+# -- which lane ------------------------------------------------------------------------
+
+
+def side_request(params: Mapping[str, Any]) -> str | None:
+    """Why a request is a side request (sync under --route batch), or None for an agent turn."""
+    model = str(params.get("model"))
+    if model.startswith(FAST_MODEL_PREFIXES):
+        return f"fast cheap model {model}"
+    if not params.get("tools") and int(params.get("max_tokens") or 0) <= SIDE_MAX_TOKENS:
+        return f"short request without tools (max_tokens ≤ {SIDE_MAX_TOKENS})"
+    return None
+
+
+def choose_proxy_lane(call: MessagesCall, route: str, router: Router,
+                      waits: Sequence[float]) -> RouteDecision:
+    """The client's header wins; then what a batch cannot carry; then the policy."""
+    if "speed" in call.params:
+        return RouteDecision("sync", "sync · fast mode cannot be batched")
+    if call.route_header:
+        return RouteDecision(call.route_header, f"{call.route_header} · asked for "
+                                                f"({ROUTE_HEADER})")
+    if route == "sync":
+        return RouteDecision("sync", "sync · --route sync")
+    why = side_request(call.params)
+    if why:
+        return RouteDecision("sync", f"sync · side request: {why}")
+    if route == "batch":
+        return RouteDecision("batch", "batch · agent turn")
+    return router.choose(call.params, previous=None, waits=waits)
+
+
+# -- the event sequence of a finished message ------------------------------------------
+
+
+def message_head(model: str, message: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The message_start event: the real message's head when it is known, else a stand-in
+    (the usage that message_delta carries at the end replaces its zeros)."""
+    if message is not None:
+        usage = dict(message.get("usage") or {})
+        usage["output_tokens"] = min(1, int(usage.get("output_tokens") or 0))
+        head = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": usage}
+        head.pop("stop_details", None)
+    else:
+        head = {"id": "msg_proxy_" + secrets.token_hex(12), "type": "message",
+                "role": "assistant", "model": model, "content": [], "stop_reason": None,
+                "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+    return {"type": "message_start", "message": head}
+
+
+def replay_events(message: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Everything after message_start that the streaming API sends for `message`: per block
+    content_block_start / _delta / _stop, then message_delta (final stop_reason, the usage
+    figures) and message_stop."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    for index, block in enumerate(message.get("content") or []):
+        events += _block_events(index, block)
+    delta = {k: message.get(k) for k in ("stop_reason", "stop_sequence")}
+    for key in ("stop_details", "container"):
+        if message.get(key) is not None:
+            delta[key] = message[key]
+    usage = {k: v for k, v in (message.get("usage") or {}).items() if k in _DELTA_USAGE_KEYS}
+    events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def _block_events(index: int, block: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    kind = block.get("type")
+    deltas: list[dict[str, Any]] = []
+    if kind == "text":
+        start: dict[str, Any] = {**block, "text": ""}
+        if isinstance(block.get("citations"), list):
+            start["citations"] = []
+            deltas = [{"type": "citations_delta", "citation": c} for c in block["citations"]]
+        if block.get("text"):
+            deltas.insert(0, {"type": "text_delta", "text": block["text"]})
+    elif kind == "thinking":
+        start = {**block, "thinking": "", "signature": ""}
+        deltas = [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                  {"type": "signature_delta", "signature": block.get("signature", "")}]
+    elif kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
+        start = {**block, "input": {}}
+        deltas = [{"type": "input_json_delta",
+                   "partial_json": json.dumps(block.get("input", {}))}]
+    else:  # redacted_thinking, server tool results: the whole block at once, no delta
+        start = dict(block)
+    events = [("content_block_start", {"type": "content_block_start", "index": index,
+                                       "content_block": start})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": index,
+                                        "delta": d}) for d in deltas]
+    events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    return events
+
+
+def entry_error(result: EntryResult) -> ProxyError:
+    """The error the synchronous API would have answered for an entry that did not succeed."""
+    if result.type == "errored":
+        kind = result.error_type or "api_error"
+        return ProxyError(ERROR_STATUS.get(kind, 500), kind, result.error_message or kind)
+    if result.type == "expired":
+        return ProxyError(504, "timeout_error", "the batch expired (24 h) before this request "
+                          "ran; nothing was billed; send it again")
+    if result.type == "canceled":
+        return ProxyError(500, "api_error", "the batch entry was canceled before it ran; "
+                          "nothing was billed; send it again")
+    return ProxyError(500, "api_error", f"the batch holds no result for {result.custom_id}")
+
+
+def transport_error(exc: HarnessError) -> ProxyError:
+    """A batch call that failed, as the client should hear it. Faults outlasting our retries
+    become 529 (the client's SDK retries, and its retry re-attaches to the entry)."""
+    if isinstance(exc, TransportError) and exc.status is not None:
+        kind = exc.error_type or next((k for k, v in ERROR_STATUS.items()
+                                       if v == exc.status), "api_error")
+        return ProxyError(exc.status, kind, str(exc))
+    if isinstance(exc, SpendLimitReached):
+        return ProxyError(429, "rate_limit_error", str(exc))
+    if isinstance(exc, Unreachable):
+        return ProxyError(500, "api_error", f"the proxy cannot reach its upstream: {exc}")
+    return ProxyError(529, "overloaded_error", f"{exc}; send the request again to re-attach "
+                      "to the same batch entry")
+
+
+def entry_cost(model: str, params: Mapping[str, Any],
+               message: Mapping[str, Any] | None) -> CostBreakdown:
+    """Paid (batch rates) and synchronous dollars of one entry's answer."""
+    if message is None:
+        return CostBreakdown(0.0, 0.0, 0.0)  # errored, expired, canceled: not billed
+    if message.get("stop_reason") == "refusal" and not message.get("content"):
+        return CostBreakdown(0.0, 0.0, 0.0)  # a refusal before any output is not charged
+    return cost_breakdown(model, Usage.from_api(message.get("usage")), lane="batch",
+                          requested_ttl=_request_ttl(params))
+
+
+# -- batch entries and the pool ----------------------------------------------------------
+
+
+class ProxyEntry:
+    """One batch entry and every client request waiting on it (the first, and the retries
+    that re-attached). Resolved once; waiters block on its condition."""
+
+    def __init__(self, custom_id: str, call: MessagesCall, received_at: float, *,
+                 batch_id: str | None = None) -> None:
+        self.custom_id, self.call, self.received_at = custom_id, call, received_at
+        self.batch_id = batch_id
+        self.result: EntryResult | None = None
+        self.failure: ProxyError | None = None
+        self.cost = CostBreakdown(None, None, None)
+        self.wait_s: float | None = None
+        self._changed = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.failure is not None
+
+    def submitted(self, batch_id: str) -> None:
+        with self._changed:
+            self.batch_id = batch_id
+            self._changed.notify_all()
+
+    def finish(self, result: EntryResult, cost: CostBreakdown, wait_s: float | None) -> None:
+        with self._changed:
+            self.result, self.cost, self.wait_s = result, cost, wait_s
+            self._changed.notify_all()
+
+    def fail(self, error: ProxyError) -> None:
+        with self._changed:
+            self.failure = error
+            self._changed.notify_all()
+
+    def wait(self, ready: Callable[[], bool], timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(ready, timeout=max(0.0, timeout_s))
+
+    def wake(self) -> None:
+        """Let every waiter look again (the proxy is stopping)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def answer(self) -> dict[str, Any]:
+        """The Message, or the ProxyError the synchronous API would have given."""
+        if self.failure is not None:
+            raise self.failure
+        assert self.result is not None, "answer() before the entry ended"
+        if self.result.type != "succeeded" or self.result.message is None:
+            raise entry_error(self.result)
+        return self.result.message
+
+
+def _proxy_client_factory(credential: Credential, upstream: str) -> Callable[[], Any]:
+    def factory() -> Any:
+        import anthropic
+
+        return anthropic.Anthropic(base_url=upstream, max_retries=0, timeout=60.0,
+                                   **credential.client_kwargs())
+
+    return factory
+
+
+class KeyChannels:
+    """One batch channel per API key: its own poller and its own request budget (the batch
+    rate limit is per key), so pools never mix keys and one key's faults stay its own."""
+
+    def __init__(self, upstream: str, *, poll_interval_s: float, clock: Clock,
+                 requests_per_minute: int = BATCH_REQUESTS_PER_MINUTE,
+                 retry: RetryPolicy = RetryPolicy(),
+                 factory: Callable[[Credential, str], Callable[[], Any]] = _proxy_client_factory
+                 ) -> None:
+        self.upstream, self.poll_interval_s, self.clock = upstream, poll_interval_s, clock
+        self.requests_per_minute, self.retry = requests_per_minute, retry
+        self._factory = factory
+        self._channels: dict[str, BatchChannel] = {}
+        self._lock = threading.Lock()
+
+    def for_key(self, credential: Credential) -> BatchChannel:
+        with self._lock:
+            channel = self._channels.get(credential.fingerprint)
+            if channel is None:
+                api = BatchAPI(self._factory(credential, self.upstream), retry=self.retry,
+                               budget=RequestBudget(self.requests_per_minute, self.clock),
+                               clock=self.clock)
+                channel = BatchChannel(api, poll_interval_s=self.poll_interval_s,
+                                       clock=self.clock)
+                self._channels[credential.fingerprint] = channel
+            return channel
+
+
+class Pool(Protocol):
+    """Where batch entries go. `add` takes a new entry and eventually calls its
+    submitted() / finish() / fail(); `watch` follows an entry already in a batch (a retry
+    after a restart). The fleet's pooler can take this place: same two calls."""
+
+    def add(self, entry: ProxyEntry) -> None: ...
+    def watch(self, entry: ProxyEntry) -> None: ...
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+@dataclass
+class _Group:
+    entries: list[ProxyEntry]
+    first_at: float
+
+
+class WindowPool:
+    """The proxy's own small pooler: entries of one key, model and betas share a batch,
+    flushed `window_s` after the group's first entry or at `width` entries (window 0: one
+    entry per batch). Each key's BatchChannel then polls every batch with one list call per
+    tick and resolves every entry by custom_id."""
+
+    def __init__(self, channels: KeyChannels, store: SqliteStore, *, window_s: float,
+                 width: int, clock: Clock, on_batch: Callable[[str, list[ProxyEntry]], None],
+                 on_end: Callable[[ProxyEntry], None]) -> None:
+        self.channels, self.store, self.clock = channels, store, clock
+        self.window_s, self.width = window_s, width
+        self._on_batch, self._on_end = on_batch, on_end
+        self._groups: dict[tuple[str, str, tuple[str, ...]], _Group] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._journal_lock = threading.Lock()  # held for every journal write; close() too
+        self._pending: set[concurrent.futures.Future[None]] = set()
+        self._creates = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pool-create")
+        self._flusher = threading.Thread(target=self._flush_when_due, daemon=True,
+                                         name="pool-flusher")
+        self._flusher.start()
+
+    def add(self, entry: ProxyEntry) -> None:
+        call = entry.call
+        key = (call.credential.fingerprint, call.model, tuple(sorted(call.betas)))
+        with self._lock:
+            group = self._groups.setdefault(key, _Group([], self.clock.now()))
+            group.entries.append(entry)
+            full = len(group.entries) >= self.width or self.window_s == 0
+            if full:
+                del self._groups[key]
+        if full:
+            self._submit(group.entries)
+        else:
+            self._wake.set()
+
+    def watch(self, entry: ProxyEntry) -> None:
+        assert entry.batch_id is not None
+        channel = self.channels.for_key(entry.call.credential)
+        waits = self.store.proxy_turnarounds(entry.call.model)
+        ticket = channel.watch(entry.custom_id, entry.batch_id, sent_at=entry.received_at,
+                               expected_s=median(waits) if len(waits) >= ROUTE_SAMPLES else None,
+                               on_status=_ignore, notify=_ignore)
+        ticket.add_done_callback(lambda t: self._arrived(entry, t))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop pooling: creates under way get `timeout_s` to record their batch; after that
+        nothing more is written (the journal is about to close)."""
+        self._closed = True
+        self._wake.set()
+        concurrent.futures.wait(list(self._pending), timeout=timeout_s)
+        with self._journal_lock:
+            self._creates.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, entries: list[ProxyEntry]) -> None:
+        future = self._creates.submit(self._create, entries)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    @contextlib.contextmanager
+    def _journal(self) -> Iterator[bool]:
+        """Journal writes happen in here: False once closed (write nothing)."""
+        with self._journal_lock:
+            yield not self._closed
+
+    def _flush_when_due(self) -> None:
+        while not self._closed:
+            self._wake.clear()  # before looking: an add() from here on wakes the wait below
+            now = self.clock.now()
+            with self._lock:
+                due = [k for k, g in self._groups.items() if now >= g.first_at + self.window_s]
+                flushed = [self._groups.pop(k).entries for k in due]
+                next_at = min((g.first_at + self.window_s for g in self._groups.values()),
+                              default=now + 60.0)
+            for entries in flushed:
+                self._submit(entries)
+            if not flushed:
+                self.clock.wait(self._wake, next_at - now)
+
+    def _create(self, entries: list[ProxyEntry]) -> None:
+        """One create for the group (the BatchAPI reconciles an unknown outcome by list()
+        before trying again: never two paid batches), then every entry is watched."""
+        call = entries[0].call
+        channel = self.channels.for_key(call.credential)
+        requests = [{"custom_id": e.custom_id, "params": e.call.batch_params} for e in entries]
+        try:
+            batch_id = channel.api.create(
+                requests, exclude=lambda: self.store.known_batch_ids() |
+                self.store.proxy_batch_ids(), notify=_ignore, betas=call.betas)
+        except HarnessError as exc:
+            if len(entries) > 1 and getattr(exc, "status", None) == 400:
+                for e in entries:  # one malformed entry must not sink the others
+                    self._create([e])
+                return
+            for e in entries:
+                with self._journal() as open_:
+                    if open_:
+                        self.store.update_proxy_request(e.custom_id, state="failed",
+                                                        error_message=str(exc))
+                e.fail(transport_error(exc))
+            return
+        with self._journal_lock:  # even while closing (close waits): a paid batch is kept
+            for e in entries:
+                self.store.update_proxy_request(e.custom_id, state="submitted",
+                                                batch_id=batch_id)
+        for e in entries:
+            e.submitted(batch_id)
+        if self._closed:
+            return
+        self._on_batch(batch_id, entries)
+        for e in entries:
+            self.watch(e)
+
+    def _arrived(self, entry: ProxyEntry, ticket: Ticket) -> None:
+        try:
+            arrival = ticket.result()
+        except HarnessError as exc:  # polling gave up; the batch itself goes on
+            entry.fail(transport_error(exc))
+            self._on_end(entry)
+            return
+        result = arrival.entry or EntryResult(entry.custom_id, "missing")
+        cost = entry_cost(entry.call.model, entry.call.params, result.message)
+        wait_s = arrival.view.turnaround_s
+        with self._journal() as open_:
+            if not open_:
+                return  # shutting down: the row stays 'submitted', a retry re-attaches
+            self.store.update_proxy_request(
+                entry.custom_id, state="ended", ended_at=self.clock.now(), wait_s=wait_s,
+                result_type=result.type, error_type=result.error_type,
+                error_message=result.error_message,
+                message=json.dumps(result.message) if result.message else None,
+                usage=json.dumps(result.message.get("usage")) if result.message else None,
+                cost_usd=cost.paid_usd, sync_cost_usd=cost.sync_usd)
+        entry.finish(result, cost, wait_s)
+        self._on_end(entry)
+
+
+POOLS: dict[str, type[Any]] = {"window": WindowPool}
+"""Pools by name: the fleet's pooler becomes a second entry."""
+
+
+class EntryBook:
+    """Batch entries by (key, turn). A request that is the same turn as an entry in flight,
+    or as one that ended and was never delivered (a client that timed out and retried, or
+    Claude Code's non-streaming fallback), re-attaches to it instead of paying again; after
+    a restart the journal finds it. Only the same key ever re-attaches."""
+
+    def __init__(self, store: SqliteStore, clock: Clock) -> None:
+        self.store, self.clock = store, clock
+        self._entries: dict[tuple[str, str], ProxyEntry] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, call: MessagesCall, now: float) -> tuple[ProxyEntry, str]:
+        """(entry, how): how is "new" (the caller pools it), "attached" (in memory),
+        "journal-ended" (answer ready) or "journal-submitted" (the caller watches it)."""
+        key = (call.credential.fingerprint, call.turn_key)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.failure is None:
+                self.store.proxy_attached(entry.custom_id)
+                return entry, "attached"
+            row = self.store.proxy_reattachable(key[0], key[1], now - REATTACH_WINDOW_S)
+            if row is not None:
+                entry = self._entries[key] = _entry_from_row(row, call)
+                self.store.proxy_attached(row.custom_id)
+                return entry, f"journal-{row.state}"
+            entry = self._entries[key] = ProxyEntry(new_custom_id(), call, now)
+            return entry, "new"
+
+    def delivered(self, entry: ProxyEntry) -> None:
+        """A client has the whole answer: the turn is closed, a later identical request is
+        a new turn (a user asking the same thing twice)."""
+        with self._lock:
+            key = (entry.call.credential.fingerprint, entry.call.turn_key)
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+        self.store.update_proxy_request(entry.custom_id, state="delivered",
+                                        delivered_at=self.clock.now())
+
+    def wake_all(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            entry.wake()
+
+    def forget(self, entry: ProxyEntry) -> None:
+        """Out of memory (failed); the journal row decides whether a retry can re-attach."""
+        with self._lock:
+            key = (entry.call.credential.fingerprint, entry.call.turn_key)
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+
+def _entry_from_row(row: ProxyRow, call: MessagesCall) -> ProxyEntry:
+    entry = ProxyEntry(row.custom_id, call, row.received_at, batch_id=row.batch_id)
+    if row.state == "ended":
+        message = json.loads(row.message) if row.message else None
+        result = EntryResult(row.custom_id, row.result_type or "missing", message,
+                             row.error_type, row.error_message)
+        entry.finish(result, CostBreakdown(row.cost_usd, row.sync_cost_usd, None), row.wait_s)
+    return entry
+
+
+# -- the upstream, for everything that is not batched ---------------------------------------
+
+
+class Upstream:
+    """The API behind the proxy, over plain HTTP(S) keep-alive connections (one set per
+    handler thread): requests go out byte for byte, answers come back as they stream."""
+
+    def __init__(self, base_url: str, timeout_s: float = 600.0) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        self.scheme, self.netloc = parts.scheme, parts.netloc
+        self.prefix = parts.path.rstrip("/")
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def send(self, method: str, target: str, headers: Mapping[str, str],
+             body: bytes) -> Any:
+        """The response (an http.client.HTTPResponse, body unread). A kept-alive connection
+        the server closed meanwhile is replaced once; it had not carried this request."""
+        for fresh in (False, True):
+            conn = self._connection(fresh)
+            try:
+                conn.request(method, self.prefix + target, body=body or None,
+                             headers=dict(headers))
+                return conn.getresponse()
+            except (ConnectionResetError, BrokenPipeError, OSError) as exc:
+                conn.close()
+                if fresh or not _stale_connection(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _connection(self, fresh: bool) -> Any:
+        import http.client
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None or fresh:
+            cls = http.client.HTTPSConnection if self.scheme == "https" else \
+                http.client.HTTPConnection
+            conn = self._local.conn = cls(self.netloc, timeout=self.timeout_s)
+        return conn
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    import http.client
+
+    return isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                            BrokenPipeError))
+
+
+def upstream_headers(headers: Mapping[str, str], *, identity: bool) -> dict[str, str]:
+    """The client's headers (its key, anthropic-version, anthropic-beta...) minus hop-by-hop
+    ones and the proxy's own; `identity` asks for an uncompressed answer the proxy can read."""
+    out = {k: v for k, v in headers.items() if k not in _NOT_FORWARDED}
+    if identity:
+        out["accept-encoding"] = "identity"
+    return out
+
+
+class UsageSniffer:
+    """Reads usage out of a synchronous answer as it passes through, streamed or not."""
+
+    def __init__(self, streaming: bool) -> None:
+        self.streaming = streaming
+        self._buffer = b""
+        self.usage: dict[str, Any] = {}
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        if not self.streaming:
+            return
+        *events, self._buffer = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    self._take(line[5:])
+
+    def close(self) -> None:
+        if not self.streaming:
+            self._take(self._buffer)
+
+    def _take(self, data: bytes) -> None:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("type") == "message_start":
+            self.usage = dict((obj.get("message") or {}).get("usage") or {})
+        elif obj.get("type") in ("message_delta", "message"):
+            self.usage.update({k: v for k, v in (obj.get("usage") or {}).items()
+                               if v is not None})
+
+
+# -- talking to the client ------------------------------------------------------------------
+
+
+class Reply(Protocol):
+    """One HTTP answer. The handler implements it; anything it writes to a client that
+    went away raises ClientGone."""
+
+    started: bool
+
+    def json(self, status: int, body: Any) -> None: ...
+    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def event(self, name: str, data: Mapping[str, Any]) -> None: ...
+    def end(self) -> None: ...
+    def client_gone(self) -> bool: ...
+
+
+SSE_HEADERS = (("content-type", "text/event-stream; charset=utf-8"),
+               ("cache-control", "no-cache"))
+
+
+class ProxyLog:
+    """One line per request (text, or JSON with --output-format json), JSON lines to --log,
+    and the totals for the summary on exit. Never a key, never a body."""
+
+    def __init__(self, out: Any, *, output_format: str, log_file: Any | None,
+                 clock: Clock) -> None:
+        self.out, self.json_out, self.log_file, self.clock = out, output_format == "json", \
+            log_file, clock
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.widths: list[int] = []
+        self.entries_ended: list[ProxyEntry] = []
+        self.reattached = 0
+        self.sync_usd = 0.0
+
+    def emit(self, record: Mapping[str, Any], text: str) -> None:
+        line = json.dumps({"time": round(self.clock.now(), 3), **record})
+        with self._lock:
+            print(line if self.json_out else text, file=self.out, flush=True)
+            if self.log_file is not None:
+                print(line, file=self.log_file, flush=True)
+
+    def request(self, r: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.requests[str(r.get("lane"))] += 1
+            self.reattached += bool(r.get("reattached"))
+            if r.get("lane") == "sync" and r.get("cost_usd") is not None:
+                self.sync_usd += r["cost_usd"]
+        self.emit({"event": "request", **r}, _request_text(r, self.clock.now()))
+
+    def batch(self, batch_id: str, entries: Sequence[ProxyEntry]) -> None:
+        with self._lock:
+            self.widths.append(len(entries))
+        call = entries[0].call
+        self.emit({"event": "batch", "batch_id": batch_id, "width": len(entries),
+                   "model": call.model, "key": call.credential.fingerprint,
+                   "betas": list(call.betas)},
+                  f"{time.strftime('%H:%M:%S')} batch {batch_id} · {len(entries)} "
+                  f"entr{'y' if len(entries) == 1 else 'ies'} · {call.model} · "
+                  f"{call.credential.fingerprint}")
+
+    def entry_ended(self, entry: ProxyEntry) -> None:
+        with self._lock:
+            self.entries_ended.append(entry)
+
+    def summary(self) -> dict[str, Any]:
+        with self._lock:
+            paid = sum(e.cost.paid_usd or 0.0 for e in self.entries_ended)
+            sync = sum(e.cost.sync_usd or 0.0 for e in self.entries_ended)
+            return {"event": "summary", "requests": dict(self.requests),
+                    "batches": len(self.widths), "entries": sum(self.widths),
+                    "widths": sorted(self.widths), "retries_reattached": self.reattached,
+                    "batch_paid_usd": round(paid, 6), "batch_sync_usd": round(sync, 6),
+                    "saved_usd": round(sync - paid, 6), "sync_lane_usd": round(self.sync_usd, 6)}
+
+
+def _request_text(r: Mapping[str, Any], now: float) -> str:
+    parts = [time.strftime("%H:%M:%S", time.localtime(now)), str(r.get("client")),
+             str(r.get("model") or r.get("path")), str(r.get("why") or r.get("lane"))]
+    if r.get("wait_s") is not None:
+        parts.append(f"waited {fmt_elapsed(r['wait_s'])}")
+    if r.get("reattached"):
+        parts.append("re-attached to its entry: paid once")
+    elif r.get("cost_usd") is not None:
+        paid, sync = r["cost_usd"], r.get("sync_cost_usd")
+        cost = f"{fmt_usd(paid)}"
+        if r.get("lane") == "batch" and sync is not None:
+            cost += f" (sync {fmt_usd(sync)}, saved {fmt_usd(sync - paid)})"
+        parts.append(cost)
+    if r.get("error"):
+        parts.append(f"{r.get('status')} {r['error']}")
+    elif r.get("status") not in (None, 200):
+        parts.append(str(r.get("status")))
+    return " · ".join(parts)
+
+
+# -- the front-end ------------------------------------------------------------------------
+
+
+class Proxy:
+    """One request in, one answer out. The lane is chosen per request; a batch entry is
+    pooled and streamed while it waits; every failure ends in `handle`, the one boundary."""
+
+    def __init__(self, config: ProxyConfig, store: SqliteStore, pool: Pool, book: EntryBook,
+                 upstream: Upstream, log: ProxyLog, clock: Clock) -> None:
+        self.config, self.store, self.pool, self.book = config, store, pool, book
+        self.upstream, self.log, self.clock = upstream, log, clock
+        self.router = Router({}, route="auto",
+                             wait_price_usd_per_min=config.wait_price_usd_per_min)
+        self._closing = threading.Event()
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Stop: waiting clients hear 529 (their retry re-attaches once the proxy is back);
+        True when every request has finished within `timeout_s`."""
+        self._closing.set()
+        self.book.wake_all()
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout=timeout_s)
+
+    def handle(self, req: ProxyRequest, reply: Reply) -> None:
+        with self._idle:
+            self._active += 1
+        try:
+            self._handle(req, reply)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _handle(self, req: ProxyRequest, reply: Reply) -> None:
+        record: dict[str, Any] = {"method": req.method, "path": req.path,
+                                  "client": client_label(req.headers), "lane": "pass"}
+        try:
+            self._check_token(req)
+            if req.method == "POST" and req.path == "/v1/messages":
+                self._messages(req, reply, record)
+            else:
+                self._forward(req, reply, record, sniff=False)
+        except ProxyError as exc:
+            record.update(status=exc.status, error=exc.error_type)
+            with contextlib.suppress(ClientGone):
+                self._refuse(reply, exc)
+        except ClientGone:
+            record.update(status="gone", error="client went away (its entry stays in flight "
+                          "for its retry)")
+        except Exception as exc:  # a bug: the client hears a 500, the traceback is kept
+            where = log_bug(self.config.home, exc)
+            record.update(status=500, error=f"internal error, traceback in {where}")
+            with contextlib.suppress(ClientGone):
+                self._refuse(reply, ProxyError(500, "api_error", "batching-harness proxy: "
+                                               f"internal error ({type(exc).__name__})"))
+        finally:
+            self.log.request(record)
+
+    def _check_token(self, req: ProxyRequest) -> None:
+        if self.config.token and not hmac.compare_digest(
+                (req.headers.get(TOKEN_HEADER) or "").encode(), self.config.token.encode()):
+            raise ProxyError(401, "authentication_error",
+                             f"this proxy needs its token in the {TOKEN_HEADER} header")
+
+    def _refuse(self, reply: Reply, exc: ProxyError) -> None:
+        """Before the answer started: the API's status and body. After: an error event."""
+        if reply.started:
+            reply.event("error", exc.body())
+            reply.end()
+        else:
+            reply.json(exc.status, exc.body())
+
+    def _messages(self, req: ProxyRequest, reply: Reply, record: dict[str, Any]) -> None:
+        call = parse_messages_call(req)
+        waits = self.store.proxy_turnarounds(call.model)
+        decision = choose_proxy_lane(call, self.config.route, self.router, waits)
+        record.update(model=call.model, lane=decision.lane, why=decision.why,
+                      stream=call.stream, key=call.credential.fingerprint)
+        if decision.lane == "sync":
+            self._forward(req, reply, record, sniff=True, call=call)
+        else:
+            self._batch(req, call, decision, reply, record)
+
+    # -- the batch lane ----------------------------------------------------------------
+    def _batch(self, req: ProxyRequest, call: MessagesCall, decision: RouteDecision,
+               reply: Reply, record: dict[str, Any]) -> None:
+        entry, how = self.book.attach(call, req.received_at)
+        if how == "new":
+            self.store.begin_proxy_request(ProxyRow(
+                entry.custom_id, call.turn_key, call.credential.fingerprint, call.client,
+                call.model, "batch", decision.why, int(call.stream), "pooled", None,
+                json.dumps(call.params), json.dumps(list(call.betas)), req.received_at))
+            self.pool.add(entry)
+        elif how == "journal-submitted":
+            self.pool.watch(entry)
+        record.update(custom_id=entry.custom_id, reattached=how != "new")
+        if call.stream:
+            self._stream_entry(entry, reply)
+        else:
+            self._await_entry(entry, reply)
+        self.book.delivered(entry)
+        record.update(status=200, batch_id=entry.batch_id,
+                      wait_s=round(self.clock.now() - req.received_at, 3))
+        if how == "new":
+            record.update(cost_usd=entry.cost.paid_usd, sync_cost_usd=entry.cost.sync_usd)
+
+    def _stream_entry(self, entry: ProxyEntry, reply: Reply) -> None:
+        """Headers and message_start once the entry is in a batch (a refused create is then
+        a plain HTTP error), pings while it waits, then the message as the API streams it."""
+        grace_s = self.config.pool_window_s + HEADERS_GRACE_S
+        entry.wait(lambda: entry.batch_id is not None or entry.done, grace_s)
+        known = None
+        if entry.done:  # refused, or ended before the stream started: a plain HTTP answer
+            try:
+                known = entry.answer()
+            except ProxyError:
+                self._settle_failure(entry)
+                raise
+        reply.start(200, SSE_HEADERS)
+        reply.event("message_start", message_head(entry.call.model, known))
+        while not self._wait(entry):
+            self._still_there(reply)
+            reply.event("ping", {"type": "ping"})
+        self._still_there(reply)
+        try:
+            message = entry.answer()
+        except ProxyError:
+            self._settle_failure(entry)
+            raise
+        for name, data in replay_events(message):
+            reply.event(name, data)
+        reply.end()
+
+    def _await_entry(self, entry: ProxyEntry, reply: Reply) -> None:
+        """Non-streaming: the Message (or the API's error) when the batch ends. A client
+        that hangs up meanwhile leaves its entry in flight for its retry."""
+        while not self._wait(entry):
+            self._still_there(reply)
+        self._still_there(reply)
+        try:
+            message = entry.answer()
+        except ProxyError:
+            self._settle_failure(entry)
+            raise
+        reply.json(200, message)
+
+    @staticmethod
+    def _still_there(reply: Reply) -> bool:
+        """A write to a socket the client closed can still succeed, so look before the
+        answer goes out: an answer nobody received is not delivered (the retry gets it)."""
+        if reply.client_gone():
+            raise ClientGone()
+        return True
+
+    def _wait(self, entry: ProxyEntry) -> bool:
+        """True once the entry has ended; False after a ping interval without news."""
+        ended = entry.wait(lambda: entry.done or self._closing.is_set(), PROXY_PING_S)
+        if self._closing.is_set() and not entry.done:
+            raise ProxyError(529, "overloaded_error", "the proxy is stopping; send the request "
+                             "again to re-attach to the same batch entry once it is back")
+        return ended
+
+    def _settle_failure(self, entry: ProxyEntry) -> None:
+        """An entry that ended without an answer is delivered as its error (a retry is a new
+        turn); one whose polling failed stays in the journal for the retry to re-attach."""
+        if entry.failure is not None:
+            self.book.forget(entry)
+        else:
+            self.book.delivered(entry)
+
+    # -- the sync lane and everything else: straight through --------------------------------
+    def _forward(self, req: ProxyRequest, reply: Reply, record: dict[str, Any], *,
+                 sniff: bool, call: MessagesCall | None = None) -> None:
+        started = self.clock.now()
+        try:
+            response = self.upstream.send(req.method, req.target,
+                                          upstream_headers(req.headers, identity=sniff),
+                                          req.body)
+        except OSError as exc:
+            raise ProxyError(500, "api_error", f"the proxy cannot reach its upstream "
+                             f"{self.config.upstream}: {exc}") from None
+        sniffer = UsageSniffer(streaming=call is not None and call.stream)
+        try:
+            self._relay(response, reply, sniffer if sniff else None)
+        finally:
+            response.close()
+        record.update(status=response.status, wait_s=None)
+        record["upstream_s"] = round(self.clock.now() - started, 4)
+        if call is not None:
+            self._journal_sync(req, call, record, sniffer, response.status)
+
+    def _relay(self, response: Any, reply: Reply, sniffer: UsageSniffer | None) -> None:
+        headers = [(k, v) for k, v in response.getheaders()
+                   if k.lower() not in _NOT_FORWARDED or k.lower() == "content-length"]
+        reply.start(response.status, headers)
+        while True:
+            data = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+            if not data:
+                break
+            if sniffer is not None:
+                sniffer.feed(data)
+            reply.write(data)
+        reply.end()
+        if sniffer is not None:
+            sniffer.close()
+
+    def _journal_sync(self, req: ProxyRequest, call: MessagesCall, record: dict[str, Any],
+                      sniffer: UsageSniffer, status: int) -> None:
+        cost = cost_breakdown(call.model, Usage.from_api(sniffer.usage), lane="sync",
+                              requested_ttl=_request_ttl(call.params)) if sniffer.usage and \
+            status == 200 else CostBreakdown(0.0, 0.0, 0.0)
+        record.update(cost_usd=cost.paid_usd, sync_cost_usd=cost.sync_usd)
+        now = self.clock.now()
+        self.store.begin_proxy_request(ProxyRow(
+            new_custom_id(), call.turn_key, call.credential.fingerprint, call.client,
+            call.model, "sync", record.get("why"), int(call.stream), "ended", None,
+            json.dumps(call.params), json.dumps(list(call.betas)), req.received_at,
+            ended_at=now, delivered_at=now, result_type="succeeded" if status == 200 else
+            "errored", usage=json.dumps(sniffer.usage) if sniffer.usage else None,
+            cost_usd=cost.paid_usd, sync_cost_usd=cost.sync_usd,
+            wait_s=now - req.received_at))
+
+
+def build_proxy_server(proxy: Proxy, host: str, port: int) -> Any:
+    """A ThreadingHTTPServer (one thread per connection) handing every request to `proxy`.
+    http.server is imported here: 100 ms of start-up that the agent does not need."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # events go out as written, not 40 ms later
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            reply = _HandlerReply(self)
+            if length > MAX_BODY_BYTES:
+                self.close_connection = True
+                reply.json(413, ProxyError(413, "request_too_large", "Request exceeds the "
+                                           "maximum allowed size.").body())
+                return
+            parts = urllib.parse.urlsplit(self.path)
+            body = self.rfile.read(length) if length else b""
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            proxy.handle(ProxyRequest(self.command, parts.path, parts.query, headers, body,
+                                      proxy.clock.now()), reply)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # ProxyLog writes one line per request, without keys or bodies
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+                super().handle_error(request, client_address)
+
+    return Server((host.strip("[]"), port), Handler)
+
+
+class _HandlerReply:
+    """Reply over one BaseHTTPRequestHandler: a body with content-length, or chunks."""
+
+    def __init__(self, handler: Any) -> None:
+        self.handler, self.started, self._chunked = handler, False, False
+
+    def json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.start(status, [("content-type", "application/json"),
+                            ("content-length", str(len(data)))])
+        self.write(data)
+
+    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        h = self.handler
+        names = {k.lower() for k, _ in headers}
+        self._chunked = "content-length" not in names
+        self.started = True
+        try:
+            h.send_response(status)
+            for name, value in headers:
+                h.send_header(name, value)
+            if self._chunked:
+                h.send_header("transfer-encoding", "chunked")
+            h.end_headers()
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            if self._chunked:
+                self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.handler.wfile.write(data)
+            self.handler.wfile.flush()
+        except OSError as exc:
+            raise ClientGone() from exc
+
+    def event(self, name: str, data: Mapping[str, Any]) -> None:
+        self.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+    def end(self) -> None:
+        if self._chunked:
+            try:
+                self.handler.wfile.write(b"0\r\n\r\n")
+                self.handler.wfile.flush()
+            except OSError as exc:
+                raise ClientGone() from exc
+
+    def client_gone(self) -> bool:
+        """A client that closed its end: readable with nothing to read."""
+        sock = self.handler.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+def proxy_banner(config: ProxyConfig, bound_url: str, unsent: int) -> list[str]:
+    """What the user needs to point a client at the proxy, printed at start."""
+    lines = [f"batching-harness proxy {__version__} · listening on {bound_url}",
+             f"  upstream  {config.upstream}",
+             f"  route     {config.route}" + (" (agent turns batch; side requests sync)"
+                                              if config.route == "batch" else "")
+             + f"; a request's {ROUTE_HEADER}: batch|sync wins",
+             f"  pool      one key, model and betas per batch; flushed {config.pool_window_s:g}"
+             f" s after its first entry or at {config.pool_width} entries",
+             f"  journal   {config.home / 'journal.db'}"]
+    if unsent:
+        lines.append(f"  note      {unsent} entr{'y' if unsent == 1 else 'ies'} cut off by a "
+                     "crash before its batch was known; a retry sends it again")
+    settings = " ".join(f"{name}={value}" for name, value, _ in CLAUDE_CODE_SETTINGS)
+    lines += ["Point a client at it:",
+              f"  export ANTHROPIC_BASE_URL={bound_url}"
+              + (f" ANTHROPIC_CUSTOM_HEADERS='{TOKEN_HEADER}: <token>'" if config.token else ""),
+              "Claude Code: keep one stream open for a long batch (verified with 2.1.332):",
+              f"  export {settings}",
+              "Python SDK: anthropic.Anthropic(timeout=86400) (the default gives up after 600 s; "
+              "a retry re-attaches and is not paid twice)"]
+    return lines
+
+
+def render_proxy_stats(console: Any, rows: Sequence[ProxyRow]) -> None:
+    """--stats: proxy traffic by client and lane, what it paid against the synchronous
+    price, and what retries saved (entries a second client request re-attached to)."""
+    from rich.table import Table
+
+    table = Table(title="proxy traffic", show_edge=False)
+    for col in ("client", "lane", "requests", "paid", "sync price", "saved", "retries free",
+                "unsent/failed"):
+        table.add_column(col, justify="left" if col in ("client", "lane") else "right")
+    groups: dict[tuple[str, str], list[ProxyRow]] = collections.defaultdict(list)
+    for r in rows:
+        groups[(r.client, r.lane)].append(r)
+    for (client, lane), group in sorted(groups.items()):
+        paid = sum(r.cost_usd or 0.0 for r in group)
+        sync = sum(r.sync_cost_usd or 0.0 for r in group)
+        waste = sum(1 for r in group if r.state in ("unsent", "failed"))
+        table.add_row(client, lane, str(sum(r.attaches for r in group)), fmt_usd(paid),
+                      fmt_usd(sync), fmt_usd(sync - paid),
+                      str(sum(r.attaches - 1 for r in group)), str(waste))
+    console.print(table)
+
+
+@dataclass
+class ProxyApp:
+    """The proxy's parts, built once; `run_proxy` serves it, tests drive it in a thread."""
+
+    config: ProxyConfig
+    store: SqliteStore
+    pool: Pool
+    log: ProxyLog
+    proxy: Proxy
+    server: Any
+    unsent: int
+    log_file: Any = None
+    drained: bool | None = None
+    """Whether every request finished when the proxy stopped (None: not stopped yet)."""
+
+    @property
+    def base_url(self) -> str:
+        return dataclasses.replace(self.config, port=self.server.server_address[1]).base_url
+
+    def close(self) -> None:
+        """Stop listening, let waiting clients go (529: retry), let creates under way record
+        their batch; the journal closes only when nothing is writing to it any more."""
+        self.server.server_close()
+        drained = self.drained if self.drained is not None else self.proxy.close()
+        self.pool.close()
+        if drained:  # else the process is about to end anyway; never close under a writer
+            self.store.close()
+        if self.log_file is not None:
+            self.log_file.close()
+
+
+def open_proxy(config: ProxyConfig, out: Any, clock: Clock | None = None,
+               channels: KeyChannels | None = None) -> ProxyApp:
+    """Every collaborator of the proxy, wired: the journal, one channel per key, the pool,
+    the entry book, the upstream and the listening socket."""
+    clock = clock or Clock()
+    store = SqliteStore(config.home / "journal.db")
+    log_file = _open_private_log(config.log_path) if config.log_path else None
+    unsent = store.proxy_unsent()
+    log = ProxyLog(out, output_format=config.output_format, log_file=log_file, clock=clock)
+    book = EntryBook(store, clock)
+    channels = channels or KeyChannels(config.upstream, poll_interval_s=config.poll_interval_s,
+                                       clock=clock)
+
+    def ended(entry: ProxyEntry) -> None:
+        log.entry_ended(entry)
+        if entry.failure is not None:
+            book.forget(entry)
+
+    pool = POOLS["window"](channels, store, window_s=config.pool_window_s,
+                           width=config.pool_width, clock=clock, on_batch=log.batch,
+                           on_end=ended)
+    proxy = Proxy(config, store, pool, book, Upstream(config.upstream), log, clock)
+    try:
+        server = build_proxy_server(proxy, config.host, config.port)
+    except OSError as exc:
+        pool.close()
+        store.close()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: "
+                          f"{exc.strerror or exc}") from None
+    return ProxyApp(config, store, pool, log, proxy, server, unsent, log_file)
+
+
+def run_proxy(config: ProxyConfig, out: Any = None) -> int:
+    """`batching-harness proxy`: serve until Ctrl-C or SIGTERM, then print the summary."""
+    app = open_proxy(config, out or sys.stdout)
+    try:
+        # `import anthropic` takes seconds: do it now, not when the first batch is due.
+        threading.Thread(target=lambda: __import__("anthropic"), daemon=True).start()
+        _announce(app.log, config, app.base_url, app.unsent)
+        _serve_until_stopped(app.server)
+        app.server.server_close()
+        app.drained = app.proxy.close()  # waiting clients hear 529 and are counted first
+        summary = app.log.summary()
+        app.log.emit(summary, _summary_text(summary))
+        return 0
+    finally:
+        app.close()
+
+
+def _announce(log: ProxyLog, config: ProxyConfig, bound_url: str, unsent: int) -> None:
+    record = {"event": "started", "base_url": bound_url, "upstream": config.upstream,
+              "route": config.route, "pool_window_s": config.pool_window_s,
+              "max_width": config.pool_width, "unsent": unsent,
+              "client_env": {"ANTHROPIC_BASE_URL": bound_url,
+                             **{name: value for name, value, _ in CLAUDE_CODE_SETTINGS}}}
+    log.emit(record, "\n".join(proxy_banner(config, bound_url, unsent)))
+
+
+def _serve_until_stopped(server: Any) -> None:
+    """Serve in this thread; SIGTERM stops it like Ctrl-C. Streams still open are cut:
+    their entries stay in the journal, and a client's retry re-attaches after a restart."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _summary_text(s: Mapping[str, Any]) -> str:
+    lanes = ", ".join(f"{n} {lane}" for lane, n in sorted(s["requests"].items())) or "none"
+    widths = f" (widths {s['widths']})" if s["widths"] else ""
+    return (f"proxy summary · requests: {lanes} · {s['batches']} batches, {s['entries']} "
+            f"entries{widths} · {s['retries_reattached']} client retries re-attached (paid "
+            f"once) · batch lane paid {fmt_usd(s['batch_paid_usd'])} against "
+            f"{fmt_usd(s['batch_sync_usd'])} synchronous: saved {fmt_usd(s['saved_usd'])} · "
+            f"sync lane {fmt_usd(s['sync_lane_usd'])}")
+
+
+def _open_private_log(path: Path) -> Any:
+    """--log FILE, readable by the user only (it names clients, models and costs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+##############################################################################
 # main (the only place real collaborators are built)
 ##############################################################################
 
@@ -3843,8 +5382,11 @@ def read_prompt_arg(prompt: str) -> str:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, environ)
+        if argv[:1] == ["proxy"]:  # a front-end of its own: `batching-harness proxy ...`
+            return run_proxy(parse_proxy_config(argv[1:], environ))
+        config = parse_config(argv, environ)
         return _run(config)
     except _ArgparseExit as exc:
         return exc.status
@@ -3881,6 +5423,9 @@ def _run(config: Config) -> int:
     journal = Journal(config.home / "journal.db")
     if config.action == "stats":
         render_history(Console(), journal.requests())
+        proxied = journal.proxy_requests()
+        if proxied:
+            render_proxy_stats(Console(), proxied)
         return 0
     if not config.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "

@@ -65,7 +65,9 @@ What it does
   sends `inference_geo` ("us" or "global") or the step's `usage={...}` sets it.
 * Params are validated like the real API: shape errors at create are HTTP 400; message-level
   errors come back as an `errored` entry (invalid_request_error) and are HTTP 400 on
-  /v1/messages. An invalid entry does not consume a script step.
+  /v1/messages. An invalid entry does not consume a script step. What Claude Code 2.1.332
+  sends is accepted: unknown top-level fields and betas are ignored, and a `system`-role
+  message of text blocks may stand anywhere after the first (outside the alternation).
 
 The scripted model
 ------------------
@@ -403,13 +405,14 @@ def canceled() -> Step:
 @dataclasses.dataclass
 class Call:
     """One HTTP request. `path` is the raw request path with its query string; `status` is
-    None when the connection was dropped without a response."""
+    None when the connection was dropped without a response; `headers` as received."""
 
     method: str
     path: str
     endpoint: str
     t_wall: float
     status: int | None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)  # lower-case names
 
 
 @dataclasses.dataclass
@@ -610,6 +613,10 @@ def _validate_messages(messages: list[Any], *, has_tools: bool) -> None:
         role = message["role"]
         if i == 0 and role != "user":
             raise _Invalid('messages: first message must use the "user" role')
+        if role == "system":  # a mid-conversation instruction (Claude Code 2.1.332 sends one)
+            for j, block in enumerate(blocks):
+                _validate_block(block, "system", f"messages.{i}.content.{j}")
+            continue
         if role == previous_role:
             raise _Invalid(
                 'messages: roles must alternate between "user" and "assistant", '
@@ -627,7 +634,7 @@ def _validate_messages(messages: list[Any], *, has_tools: bool) -> None:
         raise _Invalid(
             "Requests which include `tool_use` or `tool_result` blocks must define tools."
         )
-    _validate_tool_pairing(messages)
+    _validate_tool_pairing([m for m in messages if m["role"] != "system"])
 
 
 def _blocks_of(message: dict[str, Any]) -> list[Any]:
@@ -640,8 +647,8 @@ def _blocks_of(message: dict[str, Any]) -> list[Any]:
 def _validate_message_shape(i: int, message: Any, *, last: bool) -> list[Any]:
     if not isinstance(message, dict):
         raise _Invalid(f"messages.{i}: Input should be a valid dictionary")
-    if message.get("role") not in ("user", "assistant"):
-        raise _Invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+    if message.get("role") not in ("user", "assistant", "system"):
+        raise _Invalid(f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'")
     if "content" not in message:
         raise _Invalid(f"messages.{i}.content: Field required")
     content = message["content"]
@@ -660,7 +667,7 @@ def _validate_message_shape(i: int, message: Any, *, last: bool) -> list[Any]:
 
 
 def _validate_block(block: Any, role: str, loc: str) -> None:
-    allowed = _USER_BLOCK_TYPES if role == "user" else _ASSISTANT_BLOCK_TYPES
+    allowed = {"user": _USER_BLOCK_TYPES, "system": {"text"}}.get(role, _ASSISTANT_BLOCK_TYPES)
     if not isinstance(block, dict):
         raise _Invalid(f"{loc}: Input should be a valid dictionary")
     kind = block.get("type")
@@ -1906,6 +1913,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._write_stream(api, t_wall, endpoint, response.stream, fault)
         self._finish(api, t_wall, endpoint, response)
 
+    def _headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
+
     def _authenticated(self) -> bool:
         if (self.headers.get("x-api-key") or "").strip():
             return True
@@ -1925,14 +1935,15 @@ class _Handler(BaseHTTPRequestHandler):
             return _Response.of_error(_HTTPError(500, "api_error", f"fake API bug: {exc!r}"))
 
     def _drop(self, api: FakeAPI, t_wall: float, endpoint: str) -> None:
-        api.record(Call(self.command, self.path, endpoint, t_wall, None))
+        api.record(Call(self.command, self.path, endpoint, t_wall, None, self._headers()))
         self.close_connection = True
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
     def _finish(self, api: FakeAPI, t_wall: float, endpoint: str, response: _Response) -> None:
         # Recorded before the answer is written, so a client that has its answer sees the call.
-        api.record(Call(self.command, self.path, endpoint, t_wall, response.status))
+        call = Call(self.command, self.path, endpoint, t_wall, response.status, self._headers())
+        api.record(call)
         self.send_response(response.status)
         self.send_header("content-type", response.content_type)
         self.send_header("content-length", str(len(response.body)))
@@ -1951,7 +1962,7 @@ class _Handler(BaseHTTPRequestHandler):
         event after ttft_s (pinging meanwhile), then a delta every chunk_delay_s."""
         if fault is not None and fault.kind not in STREAM_FAULT_KINDS:
             fault = None  # e.g. "slow": already served
-        api.record(Call(self.command, self.path, endpoint, t_wall, 200))
+        api.record(Call(self.command, self.path, endpoint, t_wall, 200, self._headers()))
         self.send_response(200)
         self.send_header("content-type", "text/event-stream; charset=utf-8")
         self.send_header("cache-control", "no-cache")
