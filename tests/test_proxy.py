@@ -26,8 +26,8 @@ import anthropic
 import pytest
 
 import batching_harness as bh
-from tests.fake_api import FakeAPI, errored, raw, text, tool_calls
 from tests import support
+from tests.fake_api import FakeAPI, errored, raw, text, tool_calls
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "claude-opus-5-5"
