@@ -4174,7 +4174,8 @@ def message_head(model: str, message: Mapping[str, Any] | None = None) -> dict[s
     else:
         head = {"id": "msg_proxy_" + secrets.token_hex(12), "type": "message",
                 "role": "assistant", "model": model, "content": [], "stop_reason": None,
-                "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+                "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0,
+                                                 "service_tier": "batch"}}
     return {"type": "message_start", "message": head}
 
 
