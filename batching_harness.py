@@ -8,6 +8,8 @@ confined to the work directory) are run before the next turn is submitted.
 
 Run:        python batching_harness.py [--model ID] [--workdir DIR] [-p PROMPT]
 Doctor:     python batching_harness.py --doctor
+Proxy:      python batching_harness.py proxy [--port 8787] [--route batch|sync|auto]
+            (other harnesses set ANTHROPIC_BASE_URL to it; their turns are batched)
 Environment:
     ANTHROPIC_API_KEY      the API key (required to submit turns)
     ANTHROPIC_BASE_URL     another API endpoint, e.g. the offline stand-in
@@ -18,7 +20,7 @@ Environment:
 
 Sections, in dependency order (grep '^#####' for this table):
     constants and prices, errors, config, value types, accounting, journal,
-    transport, sandbox, tools, doctor, agent loop, UI, REPL, main
+    transport, sandbox, tools, doctor, agent loop, UI, REPL, proxy, main
 """
 
 from __future__ import annotations
@@ -3889,13 +3891,15 @@ ERROR_STATUS = {
 _DELTA_USAGE_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
                      "output_tokens", "server_tool_use")
 MAX_BODY_BYTES = 256 * 1024 * 1024
-# Claude Code settings that keep ONE stream open for a long batch, each verified against
-# Claude Code 2.1.332 (README, "Proxy"). Without them it gives up on a stream after 600 s
-# (5 minutes of pings, then its 5-minute idle limit) and resends the turn, or falls back
-# to a non-streaming request: the proxy re-attaches both, but the turn is shown twice.
+# Claude Code settings that keep ONE stream open for a long batch, measured with Claude Code
+# 2.1.332 through this proxy (README, "Proxy"): without them it gives up on a stream after
+# 600 s (5 minutes of pings, then its 5-minute idle limit; API_FORCE_IDLE_TIMEOUT=0 does
+# not change that) and sends the turn again, or falls back to a non-streaming request. The
+# proxy re-attaches both, so nothing is paid twice, but the turn is sent twice.
 CLAUDE_CODE_SETTINGS = (
     ("API_TIMEOUT_MS", "86400000", "the SDK's request timeout (600 s by default)"),
-    ("API_FORCE_IDLE_TIMEOUT", "0", "no idle limit on a stream that is only pinging"),
+    ("CLAUDE_ENABLE_STREAM_WATCHDOG", "0", "no watchdog on a stream that only pings"),
+    ("CLAUDE_STREAM_IDLE_TIMEOUT_MS", "1800000", "the longest idle limit it accepts"),
     ("CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK", "1",
      "no second, non-streaming request for the same turn"),
 )

@@ -668,7 +668,11 @@ INVALID = {
         _with(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
         'found multiple "user" roles in a row',
     ),
-    "bad role": (_with(messages=[{"role": "system", "content": "a"}]), "messages.0.role"),
+    "bad role": (_with(messages=[{"role": "tool", "content": "a"}]), "messages.0.role"),
+    "system role first": (
+        _with(messages=[{"role": "system", "content": "a"}]),
+        'first message must use the "user" role',
+    ),
     "empty string content": (_with(messages=[{"role": "user", "content": ""}]), "non-empty"),
     "empty text block": (
         _with(messages=[{"role": "user", "content": [{"type": "text", "text": ""}]}]),
@@ -822,6 +826,11 @@ VALID = {
     ),
     "final assistant prefill": _with(
         messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "The"}]
+    ),
+    # Claude Code 2.1.332 sends a system-role message after the first user message.
+    "system message mid-conversation": _with(
+        messages=[{"role": "user", "content": "a"},
+                  {"role": "system", "content": [{"type": "text", "text": "# Environment"}]}]
     ),
 }
 

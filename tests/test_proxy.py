@@ -49,6 +49,14 @@ class Running:
     def lines(self) -> list[str]:
         return self.out.getvalue().splitlines()
 
+    def line_with(self, *parts: str) -> str:
+        """The first log line holding every part (a line is written once the answer is out,
+        so it may trail the client by a moment)."""
+        found: list[str] = []
+        wait_until(lambda: bool(found.extend(x for x in self.lines()
+                                             if all(p in x for p in parts)) or found))
+        return found[0]
+
 
 def start_proxy(tmp_path: Path, upstream: str, **overrides: Any) -> Running:
     settings = {"port": 0, "upstream": upstream, "poll_interval_s": 0.02, "pool_window_s": 0.0,
@@ -160,12 +168,11 @@ def test_sdk_create_is_answered_from_a_one_entry_batch(api: FakeAPI, proxy: Runn
     message = done["m"]
     assert message.content[0].text == "Hello from a batch"
     assert message.usage.service_tier == "batch"
+    wait_until(lambda: proxy.rows()[0].state == "delivered")  # recorded once it is out
     [row] = proxy.rows()
-    assert (row.lane, row.state, row.batch_id, row.attaches) == ("batch", "delivered",
-                                                                 batch_id, 1)
+    assert (row.lane, row.batch_id, row.attaches) == ("batch", batch_id, 1)
     assert row.cost_usd and row.sync_cost_usd == pytest.approx(2 * row.cost_usd)
-    line = next(x for x in proxy.lines() if "agent turn" in x)
-    assert "sdk-python" in line and MODEL in line and "saved $" in line
+    proxy.line_with("agent turn", "sdk-python", MODEL, "saved $")
 
 
 THINKING_STEP = [
@@ -293,8 +300,8 @@ def test_route_header_and_side_requests_go_sync(api: FakeAPI, proxy: Running):
     wait_until(lambda: len(proxy.rows()) == 2)  # journaled once the answer is out
     assert [r.lane for r in proxy.rows()] == ["sync", "sync"]
     assert proxy.rows()[0].cost_usd and proxy.rows()[0].cost_usd == proxy.rows()[0].sync_cost_usd
-    assert any("asked for (x-batching-route)" in x for x in proxy.lines())
-    assert any("side request: fast cheap model" in x for x in proxy.lines())
+    proxy.line_with("asked for (x-batching-route)")
+    proxy.line_with("side request: fast cheap model")
 
 
 def test_a_malformed_request_gets_the_apis_400(proxy: Running):
@@ -465,8 +472,8 @@ def test_a_byte_identical_retry_and_the_non_streaming_fallback_pay_once(api: Fak
     assert len(api.batch_ids()) == 1 and len(api.model_requests) == 1
     wait_until(lambda: proxy.rows()[0].state == "delivered")
     assert proxy.rows()[0].attaches == 3
-    assert sum("re-attached to its entry: paid once" in x for x in proxy.lines()) >= 1
-    assert proxy.app.log.summary()["retries_reattached"] == 2
+    wait_until(lambda: proxy.app.log.summary()["retries_reattached"] == 2)
+    assert sum("re-attached to its entry: paid once" in x for x in proxy.lines()) == 2
     # Delivered: the same question asked again is a new turn, paid again.
     api.script.append(text("a second answer"))
     again = RawStream(proxy.url, body)
