@@ -4605,7 +4605,7 @@ class Upstream:
                 conn.request(method, self.prefix + target, body=body or None,
                              headers=dict(headers))
                 return conn.getresponse()
-            except (ConnectionResetError, BrokenPipeError, OSError) as exc:
+            except OSError as exc:
                 conn.close()
                 if fresh or not _stale_connection(exc):
                     raise

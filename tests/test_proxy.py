@@ -41,7 +41,8 @@ class Running:
     url: str
 
     def client(self, key: str = "sk-ant-a", **kwargs: Any) -> anthropic.Anthropic:
-        return anthropic.Anthropic(api_key=key, base_url=self.url, max_retries=0, **kwargs)
+        kwargs.setdefault("max_retries", 0)
+        return anthropic.Anthropic(api_key=key, base_url=self.url, **kwargs)
 
     def rows(self) -> list[bh.ProxyRow]:
         return self.app.store.proxy_requests()
@@ -481,6 +482,35 @@ def test_a_byte_identical_retry_and_the_non_streaming_fallback_pay_once(api: Fak
     api.release()
     assert "a second answer" in json.dumps(again.until("message_stop"))
     assert len(api.batch_ids()) == 2
+
+
+def test_the_sdks_own_timeout_and_retry_do_not_create_a_second_entry(api: FakeAPI,
+                                                                    proxy: Running):
+    """The SDK gives up after its timeout and retries the same body by itself."""
+    api.script.append(text("worth the wait"))
+    client = proxy.client(timeout=2.0, max_retries=1)
+    done: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: done.update(m=client.messages.create(
+        **body_of("slow"))))
+    worker.start()
+    wait_until(lambda: bool(proxy.rows()) and proxy.rows()[0].attaches == 2)  # the retry
+    api.release()
+    worker.join(10)
+    assert done["m"].content[0].text == "worth the wait"
+    assert len(api.batch_ids()) == 1 and len(api.model_requests) == 1
+
+
+def test_a_turn_is_the_body_but_for_stream_and_max_tokens_and_the_same_key():
+    def call(key: str = "k1", betas: tuple[str, ...] = (), **params: Any) -> bh.MessagesCall:
+        body = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user",
+                                                                  "content": "x"}], **params}
+        return bh.MessagesCall(body, bh.Credential("x-api-key", key), betas, "c", None)
+
+    base = call().turn_key
+    assert call(stream=True, max_tokens=64000).turn_key == base
+    assert call(key="k2").turn_key != base
+    assert call(betas=("b-1",)).turn_key != base
+    assert call(system="other").turn_key != base
 
 
 def test_requests_of_several_clients_share_one_batch(api: FakeAPI, tmp_path: Path):
