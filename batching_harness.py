@@ -46,6 +46,7 @@ import termios
 import threading
 import time
 import tty
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ def _load_sandbox_module() -> Any:
 _load_sandbox_module()
 from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     BashTool,
+    DoctorCheck,
     EditorTool,
     SandboxError,
     SandboxPolicy,
@@ -263,6 +265,17 @@ def _ttl_shown(ttl: str | None) -> str:
     return ttl or "off"
 
 
+def _pool_shown(url: str | None) -> str:
+    """A pool URL as printed (banner, errors, the resume command): never its password,
+    which belongs in PGPASSWORD or ~/.pgpass."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = urllib.parse.quote(parts.username or "", safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the user can set, resolved once from argv and the environment."""
@@ -328,7 +341,13 @@ class Config:
     stats: bool = field(default=False, metadata=option(
         "--stats", action="store_true", help="print spend and batch turnaround history"))
     doctor: bool = field(default=False, metadata=option(
-        "--doctor", action="store_true", help="check that the sandbox can run here"))
+        "--doctor", action="store_true", help="check that the sandbox (and the --pool) can "
+        "run here"))
+    pool: str | None = field(default=None, metadata=option(
+        "--pool", metavar="URL", carried=True, show=_pool_shown,
+        help="keep sessions, turns and the ledger in a pool that processes on many hosts "
+        "share: postgresql://user@host/db[?schema=NAME] (default: the SQLite journal in "
+        "BATCHING_HARNESS_HOME; also BATCHING_HARNESS_POOL)"))
     model_given: bool = False
     """--model was on the command line: it then overrides a resumed session's model."""
     home: Path = Path("~/.batching-harness")
@@ -381,6 +400,8 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         except (TypeError, ValueError):
             raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
+    if "pool" not in values and environ.get("BATCHING_HARNESS_POOL"):
+        values["pool"] = environ["BATCHING_HARNESS_POOL"]
     config = Config(**values, model_given=ns.model is not None,
                     home=home.expanduser().resolve(),
                     api_key=environ.get("ANTHROPIC_API_KEY") or None,
@@ -895,10 +916,54 @@ def request_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
-class Store(Protocol):
-    """What the agent and the front-ends need from a journal. SQLite below; a PostgreSQL
-    store for a pool shared across hosts is a second class with the same methods."""
+REQUEST_COLUMNS = ", ".join(f.name for f in dataclasses.fields(RequestRow))
+"""Named, never `*`: a back-end may keep columns of its own (PostgreSQL's arrival order)."""
 
+
+@dataclass(frozen=True)
+class Claim:
+    """Queued turns one process took for one batch. The intent row is committed with the
+    claim, BEFORE the create call, and holds a lease: if the process dies, another takes the
+    intent over when the lease runs out, reconciles the create by list, and either records
+    the batch it finds or puts the turns back in the queue."""
+
+    intent_id: int
+    pool_key: str
+    holder: str
+    lease_until: float
+    turns: tuple[tuple[str, dict[str, Any]], ...]
+    """(custom_id, request params) per turn, oldest first."""
+
+    @property
+    def custom_ids(self) -> list[str]:
+        return [custom_id for custom_id, _params in self.turns]
+
+
+class Role(Protocol):
+    """A role one process holds for the whole pool (the poller of a pool key, a session):
+    it ends with the process, so nobody has to clean up after a crash."""
+
+    def alive(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class Listener(Protocol):
+    """Wake-ups from the store: (channel, payload) pairs published after a commit."""
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]: ...
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """What the agent and the front-ends need from a journal: SqliteStore (one host, the
+    default) and PostgresStore (a pool many hosts share), chosen from STORES by URL."""
+
+    location: str
+    """Where it lives, as shown to the user (a path, or a URL without its password)."""
+
+    @property
+    def schema_version(self) -> int: ...
+    def session_lock(self, home: Path) -> SessionLock: ...
     def create_session(self, workdir: Path, model: str) -> SessionRow: ...
     def session(self, session_id: str) -> SessionRow | None: ...
     def find_session(self, prefix: str) -> SessionRow | None: ...
@@ -932,146 +997,250 @@ class Store(Protocol):
                    tool_input: object) -> None: ...
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None: ...
     def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
+    # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
+    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None: ...
+    def claim_turns(self, pool_key: str, holder: str, *, limit: int,
+                    lease_s: float) -> Claim | None: ...
+    def renew_claim(self, claim: Claim, lease_s: float) -> bool: ...
+    def record_claim_batch(self, intent_id: int, batch_id: str) -> bool: ...
+    def release_claim(self, intent_id: int) -> int: ...
+    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]: ...
+    def finish_turn(self, custom_id: str, outcome: Outcome) -> bool: ...
+    def queued_turns(self, pool_key: str) -> int: ...
+    def hold_role(self, role: str, name: str = "") -> Role | None: ...
+    def listen(self, *channels: str) -> Listener: ...
     def close(self) -> None: ...
 
 
 # -- numbered migrations -----------------------------------------------------------
-# Each step takes the schema from version N-1 to N inside the transaction that also sets
-# user_version, so a journal is never left half-upgraded; an old journal upgrades in place
-# the first time a newer harness opens it.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+# One sequence for every back-end: step N takes any store's schema from N-1 to N, inside
+# the transaction that also records N, so a journal is never left half-upgraded; an old
+# journal upgrades in place the first time a newer harness opens it. A step is SQL with
+# the few words the dialects spell differently left as {placeholders}; a step that truly
+# differs gives each dialect its own text.
+DIALECT_WORDS: dict[str, dict[str, str]] = {
+    "sqlite": {"real": "REAL", "id_pk": "INTEGER PRIMARY KEY", "id_ref": "INTEGER",
+               "arrival": ""},
+    # REAL is 4 bytes in PostgreSQL (a timestamp would lose its seconds); SQLite's rowid
+    # order of arrival becomes a column of its own.
+    "postgresql": {"real": "DOUBLE PRECISION",
+                   "id_pk": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                   "id_ref": "BIGINT", "arrival": ", seq BIGINT GENERATED ALWAYS AS IDENTITY"},
+}
 
 
-def migration(version: int) -> Callable[[Callable[[sqlite3.Connection], None]],
-                                        Callable[[sqlite3.Connection], None]]:
-    def register(step: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
-        assert version not in MIGRATIONS, f"two migrations numbered {version}"
-        MIGRATIONS[version] = step
-        return step
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    doc: str
+    sql: Mapping[str, str]
+    """dialect -> statements separated by ';'"""
 
-    return register
+    def statements(self, dialect: str) -> list[str]:
+        return [s for s in self.sql[dialect].split(";") if s.strip()]
 
 
-_SCHEMA_V1 = """
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def migration(version: int, doc: str, template: str | None = None, **by_dialect: str) -> None:
+    """Register step `version`: one template for every dialect, or one text per dialect."""
+    assert version not in MIGRATIONS, f"two migrations numbered {version}"
+    sql = {d: by_dialect.get(d) or (template or "").format(**words)
+           for d, words in DIALECT_WORDS.items()}
+    assert all(sql.values()), f"migration {version} has no SQL for some back-end"
+    MIGRATIONS[version] = Migration(version, doc, sql)
+
+
+def pending_migrations(version: int) -> list[Migration]:
+    return [MIGRATIONS[v] for v in sorted(MIGRATIONS) if v > version]
+
+
+migration(1, "The schema of batching-harness 0.1 (one agent, the batch lane only).", """
 CREATE TABLE sessions (
-    id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    id TEXT PRIMARY KEY, created_at {real} NOT NULL, updated_at {real} NOT NULL,
     workdir TEXT NOT NULL, model TEXT NOT NULL, conversation INTEGER NOT NULL DEFAULT 0,
     title TEXT NOT NULL DEFAULT '');
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    id {id_pk}, session_id TEXT NOT NULL REFERENCES sessions(id),
     conversation INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
-    stop_reason TEXT, created_at REAL NOT NULL);
+    stop_reason TEXT, created_at {real} NOT NULL);
 CREATE INDEX messages_by_session ON messages(session_id, conversation, id);
 CREATE TABLE requests (
     custom_id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
     conversation INTEGER NOT NULL, n_messages INTEGER NOT NULL, model TEXT NOT NULL,
     cache_ttl TEXT, max_tokens INTEGER NOT NULL, request_hash TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL, batch_id TEXT,
-    submitted_at REAL NOT NULL, ended_at REAL, result_type TEXT, error_type TEXT,
+    submitted_at {real} NOT NULL, ended_at {real}, result_type TEXT, error_type TEXT,
     error_message TEXT, stop_reason TEXT, message TEXT, usage TEXT,
-    estimate_usd REAL, cost_usd REAL, sync_cost_usd REAL, cache_saved_usd REAL, wait_s REAL);
+    estimate_usd {real}, cost_usd {real}, sync_cost_usd {real}, cache_saved_usd {real},
+    wait_s {real}{arrival});
 CREATE INDEX requests_by_session ON requests(session_id, submitted_at);
 CREATE INDEX requests_by_batch ON requests(batch_id);
 CREATE TABLE tool_calls (
-    id INTEGER PRIMARY KEY, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
+    id {id_pk}, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
     tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
-    is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
+    is_error INTEGER NOT NULL, exit_code INTEGER, started_at {real}, ended_at {real},
     UNIQUE (custom_id, tool_use_id));
 CREATE TABLE batches_tried (
     custom_id TEXT NOT NULL REFERENCES requests(custom_id), batch_id TEXT NOT NULL,
-    PRIMARY KEY (custom_id, batch_id));
-"""
+    PRIMARY KEY (custom_id, batch_id))
+""")
 
+migration(2, "A lane on every request (a synchronous turn is priced at full rates), and "
+          "indexes so that a turn's queries do not grow with the journal (turnaround by "
+          "model, work in flight).", """
+ALTER TABLE requests ADD COLUMN lane TEXT NOT NULL DEFAULT 'batch';
+CREATE INDEX requests_by_model ON requests(model, lane, submitted_at);
+CREATE INDEX requests_by_state ON requests(session_id, state);
+CREATE INDEX requests_by_transcript ON requests(session_id, conversation, n_messages)
+""")
 
-@migration(1)
-def _create_tables(db: sqlite3.Connection) -> None:
-    """The schema of batching-harness 0.1 (one agent, the batch lane only)."""
-    for statement in _SCHEMA_V1.split(";"):
-        if statement.strip():
-            db.execute(statement)
+migration(3, "Why each turn took its lane (auto's numbers), kept beside the turn.",
+          "ALTER TABLE requests ADD COLUMN route TEXT")
 
-
-@migration(2)
-def _lanes_and_targeted_indexes(db: sqlite3.Connection) -> None:
-    """A lane on every request (a synchronous turn is priced at full rates), and indexes so
-    that a turn's queries do not grow with the journal (turnaround by model, work in flight)."""
-    db.execute("ALTER TABLE requests ADD COLUMN lane TEXT NOT NULL DEFAULT 'batch'")
-    db.execute("CREATE INDEX requests_by_model ON requests(model, lane, submitted_at)")
-    db.execute("CREATE INDEX requests_by_state ON requests(session_id, state)")
-    db.execute("CREATE INDEX requests_by_transcript ON requests(session_id, conversation, "
-               "n_messages)")
-
-
-@migration(3)
-def _route_decisions(db: sqlite3.Connection) -> None:
-    """Why each turn took its lane (auto's numbers), kept beside the turn."""
-    db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
-
+migration(4, "The shared pool: turns queued for whichever process flushes their pool key, "
+          "and each batch's intent (its turns, its holder's lease, then its batch id), "
+          "committed before the create call.", """
+CREATE TABLE batch_intents (
+    id {id_pk}, pool_key TEXT NOT NULL, holder TEXT NOT NULL,
+    lease_until {real} NOT NULL, created_at {real} NOT NULL, width INTEGER NOT NULL,
+    batch_id TEXT, state TEXT NOT NULL DEFAULT 'creating');
+CREATE INDEX batch_intents_by_lease ON batch_intents(state, lease_until);
+CREATE TABLE turn_queue (
+    custom_id TEXT PRIMARY KEY REFERENCES requests(custom_id), pool_key TEXT NOT NULL,
+    params TEXT NOT NULL, queued_at {real} NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
+    intent_id {id_ref} REFERENCES batch_intents(id));
+CREATE INDEX turn_queue_by_key ON turn_queue(pool_key, state, queued_at);
+CREATE INDEX turn_queue_by_intent ON turn_queue(intent_id)
+""")
 
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
-class SqliteStore:
-    """The journal in one SQLite file (WAL). Each thread gets its own connection, and each
-    public write is one BEGIN IMMEDIATE transaction on it, so many agents' threads can share
-    one store; a crash between two writes loses neither."""
+class SessionLock:
+    """One process per session: two would both poll, and might both apply one answer.
+    A file lock in the state dir (SQLite: one host); a pool's store hands out its own."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._fd: int | None = None
+        self._held: str | None = None
+
+    def acquire(self, session_id: str) -> None:
+        """Hold `session_id`'s lock (JournalError if another process has it) and let go of
+        the one held before."""
+        if session_id == self._held:
+            return
+        path = self.home / "locks" / f"{session_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(f"session {session_id} is open in another batching-harness "
+                               "process") from None
+        self.release()
+        self._fd, self._held = fd, session_id
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._held = None, None
+
+
+class _RoleSessionLock(SessionLock):
+    """The session lock as a role of the store: in a pool, another host must see it too."""
+
+    def __init__(self, store: _SqlStore) -> None:
+        super().__init__(Path())
+        self.store = store
+        self._role: Role | None = None
+
+    def acquire(self, session_id: str) -> None:
+        if session_id == self._held:
+            return
+        role = self.store.hold_role("session", session_id)
+        if role is None:
+            raise JournalError(f"session {session_id} is open in another batching-harness "
+                               f"process (on this host or another sharing {self.store.location})")
+        self.release()
+        self._role, self._held = role, session_id
+
+    def release(self) -> None:
+        if self._role is not None:
+            self._role.release()
+            self._role, self._held = None, None
+
+
+class _SqlStore:
+    """The journal's logic in the SQL both back-ends speak: `?` placeholders, rows read by
+    column name, upserts as ON CONFLICT. A back-end supplies its connections (one per
+    thread), its transactions, and the few primitives that differ: how a new row's id comes
+    back, how claims lock rows, how roles are held and wake-ups delivered."""
+
+    dialect: ClassVar[str]
+    _ARRIVAL: ClassVar[str]
+    """The column that orders requests submitted in the same instant."""
+    _CLAIM_LOCK: ClassVar[str] = ""
+    """Appended to the claim's SELECT: how other claimers are kept off the same rows."""
+    location: str
+
+    def __init__(self) -> None:
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[Any] = []
         self._lock = threading.Lock()
         self._transcripts: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        try:
-            _private_dir(path.parent)
-            self._migrate()
-            _private_files(path)
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(_explain_db_error(path, exc)) from None
-        except OSError as exc:
-            raise JournalError(f"the journal {path} cannot be opened: {exc.strerror or exc}; "
-                               "set BATCHING_HARNESS_HOME to a writable directory") from None
 
+    # -- what a back-end supplies -------------------------------------------
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> _SqlStore:
+        raise NotImplementedError
+
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        raise NotImplementedError
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _tx(self) -> Any:
+        raise NotImplementedError
+
+    def _insert_id(self, db: Any, sql: str, args: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def session_lock(self, home: Path) -> SessionLock:
+        raise NotImplementedError
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        raise NotImplementedError
+
+    def listen(self, *channels: str) -> Listener:
+        raise NotImplementedError
+
+    # -- connections ---------------------------------------------------------
     @property
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> Any:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+            db = self._connect()
             self._local.db = db
             with self._lock:
                 self._connections.append(db)
         return db
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        self._check_version(version)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        if version == SCHEMA_VERSION:
-            return
-        with self._tx() as db:  # under the write lock: a second process waits, then sees it done
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                MIGRATIONS[step](db)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _check_version(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"{self.path} was written by a newer batching-harness (schema {version}, this "
-                f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
-
-    @property
-    def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self.path)
-
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql, args).fetchone()
+
+    def _apply_migrations(self, db: Any, version: int) -> None:
+        for step in pending_migrations(version):
+            for statement in step.statements(self.dialect):
+                db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -1093,8 +1262,8 @@ class SqliteStore:
         return SessionRow(**dict(row)) if row else None
 
     def find_session(self, prefix: str) -> SessionRow | None:
-        rows = self._db.execute("SELECT * FROM sessions WHERE id LIKE ? ORDER BY updated_at DESC",
-                                (prefix + "%",)).fetchall()
+        rows = self._db.execute("SELECT * FROM sessions WHERE lower(id) LIKE lower(?) "
+                                "ORDER BY updated_at DESC", (prefix + "%",)).fetchall()
         if len(rows) > 1:
             raise JournalError(f"session id {prefix!r} is ambiguous ({len(rows)} sessions)")
         return SessionRow(**dict(rows[0])) if rows else None
@@ -1168,52 +1337,59 @@ class SqliteStore:
             self._insert_message(db, session_id, conversation, "user", blocks, None)
             self._touch(db, session_id)
 
-    def _insert_message(self, db: sqlite3.Connection, session_id: str, conversation: int,
+    def _insert_message(self, db: Any, session_id: str, conversation: int,
                         role: str, content: list[dict[str, Any]], stop_reason: str | None) -> None:
         db.execute("INSERT INTO messages (session_id, conversation, role, content, stop_reason, "
                    "created_at) VALUES (?,?,?,?,?,?)",
                    (session_id, conversation, role, json.dumps(content), stop_reason, time.time()))
 
-    def _touch(self, db: sqlite3.Connection, session_id: str) -> None:
+    def _touch(self, db: Any, session_id: str) -> None:
         db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), session_id))
 
     def _load_json(self, text: str, row_id: int) -> Any:
         try:
             return json.loads(text)
         except ValueError:
-            raise JournalError(f"{self.path}: message {row_id} is damaged (not JSON); "
+            raise JournalError(f"{self.location}: message {row_id} is damaged (not JSON); "
                                "start a new session or /clear") from None
 
     # -- requests ----------------------------------------------------------
     def begin_request(self, row: RequestRow) -> None:
         """Committed BEFORE the request is sent, so a crash mid-send can be reconciled."""
-        cols = [f.name for f in dataclasses.fields(RequestRow)]
         with self._tx() as db:
-            db.execute(f"INSERT INTO requests ({', '.join(cols)}) VALUES "
-                       f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
-            self._touch(db, row.session_id)
+            self._insert_request(db, row)
+
+    def _insert_request(self, db: Any, row: RequestRow) -> None:
+        db.execute(f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "
+                   f"({', '.join('?' * len(dataclasses.fields(row)))})", dataclasses.astuple(row))
+        self._touch(db, row.session_id)
 
     def set_batch(self, custom_id: str, batch_id: str) -> None:
         """Committed BEFORE waiting starts: from here on the paid turn can always be found."""
         with self._tx() as db:
             db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
                        (batch_id, custom_id))
-            db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)", (custom_id, batch_id))
+            db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
+                       (custom_id, batch_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None:
         """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied)."""
-        cost = outcome.cost
         with self._tx() as db:
-            db.execute(
-                f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
-                "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
-                "sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?",
-                (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
-                 outcome.error_message, (outcome.message or {}).get("stop_reason"),
-                 json.dumps(outcome.message) if outcome.message else None,
-                 json.dumps(outcome.usage.to_json()) if outcome.usage else None,
-                 cost.paid_usd if cost else None, cost.sync_usd if cost else None,
-                 cost.cache_saved_usd if cost else None, custom_id))
+            self._write_outcome(db, custom_id, outcome, state)
+
+    def _write_outcome(self, db: Any, custom_id: str, outcome: Outcome, state: str,
+                       only_if: str = "") -> int:
+        cost = outcome.cost
+        return db.execute(
+            f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
+            "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
+            f"sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?{only_if}",
+            (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
+             outcome.error_message, (outcome.message or {}).get("stop_reason"),
+             json.dumps(outcome.message) if outcome.message else None,
+             json.dumps(outcome.usage.to_json()) if outcome.usage else None,
+             cost.paid_usd if cost else None, cost.sync_usd if cost else None,
+             cost.cache_saved_usd if cost else None, custom_id)).rowcount
 
     def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None:
         """Append the assistant message (if any) and close the request in ONE transaction,
@@ -1240,54 +1416,56 @@ class SqliteStore:
                        "error_message) WHERE custom_id=?", (reason, custom_id))
 
     def request(self, custom_id: str) -> RequestRow:
-        row = self._one("SELECT * FROM requests WHERE custom_id=?", (custom_id,))
+        row = self._one(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE custom_id=?", (custom_id,))
         if row is None:
-            raise JournalError(f"{self.path}: request {custom_id} is missing")
+            raise JournalError(f"{self.location}: request {custom_id} is missing")
         return RequestRow(**dict(row))
 
     def requests(self, session_id: str | None = None) -> list[RequestRow]:
         """Every request (of one session): for /stats and --stats, never per turn."""
-        sql, args = "SELECT * FROM requests", ()
+        sql, args = f"SELECT {REQUEST_COLUMNS} FROM requests", ()
         if session_id is not None:
             sql, args = sql + " WHERE session_id=?", (session_id,)
-        return [RequestRow(**dict(r)) for r in
-                self._db.execute(sql + " ORDER BY submitted_at, rowid", args).fetchall()]
+        return [RequestRow(**dict(r)) for r in self._db.execute(
+            sql + f" ORDER BY submitted_at, {self._ARRIVAL}", args).fetchall()]
 
     def pending_request(self, session_id: str) -> RequestRow | None:
         row = self._one(
-            "SELECT * FROM requests WHERE session_id=? AND state IN (?,?,?) "
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND state IN (?,?,?) "
             "ORDER BY submitted_at DESC LIMIT 1", (session_id, *IN_FLIGHT_STATES))
         return RequestRow(**dict(row)) if row else None
 
     def latest_request(self, session_id: str, conversation: int) -> RequestRow | None:
-        row = self._one("SELECT * FROM requests WHERE session_id=? AND conversation=? "
-                        "ORDER BY submitted_at DESC, rowid DESC LIMIT 1",
-                        (session_id, conversation))
+        row = self._one(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND "
+                        f"conversation=? ORDER BY submitted_at DESC, {self._ARRIVAL} DESC "
+                        "LIMIT 1", (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
 
     def last_applied(self, session_id: str, conversation: int) -> RequestRow | None:
         row = self._one(
-            "SELECT * FROM requests WHERE session_id=? AND conversation=? AND state='applied' "
-            "ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation))
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND conversation=? "
+            "AND state='applied' ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
 
     def recent_requests(self, session_id: str, limit: int) -> list[RequestRow]:
         """The session's newest requests, newest first."""
-        rows = self._db.execute("SELECT * FROM requests WHERE session_id=? ORDER BY "
-                                "submitted_at DESC, rowid DESC LIMIT ?", (session_id, limit))
+        rows = self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? "
+                                f"ORDER BY submitted_at DESC, {self._ARRIVAL} DESC LIMIT ?",
+                                (session_id, limit))
         return [RequestRow(**dict(r)) for r in rows]
 
     def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool:
-        return self._one("SELECT 1 FROM requests WHERE session_id=? AND conversation=? AND "
-                         "n_messages=? LIMIT 1", (session_id, conversation, n_messages)) is not None
+        return self._one("SELECT 1 AS sent FROM requests WHERE session_id=? AND conversation=? "
+                         "AND n_messages=? LIMIT 1",
+                         (session_id, conversation, n_messages)) is not None
 
     def committed_usd(self, session_id: str) -> float:
         """The session's spend so far: actual costs, and estimates for turns in flight."""
         row = self._one(
             "SELECT SUM(CASE WHEN state IN (?,?,?) AND cost_usd IS NULL THEN "
-            "COALESCE(estimate_usd, 0) ELSE COALESCE(cost_usd, 0) END) FROM requests "
+            "COALESCE(estimate_usd, 0) ELSE COALESCE(cost_usd, 0) END) AS usd FROM requests "
             "WHERE session_id=?", (*IN_FLIGHT_STATES, session_id))
-        return float(row[0] or 0.0) if row else 0.0
+        return float(row["usd"] or 0.0) if row else 0.0
 
     def turnaround_samples(self, model: str, limit: int = 50) -> list[float]:
         """The newest batch turnarounds of `model` that ended with an answer, oldest first."""
@@ -1295,18 +1473,19 @@ class SqliteStore:
             "SELECT wait_s FROM requests WHERE model=? AND lane='batch' AND "
             "result_type='succeeded' AND wait_s IS NOT NULL ORDER BY submitted_at DESC LIMIT ?",
             (model, limit)).fetchall()
-        return [r[0] for r in reversed(rows)]
+        return [r["wait_s"] for r in reversed(rows)]
 
     def known_batch_ids(self) -> set[str]:
         """Every batch this journal has held, adopted ones that proved foreign included, so
         a reconcile never adopts the same batch twice."""
         rows = self._db.execute("SELECT batch_id FROM requests WHERE batch_id IS NOT NULL "
                                 "UNION SELECT batch_id FROM batches_tried")
-        return {r[0] for r in rows}
+        return {r["batch_id"] for r in rows}
 
     def batches_tried(self, custom_id: str) -> int:
-        row = self._one("SELECT COUNT(*) FROM batches_tried WHERE custom_id=?", (custom_id,))
-        return int(row[0]) if row else 0
+        row = self._one("SELECT COUNT(*) AS n FROM batches_tried WHERE custom_id=?",
+                        (custom_id,))
+        return int(row["n"]) if row else 0
 
     # -- tools -------------------------------------------------------------
     def start_tool(self, custom_id: str, tool_use_id: str, name: str,
@@ -1314,8 +1493,11 @@ class SqliteStore:
         """Committed BEFORE the tool runs: a crash mid-command is then known on resume, and
         the command is reported as interrupted instead of silently run a second time."""
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO tool_calls (custom_id, tool_use_id, name, input, "
-                       "output, is_error, started_at) VALUES (?,?,?,?,'',1,?)",
+            db.execute("INSERT INTO tool_calls (custom_id, tool_use_id, name, input, output, "
+                       "is_error, started_at) VALUES (?,?,?,?,'',1,?) "
+                       "ON CONFLICT (custom_id, tool_use_id) DO UPDATE SET name=excluded.name, "
+                       "input=excluded.input, output='', is_error=1, exit_code=NULL, "
+                       "started_at=excluded.started_at, ended_at=NULL",
                        (custom_id, tool_use_id, name, json.dumps(tool_input), time.time()))
 
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None:
@@ -1331,10 +1513,207 @@ class SqliteStore:
         return {r["tool_use_id"]: None if r["ended_at"] is None else
                 ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
 
+    # -- the shared pool -----------------------------------------------------
+    # A turn is queued with its request row; a flusher claims a batch's worth of queued
+    # turns together with the batch's intent row in ONE transaction committed before the
+    # create call; the batch id is committed right after it. Claims carry leases, so a dead
+    # holder's intent is taken over, reconciled by list, then recorded or put back.
+    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None:
+        """Journal a turn and queue it for whoever flushes `pool_key`, in one transaction."""
+        with self._tx() as db:
+            self._insert_request(db, row)
+            db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
+                       "VALUES (?,?,?,?)", (row.custom_id, pool_key, json.dumps(params),
+                                            time.time()))
+        self._publish("queue", [pool_key])
 
-# Back-ends by name: a new store is a class plus one entry here.
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": SqliteStore}
-Journal = SqliteStore  # the name the 0.1 code and its tests know
+    def claim_turns(self, pool_key: str, holder: str, *, limit: int,
+                    lease_s: float) -> Claim | None:
+        """Up to `limit` of the oldest queued turns of `pool_key`, and the intent of the batch
+        that will carry them; None when nothing is queued (or others hold it all)."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute("SELECT custom_id, params FROM turn_queue WHERE pool_key=? AND "
+                              "state='queued' ORDER BY queued_at LIMIT ?" + self._CLAIM_LOCK,
+                              (pool_key, limit)).fetchall()
+            if not rows:
+                return None
+            intent_id = self._insert_id(
+                db, "INSERT INTO batch_intents (pool_key, holder, lease_until, created_at, "
+                "width) VALUES (?,?,?,?,?)", (pool_key, holder, now + lease_s, now, len(rows)))
+            ids = [r["custom_id"] for r in rows]
+            db.execute(f"UPDATE turn_queue SET state='claimed', intent_id=? WHERE custom_id IN "
+                       f"({', '.join('?' * len(ids))})", (intent_id, *ids))
+        return Claim(intent_id, pool_key, holder, now + lease_s,
+                     tuple((r["custom_id"], json.loads(r["params"])) for r in rows))
+
+    def renew_claim(self, claim: Claim, lease_s: float) -> bool:
+        """Extend the lease while the create is still being tried; False if it was lost."""
+        with self._tx() as db:
+            return db.execute("UPDATE batch_intents SET lease_until=? WHERE id=? AND holder=? "
+                              "AND state='creating'", (time.time() + lease_s, claim.intent_id,
+                                                       claim.holder)).rowcount == 1
+
+    def record_claim_batch(self, intent_id: int, batch_id: str) -> bool:
+        """The create made `batch_id`: every turn of the intent is now in flight in it, in
+        one transaction. False when the intent is no longer being created (its lease ran
+        out and it was settled elsewhere): the caller's batch is then a duplicate to cancel."""
+        with self._tx() as db:
+            if not db.execute("UPDATE batch_intents SET batch_id=?, state='created' WHERE id=? "
+                              "AND state='creating'", (batch_id, intent_id)).rowcount:
+                return False
+            ids = [r["custom_id"] for r in db.execute(
+                "SELECT custom_id FROM turn_queue WHERE intent_id=? AND state='claimed'",
+                (intent_id,)).fetchall()]
+            db.execute("UPDATE turn_queue SET state='sent' WHERE intent_id=? AND "
+                       "state='claimed'", (intent_id,))
+            for custom_id in ids:
+                db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
+                           "custom_id=? AND state='submitting'", (batch_id, custom_id))
+                db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
+                           (custom_id, batch_id))
+        self._publish("turns", ids)
+        return True
+
+    def release_claim(self, intent_id: int) -> int:
+        """The create certainly made nothing: its turns go back to the queue (how many)."""
+        with self._tx() as db:
+            row = db.execute("SELECT pool_key FROM batch_intents WHERE id=? AND "
+                             "state='creating'", (intent_id,)).fetchone()
+            if row is None:
+                return 0
+            db.execute("UPDATE batch_intents SET state='released' WHERE id=?", (intent_id,))
+            back = db.execute("UPDATE turn_queue SET state='queued', intent_id=NULL WHERE "
+                              "intent_id=? AND state='claimed'", (intent_id,)).rowcount
+        self._publish("queue", [row["pool_key"]])
+        return back
+
+    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]:
+        """Intents whose holder stopped renewing (a dead host): now `holder`'s, with a fresh
+        lease. Their create may or may not have happened: reconcile by list, then
+        record_claim_batch or release_claim."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute("SELECT id, pool_key FROM batch_intents WHERE state='creating' "
+                              "AND lease_until < ? ORDER BY id" + self._CLAIM_LOCK,
+                              (now,)).fetchall()
+            claims = []
+            for r in rows:
+                db.execute("UPDATE batch_intents SET holder=?, lease_until=? WHERE id=?",
+                           (holder, now + lease_s, r["id"]))
+                turns = db.execute("SELECT custom_id, params FROM turn_queue WHERE intent_id=? "
+                                   "ORDER BY queued_at", (r["id"],)).fetchall()
+                claims.append(Claim(r["id"], r["pool_key"], holder, now + lease_s, tuple(
+                    (t["custom_id"], json.loads(t["params"])) for t in turns)))
+        return claims
+
+    def finish_turn(self, custom_id: str, outcome: Outcome) -> bool:
+        """Record a pooled turn's result, cost (the ledger) and turnaround in the transaction
+        that marks it done. Only the first caller records it: two hosts that both see the
+        batch end never apply one answer twice (False for the second)."""
+        with self._tx() as db:
+            if not self._write_outcome(db, custom_id, outcome, "ended",
+                                       " AND state IN ('submitting', 'submitted')"):
+                return False
+            db.execute("UPDATE turn_queue SET state='done' WHERE custom_id=?", (custom_id,))
+        self._publish("turns", [custom_id])
+        return True
+
+    def queued_turns(self, pool_key: str) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM turn_queue WHERE pool_key=? AND "
+                        "state='queued'", (pool_key,))
+        return int(row["n"])
+
+
+class SqliteStore(_SqlStore):
+    """The journal in one SQLite file (WAL). Each thread gets its own connection, and each
+    public write is one BEGIN IMMEDIATE transaction on it, so many agents' threads can share
+    one store; a crash between two writes loses neither. One host: roles are file locks
+    and wake-ups stay in the process."""
+
+    dialect = "sqlite"
+    _ARRIVAL = "rowid"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.location = str(path)
+        self._wakeups = _LocalWakeups()
+        try:
+            _private_dir(path.parent)
+            self._migrate()
+            _private_files(path)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(_explain_db_error(path, exc)) from None
+        except OSError as exc:
+            raise JournalError(f"the journal {path} cannot be opened: {exc.strerror or exc}; "
+                               "set BATCHING_HARNESS_HOME to a writable directory") from None
+
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> SqliteStore:
+        """No URL: journal.db in the state dir; sqlite:///path: that file."""
+        return cls(Path(url.removeprefix("sqlite://")).expanduser() if url
+                   else home / "journal.db")
+
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        return []  # the journal reports its own problems, with the fix, when it opens
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                             check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+        return db
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(version)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:  # under the write lock: a second process waits, then sees it done
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            self._apply_migrations(db, version)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} was written by a newer batching-harness (schema {version}, this "
+                f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self.path)
+
+    def _insert_id(self, db: sqlite3.Connection, sql: str, args: Sequence[Any]) -> int:
+        return int(db.execute(sql, args).lastrowid or 0)
+
+    def session_lock(self, home: Path) -> SessionLock:
+        return SessionLock(home)
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        """A file lock beside the journal: it ends with the process that holds it."""
+        digest = hashlib.sha256(f"{role}/{name}".encode()).hexdigest()[:16]
+        path = self.path.parent / "locks" / f"role-{role}-{digest}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return _FileRole(fd)
+
+    def listen(self, *channels: str) -> Listener:
+        return self._wakeups.listen(channels)
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        self._wakeups.publish(channel, payloads)
 
 
 def _private_dir(path: Path) -> None:
@@ -1379,6 +1758,458 @@ def _explain_db_error(path: Path, exc: sqlite3.Error) -> str:
         return (f"the journal {path} is damaged ({text}); move it aside to start afresh "
                 "(sqlite3 .recover can often rescue its sessions)")
     return f"the journal {path} cannot be used: {text}"
+
+
+class _FileRole:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def alive(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _LocalWakeups:
+    """SQLite's LISTEN/NOTIFY: a SQLite pool lives in one process, so its wake-ups do too."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._listeners: list[_LocalListener] = []
+
+    def listen(self, channels: Sequence[str]) -> _LocalListener:
+        listener = _LocalListener(self, set(channels))
+        with self._changed:
+            self._listeners.append(listener)
+        return listener
+
+    def publish(self, channel: str, payloads: Sequence[str]) -> None:
+        with self._changed:
+            for listener in self._listeners:
+                if channel in listener.channels:
+                    listener.heard.extend((channel, p) for p in payloads)
+            self._changed.notify_all()
+
+
+class _LocalListener:
+    def __init__(self, hub: _LocalWakeups, channels: set[str]) -> None:
+        self.hub, self.channels = hub, channels
+        self.heard: collections.deque[tuple[str, str]] = collections.deque()
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]:
+        with self.hub._changed:
+            self.hub._changed.wait_for(lambda: self.heard, timeout_s)
+            heard = list(self.heard)
+            self.heard.clear()
+        return heard
+
+    def close(self) -> None:
+        with self.hub._changed:
+            if self in self.hub._listeners:
+                self.hub._listeners.remove(self)
+
+
+# -- PostgreSQL: one pool that many processes on many hosts share ----------------------
+PG_DEFAULT_SCHEMA = "batching_harness"
+PG_MIN_SERVER = 120000
+"""12: SKIP LOCKED, advisory locks, identity columns, notifies, all well past their first release."""
+PG_INSTALL_HINT = "pip install 'batching-harness[postgres]'"
+# Server-side keepalives per session: a host that vanishes without closing its connection
+# (power, network) is dropped in about 10 + 3 x 5 s, and with it every role it held.
+_PG_SESSION_OPTIONS = ("-c synchronous_commit=on -c tcp_keepalives_idle=10 "
+                       "-c tcp_keepalives_interval=5 -c tcp_keepalives_count=3")
+
+
+def _import_psycopg() -> Any:
+    """psycopg 3, imported only when a pool asks for it: SQLite users never need it."""
+    try:
+        import psycopg
+        import psycopg.rows  # dict_row
+    except ImportError:
+        raise ConfigError(f"--pool postgresql://… needs the PostgreSQL driver: "
+                          f"{PG_INSTALL_HINT}") from None
+    return psycopg
+
+
+def _split_pool_url(url: str) -> tuple[str, str]:
+    """(the URL libpq gets, the schema the pool lives in): ?schema=NAME keeps several pools
+    in one database; libpq itself would refuse the parameter."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    schema = schemas[-1] if schemas else PG_DEFAULT_SCHEMA
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise ConfigError(f"--pool: schema {schema!r} must be lower-case letters, digits and _")
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+
+
+def _pg_fix(text: str) -> str:
+    """The fix for a connection failure, from libpq's words."""
+    if "password" in text or "authentication failed" in text:
+        return ("check the user and password: put the password in PGPASSWORD or ~/.pgpass, "
+                "and allow this host in the server's pg_hba.conf")
+    if "no pg_hba.conf entry" in text:
+        return "allow this host and user in the server's pg_hba.conf, then reload the server"
+    if "database" in text and "does not exist" in text:
+        return "create it (createdb NAME), or name an existing database in --pool"
+    if "role" in text and "does not exist" in text:
+        return "create the role (createuser NAME), or name an existing user in --pool"
+    return ("start the server, or fix the host and port in --pool (pg_isready -h HOST -p PORT "
+            "tells whether it accepts connections)")
+
+
+def _explain_pg_error(location: str, exc: Exception) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"the pool {location} cannot be used ({text}); {_pg_fix(str(exc))}"
+
+
+class PostgresStore(_SqlStore):
+    """The journal in a PostgreSQL schema that any number of processes on any number of
+    hosts share (--pool postgresql://user@host/db[?schema=NAME]). A connection per thread,
+    each write one transaction; the schema upgrades under an advisory lock (the first
+    process upgrades, the others wait); roles are advisory locks on a connection of their
+    own, so they end with the session that held them; wake-ups are LISTEN/NOTIFY."""
+
+    dialect = "postgresql"
+    _ARRIVAL = "seq"
+    _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._pg = _import_psycopg()
+        self.url, self.schema = _split_pool_url(url)
+        self.location = _pool_shown(url)
+        self._roles_lock = threading.Lock()
+        self._roles_db: Any = None
+        self._held: set[int] = set()
+        self._migrate()
+
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> PostgresStore:
+        return cls(url or "")
+
+    # -- connections -----------------------------------------------------------
+    def _raw_connection(self) -> Any:
+        try:
+            return self._pg.connect(
+                self.url, autocommit=True, row_factory=self._pg.rows.dict_row,
+                connect_timeout=10, application_name="batching-harness",
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                options=f"-c search_path={self.schema} {_PG_SESSION_OPTIONS}")
+        except self._pg.Error as exc:
+            raise JournalError(_explain_pg_error(self.location, exc)) from None
+
+    def _connect(self) -> _PgConnection:
+        return _PgConnection(self, self._raw_connection())
+
+    def _drop(self, db: _PgConnection) -> None:
+        """A broken connection is closed and forgotten; the thread's next call reconnects."""
+        if getattr(self._local, "db", None) is db:
+            self._local.db = None
+        with self._lock:
+            if db in self._connections:
+                self._connections.remove(db)
+        db.close()
+
+    def _tx(self) -> _PgTransaction:
+        return _PgTransaction(self._db)
+
+    def _insert_id(self, db: _PgConnection, sql: str, args: Sequence[Any]) -> int:
+        return int(db.execute(sql + " RETURNING id", args).fetchone()["id"])
+
+    def _lock_key(self, purpose: str, name: str = "") -> int:
+        """A 64-bit advisory-lock key per (pool, purpose, name): two pools in one database
+        never block each other."""
+        digest = hashlib.blake2b(f"batching-harness/{self.schema}/{purpose}/{name}".encode(),
+                                 digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def close(self) -> None:
+        with self._roles_lock:
+            if self._roles_db is not None:
+                self._roles_db.close()
+                self._roles_db = None
+            self._held.clear()
+        super().close()
+
+    # -- schema ----------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self._stored_version(self._db)
+        self._check_version(version)
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:  # DDL is transactional: the pool is never half-upgraded
+            db.execute("SELECT pg_advisory_xact_lock(?)", (self._lock_key("migrate"),))
+            version = self._stored_version(db)  # another process may have done it meanwhile
+            self._check_version(version)
+            if version == 0:
+                if db.execute("SELECT 1 AS found FROM pg_namespace WHERE nspname=?",
+                              (self.schema,)).fetchone() is None:
+                    db.execute(f"CREATE SCHEMA {self.schema}")
+                db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            self._apply_migrations(db, version)
+            db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+
+    def _stored_version(self, db: _PgConnection) -> int:
+        if db.execute("SELECT to_regclass('schema_version') AS t").fetchone()["t"] is None:
+            return 0
+        return int(db.execute("SELECT version FROM schema_version").fetchone()["version"])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the pool {self.location} was written by a newer batching-harness (schema "
+                f"{version}, this one knows {SCHEMA_VERSION}); upgrade batching-harness on "
+                "this host (pip install -U batching-harness)")
+
+    @property
+    def schema_version(self) -> int:
+        return self._stored_version(self._db)
+
+    # -- roles: advisory locks that end with their session ------------------------
+    def session_lock(self, home: Path) -> SessionLock:
+        return _RoleSessionLock(self)
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        """Take `role` (for `name`) for this process, or None while another process holds
+        it. Every role of a store sits on one connection of its own: a process that dies
+        loses them all at once, and the server hands them on."""
+        key = self._lock_key(role, name)
+        with self._roles_lock:
+            if key in self._held:  # advisory locks nest within a session: refuse it here
+                return None
+            if self._roles_db is None:
+                self._roles_db = self._raw_connection()
+            try:
+                got = self._roles_db.execute("SELECT pg_try_advisory_lock(%s) AS ok",
+                                             (key,)).fetchone()["ok"]
+            except self._pg.Error as exc:
+                self._lose_roles()
+                raise JournalError(_explain_pg_error(self.location, exc)) from None
+            if not got:
+                return None
+            self._held.add(key)
+            return _AdvisoryRole(self, self._roles_db, key)
+
+    def _role_alive(self, conn: Any, key: int) -> bool:
+        with self._roles_lock:
+            if conn is not self._roles_db or key not in self._held:
+                return False
+            try:
+                conn.execute("SELECT 1")
+                return True
+            except self._pg.Error:
+                self._lose_roles()
+                return False
+
+    def _release_role(self, conn: Any, key: int) -> None:
+        with self._roles_lock:
+            if conn is self._roles_db and key in self._held:
+                self._held.discard(key)
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except self._pg.Error:
+                    self._lose_roles()
+
+    def _lose_roles(self) -> None:
+        """The roles connection broke: the server has let go of every role on it."""
+        if self._roles_db is not None:
+            with contextlib.suppress(Exception):
+                self._roles_db.close()
+        self._roles_db = None
+        self._held.clear()
+
+    # -- wake-ups ------------------------------------------------------------------
+    def _channel(self, name: str) -> str:
+        return f"{self.schema}:{name}"
+
+    def listen(self, *channels: str) -> Listener:
+        raw = self._raw_connection()
+        for name in channels:
+            raw.execute(f'LISTEN "{self._channel(name)}"')
+        return _PgListener(raw, len(self.schema) + 1, self._pg)
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        """After the commit that made the change: a listener that wakes finds it there."""
+        if payloads:
+            self._db.execute("SELECT pg_notify(?, p) FROM unnest(?::text[]) AS p",
+                             (self._channel(channel), list(payloads)))
+
+    # -- doctor ----------------------------------------------------------------------
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        """The connection, the schema version and the server's settings, each with its fix."""
+        try:
+            pg = _import_psycopg()
+        except ConfigError:
+            return [DoctorCheck("pool driver", False, "psycopg 3 is not installed",
+                                PG_INSTALL_HINT)]
+        checks = [DoctorCheck("pool driver", True, f"psycopg {pg.__version__}")]
+        try:
+            target, schema = _split_pool_url(url or "")
+            db = pg.connect(target, autocommit=True, row_factory=pg.rows.dict_row,
+                            connect_timeout=5)
+        except (pg.Error, ConfigError) as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return [*checks, DoctorCheck("pool connection", False,
+                                         f"{_pool_shown(url)}: {text}", _pg_fix(str(exc)))]
+        with db:
+            return [*checks, *_pg_server_checks(db, _pool_shown(url), schema)]
+
+
+def _pg_server_checks(db: Any, shown: str, schema: str) -> list[DoctorCheck]:
+    def setting(name: str) -> str | None:
+        row = db.execute("SELECT setting FROM pg_settings WHERE name=%s", (name,)).fetchone()
+        return row["setting"] if row else None
+
+    info = db.execute("SELECT current_user AS who, current_database() AS dbname, "
+                      "current_setting('server_version_num')::int AS num, "
+                      "current_setting('server_version') AS version").fetchone()
+    checks = [DoctorCheck("pool connection", True,
+                          f"{shown} (user {info['who']}, database {info['dbname']})")]
+    checks.append(DoctorCheck(
+        "pool server", info["num"] >= PG_MIN_SERVER, f"PostgreSQL {info['version']}",
+        "upgrade the server to PostgreSQL 12 or newer"))
+    checks.append(_pg_schema_check(db, schema, info["dbname"]))
+    fsync = setting("fsync")
+    checks.append(DoctorCheck(
+        "pool durability", fsync == "on", f"fsync = {fsync}",
+        "set fsync = on in postgresql.conf and reload: with it off, a server crash can lose "
+        "a committed batch id, and its turns are then paid for twice"))
+    idle = int(setting("idle_session_timeout") or 0)
+    checks.append(DoctorCheck(
+        "pool idle timeout", idle == 0, f"idle_session_timeout = {idle} ms",
+        f"ALTER ROLE {info['who']} SET idle_session_timeout = 0: a role (poller, session "
+        "lock) sits on an idle connection, and a timeout would hand it to another process"))
+    room = db.execute("SELECT current_setting('max_connections')::int - "
+                      "current_setting('superuser_reserved_connections')::int - "
+                      "(SELECT count(*) FROM pg_stat_activity) AS free, (SELECT count(*) FROM "
+                      "pg_stat_activity WHERE application_name='batching-harness') AS ours"
+                      ).fetchone()
+    checks.append(DoctorCheck(
+        "pool connections", room["free"] >= 20,
+        f"{room['free']} free ({room['ours']} in use by batching-harness)",
+        "raise max_connections: each process takes one per thread that writes, plus one for "
+        "its roles and one per listener (PgBouncer only in session mode: advisory locks and "
+        "LISTEN need a session)"))
+    return checks
+
+
+def _pg_schema_check(db: Any, schema: str, dbname: str) -> DoctorCheck:
+    found = db.execute("SELECT to_regclass(%s) AS t", (f"{schema}.schema_version",)).fetchone()
+    if found["t"] is None:
+        exists = db.execute("SELECT 1 AS found FROM pg_namespace WHERE nspname=%s",
+                            (schema,)).fetchone()
+        may = db.execute("SELECT has_schema_privilege(%s, 'CREATE') AS ok" if exists else
+                         "SELECT has_database_privilege(current_database(), 'CREATE') AS ok",
+                         (schema,) if exists else None).fetchone()["ok"]
+        return DoctorCheck("pool schema", bool(may), f"{schema}: empty; the first process to "
+                           f"connect creates schema {SCHEMA_VERSION}",
+                           f"GRANT CREATE ON DATABASE {dbname} TO the pool's user (or create "
+                           f"schema {schema} for it)")
+    version = db.execute(f"SELECT version FROM {schema}.schema_version").fetchone()["version"]
+    if version > SCHEMA_VERSION:
+        return DoctorCheck("pool schema", False, f"{schema}: schema {version}, written by a "
+                           f"newer batching-harness (this one knows {SCHEMA_VERSION})",
+                           "pip install -U batching-harness on this host")
+    detail = (f"{schema}: schema {version} (current)" if version == SCHEMA_VERSION else
+              f"{schema}: schema {version}; the first process to connect upgrades it to "
+              f"{SCHEMA_VERSION} (the others wait)")
+    return DoctorCheck("pool schema", True, detail)
+
+
+class _PgConnection:
+    """A psycopg connection that speaks the store's SQL (`?` placeholders) and turns a lost
+    server into one clear JournalError; the next call reconnects."""
+
+    def __init__(self, store: PostgresStore, raw: Any) -> None:
+        self.store, self.raw = store, raw
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        try:
+            return self.raw.execute(sql.replace("?", "%s"), tuple(args) or None)
+        except self.store._pg.OperationalError as exc:
+            self.store._drop(self)
+            raise JournalError(_explain_pg_error(self.store.location, exc)) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+class _PgTransaction:
+    """BEGIN ... COMMIT on the thread's connection (READ COMMITTED: claims lock their rows)."""
+
+    def __init__(self, db: _PgConnection) -> None:
+        self.db = db
+
+    def __enter__(self) -> _PgConnection:
+        self.db.execute("BEGIN")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif not self.db.raw.closed:
+            with contextlib.suppress(Exception):
+                self.db.raw.execute("ROLLBACK")
+
+
+class _AdvisoryRole:
+    def __init__(self, store: PostgresStore, conn: Any, key: int) -> None:
+        self.store, self.conn, self.key = store, conn, key
+
+    def alive(self) -> bool:
+        return self.store._role_alive(self.conn, self.key)
+
+    def release(self) -> None:
+        self.store._release_role(self.conn, self.key)
+
+
+class _PgListener:
+    def __init__(self, raw: Any, prefix_len: int, pg: Any) -> None:
+        self.raw, self.prefix_len, self._pg = raw, prefix_len, pg
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]:
+        """What was published since the last call, waiting up to `timeout_s` for the first."""
+        heard = [(n.channel[self.prefix_len:], n.payload)
+                 for n in self.raw.notifies(timeout=max(timeout_s, 0.0), stop_after=1)]
+        heard += [(n.channel[self.prefix_len:], n.payload)
+                  for n in self.raw.notifies(timeout=0.0)]
+        return heard
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+# Back-ends by URL scheme: a new store is a class plus one entry here.
+STORES: dict[str, type[_SqlStore]] = {"sqlite": SqliteStore, "postgresql": PostgresStore,
+                                      "postgres": PostgresStore}
+Journal = SqliteStore  # the name the 0.1 code and its tests know
+
+
+def open_store(url: str | None, home: Path) -> Store:
+    """The store --pool names (no --pool: the SQLite journal in the state dir)."""
+    scheme = urllib.parse.urlsplit(url).scheme if url else "sqlite"
+    if scheme not in STORES:
+        raise ConfigError(f"--pool {_pool_shown(url)}: unknown kind of pool {scheme!r} (use "
+                          "postgresql://user@host/db, or sqlite:///path/journal.db)")
+    return STORES[scheme].open(url, home)
+
+
+def store_checks(url: str | None) -> list[DoctorCheck]:
+    """What --doctor says about the pool --pool names."""
+    scheme = urllib.parse.urlsplit(url).scheme if url else "sqlite"
+    if scheme not in STORES:
+        return [DoctorCheck("pool", False, f"unknown kind of pool {scheme!r}",
+                            "use postgresql://user@host/db")]
+    return STORES[scheme].doctor(url)
 
 
 ##############################################################################
@@ -3500,7 +4331,7 @@ class Repl:
         "/quit": ("cmd_exit", "leave"),
     }
 
-    def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
+    def __init__(self, agent: Agent, journal: Store, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
                  log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
         self.agent = agent
@@ -3656,7 +4487,7 @@ class Repl:
 
 
 def _pick_session(sessions: Sequence[SessionRow], arg: str,
-                  journal: Journal) -> SessionRow | None:
+                  journal: Store) -> SessionRow | None:
     if arg.isdigit() and 1 <= int(arg) <= len(sessions):
         return sessions[int(arg) - 1]
     return journal.find_session(arg) if arg else None
@@ -3718,11 +4549,11 @@ def resume_command(session_id: str, config: Config) -> str:
     return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config))])
 
 
-def open_session(journal: Journal, config: Config) -> SessionRow:
+def open_session(journal: Store, config: Config) -> SessionRow:
     if config.resume_id:
         session = journal.find_session(config.resume_id)
         if session is None:
-            raise ConfigError(f"no session {config.resume_id!r} in {journal.path}")
+            raise ConfigError(f"no session {config.resume_id!r} in {journal.location}")
         return session
     if config.continue_last:
         session = journal.latest_session(config.workdir)
@@ -3730,37 +4561,6 @@ def open_session(journal: Journal, config: Config) -> SessionRow:
             raise ConfigError(f"no earlier session in {config.workdir} to continue")
         return session
     return journal.create_session(config.workdir, config.model)
-
-
-class SessionLock:
-    """One process per session: two would both poll, and might both apply one answer."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self._fd: int | None = None
-        self._held: str | None = None
-
-    def acquire(self, session_id: str) -> None:
-        """Hold `session_id`'s lock (JournalError if another process has it) and let go of
-        the one held before."""
-        if session_id == self._held:
-            return
-        path = self.home / "locks" / f"{session_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalError(f"session {session_id} is open in another batching-harness "
-                               "process") from None
-        self.release()
-        self._fd, self._held = fd, session_id
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd, self._held = None, None
 
 
 def agent_settings(config: Config, model: str) -> AgentSettings:
@@ -3863,8 +4663,9 @@ def _run(config: Config) -> int:
     from rich.console import Console
 
     if config.action == "doctor":
-        return run_doctor(Console(), sandbox_policy(config, config.workdir))
-    journal = Journal(config.home / "journal.db")
+        return run_doctor(Console(), [*doctor_checks(sandbox_policy(config, config.workdir)),
+                                      *store_checks(config.pool)])
+    journal = open_store(config.pool, config.home)
     if config.action == "stats":
         render_history(Console(), journal.requests())
         return 0
@@ -3873,7 +4674,7 @@ def _run(config: Config) -> int:
                           "against the stand-in: see 'Try it offline' in README.md")
     prompt = read_prompt_arg(config.prompt) if config.prompt is not None else None
     session = open_session(journal, config)
-    lock = SessionLock(config.home)
+    lock = journal.session_lock(config.home)
     lock.acquire(session.id)
     check_workdir(session.workdir, state_dir=config.home,
                   allow_dangerous=config.allow_dangerous_workdir)
@@ -3888,7 +4689,7 @@ def _run(config: Config) -> int:
         lock.release()
 
 
-def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox: Toolbox,
+def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: Toolbox,
                  prompt: str | None, lock: SessionLock) -> int:
     from rich.console import Console
 
@@ -3972,8 +4773,7 @@ def _warm_up_in_background(api: BatchAPI, config: Config,
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
 
 
-def run_doctor(console: Any, policy: SandboxPolicy) -> int:
-    checks = doctor_checks(policy)
+def run_doctor(console: Any, checks: Sequence[DoctorCheck]) -> int:
     for c in checks:
         mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}: {_escape(c.detail)}")
