@@ -1862,6 +1862,14 @@ def _pg_fix(text: str) -> str:
             "tells whether it accepts connections)")
 
 
+def pg_lock_key(schema: str, purpose: str, name: str = "") -> int:
+    """A 64-bit advisory-lock key per (pool, purpose, name): two pools in one database never
+    block each other."""
+    digest = hashlib.blake2b(f"batching-harness/{schema}/{purpose}/{name}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _explain_pg_error(location: str, exc: Exception) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"the pool {location} cannot be used ({text}); {_pg_fix(str(exc))}"
@@ -1922,11 +1930,7 @@ class PostgresStore(_SqlStore):
         return int(db.execute(sql + " RETURNING id", args).fetchone()["id"])
 
     def _lock_key(self, purpose: str, name: str = "") -> int:
-        """A 64-bit advisory-lock key per (pool, purpose, name): two pools in one database
-        never block each other."""
-        digest = hashlib.blake2b(f"batching-harness/{self.schema}/{purpose}/{name}".encode(),
-                                 digest_size=8).digest()
-        return int.from_bytes(digest, "big", signed=True)
+        return pg_lock_key(self.schema, purpose, name)
 
     def close(self) -> None:
         with self._roles_lock:
@@ -1942,8 +1946,19 @@ class PostgresStore(_SqlStore):
         self._check_version(version)
         if version == SCHEMA_VERSION:
             return
+        # The first process to get the lock upgrades; the others wait here. The lock is
+        # taken BEFORE the transaction begins, so that one sees what a process that held it
+        # meanwhile committed (a transaction begun before the wait can miss a new schema).
+        key = self._lock_key("migrate")
+        self._db.execute("SELECT pg_advisory_lock(?)", (key,))
+        try:
+            self._upgrade()
+        finally:
+            with contextlib.suppress(JournalError):  # a lost session has let go already
+                self._db.execute("SELECT pg_advisory_unlock(?)", (key,))
+
+    def _upgrade(self) -> None:
         with self._tx() as db:  # DDL is transactional: the pool is never half-upgraded
-            db.execute("SELECT pg_advisory_xact_lock(?)", (self._lock_key("migrate"),))
             version = self._stored_version(db)  # another process may have done it meanwhile
             self._check_version(version)
             if version == 0:
