@@ -15,6 +15,9 @@ Environment:
                            journal.db (SQLite: every session, request and tool
                            call), history (the prompt's), locks/ (one process
                            per session; one command per work directory)
+    BATCHING_HARNESS_POOL  (or --pool URL) the journal in a PostgreSQL pool that
+                           processes on many hosts share instead of journal.db
+                           (pip install 'batching-harness[postgres]')
 
 Sections, in dependency order (grep '^#####' for this table):
     constants and prices, errors, config, value types, accounting, journal,
@@ -826,7 +829,8 @@ def _mark_message(message: Any, marker: Mapping[str, str]) -> Any:
 
 
 ##############################################################################
-# Store (the journal: the only code that writes SQL; many threads share one store)
+# Store (the journal: the only code that writes SQL; many threads share one store; SQLite
+# for one host, PostgreSQL for a pool many hosts share, chosen from STORES by URL)
 ##############################################################################
 
 IN_FLIGHT_STATES = ("submitting", "submitted", "ended")
@@ -4321,6 +4325,8 @@ def render_banner(console: Any, config: Config, session: SessionRow, sandbox_lin
     console.print(f"  workdir  {session.workdir}")
     console.print(f"  sandbox  {sandbox_line}")
     console.print(f"  session  {session.id}   state {config.home}")
+    if config.pool:
+        console.print(f"  pool     {_escape(_pool_shown(config.pool))}")
     console.print("  [dim]/help for commands · Alt-Enter for a new line · Ctrl-D exits[/]")
 
 
