@@ -176,6 +176,11 @@ class JournalError(HarnessError):
     """The journal cannot be used as it is (locked, newer schema, damaged)."""
 
 
+class PoolUnreachable(JournalError):
+    """The pool's server cannot be reached right now (down, network cut); the store
+    reconnects on its next call, so a caller may wait and try again."""
+
+
 class TransportError(HarnessError):
     """The Batches API could not be reached or refused us; the journal keeps the turn."""
 
@@ -935,6 +940,8 @@ class Claim:
     pool_key: str
     holder: str
     lease_until: float
+    created_at: float
+    """When the claim was made: a reconcile by list looks for batches created after it."""
     turns: tuple[tuple[str, dict[str, Any]], ...]
     """(custom_id, request params) per turn, oldest first."""
 
@@ -1548,7 +1555,7 @@ class _SqlStore:
             ids = [r["custom_id"] for r in rows]
             db.execute(f"UPDATE turn_queue SET state='claimed', intent_id=? WHERE custom_id IN "
                        f"({', '.join('?' * len(ids))})", (intent_id, *ids))
-        return Claim(intent_id, pool_key, holder, now + lease_s,
+        return Claim(intent_id, pool_key, holder, now + lease_s, now,
                      tuple((r["custom_id"], json.loads(r["params"])) for r in rows))
 
     def renew_claim(self, claim: Claim, lease_s: float) -> bool:
@@ -1598,7 +1605,8 @@ class _SqlStore:
         record_claim_batch or release_claim."""
         now = time.time()
         with self._tx() as db:
-            rows = db.execute("SELECT id, pool_key FROM batch_intents WHERE state='creating' "
+            rows = db.execute("SELECT id, pool_key, created_at FROM batch_intents WHERE "
+                              "state='creating' "
                               "AND lease_until < ? ORDER BY id" + self._CLAIM_LOCK,
                               (now,)).fetchall()
             claims = []
@@ -1607,7 +1615,8 @@ class _SqlStore:
                            (holder, now + lease_s, r["id"]))
                 turns = db.execute("SELECT custom_id, params FROM turn_queue WHERE intent_id=? "
                                    "ORDER BY queued_at", (r["id"],)).fetchall()
-                claims.append(Claim(r["id"], r["pool_key"], holder, now + lease_s, tuple(
+                claims.append(Claim(r["id"], r["pool_key"], holder, now + lease_s,
+                                    r["created_at"], tuple(
                     (t["custom_id"], json.loads(t["params"])) for t in turns)))
         return claims
 
@@ -1874,9 +1883,12 @@ def pg_lock_key(schema: str, purpose: str, name: str = "") -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _explain_pg_error(location: str, exc: Exception) -> str:
+def _pg_error(location: str, exc: Exception) -> JournalError:
+    """One line with the fix; PoolUnreachable when waiting may cure it (not a refusal)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"the pool {location} cannot be used ({text}); {_pg_fix(str(exc))}"
+    fix = _pg_fix(str(exc))
+    kind = PoolUnreachable if fix.startswith("start the server") else JournalError
+    return kind(f"the pool {location} cannot be used ({text}); {fix}")
 
 
 class PostgresStore(_SqlStore):
@@ -1913,7 +1925,7 @@ class PostgresStore(_SqlStore):
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                 options=f"-c search_path={self.schema} {_PG_SESSION_OPTIONS}")
         except self._pg.Error as exc:
-            raise JournalError(_explain_pg_error(self.location, exc)) from None
+            raise _pg_error(self.location, exc) from None
 
     def _connect(self) -> _PgConnection:
         return _PgConnection(self, self._raw_connection())
@@ -2009,7 +2021,7 @@ class PostgresStore(_SqlStore):
                                              (key,)).fetchone()["ok"]
             except self._pg.Error as exc:
                 self._lose_roles()
-                raise JournalError(_explain_pg_error(self.location, exc)) from None
+                raise _pg_error(self.location, exc) from None
             if not got:
                 return None
             self._held.add(key)
@@ -2154,7 +2166,7 @@ class _PgConnection:
             return self.raw.execute(sql.replace("?", "%s"), tuple(args) or None)
         except self.store._pg.OperationalError as exc:
             self.store._drop(self)
-            raise JournalError(_explain_pg_error(self.store.location, exc)) from None
+            raise _pg_error(self.store.location, exc) from None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -319,7 +319,7 @@ def test_a_dropped_connection_is_one_clear_error_then_reconnects(pg_url, pg_serv
     with psycopg.connect(pg_server, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
                       "application_name='batching-harness' AND pid <> pg_backend_pid()")
-    with pytest.raises(bh.JournalError, match=r"the pool .* cannot be used .*; "):
+    with pytest.raises(bh.PoolUnreachable, match=r"the pool .* cannot be used .*; "):
         store.session(session.id)
     assert store.session(session.id) == session  # the next call has a new connection
     store.close()
