@@ -150,6 +150,10 @@ LONG_PROMPT_TIERS: dict[str, tuple[int, ModelPrice]] = {
 # The Batch API bills every category at half the standard price; it stacks with cache prices.
 BATCH_DISCOUNT = 0.5
 
+# usage.inference_geo of a response -> multiplier on everything it bills (pricing.md: "us" is
+# 1.1x). Read from each response, never from the request: a workspace default can set it.
+INFERENCE_GEO_RATES = {"us": 1.1}
+
 ##############################################################################
 # Errors and control-flow signals
 ##############################################################################
@@ -425,6 +429,9 @@ class Usage:
     # Breakdown of cache_creation_input_tokens by TTL; None when the API omitted it.
     ephemeral_5m_input_tokens: int | None = None
     ephemeral_1h_input_tokens: int | None = None
+    # Where the API ran the request ("us" bills 1.1x; "global", "not_available"); None when
+    # the response did not say. A workspace default can set it without the request asking.
+    inference_geo: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -442,6 +449,7 @@ class Usage:
             self.cache_read_input_tokens + other.cache_read_input_tokens,
             add(self.ephemeral_5m_input_tokens, other.ephemeral_5m_input_tokens),
             add(self.ephemeral_1h_input_tokens, other.ephemeral_1h_input_tokens),
+            self.inference_geo if self.inference_geo == other.inference_geo else None,
         )
 
     @classmethod
@@ -456,6 +464,7 @@ class Usage:
             int(u.get("cache_read_input_tokens") or 0),
             breakdown.get("ephemeral_5m_input_tokens") if breakdown else None,
             breakdown.get("ephemeral_1h_input_tokens") if breakdown else None,
+            u.get("inference_geo") or None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -505,6 +514,10 @@ def _rate(lane: str) -> float:
     return LANE_RATES[lane]
 
 
+def _geo_rate(usage: Usage) -> float:
+    return INFERENCE_GEO_RATES.get(usage.inference_geo or "", 1.0)
+
+
 def _cache_writes(usage: Usage, requested_ttl: str | None) -> tuple[int, int]:
     """(5-minute, 1-hour) cache-write tokens of `usage`.
 
@@ -540,12 +553,13 @@ def cost_usd(
 
     Price each response on its own and add the dollars: Haiku 5.5's tier depends on each
     request's prompt size, so a summed Usage would put a whole session on the long-prompt row.
-    `inference_geo: "us"` (x1.1) is not modelled.
+    `usage.inference_geo` "us" bills everything at 1.1x.
     """
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return None
-    return _dollars(price, usage, _cache_writes(usage, requested_ttl), _rate(lane))
+    return _dollars(price, usage, _cache_writes(usage, requested_ttl),
+                    _rate(lane) * _geo_rate(usage))
 
 
 def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
@@ -554,7 +568,8 @@ def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "batch") -> float | None:
+def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "batch",
+                      geo_rate: float = 1.0) -> float | None:
     """Spend committed when a batch is SUBMITTED, before its usage is known; None when unknown.
 
     Counting it keeps a spend ceiling honest while batches are in flight; replace it with
@@ -564,7 +579,8 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "bat
     billed at — the cache-write rate of the request's longest TTL (2x input for 1 hour) when
     it asks for caching, else input (cache reads make the real figure far lower); plus
     min(max_tokens, ESTIMATE_OUTPUT_TOKENS) at the output price (a turn may use up to
-    max_tokens; most use far fewer).
+    max_tokens; most use far fewer); all of it times `geo_rate` (1.1 once the session's
+    responses say inference_geo "us": a workspace default puts every request there).
     """
     prompt_tokens = _estimate_prompt_tokens(params)
     price = price_for(model, prompt_tokens)
@@ -576,7 +592,7 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "bat
     usage = Usage(input_tokens=0 if ttls else prompt_tokens,
                   cache_creation_input_tokens=prompt_tokens if ttls else 0,
                   output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
-    return _dollars(price, usage, writes, _rate(lane))
+    return _dollars(price, usage, writes, _rate(lane) * geo_rate)
 
 
 def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
@@ -620,13 +636,14 @@ def cost_breakdown(
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return CostBreakdown(None, None, None)
-    writes, rate = _cache_writes(usage, requested_ttl), _rate(lane)
+    geo = _geo_rate(usage)  # the synchronous path would run (and bill) in the same geo
+    writes, rate = _cache_writes(usage, requested_ttl), _rate(lane) * geo
     cached = Usage(cache_read_input_tokens=usage.cache_read_input_tokens)
     as_plain = Usage(input_tokens=usage.cache_read_input_tokens + sum(writes))
     saved = _dollars(price, as_plain, (0, 0), rate) - _dollars(price, cached, writes, rate)
     return CostBreakdown(
         paid_usd=_dollars(price, usage, writes, rate),
-        sync_usd=_dollars(price, usage, writes, 1.0),
+        sync_usd=_dollars(price, usage, writes, geo),
         cache_saved_usd=saved,
     )
 
@@ -2413,7 +2430,9 @@ class Agent:
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
             attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
             submitted_at=self.clock.now(), lane=lane,
-            estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane))
+            estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane,
+                                           geo_rate=_geo_rate(previous.usage_value)
+                                           if previous else 1.0))
         return row, params
 
     def _send(self, row: RequestRow, params: dict[str, Any]) -> str:
@@ -2906,7 +2925,8 @@ def _turn_cells(i: int, r: RequestRow) -> list[str]:
         return [str(i), r.model, fmt_elapsed(r.wait_s or 0), r.result_type, "", "", "", "",
                 "$0 (not billed)", ""]
     ratio = cache_hit_ratio(u)
-    return [str(i), r.model, fmt_elapsed(r.wait_s or 0), fmt_tokens(u.input_tokens),
+    model = r.model + (f" ({u.inference_geo} ×{_geo_rate(u):g})" if _geo_rate(u) != 1 else "")
+    return [str(i), model, fmt_elapsed(r.wait_s or 0), fmt_tokens(u.input_tokens),
             fmt_tokens(u.output_tokens), fmt_tokens(u.cache_creation_input_tokens),
             fmt_tokens(u.cache_read_input_tokens),
             f"{100 * ratio:.0f}%" if ratio is not None else "-",
