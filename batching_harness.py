@@ -140,6 +140,27 @@ PRICES: dict[str, ModelPrice] = {
     "claude-haiku-4-5": ModelPrice(1, 1.25, 2, 0.10, 5),
 }
 
+# The most max_tokens one request may ask for, per model: "Max output" on each model's page of
+# platform.claude.com/docs (models overview, compiled 2026-11). Sonnet 4.6 is taken at 64K (the
+# sources disagree; a turn over it gets the batch beta below, which covers it either way).
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    **dict.fromkeys(("claude-fable-5-2", "claude-mythos-5-2", "claude-fable-5-1",
+                     "claude-mythos-5-1", "claude-fable-5", "claude-mythos-5"), 128_000),
+    **dict.fromkeys(("claude-opus-5-5", "claude-opus-5", "claude-opus-4-8", "claude-opus-4-7",
+                     "claude-opus-4-6", "claude-sonnet-5-5", "claude-sonnet-5",
+                     "claude-haiku-5-5"), 128_000),
+    "claude-opus-4-5": 64_000,
+    "claude-opus-4-1": 32_000,
+    **dict.fromkeys(("claude-sonnet-4-6", "claude-sonnet-4-5", "claude-haiku-4-5"), 64_000),
+}
+# The Batch API alone takes up to 300K output tokens on these models when the create carries
+# this beta header ("Max output (Batch API, beta)" on the same pages; not Fable, not Haiku).
+OUTPUT_300K_BETA = "output-300k-2026-03-24"
+OUTPUT_300K_TOKENS = 300_000
+OUTPUT_300K_MODELS = frozenset({
+    "claude-opus-5-5", "claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6",
+    "claude-sonnet-5-5", "claude-sonnet-5", "claude-sonnet-4-6"})
+
 # A prompt (input + cache read + cache write of one request) OVER this many tokens pays the
 # long-prompt row for every category, output included. Only Haiku 5.5 has such a tier.
 HAIKU_55_LONG_PROMPT_TOKENS = 100_000
@@ -499,6 +520,17 @@ def price_for(model: str, prompt_tokens: int = 0) -> ModelPrice | None:
     if tier is not None and prompt_tokens > tier[0]:
         return tier[1]
     return PRICES.get(base)
+
+
+def check_max_tokens(model: str, max_tokens: int) -> None:
+    """Refuse a max_tokens the model cannot give BEFORE a batch is paid for: the API says so
+    only when the batch ends, a minute or an hour later. Unknown models are the API's call."""
+    base = base_model_id(model)
+    limit = OUTPUT_300K_TOKENS if base in OUTPUT_300K_MODELS else MAX_OUTPUT_TOKENS.get(base)
+    if limit is not None and max_tokens > limit:
+        beta = " with the Batch API's 300K beta" if base in OUTPUT_300K_MODELS else ""
+        raise ConfigError(f"--max-tokens {max_tokens:,} is over what {model} can write in one "
+                          f"turn{beta} ({limit:,} tokens); use --max-tokens {limit} or less")
 
 
 def _check_ttl(ttl: str | None) -> None:
@@ -1535,6 +1567,17 @@ class Channel(Protocol):
     def cancel(self, handle: str, notify: Notify) -> None: ...
 
 
+def batch_betas(requests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The anthropic-beta values a create needs: the 300K output beta for an entry that asks
+    for more than its model's standard limit."""
+    def over(params: Mapping[str, Any]) -> bool:
+        base = base_model_id(str(params.get("model", "")))
+        return base in OUTPUT_300K_MODELS and int(params.get("max_tokens", 0)) > \
+            MAX_OUTPUT_TOKENS.get(base, OUTPUT_300K_TOKENS)
+
+    return [OUTPUT_300K_BETA] if any(over(r.get("params") or {}) for r in requests) else []
+
+
 class BatchAPI:
     """The Message Batches endpoints over the real `anthropic` SDK, one call each. Retries
     are ours (the SDK's are off) so the UI can say what is happening, so a create is never
@@ -1597,7 +1640,10 @@ class BatchAPI:
                 return found
             try:
                 self.budget.take()
-                return self.client.messages.batches.create(requests=requests).id
+                betas = batch_betas(requests)
+                headers = {"anthropic-beta": ",".join(betas)} if betas else None
+                return self.client.messages.batches.create(requests=requests,
+                                                           extra_headers=headers).id
             except Exception as exc:
                 fault = self._classify(exc, "submitting the batch")
                 unreachable = unreachable + 1 if fault.unreachable else 0
@@ -3122,6 +3168,7 @@ class Repl:
             known = ", ".join(sorted(PRICES))
             self.ui.info(f"model: [bold]{self.agent.settings.model}[/]\nknown prices: {known}")
             return
+        check_max_tokens(arg, self.agent.settings.max_tokens)
         self.agent.switch_model(arg)
         price = "" if price_for(arg) else " [yellow](price unknown: cost shows as unknown)[/]"
         self.ui.info(f"model is now [bold]{arg}[/]{price}; the prompt cache starts over "
@@ -3377,6 +3424,8 @@ def _run(config: Config) -> int:
         raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
                           "against the stand-in: see 'Try it offline' in README.md")
     prompt = read_prompt_arg(config.prompt) if config.prompt is not None else None
+    if config.model_given or not (config.resume_id or config.continue_last):
+        check_max_tokens(config.model, config.max_tokens)  # before a session is made for it
     session = open_session(journal, config)
     lock = SessionLock(config.home)
     lock.acquire(session.id)
@@ -3402,6 +3451,7 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     channel = BatchChannel(api, poll_interval_s=config.poll_interval_s)
     resumed = config.resume_id or config.continue_last
     model = session.model if resumed and not config.model_given else config.model
+    check_max_tokens(model, config.max_tokens)  # a resumed session may keep another model
     agent = Agent(journal, channel, toolbox, agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:

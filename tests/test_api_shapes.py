@@ -114,3 +114,50 @@ def test_us_inference_geo_bills_ten_percent_more_everywhere(api, tmp_path, capsy
     bh.print_headless(rig.agent.report(), config, None)
     assert json.loads(capsys.readouterr().out)["cost_usd"] == pytest.approx(first.cost_usd,
                                                                           abs=1e-6)
+
+
+# -- 14.8: max_tokens checked before paying to learn ---------------------------------------
+
+
+def env_for(api, tmp_path, **extra):
+    (tmp_path / "work").mkdir(exist_ok=True)
+    return {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_BASE_URL": api.base_url,
+            "BATCHING_HARNESS_HOME": str(tmp_path / "home"), **extra}
+
+
+@pytest.mark.parametrize("model,max_tokens,limit", [
+    ("claude-haiku-4-5", 64_001, "64,000"), ("claude-opus-5-5", 300_001, "300,000"),
+    ("claude-fable-5-1-20260601", 128_001, "128,000"), ("claude-opus-4-1", 40_000, "32,000")])
+def test_max_tokens_over_the_model_limit_is_refused_before_anything_is_sent(
+        api, tmp_path, capsys, model, max_tokens, limit):
+    """Regression (issue 14.8): an impossible --max-tokens was learnt only when the batch
+    ended."""
+    argv = ["--workdir", str(tmp_path / "work"), "--no-sandbox", "--model", model,
+            "--max-tokens", str(max_tokens), "-p", "hi"]
+    assert bh.main(argv, env_for(api, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert limit in err and "--max-tokens" in err and len(err.strip().splitlines()) == 1
+    assert api.count("any") == 0
+    assert bh.Journal(tmp_path / "home" / "journal.db").recent_sessions() == []
+
+
+def test_the_batch_only_300k_beta_is_asked_for_when_a_turn_needs_it(api, tmp_path, capsys):
+    request = {"custom_id": "x", "params": {"model": "claude-opus-5-5", "max_tokens": 200_000}}
+    assert bh.batch_betas([request]) == [bh.OUTPUT_300K_BETA]
+    request["params"]["max_tokens"] = 128_000
+    assert bh.batch_betas([request]) == []
+    api.script.append(fa.text("long"))
+    argv = ["--workdir", str(tmp_path / "work"), "--no-sandbox", "--max-tokens", "300000",
+            "--poll-interval", "0.05", "-p", "hi"]
+    assert bh.main(argv, env_for(api, tmp_path)) == 0
+    assert capsys.readouterr().out == "long\n"
+    assert api.model_requests[0].params["max_tokens"] == 300_000
+
+
+def test_switching_to_a_model_that_cannot_write_max_tokens_is_refused(api, tmp_path):
+    from tests.test_repl import make_repl
+
+    rig = make_rig(api, tmp_path, max_tokens=100_000)
+    repl, out = make_repl(rig, ["/model claude-haiku-4-5"], tmp_path)
+    repl.run()
+    assert "64,000" in out.getvalue() and rig.agent.settings.model == "claude-opus-5-5"
