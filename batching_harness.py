@@ -403,6 +403,8 @@ def _check_values(c: Config, ns: argparse.Namespace) -> None:
         raise ConfigError("--max-budget-usd must be a positive amount")
     if c.continue_last and c.resume_id:
         raise ConfigError("use --continue or --resume ID, not both")
+    if ns.output_format is not None and c.prompt is None:
+        raise ConfigError("--output-format is for headless runs: add -p PROMPT")
     if ns.workdir and not c.workdir.is_dir():
         raise ConfigError(f"--workdir {ns.workdir}: no such directory")
 
@@ -2299,14 +2301,15 @@ class Agent:
         self.clock = clock or Clock()
         self._turns = 0
         self._touched: list[str] = []
+        self._collected: list[str] = []  # answers of turns left in flight, finished first
 
     # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
         try:
-            if self._in_flight():
-                self.run(new_prompt=False)
+            if self._in_flight() and (earlier := self.run(new_prompt=False).text):
+                self._collected.append(earlier)
         except (TurnFailed, BudgetExceeded) as exc:  # that turn is over; the new prompt goes
             self.emit(Notice(str(exc), "warn"))
         except (TransportError, Detached, KeyboardInterrupt):
@@ -2358,9 +2361,12 @@ class Agent:
         return final_text(last.get("content")) if last.get("role") == "assistant" else ""
 
     def report(self) -> RunReport:
+        """The answer includes those of turns that were in flight when the prompt came (a
+        headless `--resume ID -p ...` collects them first): each was paid for."""
+        answer = "\n\n".join([*self._collected, self.last_answer()]).strip()
         return RunReport(self.session.id, self.settings.model,
                          tuple(self.store.request(c) for c in self._touched),
-                         self.last_answer(), self.pending())
+                         answer, self.pending())
 
     def expected_wait_s(self, model: str) -> float | None:
         """Median turnaround of this model's recent batches, once there are two."""
@@ -2750,10 +2756,12 @@ class ConsoleUI:
     below print; `interactive` decides between a live spinner and plain progress lines."""
 
     def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
-                 interactive: bool = True, read_key: Callable[[], str] | None = None) -> None:
+                 interactive: bool = True, read_key: Callable[[], str] | None = None,
+                 answers: bool = True) -> None:
         self.console = console
         self.clock = clock
         self.interactive = interactive
+        self.answers = answers
         self.read_key = read_key or read_key_from_tty
         self._live: Any = None
         self._wait: WaitState | None = None
@@ -2791,7 +2799,8 @@ class ConsoleUI:
         from rich.markdown import Markdown
 
         self.stop_live()
-        self.console.print(Markdown(e.text))
+        if self.answers:
+            self.console.print(Markdown(e.text))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
@@ -3268,12 +3277,17 @@ def show_prompt_early() -> Callable[[], None]:
 ##############################################################################
 
 
-def resume_command(session_id: str, config: Config) -> str:
+def resume_command(session_id: str, config: Config, *, headless: bool = False) -> str:
     """The exact command that picks the session up again, with the limits and sandbox
-    settings of this run (the journal keeps the conversation, not the flags)."""
+    settings of this run (the journal keeps the conversation, not the flags). Headless, it
+    is the headless form: a script resumes with its next prompt, which runs once the turn in
+    flight is collected (its answer leads the result)."""
     program = sys.argv[0] if sys.argv and sys.argv[0] else "batching-harness"
     head = f"python {program}" if program.endswith(".py") else Path(program).name
-    return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config))])
+    tail = ["--output-format", "json"] if headless and config.output_format == "json" else []
+    tail += ["-p", "'<next prompt>'"] if headless else []
+    return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config)),
+                     *tail])
 
 
 def open_session(journal: Journal, config: Config) -> SessionRow:
@@ -3342,12 +3356,14 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
     report = agent.report()
     if report.in_flight is not None:
         err_console.print("a turn is still in flight (and billed); resume with: "
-                          f"{resume_command(report.session_id, config)}")
+                          f"{resume_command(report.session_id, config, headless=True)}")
     print_headless(report, config, error)
     return status
 
 
-def print_headless(report: RunReport, config: Config, error: str | None) -> None:
+def print_headless(report: RunReport | None, config: Config, error: str | None) -> None:
+    """The answer, or the JSON object (also when the run never started: report None)."""
+    report = report or RunReport(None, config.model, (), "", None)  # type: ignore[arg-type]
     requests, text = list(report.requests), report.answer
     if config.output_format == "text":
         if text:
@@ -3381,6 +3397,7 @@ def read_prompt_arg(prompt: str) -> str:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    config: Config | None = None
     try:
         config = parse_config(sys.argv[1:] if argv is None else argv, environ)
         return _run(config)
@@ -3388,6 +3405,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return exc.status
     except (ConfigError, JournalError, SandboxUnavailable) as exc:
         print(f"batching-harness: {exc}", file=sys.stderr)
+        if config is not None and config.prompt is not None and config.output_format == "json":
+            print_headless(None, config, str(exc))  # a script parses stdout whatever happened
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -3420,6 +3439,9 @@ def _run(config: Config) -> int:
     if config.action == "stats":
         render_history(Console(), journal.requests())
         return 0
+    if config.prompt is None and not sys.stdin.isatty():
+        raise ConfigError("the interactive prompt needs a terminal: run it in one, or pass "
+                          "-p PROMPT (-p - reads the prompt from stdin)")
     if not config.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
                           "against the stand-in: see 'Try it offline' in README.md")
@@ -3446,7 +3468,10 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
 
     headless = prompt is not None
     console = Console(stderr=headless, highlight=False)
-    ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
+    console.soft_wrap = not console.is_terminal  # a machine reads it: no wrap at 80 columns
+    # Headless, the answer goes to stdout only (the JSON's "result", or the text).
+    ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty(),
+                   answers=not headless)
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
     channel = BatchChannel(api, poll_interval_s=config.poll_interval_s)
     resumed = config.resume_id or config.continue_last

@@ -140,7 +140,7 @@ def test_headless_prints_the_resume_command_when_faults_outlast_retries(api, tmp
     api.inject("list", "503", count=50)
     rig = make_rig(api, tmp_path, retry_attempts=2)
     err = io.StringIO()
-    config = bh.parse_config(["--output-format", "json"], {})
+    config = bh.parse_config(["-p", "go", "--output-format", "json"], {})
     status = bh.run_headless(rig.agent, config, "go", Console(file=err, width=200))
     assert status == 1
     assert f"--resume {rig.agent.session.id}" in err.getvalue()

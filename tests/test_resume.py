@@ -87,7 +87,7 @@ def test_killed_while_submitting(tmp_path):
         kill(proc)  # the create is in flight: the server makes the batch, nobody hears of it
         time.sleep(2.5)
         result = resume(api, tmp_path, "second")
-        assert result["result"] == "second answer"
+        assert result["result"] == "first answer\n\nsecond answer"  # the turn in flight leads (14.15)
         assert len(api.batch_ids()) == 2  # one per turn: the orphan was adopted, not re-sent
         assert roles(tmp_path) == ["user", "assistant", "user", "assistant"]
 
@@ -99,7 +99,7 @@ def test_killed_while_polling(tmp_path):
         wait_until(lambda: api.count("list") >= 1)
         kill(proc)
         result = resume(api, tmp_path, "next")
-        assert result["result"] == "next answer"
+        assert result["result"] == "slow answer\n\nnext answer"
         assert len(api.batch_ids()) == 2
         assert roles(tmp_path) == ["user", "assistant", "user", "assistant"]
         db = sqlite3.connect(tmp_path / "home" / "journal.db")
@@ -127,7 +127,7 @@ def test_killed_while_a_tool_runs(tmp_path):
         assert not (work / "b.txt").exists()
         os.remove(work / "a.txt")  # if the finished call ran again, a.txt would come back
         result = resume(api, tmp_path, "more")
-        assert result["result"] == "after"
+        assert result["result"] == "tools done\n\nafter"
         time.sleep(3)  # past when the killed run's `echo slow` would have written
         assert not (work / "b.txt").exists()  # the orphan was stopped, the call not re-run
         assert not (work / "a.txt").exists()
