@@ -1729,8 +1729,10 @@ class BatchAPI:
         if attempt >= self.retry.max_attempts:
             return
         delay = self.retry.delay_s(attempt, fault.retry_after_s, self._jitter())
-        notify(f"{fault.label} while {doing}; retry {attempt}/{self.retry.max_attempts - 1} "
-               f"in {delay:.0f}s")
+        # The truth: an unreachable host gets fewer tries, and a short delay is not "0s".
+        tries = (UNREACHABLE_ATTEMPTS if fault.unreachable else self.retry.max_attempts) - 1
+        shown = f"{delay:.1f}s" if delay < 10 else f"{delay:.0f}s"
+        notify(f"{fault.label} while {doing}; retry {min(attempt, tries)}/{tries} in {shown}")
         self.clock.sleep(delay)
 
     def _unreachable_text(self, exc: Exception) -> str:
@@ -2068,7 +2070,10 @@ SYSTEM_PROMPT = """\
 You are a careful software engineer working in the directory {workdir} through two tools: \
 bash (each command runs in a sandbox: the working directory carries over between calls, \
 network is off unless the user allowed some domains, nothing outside the work directory is \
-writable) and str_replace_based_edit_tool (view, create, str_replace, insert). Every turn of \
+writable; files such as .bashrc, .gitconfig, .mcp.json and a .claude/ directory may show up \
+in listings as empty character devices: they are the sandbox's write-blocking placeholders, \
+not part of the project, so ignore them) and str_replace_based_edit_tool (view, create, \
+str_replace, insert). Every turn of \
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
@@ -2114,6 +2119,9 @@ class TurnWaiting:
     handle: str
     status: str
     session_id: str = ""
+    sent_at: float | None = None
+    """When the request was sent: a batch re-attached after a restart shows its true age."""
+    expected_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -2302,11 +2310,14 @@ class Agent:
         self._turns = 0
         self._touched: list[str] = []
         self._collected: list[str] = []  # answers of turns left in flight, finished first
+        self.unsent_prompt: str | None = None
+        """A prompt given to prompt() and not journaled (yet): the front-end keeps it."""
 
     # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
+        self.unsent_prompt = text
         try:
             if self._in_flight() and (earlier := self.run(new_prompt=False).text):
                 self._collected.append(earlier)
@@ -2318,6 +2329,7 @@ class Agent:
             raise
         self.store.add_user_content(self.session.id, self.session.conversation,
                                     [{"type": "text", "text": text}])
+        self.unsent_prompt = None
         return self.run(new_prompt=True)
 
     def resume(self) -> RunResult | None:
@@ -2551,7 +2563,9 @@ class Agent:
         ticket = self.channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
             expected_s=self.expected_wait_s(request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)))
+            on_status=lambda status: self.emit(TurnWaiting(
+                request.batch_id or "", status, sent_at=request.submitted_at,
+                expected_s=self.expected_wait_s(request.model))))
         try:
             arrival = self._await(ticket)
         except BatchNotFound as exc:
@@ -2694,8 +2708,8 @@ def _is_empty_text(block: Any) -> bool:
 # UI (rich render functions; the console and clock come in as arguments)
 ##############################################################################
 
-INTERRUPT_MENU = ("[bold yellow]Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
-                  "(it keeps running; resume later) · Enter keep waiting[/]")
+INTERRUPT_MENU = ("Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
+                  "(it keeps running; resume later) · Enter keep waiting")
 
 
 def fmt_elapsed(seconds: float) -> str:
@@ -2706,6 +2720,11 @@ def fmt_elapsed(seconds: float) -> str:
 
 def fmt_tokens(n: int) -> str:
     return f"{n:,}"
+
+
+def plural(n: int, word: str) -> str:
+    """'1 turn', '2 turns', '1 batch', '3 batches'."""
+    return f"{n:,} {word if n == 1 else word + ('es' if word.endswith('ch') else 's')}"
 
 
 def shorten(text: str, max_lines: int = 3, width: int = 160) -> str:
@@ -2725,30 +2744,212 @@ class WaitState:
     status: str = "in_progress"
     polls: int = 0
     note: str = ""
+    menu: str = ""
+    """The Ctrl-C menu, shown under the line while the counter goes on."""
 
 
 class WaitLine:
-    """A rich renderable: spinner, elapsed m:ss, batch id, status, expected wait."""
+    """A rich renderable: spinner, elapsed m:ss, batch id, status, expected wait; then the
+    Ctrl-C menu and what was typed meanwhile, if any. The spinner line never wraps (a wrapped
+    live line leaves stacked copies behind on a resize)."""
 
-    def __init__(self, state: WaitState, clock: Callable[[], float]) -> None:
+    def __init__(self, state: WaitState, clock: Callable[[], float],
+                 typed: Callable[[], str] = str) -> None:
         from rich.spinner import Spinner
 
-        self.state, self.clock = state, clock
+        self.state, self.clock, self.typed = state, clock, typed
         self.spinner = Spinner("dots", style="cyan")
 
     def text(self) -> str:
         s = self.state
-        parts = [f"waiting {fmt_elapsed(self.clock() - s.started_at)}",
-                 f"turn {s.turn}", s.batch_id, s.status.replace("_", " ")]
+        elapsed_s = self.clock() - s.started_at
+        parts = [f"waiting {fmt_elapsed(elapsed_s)}", f"turn {s.turn}" if s.turn else "",
+                 s.batch_id, s.status.replace("_", " ")]
         if s.expected_s is not None:
-            parts.append(f"expected ~{fmt_elapsed(s.expected_s)}")
+            parts.append(f"usually ~{fmt_elapsed(s.expected_s)}, taking longer" if
+                         elapsed_s > s.expected_s else f"expected ~{fmt_elapsed(s.expected_s)}")
         if s.note:
             parts.append(s.note)
-        return " · ".join(parts) + "  (Ctrl-C: options)"
+        return " · ".join(p for p in parts if p) + ("" if s.menu else "  (Ctrl-C: options)")
 
     def __rich__(self) -> Any:
-        self.spinner.update(text=self.text())
-        return self.spinner
+        from rich.console import Group
+        from rich.text import Text
+
+        lines: list[Any] = [_one_line(self.spinner, self.text())]
+        if self.state.menu:
+            lines.append(Text(self.state.menu, style="bold yellow"))
+        lines += typed_lines(self.typed())
+        return Group(*lines)
+
+
+def typed_lines(typed: str) -> list[Any]:
+    """What was typed during a wait, shown as one input (it becomes the next prompt)."""
+    from rich.text import Text
+
+    if not typed:
+        return []
+    lines = typed.split("\n")
+    shown = lines[-1][-70:] if len(lines) == 1 else f"({len(lines)} lines) …{lines[-1][-50:]}"
+    return [Text(f"typed, for the next prompt: {shown}", style="dim", no_wrap=True,
+                 overflow="ellipsis")]
+
+
+class ToolLine:
+    """The spinner while a tool runs: its label and how long it has run."""
+
+    def __init__(self, label: str, clock: Callable[[], float],
+                 typed: Callable[[], str] = str) -> None:
+        from rich.spinner import Spinner
+
+        self.label, self.clock, self.typed = label, clock, typed
+        self.started_at = clock()
+        self.spinner = Spinner("dots", style="cyan")
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        text = f"running {fmt_elapsed(self.clock() - self.started_at)} · {self.label}"
+        return Group(_one_line(self.spinner, text), *typed_lines(self.typed()))
+
+
+def _one_line(spinner: Any, text: str) -> Any:
+    """The spinner's frame and text, cut with an ellipsis rather than wrapped."""
+    from rich.text import Text
+
+    spinner.update(text=Text(text))
+    line = spinner.render(time.monotonic())
+    line.no_wrap, line.overflow = True, "ellipsis"
+    return line
+
+
+class TypeAhead:
+    """Keys typed while the agent works (a batch runs, a tool runs): kept in ONE buffer that
+    becomes the next prompt's starting text. Enter adds a line there and never sends, and a
+    bracketed paste arrives whole, so one input is never split into several paid prompts.
+    `feed` is pure (tests drive it); `start` puts the terminal in cbreak without echo (Ctrl-C
+    still interrupts) and reads it in a thread. While the Ctrl-C menu waits for a key, the
+    next key goes to the menu instead."""
+
+    _PASTE_ON, _PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+
+    def __init__(self, on_clear: Callable[[], None] = lambda: None) -> None:
+        self.buffer = ""
+        self.on_clear = on_clear
+        self._pending = ""
+        self._keys: collections.deque[str] = collections.deque()
+        self._menu_wants_key = False
+        self._lock = threading.Lock()
+        self._got_key = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved: Any = None
+
+    def text(self) -> str:
+        with self._lock:
+            return self.buffer
+
+    def feed(self, data: str) -> None:
+        with self._lock:
+            data, self._pending = self._pending + data, ""
+            i = 0
+            while i < len(data):
+                i = self._take(data, i)
+
+    def _take(self, data: str, i: int) -> int:
+        """Consume one key (or escape sequence) at data[i]; return where the next starts."""
+        ch = data[i]
+        if self._menu_wants_key and ch != "\x1b":
+            self._menu_wants_key = False
+            self._keys.append(ch)
+            self._got_key.set()
+            return i + 1
+        if ch == "\x1b":
+            return self._escape(data, i)
+        if ch in "\r\n":
+            self.buffer += "\n"
+        elif ch in "\x7f\x08":
+            self.buffer = self.buffer[:-1]
+        elif ch == "\x15":  # Ctrl-U: start the input over
+            self.buffer = ""
+        elif ch == "\x0c":  # Ctrl-L
+            self.on_clear()
+        elif ch == "\t" or ch >= " ":
+            self.buffer += ch
+        return i + 1
+
+    def _escape(self, data: str, i: int) -> int:
+        rest = data[i + 1:]
+        if not rest or (rest[0] == "[" and not re.search(r"[@-~]", rest[1:])):
+            self._pending = data[i:]  # the sequence continues in the next read
+            return len(data)
+        if rest[0] in "\r\n":  # Alt-Enter: a new line, as at the prompt
+            self.buffer += "\n"
+            return i + 2
+        if rest[0] == "[":
+            end = i + 2 + re.search(r"[@-~]", rest[1:]).start()  # type: ignore[union-attr]
+            if data[i:end + 1] == "\x1b[200~":  # a paste: taken whole, newlines and all
+                close = data.find("\x1b[201~", end + 1)
+                if close < 0:
+                    self._pending = data[i:]
+                    return len(data)
+                self.buffer += data[end + 1:close].replace("\r\n", "\n").replace("\r", "\n")
+                return close + 6
+            return end + 1  # arrows and the like: not text
+        return i + 2
+
+    # -- the terminal ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None or not sys.stdin.isatty():
+            return
+        fd = sys.stdin.fileno()
+        self._saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
+        sys.stdout.write(self._PASTE_ON)
+        sys.stdout.flush()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._read, args=(fd,), daemon=True,
+                                        name="type-ahead")
+        self._thread.start()
+
+    def _read(self, fd: int) -> None:
+        import select
+
+        while not self._stop.is_set():
+            if select.select([fd], [], [], 0.1)[0]:
+                data = os.read(fd, 4096)
+                if not data:
+                    return
+                self.feed(data.decode(errors="replace"))
+
+    def stop(self) -> str:
+        """Give the terminal back; return what was typed (and forget it)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._saved)
+            sys.stdout.write(self._PASTE_OFF)
+            sys.stdout.flush()
+        with self._lock:
+            typed, self.buffer = self.buffer, ""
+        return typed
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def read_key(self, timeout_s: float) -> str | None:
+        """The next key for the Ctrl-C menu, or None after timeout_s."""
+        with self._lock:
+            if not self._keys:
+                self._menu_wants_key = True
+                self._got_key.clear()
+        self._got_key.wait(timeout_s)
+        with self._lock:
+            if self._keys:
+                return self._keys.popleft()
+            return None
 
 
 class ConsoleUI:
@@ -2756,15 +2957,31 @@ class ConsoleUI:
     below print; `interactive` decides between a live spinner and plain progress lines."""
 
     def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
-                 interactive: bool = True, read_key: Callable[[], str] | None = None,
-                 answers: bool = True) -> None:
+                 interactive: bool = True,
+                 read_key: Callable[[float], str | None] | None = None,
+                 answers: bool = True, typeahead: TypeAhead | None = None) -> None:
         self.console = console
         self.clock = clock
         self.interactive = interactive
         self.answers = answers
-        self.read_key = read_key or read_key_from_tty
+        self.typeahead = typeahead or TypeAhead(on_clear=console.clear)
+        self.read_key = read_key or self._read_key
         self._live: Any = None
         self._wait: WaitState | None = None
+
+    # -- typing while the agent works -------------------------------------------------------
+    def start_typing(self) -> None:
+        """Keys typed from now until stop_typing are one input for the next prompt."""
+        if self.interactive:
+            self.typeahead.start()
+
+    def stop_typing(self) -> str:
+        return self.typeahead.stop()
+
+    def _read_key(self, timeout_s: float) -> str | None:
+        if self.typeahead.active:
+            return self.typeahead.read_key(timeout_s)
+        return read_key_from_tty(timeout_s)
 
     def handle(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -2773,14 +2990,18 @@ class ConsoleUI:
 
     def _on_TurnSent(self, e: TurnSent) -> None:
         self._wait = WaitState(e.handle, e.turn, e.sent_at, e.expected_s)
-        estimate = f" · est. {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
+        # The estimate is an upper bound (the whole prompt at the cache-write rate): say so.
+        estimate = f" · at most {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
         self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.handle} "
                            f"submitted{estimate}[/]")
         self._start_live()
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
-        if self._wait is None:  # re-attached after a restart: spinner from the journal's time
-            self._wait = WaitState(e.handle, 0, self.clock(), None)
+        if self._wait is None:  # re-attached after a restart: the batch's true age
+            sent_at = e.sent_at if e.sent_at is not None else self.clock()
+            self._wait = WaitState(e.handle, 0, sent_at, e.expected_s)
+            self.console.print(f"[dim]re-attached to batch {e.handle}, submitted "
+                               f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
         self._wait.polls += 1
@@ -2790,23 +3011,26 @@ class ConsoleUI:
         self._wait = None
         line = f"batch {e.handle} {e.result_type} after {fmt_elapsed(e.wait_s)}"
         if e.cost is not None and e.usage is not None:
-            line += (f" · {fmt_tokens(e.usage.prompt_tokens)} in / "
-                     f"{fmt_tokens(e.usage.output_tokens)} out · paid {fmt_usd(e.cost.paid_usd)}"
-                     f" (sync {fmt_usd(e.cost.sync_usd)})")
+            u = e.usage  # "in" is the whole prompt; /stats splits it the same way
+            line += (f" · {fmt_tokens(u.prompt_tokens)} in ({fmt_tokens(u.input_tokens)} "
+                     f"uncached) / {fmt_tokens(u.output_tokens)} out · paid "
+                     f"{fmt_usd(e.cost.paid_usd)} (sync {fmt_usd(e.cost.sync_usd)})")
         self.console.print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
-        from rich.markdown import Markdown
-
         self.stop_live()
         if self.answers:
-            self.console.print(Markdown(e.text))
+            self.console.print(render_answer(e.text))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
             self.console.print(f"[dim]running {_escape(e.label)}[/]")
             return
-        self._live = self.console.status(f"[cyan]running[/] {_escape(e.label)}")
+        from rich.live import Live
+
+        self.stop_live()
+        self._live = Live(ToolLine(e.label, self.clock, self.typeahead.text),
+                          console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
 
     def _on_ToolFinished(self, e: ToolFinished) -> None:
@@ -2831,8 +3055,8 @@ class ConsoleUI:
         from rich.live import Live
 
         self.stop_live()
-        self._live = Live(WaitLine(self._wait, self.clock), console=self.console,
-                          refresh_per_second=4, transient=True)
+        self._live = Live(WaitLine(self._wait, self.clock, self.typeahead.text),
+                          console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
 
     def stop_live(self) -> None:
@@ -2841,19 +3065,31 @@ class ConsoleUI:
             self._live = None
 
     def ask_interrupt(self, batch_id: str) -> str:
-        """One key: c cancels, d detaches, Enter keeps waiting; another Ctrl-C detaches."""
-        self.stop_live()
+        """One key: c cancels, d detaches, Enter keeps waiting; another Ctrl-C detaches.
+        The world goes on meanwhile: the channel keeps polling, the counter keeps counting
+        under the menu, and a batch that ends before the key is pressed is announced and
+        collected."""
         if not self.interactive:
+            self.stop_live()
             return "detach"
-        self.console.print(INTERRUPT_MENU.format(batch=batch_id))
+        wait = self._wait or WaitState(batch_id, 0, self.clock(), None)
+        self._wait = wait
+        wait.menu = INTERRUPT_MENU.format(batch=batch_id)
+        if self._live is None:
+            self._start_live()
         try:
-            key = self.read_key()
+            key = None
+            while key is None:
+                if wait.status == "ended":
+                    self.console.print(f"[dim]batch {batch_id} ended while the menu was "
+                                       "open; collecting it[/]")
+                    return "wait"
+                key = self.read_key(WAIT_SLICE_S)
         except (KeyboardInterrupt, EOFError):
             key = "d"
-        choice = {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
-        if choice == "wait":
-            self._start_live()
-        return choice
+        finally:
+            wait.menu = ""
+        return {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
 
     def error(self, text: str) -> None:
         self.stop_live()
@@ -2863,15 +3099,20 @@ class ConsoleUI:
         self.console.print(text)
 
 
-def read_key_from_tty() -> str:
-    """Read one key without waiting for Enter; Ctrl-C still raises KeyboardInterrupt."""
+def read_key_from_tty(timeout_s: float) -> str | None:
+    """One key without waiting for Enter, or None after timeout_s; Ctrl-C still raises
+    KeyboardInterrupt."""
+    import select
+
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     try:
-        tty.setcbreak(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
+        if not select.select([fd], [], [], timeout_s)[0]:
+            return None
         data = os.read(fd, 1)
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
     if not data:
         raise EOFError
     return data.decode(errors="replace")
@@ -2885,6 +3126,28 @@ def _escape(text: str) -> str:
 
 def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
+
+
+# What makes model text Markdown: a heading, a fence, a list, emphasis, a link, a table rule.
+_MARKDOWN_RE = re.compile(r"^#{1,6} |^\s*(```|~~~)|^\s*([-*+]|\d+[.)]) |\*\*\S|`[^`\n]+`|"
+                          r"\]\(\S+\)|^\s*\|?\s*:?-{3,}", re.MULTILINE)
+
+
+def render_answer(text: str) -> Any:
+    """Model text as Markdown only when it is Markdown, and with its single line breaks kept
+    either way (a listing of files is lines, not a paragraph to reflow)."""
+    from rich.markdown import Markdown
+    from rich.text import Text
+
+    if not _MARKDOWN_RE.search(text):
+        return Text(text)
+    lines, fenced = text.split("\n"), False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and line.strip() and i + 1 < len(lines) and lines[i + 1].strip():
+            lines[i] = line.rstrip() + "  "  # a Markdown hard break: the line stays a line
+    return Markdown("\n".join(lines))
 
 
 STATS_EXPLAINED = (
@@ -2948,21 +3211,33 @@ def render_stats(console: Any, requests: Sequence[RequestRow], model: str,
     from rich.text import Text
 
     totals = stats_totals(requests)
-    body = Group(_turn_table(requests), Text(""), Text(_totals_line(totals)),
+    body = Group(_turn_table(requests, console.width - 4), Text(""), Text(_totals_line(totals)),
                  Text(_turnaround_line(history, model)), Text(""),
                  Text(STATS_EXPLAINED, style="dim"))
     console.print(Panel(body, title="session cost: batch path vs synchronous", expand=False))
 
 
-def _turn_table(requests: Sequence[RequestRow]) -> Any:
-    from rich.table import Table
+_TURN_COLUMNS = ("turn", "model", "waited", "uncached", "output", "cache write", "cache read",
+                 "hit", "paid (batch)", "sync")
 
+
+def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
+    """A row per turn; on a terminal too narrow for the table, one folded line per turn
+    instead: a figure is never cut (a truncated '$0…' is worse than no column)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [_turn_cells(i, r) for i, r in enumerate(requests, 1)]
+    widths = [max(len(c) for c in col) for col in zip(_TURN_COLUMNS, *rows, strict=True)]
+    if sum(widths) + 2 * (len(widths) - 1) > width:
+        return Text("\n".join(" · ".join(f"{name} {cell}" if name != "turn" else f"turn {cell}"
+                                          for name, cell in zip(_TURN_COLUMNS, row, strict=True)
+                                          if cell) for row in rows))
     table = Table(box=None, pad_edge=False)
-    for col in ("turn", "model", "waited", "input", "output", "cache write", "cache read",
-                "hit", "paid (batch)", "sync"):
-        table.add_column(col, justify="left" if col in ("model",) else "right")
-    for i, r in enumerate(requests, 1):
-        table.add_row(*_turn_cells(i, r))
+    for col in _TURN_COLUMNS:
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -2970,7 +3245,7 @@ def _turn_cells(i: int, r: RequestRow) -> list[str]:
     u = r.usage_value
     if r.result_type is None and r.state in IN_FLIGHT_STATES:
         return [str(i), r.model, "in flight", "", "", "", "", "",
-                f"~{fmt_usd(r.estimate_usd)} est.", ""]
+                f"≤ {fmt_usd(r.estimate_usd)}", ""]
     if r.result_type is None and r.batch_id is None:  # never reached the API: not billed
         return [str(i), r.model, r.error_message or r.state, "", "", "", "", "", "$0", ""]
     if r.result_type is None:  # a batch ran, its result could not be had: billed, unknown
@@ -2992,12 +3267,17 @@ def _totals_line(t: StatsTotals) -> str:
     u = t.usage
     ratio = cache_hit_ratio(u)
     pct = f" ({t.saved_pct:.0f} %)" if t.saved_pct is not None else ""
-    per_min = f"{fmt_usd(t.saved_per_min)} per minute waited" if t.saved_per_min else "-"
-    unknown = f" · {t.unknown_prices} turn(s) with price unknown" if t.unknown_prices else ""
-    unknown += f" · in flight ~{fmt_usd(t.in_flight_usd)} (estimate)" if t.in_flight_usd else ""
+    per_min = (f"the batch path saved {fmt_usd(t.saved_per_min)} per minute spent waiting"
+               if t.saved_per_min else "-")
+    unknown = (f" · {plural(t.unknown_prices, 'turn')} with price unknown"
+               if t.unknown_prices else "")
+    unknown += f" · in flight ≤ {fmt_usd(t.in_flight_usd)}" if t.in_flight_usd else ""
+    # Negative until 1-hour cache writes are repaid by reads: say it as the extra it is.
+    cache = (f"cache saved {fmt_usd(t.cache_saved_usd)}" if t.cache_saved_usd >= 0 else
+             f"cache cost {fmt_usd(-t.cache_saved_usd)} extra so far (writes not yet repaid by "
+             "reads)")
     return (f"total: paid {fmt_usd(t.paid_usd)} · sync would be {fmt_usd(t.sync_usd)} · "
-            f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · cache saved "
-            f"{fmt_usd(t.cache_saved_usd)} · cache hit "
+            f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · {cache} · cache hit "
             f"{f'{100 * ratio:.0f}%' if ratio is not None else '-'} · waited "
             f"{t.waited_s / 60:.1f} min · {per_min}{unknown}")
 
@@ -3006,7 +3286,7 @@ def _turnaround_line(history: Sequence[RequestRow], model: str) -> str:
     waits = turnarounds(history, model)
     if not waits:
         return f"batch turnaround for {model}: no finished batches yet"
-    return (f"batch turnaround for {model}: {len(waits)} batches · median "
+    return (f"batch turnaround for {model}: {plural(len(waits), 'batch')} · median "
             f"{fmt_elapsed(median(waits) or 0)} · p90 {fmt_elapsed(percentile(waits, 0.9) or 0)}")
 
 
@@ -3031,7 +3311,8 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
     for day in sorted({_day(r.submitted_at) for r in requests}):
         rows = [r for r in requests if _day(r.submitted_at) == day]
         t = stats_totals(rows)
-        unknown = f" + {t.unknown_prices} turn(s) price unknown" if t.unknown_prices else ""
+        unknown = (f" + {plural(t.unknown_prices, 'turn')} price unknown"
+                   if t.unknown_prices else "")
         by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
     console.print(by_model)
@@ -3045,6 +3326,50 @@ def _known_usd(amount: float, known: bool) -> str:
 
 def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+def first_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    for m in messages:
+        texts = [b.get("text", "") for b in _as_blocks(m.get("content"))
+                 if isinstance(b, dict) and b.get("type") == "text"]
+        if m.get("role") == "user" and any(texts):
+            return " ".join(texts)
+    return ""
+
+
+def fmt_ago(seconds: float) -> str:
+    minutes = int(max(0.0, seconds) // 60)
+    if minutes < 1:
+        return "just now"
+    if minutes < 60:
+        return f"{minutes} min ago"
+    hours = minutes // 60
+    return f"{hours} h ago" if hours < 48 else f"{hours // 24} days ago"
+
+
+def render_recap(console: Any, messages: Sequence[Mapping[str, Any]],
+                 requests: Sequence[RequestRow], last: int = 4) -> None:
+    """Where a resumed session stands: its last prompts and answers, shortened."""
+    lines: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if m.get("role") == "assistant":
+            text = final_text(content)
+            tools = [describe_tool_call(str(b.get("name")), b.get("input"))
+                     for b in unanswered_tool_uses(m)]
+            lines += [f"  {shorten(text, 2, 100)}"] if text else []
+            lines += [f"  [tool] {label}" for label in tools]
+        else:
+            texts = [b.get("text", "") for b in _as_blocks(content)
+                     if isinstance(b, dict) and b.get("type") == "text"]
+            lines += [f"› {shorten(' '.join(texts), 2, 100)}"] if any(texts) else []
+    if not lines:
+        return
+    turns = sum(1 for r in requests if r.result_type == "succeeded")
+    console.print(f"[dim]earlier in this session ({plural(turns, 'turn')}, paid "
+                  f"{fmt_usd(stats_totals(requests).paid_usd)}):[/]")
+    for line in lines[-2 * last:]:
+        console.print(_indent(_escape(line), "  "), style="dim")
 
 
 def render_banner(console: Any, config: Config, session: SessionRow, sandbox_line: str) -> None:
@@ -3088,15 +3413,18 @@ class Repl:
         self.ui = ui
         self.read_line = read_line
         self.resume_command = resume_command
+        self.prefill = ""
+        """The next prompt's starting text: what was typed during a wait, or a prompt that
+        could not be sent. Nothing typed is ever dropped silently."""
         self.commands: dict[str, tuple[Callable[[str], int | None], str]] = {
             name: (getattr(self, method), help_text)
             for name, (method, help_text) in self.COMMANDS.items()}
 
     def run(self) -> int:
-        status = self.guarded(self.agent.resume)
+        status = self.working(self.agent.resume)
         while status is None:
             try:
-                line = self.read_line()
+                line = self._read()
             except EOFError:
                 return self.leave()
             except KeyboardInterrupt:
@@ -3110,7 +3438,25 @@ class Repl:
             return None
         if text.startswith("/"):
             return self.guarded(lambda: self.dispatch(text))
-        return self.guarded(lambda: self.agent.prompt(line))
+        return self.working(lambda: self.agent.prompt(line))
+
+    def _read(self) -> str:
+        prefill, self.prefill = self.prefill, ""
+        return self.read_line(prefill) if prefill else self.read_line()  # type: ignore[call-arg]
+
+    def working(self, step: Callable[[], object]) -> int | None:
+        """Agent work inside the boundary. Keys typed meanwhile are one input, handed to the
+        next prompt as its text; so is a prompt the agent could not send (it says why)."""
+        self.ui.start_typing()
+        try:
+            return self.guarded(step)
+        finally:
+            typed = self.ui.stop_typing()
+            unsent = self.agent.unsent_prompt
+            self.prefill = "\n".join(t for t in (unsent, typed) if t)
+            if self.prefill:
+                what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
+                self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
 
     def guarded(self, step: Callable[[], object]) -> int | None:
         """The one boundary: expected failures are one line; the journal keeps the state.
@@ -3193,14 +3539,17 @@ class Repl:
         self.ui.info("new conversation; the session's spend so far still counts in /stats")
 
     def cmd_resume(self, arg: str) -> int | None:
-        sessions = self.journal.recent_sessions(10)
+        sessions = [s for s in self.journal.recent_sessions(30)
+                    if self.journal.messages(s.id, s.conversation)][:10]  # empty ones: no
         if not arg:
             for i, s in enumerate(sessions, 1):
-                self.ui.info(f"  {i:>2}. {s.id}  {s.model}  {s.workdir}  "
-                             f"[dim]{_day(s.updated_at)}[/]")
+                self.ui.info(f"  {i:>2}. {_escape(self._describe(s))}")
             try:
-                arg = self.read_line_with("session number or id: ")
+                arg = self.read_line_with("session number or id (Enter: stay here): ")
             except (EOFError, KeyboardInterrupt):
+                arg = ""
+            if not arg.strip():
+                self.ui.info("[dim]staying in this session[/]")
                 return None
         chosen = _pick_session(sessions, arg.strip(), self.journal)
         if chosen is None:
@@ -3213,7 +3562,20 @@ class Repl:
         self.lock.acquire(chosen.id)  # one process per session, as on the command line
         self.agent.switch_session(chosen)
         self.ui.info(f"resumed session {chosen.id}")
-        return self.guarded(self.agent.resume)
+        render_recap(self.ui.console, self.journal.messages(chosen.id, chosen.conversation),
+                     self.journal.requests(chosen.id))
+        return self.working(self.agent.resume)
+
+    def _describe(self, s: SessionRow) -> str:
+        """What tells sessions apart: the first prompt, turns, cost, last activity."""
+        messages = self.journal.messages(s.id, s.conversation)
+        requests = self.journal.requests(s.id)
+        title = " ".join(first_prompt(messages).split())
+        title = title[:48] + "…" if len(title) > 48 else title
+        turns = sum(1 for r in requests if r.result_type == "succeeded")
+        paid = stats_totals(requests).paid_usd
+        return (f"{title or '(no prompt)'} · {plural(turns, 'turn')} · {fmt_usd(paid)} · "
+                f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
         return input(prompt)
@@ -3250,10 +3612,10 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
         prompt_continuation="… ")
     first = [sys.stdout.isatty()]
 
-    def read_line() -> str:
+    def read_line(default: str = "") -> str:
         if first and first.pop():
             sys.stdout.write("\r")  # draw over the early prompt, on the same line
-        return session.prompt(PROMPT)
+        return session.prompt(PROMPT, default=default)
 
     return read_line
 
@@ -3486,6 +3848,9 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     # that started us ignores SIGINT, as non-interactive shells do for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     render_banner(console, config, session, _sandbox_line(config))
+    if resumed:
+        render_recap(console, journal.messages(session.id, session.conversation),
+                     journal.requests(session.id))
     restore_terminal = show_prompt_early()
     try:
         read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))

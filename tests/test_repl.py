@@ -71,7 +71,7 @@ def test_resume_command_lists_and_picks_a_session(api, tmp_path):
     old.agent.prompt("first")
     new_session = old.journal.create_session(old.workdir.resolve(), "claude-opus-5-5")
     rig = make_rig(api, tmp_path, session=new_session)
-    repl, out = make_repl(rig, ["/resume 2", "/stats"], tmp_path)
+    repl, out = make_repl(rig, ["/resume 1", "/stats"], tmp_path)  # empty sessions are not listed
     assert repl.run() == 0
     assert rig.agent.session.id == old.agent.session.id
     assert f"resumed session {old.agent.session.id}" in out.getvalue()
