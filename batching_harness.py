@@ -2844,6 +2844,7 @@ class TypeAhead:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._saved: Any = None
+        self._start_lock = threading.Lock()
 
     def text(self) -> str:
         with self._lock:
@@ -2900,9 +2901,11 @@ class TypeAhead:
 
     # -- the terminal ------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None or not sys.stdin.isatty():
-            return
-        fd = sys.stdin.fileno()
+        with self._start_lock:  # the poller's thread may start a spinner too
+            if self._thread is None and sys.stdin.isatty():
+                self._start(sys.stdin.fileno())
+
+    def _start(self, fd: int) -> None:
         self._saved = termios.tcgetattr(fd)
         tty.setcbreak(fd, termios.TCSANOW)
         sys.stdout.write(self._PASTE_ON)
@@ -2924,6 +2927,15 @@ class TypeAhead:
 
     def stop(self) -> str:
         """Give the terminal back; return what was typed (and forget it)."""
+        with self._start_lock:
+            self._stop_reading()
+        with self._lock:
+            typed, self.buffer, self._pending = self.buffer, "", ""
+            self._menu_wants_key = False
+            self._keys.clear()
+        return typed
+
+    def _stop_reading(self) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -2931,9 +2943,6 @@ class TypeAhead:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._saved)
             sys.stdout.write(self._PASTE_OFF)
             sys.stdout.flush()
-        with self._lock:
-            typed, self.buffer = self.buffer, ""
-        return typed
 
     @property
     def active(self) -> bool:
@@ -2971,12 +2980,16 @@ class ConsoleUI:
 
     # -- typing while the agent works -------------------------------------------------------
     def start_typing(self) -> None:
-        """Keys typed from now until stop_typing are one input for the next prompt."""
+        """Keys typed from now (a batch or a tool is under way) until stop_typing are one
+        input for the next prompt. Keys typed before that stay in the terminal for the
+        prompt itself, as they always did."""
         if self.interactive:
             self.typeahead.start()
 
     def stop_typing(self) -> str:
-        return self.typeahead.stop()
+        """The terminal back to the prompt, and what was typed (an Enter at its end was
+        meant as "send": the prompt gets it back without it)."""
+        return self.typeahead.stop().rstrip("\n")
 
     def _read_key(self, timeout_s: float) -> str | None:
         if self.typeahead.active:
@@ -3029,6 +3042,7 @@ class ConsoleUI:
         from rich.live import Live
 
         self.stop_live()
+        self.start_typing()
         self._live = Live(ToolLine(e.label, self.clock, self.typeahead.text),
                           console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
@@ -3055,6 +3069,7 @@ class ConsoleUI:
         from rich.live import Live
 
         self.stop_live()
+        self.start_typing()
         self._live = Live(WaitLine(self._wait, self.clock, self.typeahead.text),
                           console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
@@ -3447,16 +3462,16 @@ class Repl:
     def working(self, step: Callable[[], object]) -> int | None:
         """Agent work inside the boundary. Keys typed meanwhile are one input, handed to the
         next prompt as its text; so is a prompt the agent could not send (it says why)."""
-        self.ui.start_typing()
         try:
-            return self.guarded(step)
+            status = self.guarded(step)
         finally:
-            typed = self.ui.stop_typing()
-            unsent = self.agent.unsent_prompt
-            self.prefill = "\n".join(t for t in (unsent, typed) if t)
-            if self.prefill:
-                what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
-                self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
+            typed = self.ui.stop_typing()  # the terminal goes back whatever happened
+        unsent = self.agent.unsent_prompt
+        self.prefill = "\n".join(t for t in (unsent, typed) if t)
+        if self.prefill and status is None:
+            what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
+            self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
+        return status
 
     def guarded(self, step: Callable[[], object]) -> int | None:
         """The one boundary: expected failures are one line; the journal keeps the state.

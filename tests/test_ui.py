@@ -258,3 +258,27 @@ def test_a_turn_makes_no_retrieve_once_the_list_shows_the_end(api, tmp_path):
     api.script.append(fa.text("ok"))
     make_rig(api, tmp_path).agent.prompt("go")
     assert api.count("retrieve") == 0 and api.count("results") == 1
+
+
+@pytest.mark.terminal
+def test_in_a_real_terminal_a_paste_during_a_wait_is_one_prompt(tmp_path):
+    from tests.test_terminal import PROMPT, finish, spawn
+
+    with fa.FakeAPI(latency_s=2.5) as server:
+        server.script.extend([fa.text("first"), fa.text("second")])
+        child = spawn(server, tmp_path, "--no-sandbox")
+        child.expect_exact(PROMPT)
+        child.sendline("go")
+        child.expect(r"waiting 0:0[01]")
+        child.send("\x1b[200~line one\nline two\x1b[201~\r")
+        child.expect("typed, for the next prompt")
+        child.expect("typed meanwhile is back at the prompt")
+        child.expect_exact(PROMPT)
+        child.send("\r")
+        child.expect("second")
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        assert finish(child) == 0
+        assert server.count("create") == 2
+        sent = server.model_requests[-1].params["messages"][-1]["content"][-1]["text"]
+        assert sent == "line one\nline two"
