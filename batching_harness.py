@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -81,14 +82,17 @@ _load_sandbox_module()
 from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     BashTool,
     EditorTool,
+    SandboxError,
     SandboxPolicy,
     SandboxUnavailable,
     Toolbox,
     ToolResult,
+    check_workdir,
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
     stop_leftovers,
+    terminal_safe,
 )
 
 ##############################################################################
@@ -232,6 +236,10 @@ class TurnFailed(HarnessError):
         self.record = record
 
 
+class _Hurry(Exception):
+    """Inside the agent: stop waiting for this batch and send the turn synchronously."""
+
+
 class Detached(HarnessError):
     """The user left a batch running; it can be re-attached with --resume."""
 
@@ -248,6 +256,14 @@ class Detached(HarnessError):
 
 CACHE_TTLS = {"1h": "1h", "5m": "5m", "off": None}
 OUTPUT_FORMATS = ("text", "json")
+ROUTES = ("batch", "sync", "auto")
+# What a minute of waiting is worth, for --route auto. At the prompt a person watches: a
+# saving under 5 cents a minute (a small turn that would save $0.004 for ~1:30) is not worth
+# their wait, while a large prompt on a dear model (saving 10 cents or more) still is.
+# Headless, nobody watches; a CI job's minute still has a small price, so a turn that saves
+# a fraction of a cent is not made to wait minutes for it.
+INTERACTIVE_WAIT_PRICE = 0.05
+HEADLESS_WAIT_PRICE = 0.005
 DEFAULT_POLL_INTERVAL_S = 2.5
 """At 2.5 s, polls plus the create and the results download stay under 30 requests a minute."""
 DEFAULT_TOOL_TIMEOUT_S = 120.0
@@ -300,9 +316,27 @@ class Config:
     sandbox: bool = field(default=True, metadata=option(
         "--no-sandbox", action="store_false", carried=True,
         help="run bash WITHOUT the sandbox"))
+    allow_dangerous_workdir: bool = field(default=False, metadata=option(
+        "--dangerously-allow-workdir", action="store_true", carried=True,
+        help="let tools work in a directory that is refused by default (/, your home, a "
+        "system directory, one holding the harness or its state): code planted there can "
+        "run on the host later"))
     cache_ttl: str | None = field(default=DEFAULT_CACHE_TTL, metadata=option(
         "--cache-ttl", choices=sorted(CACHE_TTLS), carried=True, parse=CACHE_TTLS.__getitem__,
         show=_ttl_shown, help=f"prompt-cache TTL (default {DEFAULT_CACHE_TTL})"))
+    route: str = field(default="batch", metadata=option(
+        "--route", choices=ROUTES, carried=True,
+        help="which lane carries each turn: batch (default: half price, a minute or more), "
+        "sync (streamed, full price, at once) or auto (per turn, from measured turnaround "
+        "and --wait-price)"))
+    wait_price_usd_per_min: float | None = field(default=None, metadata=option(
+        "--wait-price", metavar="USD_PER_MIN", carried=True, parse=float,
+        help=f"what a minute of waiting is worth to you, for --route auto (default "
+        f"{INTERACTIVE_WAIT_PRICE:g} at the prompt, {HEADLESS_WAIT_PRICE:g} headless)"))
+    max_wait_s: float | None = field(default=None, metadata=option(
+        "--max-wait", metavar="S", carried=True, parse=float,
+        help="past S seconds a batch turn is cancelled and sent synchronously (auto: the "
+        "model's measured p90 turnaround)"))
     max_budget_usd: float | None = field(default=None, metadata=option(
         "--max-budget-usd", metavar="USD", carried=True, parse=float,
         help="refuse to submit a turn that would take the session past this spend"))
@@ -401,6 +435,10 @@ def _check_values(c: Config, ns: argparse.Namespace) -> None:
         raise ConfigError("--tool-timeout must be a positive number of seconds")
     if c.max_budget_usd is not None and c.max_budget_usd <= 0:
         raise ConfigError("--max-budget-usd must be a positive amount")
+    if c.wait_price_usd_per_min is not None and c.wait_price_usd_per_min < 0:
+        raise ConfigError("--wait-price must be zero or more dollars a minute")
+    if c.max_wait_s is not None and c.max_wait_s <= 0:
+        raise ConfigError("--max-wait must be a positive number of seconds")
     if c.continue_last and c.resume_id:
         raise ConfigError("use --continue or --resume ID, not both")
     if ns.output_format is not None and c.prompt is None:
@@ -643,6 +681,12 @@ def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
             yield block, str(marker.get("ttl") or "5m")
 
 
+def fmt_elapsed(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
 def fmt_usd(amount: float | None) -> str:
     if amount is None:
         return "price unknown"
@@ -860,6 +904,8 @@ class RequestRow:
     wait_s: float | None = None
     lane: str = "batch"
     """batch | sync: which channel carried it, and so at which rates it was priced."""
+    route: str | None = None
+    """Why it took that lane (the router's one line), when the router chose."""
 
     @property
     def usage_value(self) -> Usage:
@@ -918,7 +964,8 @@ class Store(Protocol):
                          blocks: list[dict[str, Any]]) -> None: ...
     def begin_request(self, row: RequestRow) -> None: ...
     def set_batch(self, custom_id: str, batch_id: str) -> None: ...
-    def record_outcome(self, custom_id: str, outcome: Outcome) -> None: ...
+    def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None: ...
+    def hurry_request(self, custom_id: str) -> None: ...
     def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None: ...
     def fail_request(self, custom_id: str, reason: str | None = None) -> None: ...
     def request(self, custom_id: str) -> RequestRow: ...
@@ -1004,6 +1051,12 @@ def _lanes_and_targeted_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_by_state ON requests(session_id, state)")
     db.execute("CREATE INDEX requests_by_transcript ON requests(session_id, conversation, "
                "n_messages)")
+
+
+@migration(3)
+def _route_decisions(db: sqlite3.Connection) -> None:
+    """Why each turn took its lane (auto's numbers), kept beside the turn."""
+    db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
 
 
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -1198,11 +1251,12 @@ class SqliteStore:
                        (batch_id, custom_id))
             db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)", (custom_id, batch_id))
 
-    def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
+    def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None:
+        """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied)."""
         cost = outcome.cost
         with self._tx() as db:
             db.execute(
-                "UPDATE requests SET state='ended', ended_at=?, wait_s=?, result_type=?, "
+                f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
                 "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
                 "sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?",
                 (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
@@ -1223,6 +1277,13 @@ class SqliteStore:
                 self._insert_message(db, request.session_id, request.conversation, "assistant",
                                      content, request.stop_reason)
             self._touch(db, request.session_id)
+
+    def hurry_request(self, custom_id: str) -> None:
+        """The batch was cancelled and its turn sent synchronously: no longer in flight for
+        this session; if it still ends with an answer, that answer is waste, not applied."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET state='hurried' WHERE custom_id=? AND "
+                       "state='submitted'", (custom_id,))
 
     def fail_request(self, custom_id: str, reason: str | None = None) -> None:
         with self._tx() as db:
@@ -1397,6 +1458,8 @@ BATCH_REQUESTS_PER_MINUTE = 50
 MISSING_TICKS_BEFORE_RETRIEVE = 2
 # An ended batch whose results_url is still null is asked for again this many times.
 NULL_RESULTS_URL_TRIES = 5
+# Results files fetched side by side when several batches end in one tick.
+RESULTS_DOWNLOADS = 8
 # Connection refused / unknown host: the request never left this machine, so trying again
 # for minutes helps nobody; a few quick tries ride out a blip.
 UNREACHABLE_ATTEMPTS = 3
@@ -1530,14 +1593,32 @@ class Ticket:
         self.status = "in_progress"
         self._arrival: Arrival | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Ticket], None]] = []
+        self._lock = threading.Lock()
 
     def resolve(self, arrival: Arrival) -> None:
         self._arrival = arrival
-        self.event.set()
+        self._done()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self.event.set()
+        self._done()
+
+    def add_done_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Run `callback(ticket)` when it is resolved (at once if it already is): how a
+        batch nobody waits for any more (hurried past) still gets its cost recorded."""
+        with self._lock:
+            if not self.event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def _done(self) -> None:
+        with self._lock:
+            self.event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     @property
     def done(self) -> bool:
@@ -1551,6 +1632,8 @@ class Ticket:
 
 
 Notify = Callable[[str], None]
+StreamListener = Callable[[str, str], None]
+"""(kind, text) as an answer streams in: kind is "text" or "thinking"."""
 
 
 class Channel(Protocol):
@@ -1560,13 +1643,17 @@ class Channel(Protocol):
     in CHANNELS."""
 
     lane: str
+    stops_on_ctrl_c: bool
+    """True: Ctrl-C stops the request at once (a stream); False: the user is asked."""
 
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
              notify: Notify) -> str: ...
     def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None: ...
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
-              on_status: Callable[[str], None], notify: Notify) -> Ticket: ...
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket: ...
     def cancel(self, handle: str, notify: Notify) -> None: ...
+    def forget(self, ticket: Ticket) -> None: ...
 
 
 def batch_betas(requests: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -1873,6 +1960,7 @@ class BatchChannel:
     rich's Progress: many tasks in a dict under a lock, one refresh thread."""
 
     lane = "batch"
+    stops_on_ctrl_c = False
 
     def __init__(self, api: BatchAPI, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  clock: Clock | None = None) -> None:
@@ -1891,6 +1979,10 @@ class BatchChannel:
         return self.api.create([{"custom_id": custom_id, "params": params}], exclude=exclude,
                                notify=notify)
 
+    @classmethod
+    def from_config(cls, api: BatchAPI, config: Config) -> BatchChannel:
+        return cls(api, poll_interval_s=config.poll_interval_s)
+
     def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
         wait_s = sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
         if wait_s > 0:  # a create cut off moments ago may not be listed yet
@@ -1898,7 +1990,8 @@ class BatchChannel:
         return self.api.find(not_before=sent_at, size=1, exclude=exclude, notify=notify)
 
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
-              on_status: Callable[[str], None], notify: Notify) -> Ticket:
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
         ticket = Ticket(custom_id, handle)
         now = self.clock.now()
         # A batch just created cannot have ended: the first look waits one interval; a
@@ -1981,29 +2074,34 @@ class BatchChannel:
         except HarnessError as exc:
             self._fail_all(exc)
             return
-        for watch in watches:
-            self._look(watch, views.get(watch.batch_id))
+        ended = [(w, v) for w in watches if (v := self._look(w, views.get(w.batch_id)))]
+        if len(ended) > 1:  # many batches ending at once: fetch their results side by side
+            with concurrent.futures.ThreadPoolExecutor(RESULTS_DOWNLOADS) as pool:
+                list(pool.map(lambda wv: self._collect(*wv), ended))
+        elif ended:
+            self._collect(*ended[0])
 
-    def _look(self, watch: _Watch, view: BatchView | None) -> None:
+    def _look(self, watch: _Watch, view: BatchView | None) -> BatchView | None:
+        """Act on what a tick showed of one batch; the view when it has ended."""
         if view is None:
             watch.missing_ticks += 1
             if watch.missing_ticks < MISSING_TICKS_BEFORE_RETRIEVE:
                 watch.due_at = self.clock.now()
-                return
+                return None
             try:
                 view = self.api.retrieve(watch.batch_id, self._notifier(watch))
             except HarnessError as exc:
                 self._finish(watch, error=exc)
-                return
+                return None
         watch.missing_ticks = 0
         for on_status, _ in list(watch.listeners):
             on_status(view.status)
         if view.status == "ended":
-            self._collect(watch, view)
-            return
+            return view
         elapsed = self.clock.now() - watch.started_at
         watch.due_at = self.clock.now() + next_poll_delay_s(elapsed, self.poll_interval_s,
                                                             watch.expected_s)
+        return None
 
     def _collect(self, watch: _Watch, view: BatchView) -> None:
         if not view.results_url:  # allowed by the schema; the file shows up a little later
@@ -2058,8 +2156,126 @@ class BatchChannel:
             self._notifier(watch)(text)
 
 
+# The handle a synchronous request is journaled under until its stream ends.
+SYNC_HANDLE_PREFIX = "sync_"
+
+
+@dataclass
+class _Stream:
+    custom_id: str
+    params: dict[str, Any]
+    ticket: Ticket
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class SyncChannel:
+    """The synchronous lane: the Messages API with streaming, at full price and at once.
+    `send` accepts the request (the caller journals its handle); `watch` starts the stream
+    in a thread of its own, passes text and thinking to `on_stream` as it arrives, and
+    resolves the ticket with the final message. A stream cut by a crash cannot be re-joined:
+    its handle is unknown to a new process, and the ticket says so (the turn is sent again,
+    and paid again)."""
+
+    lane = "sync"
+    stops_on_ctrl_c = True
+
+    def __init__(self, api: BatchAPI, *, clock: Clock | None = None) -> None:
+        self.api = api
+        self.clock = clock or Clock()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, api: BatchAPI, config: Config) -> SyncChannel:
+        return cls(api)
+
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        handle = SYNC_HANDLE_PREFIX + custom_id
+        with self._lock:
+            self._streams[handle] = _Stream(custom_id, params, Ticket(custom_id, handle))
+        return handle
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+        return None  # nothing outlives a stream: the caller sends it again
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
+        with self._lock:
+            stream = self._streams.get(handle)
+        if stream is None:  # sent by a process that is gone: the answer went with it
+            ticket = Ticket(custom_id, handle)
+            ticket.resolve(Arrival(EntryResult(
+                custom_id, "errored", None, "stream_lost", "the synchronous answer was cut "
+                "off when the harness stopped; it is sent again (and paid again)"),
+                BatchView(handle, "ended", sent_at, 1, self.clock.now())))
+            return ticket
+        threading.Thread(target=self._run, args=(stream, on_status, on_stream or _ignore),
+                         daemon=True, name=f"stream-{custom_id}").start()
+        return stream.ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        with self._lock:
+            stream = self._streams.get(handle)
+        if stream is not None:
+            stream.stop.set()
+
+    def forget(self, ticket: Ticket) -> None:
+        self.cancel(ticket.handle, _ignore)
+
+    def _run(self, stream: _Stream, on_status: Callable[[str], None],
+             on_stream: StreamListener) -> None:
+        started = self.clock.now()
+        try:
+            entry = self._stream(stream, on_status, on_stream)
+        except BaseException as exc:  # a bug: the waiter hears it instead of hanging
+            stream.ticket.fail(exc)
+            return
+        finally:
+            with self._lock:
+                self._streams.pop(stream.ticket.handle, None)
+        stream.ticket.resolve(Arrival(entry, BatchView(stream.ticket.handle, "ended", started,
+                                                       1, self.clock.now())))
+
+    def _stream(self, stream: _Stream, on_status: Callable[[str], None],
+                on_stream: StreamListener) -> EntryResult:
+        import anthropic
+
+        cid = stream.custom_id
+        try:
+            with self.api.client.messages.stream(**stream.params) as events:
+                on_status("streaming")
+                for event in events:
+                    if stream.stop.is_set():  # Ctrl-C: what came so far is not applied
+                        snapshot = events.current_message_snapshot
+                        return EntryResult(cid, "canceled", _sync_message(snapshot))
+                    if event.type in ("text", "thinking"):
+                        on_stream(event.type, getattr(event, event.type))
+                return EntryResult(cid, "succeeded", _sync_message(events.get_final_message()))
+        except anthropic.APIStatusError as exc:
+            body = _error_body(exc)
+            return EntryResult(cid, "errored", None, str(body.get("type") or "api_error"),
+                               _api_error_message(exc))
+        except Exception as exc:
+            if not (isinstance(exc, anthropic.APIConnectionError) or _is_transport_failure(exc)):
+                raise
+            return EntryResult(cid, "errored", None, "stream_lost",
+                               f"the stream was cut off ({type(exc).__name__}); nothing of "
+                               "it is applied")
+
+
+def _sync_message(message: Any) -> dict[str, Any]:
+    """A streamed Message as plain data, in the shape a batch result carries."""
+    return message.model_dump(mode="json", exclude_none=True)
+
+
+def _ignore(*_args: Any) -> None:
+    return None
+
+
 # Lanes by name: a new lane is a class plus one entry here.
-CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel}
+CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel}
 
 
 ##############################################################################
@@ -2077,7 +2293,14 @@ str_replace, insert). Every turn of \
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
-RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error")
+RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error",
+                 "stream_lost")
+# What a canceled request means to the user, by lane.
+CANCELED_WHY = {
+    "batch": "the batch was canceled before the model answered; nothing was billed",
+    "sync": "the stream was stopped; its partial answer is not applied (the tokens it had "
+            "produced are billed)",
+}
 RESULTS_RETENTION_S = 29 * 86400
 # Batches adopted for one turn after an unknown create before giving up: list() shows no
 # custom_ids, so a match by time and size is confirmed only by the results.
@@ -2097,6 +2320,8 @@ class AgentSettings:
     max_budget_usd: float | None = None
     max_resubmits: int = 3
     """Times an expired or transiently errored request is sent again before the turn fails."""
+    max_wait_s: float | None = None
+    """Past this, a batch turn is hurried onto the sync lane (None: auto uses the p90)."""
 
 
 # Events: what the loop tells the UI. Each is a small frozen record that carries its
@@ -2136,6 +2361,15 @@ class TurnEnded:
 
 
 @dataclass(frozen=True)
+class StreamDelta:
+    """Part of an answer as it streams in (sync lane): kind is "text" or "thinking"."""
+
+    kind: str
+    text: str
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
 class AssistantText:
     text: str
     session_id: str = ""
@@ -2161,7 +2395,8 @@ class Notice:
     session_id: str = ""
 
 
-Event = TurnSent | TurnWaiting | TurnEnded | AssistantText | ToolStarted | ToolFinished | Notice
+Event = (TurnSent | TurnWaiting | TurnEnded | StreamDelta | AssistantText | ToolStarted
+         | ToolFinished | Notice)
 
 
 @dataclass(frozen=True)
@@ -2252,8 +2487,7 @@ def classify(request: RequestRow, max_resubmits: int) -> Verdict:
         return Verdict("fail", f"the API refused this turn ({request.error_type}: "
                                f"{request.error_message}); nothing was billed")
     if kind == "canceled":
-        return Verdict("fail", "the batch was canceled before the model answered; nothing "
-                               "was billed")
+        return Verdict("fail", CANCELED_WHY[request.lane])
     raise AssertionError(f"unknown result type {kind!r}")
 
 
@@ -2285,8 +2519,11 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
     if entry is None:
         return Outcome("missing", now, wait_s, error_message="result not in the batch")
     if entry.type != "succeeded" or entry.message is None:
+        usage = Usage.from_api(entry.message.get("usage")) if entry.message else None
+        cost = usage and cost_breakdown(request.model, usage, lane=request.lane,
+                                        requested_ttl=request.cache_ttl)
         return Outcome(entry.type, now, wait_s, error_type=entry.error_type,
-                       error_message=entry.error_message)
+                       error_message=entry.error_message, usage=usage, cost=cost or None)
     usage = Usage.from_api(entry.message.get("usage"))
     cost = cost_breakdown(request.model, usage, lane=request.lane,
                           requested_ttl=request.cache_ttl)
@@ -2295,20 +2532,321 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
     return Outcome("succeeded", now, wait_s, entry.message, usage=usage, cost=cost)
 
 
+# -- routing: which lane carries a turn ---------------------------------------------
+# Until a model has this many measured batch turnarounds, auto assumes TURNAROUND_PRIOR_S:
+# reports of one-entry batches range from about 90 s to over 30 minutes; 2 minutes is the
+# middle of what this project has seen, and the estimate switches to measured data quickly.
+ROUTE_SAMPLES = 5
+TURNAROUND_PRIOR_S = 120.0
+# Output tokens auto expects when the conversation has no earlier turn to go by.
+EXPECTED_OUTPUT_TOKENS = 500
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    lane: str
+    why: str | None = None
+    """auto's reasoning in one line with its numbers; None for a fixed route."""
+
+
+def lane_price_usd(model: str, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                   *, lane: str, ttl: str | None) -> float | None:
+    """What a request would cost on `lane`: `cached_tokens` of its prompt read from that
+    lane's cache, the rest written (or plain input without caching), plus the output."""
+    price = price_for(model, prompt_tokens)
+    if price is None:
+        return None
+    fresh = max(0, prompt_tokens - cached_tokens)
+    usage = Usage(input_tokens=0 if ttl else fresh, output_tokens=output_tokens,
+                  cache_creation_input_tokens=fresh if ttl else 0,
+                  cache_read_input_tokens=cached_tokens)
+    writes = (0, fresh) if ttl == "1h" else (fresh, 0) if ttl else (0, 0)
+    return _dollars(price, usage, writes, _rate(lane))
+
+
+class Router:
+    """Chooses each turn's lane. `batch` and `sync` are fixed; `auto` goes batch only when
+    the saving per minute waited is at least the user's price of waiting. Batch and sync do
+    not reliably share cache entries, so a lane's estimate counts a cache hit only when the
+    previous turn ran on that same lane."""
+
+    def __init__(self, channels: Mapping[str, Channel], route: str = "batch",
+                 wait_price_usd_per_min: float = INTERACTIVE_WAIT_PRICE) -> None:
+        self.channels = dict(channels)
+        self.route = route
+        self.wait_price_usd_per_min = wait_price_usd_per_min
+
+    def channel(self, lane: str) -> Channel:
+        return self.channels[lane]
+
+    def can_hurry(self) -> bool:
+        return "sync" in self.channels and "batch" in self.channels
+
+    def choose(self, params: Mapping[str, Any], *, previous: RequestRow | None,
+               waits: Sequence[float], force: str | None = None) -> RouteDecision:
+        if force is not None:
+            return RouteDecision(force, f"{force} · hurried")
+        if self.route != "auto":
+            return RouteDecision(self.route)
+        return self._auto(params, previous, waits)
+
+    def _auto(self, params: Mapping[str, Any], previous: RequestRow | None,
+              waits: Sequence[float]) -> RouteDecision:
+        model, ttl = str(params.get("model")), _request_ttl(params)
+        prompt = _estimate_prompt_tokens(params)
+        output = previous.usage_value.output_tokens if previous and previous.usage else (
+            EXPECTED_OUTPUT_TOKENS)
+        output = min(output, int(params.get("max_tokens") or output))
+
+        def cost(lane: str) -> float | None:
+            cached = previous.usage_value.prompt_tokens if (
+                previous and previous.lane == lane and ttl) else 0
+            return lane_price_usd(model, prompt, min(cached, prompt), output, lane=lane, ttl=ttl)
+
+        sync_usd, batch_usd = cost("sync"), cost("batch")
+        if sync_usd is None or batch_usd is None:
+            return RouteDecision("batch", f"batch · price unknown for {model}")
+        measured = len(waits) >= ROUTE_SAMPLES
+        wait_s = (median(waits) or TURNAROUND_PRIOR_S) if measured else TURNAROUND_PRIOR_S
+        saving = sync_usd - batch_usd
+        per_min = saving / max(wait_s / 60, 1e-9)
+        lane = "batch" if per_min >= self.wait_price_usd_per_min else "sync"
+        sign = "≥" if lane == "batch" else "<"
+        source = "" if measured else " (prior)"
+        return RouteDecision(lane, f"{lane} · saves {fmt_usd(saving)} for ~{fmt_elapsed(wait_s)}"
+                                   f"{source} → {fmt_usd(per_min)}/min {sign} "
+                                   f"{fmt_usd(self.wait_price_usd_per_min)}/min")
+
+
+def _request_ttl(params: Mapping[str, Any]) -> str | None:
+    ttls = {ttl for _, ttl in _cache_markers(params)}
+    return "1h" if "1h" in ttls else "5m" if ttls else None
+
+
+
+def check_limits(settings: AgentSettings, turns: int, estimate_usd: float | None,
+                 committed_usd: float) -> None:
+    """Pure: BudgetExceeded when sending one more turn would break --max-turns or
+    --max-budget-usd (the estimate is an upper bound, so the budget is never crossed on
+    the prompt side)."""
+    if settings.max_turns is not None and turns >= settings.max_turns:
+        raise BudgetExceeded(f"--max-turns {settings.max_turns} reached for this prompt; "
+                             "send another prompt to let it go on")
+    if settings.max_budget_usd is None:
+        return
+    if estimate_usd is None:
+        raise BudgetExceeded(f"price unknown for {settings.model}: cannot keep --max-budget-usd")
+    if committed_usd + estimate_usd > settings.max_budget_usd:
+        raise BudgetExceeded(
+            f"not submitted: {fmt_usd(committed_usd)} committed + up to {fmt_usd(estimate_usd)} "
+            f"for this turn would pass --max-budget-usd {settings.max_budget_usd:g}")
+
+
+def attempt_number(recent: Sequence[RequestRow], conversation: int, n_messages: int) -> int:
+    """Pure: consecutive resubmissions of the same transcript (newest requests first)."""
+    attempt = 1
+    for r in recent:
+        if r.conversation != conversation or r.n_messages != n_messages:
+            break
+        if r.state == "failed" and (r.result_type in ("expired", "missing")
+                                    or r.error_type in RESUBMITTABLE):
+            attempt = max(attempt, r.attempt + 1)
+    return attempt
+
+
+class ToolRunner:
+    """Runs the tool calls of one assistant message and journals each: a call is recorded
+    as started BEFORE it runs, so a crash mid-command is reported, never silently re-run."""
+
+    def __init__(self, store: Store, toolbox: Toolbox, emit: Callable[[Event], None]) -> None:
+        self.store, self.toolbox, self.emit = store, toolbox, emit
+
+    def answer(self, session: SessionRow, assistant: dict[str, Any]) -> None:
+        """Answer every tool_use of the last assistant message in ONE user message.
+        Calls finished before a crash are not run again: their results are in the journal."""
+        request = self.store.last_applied(session.id, session.conversation)
+        custom_id = request.custom_id if request else "unknown"
+        done = self.store.tool_results(custom_id)
+        calls = unanswered_tool_uses(assistant)
+        cut_off = request is not None and request.stop_reason in (
+            "max_tokens", "model_context_window_exceeded")
+        blocks = []
+        for i, call in enumerate(calls):
+            if call.get("id") in done:
+                result = done[call["id"]] or self._interrupted(custom_id, call)
+            elif cut_off and i == len(calls) - 1:
+                result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
+                                    "input is incomplete; send it again, shorter", True)
+            else:
+                result = self._run_tool(custom_id, call)
+            blocks.append(tool_result_block(str(call.get("id")), result))
+        self.store.add_tool_results(session.id, session.conversation, blocks)
+
+    def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
+        label = describe_tool_call(name, tool_input)
+        self.emit(ToolStarted(label))
+        self.store.start_tool(custom_id, tool_use_id, name, tool_input)
+        result = self.toolbox.run(name, tool_input)
+        self.store.record_tool(custom_id, tool_use_id, result)
+        self.emit(ToolFinished(label, result))
+        for warning in result.warnings:
+            self.emit(Notice(warning, "warn"))
+        return result
+
+    def _interrupted(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        """A call the harness was killed in the middle of: not run again blindly, since it
+        may have half-happened (an append, a migration); the model decides."""
+        result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
+                            "have partly taken effect. Check its effects before running it "
+                            "again.", True)
+        self.store.record_tool(custom_id, str(call.get("id")), result)
+        self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
+                         "interrupted by the earlier stop; the model is told, not re-run", "warn"))
+        return result
+
+
+class Collector:
+    """Waits for one request on its lane and records how it ended. Ctrl-C (cancel, detach,
+    hurry), --max-wait and the waste of a hurried batch live here, so the agent's loop only
+    says "collect it"."""
+
+    def __init__(self, store: Store, router: Router, clock: Clock,
+                 emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
+                 max_wait_s: Callable[[], float | None]) -> None:
+        self.store, self.router, self.clock = store, router, clock
+        self.emit, self.ask_interrupt, self.max_wait_s = emit, ask_interrupt, max_wait_s
+
+    def _warn(self, text: str) -> None:
+        self.emit(Notice(text, "warn"))
+
+    def collect(self, request: RequestRow) -> bool:
+        """Wait for the request and record how it ended; False when it was hurried."""
+        assert request.batch_id is not None
+        if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
+            raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
+                             "longer keeps its results. Nothing more can be recovered.",
+                             custom_id=request.custom_id, record="results expired from the API")
+        channel = self.router.channel(request.lane)
+        ticket = channel.watch(
+            request.custom_id, request.batch_id, sent_at=request.submitted_at,
+            expected_s=expected_wait_s(self.store, request.model), notify=self._warn,
+            on_status=lambda status: self.emit(TurnWaiting(
+                request.batch_id or "", status, sent_at=request.submitted_at,
+                expected_s=expected_wait_s(self.store, request.model))),
+            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
+        try:
+            arrival = self._await(ticket, channel, request)
+        except _Hurry:
+            self._hurry(request, ticket, channel)
+            return False
+        except BatchNotFound as exc:
+            raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
+                             f"API ({exc}); send the prompt again", custom_id=request.custom_id,
+                             record="batch unknown to the API") from None
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome)
+        self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
+                            outcome.usage, outcome.cost, request.lane))
+        return True
+
+    def _await(self, ticket: Ticket, channel: Channel, request: RequestRow) -> Arrival:
+        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do
+        (a stream just stops), while the channel keeps polling; past --max-wait a batch
+        turn is hurried."""
+        deadline = self._hurry_deadline(request, channel)
+        while True:
+            try:
+                while not self.clock.wait(ticket.event, WAIT_SLICE_S):
+                    if deadline is not None and self.clock.now() >= deadline:
+                        self._warn(f"past --max-wait ({fmt_elapsed(deadline - request.submitted_at)})"
+                                   f": hurrying {ticket.handle}")
+                        raise _Hurry
+                return ticket.result()
+            except KeyboardInterrupt:
+                self._on_interrupt(ticket, channel, request)
+
+    def _hurry_deadline(self, request: RequestRow, channel: Channel) -> float | None:
+        if channel.stops_on_ctrl_c or not self.router.can_hurry():
+            return None
+        max_wait = self.max_wait_s()
+        if max_wait is None and self.router.route == "auto":
+            waits = self.store.turnaround_samples(request.model)
+            max_wait = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
+        return None if max_wait is None else request.submitted_at + max_wait
+
+    def _on_interrupt(self, ticket: Ticket, channel: Channel, request: RequestRow) -> None:
+        if channel.stops_on_ctrl_c:  # a stream: stop it; nothing of it is applied
+            channel.cancel(ticket.handle, self._warn)
+            self._warn("stopped: the partial answer is not added to the conversation")
+            return
+        choice = self.ask_interrupt(ticket.handle)
+        if choice == "hurry" and self.router.can_hurry():
+            raise _Hurry
+        if choice == "detach":
+            channel.forget(ticket)
+            raise Detached(request.session_id, ticket.handle)
+        if choice == "cancel":
+            try:
+                channel.cancel(ticket.handle, self._warn)
+            except TransportError as exc:  # most often: it ended while the user decided
+                self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
+                return
+            self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
+                             "(work already under way may still finish, and is then used)",
+                             "warn"))
+
+    def _hurry(self, request: RequestRow, ticket: Ticket, channel: Channel) -> None:
+        """Cancel the batch and send the same transcript synchronously. Exactly one answer
+        is applied: the batch's row leaves the session's work in flight, and if it still
+        ends with an answer that answer is recorded as waste."""
+        try:
+            channel.cancel(ticket.handle, self._warn)
+        except TransportError as exc:
+            self._warn(f"cancel refused ({exc}); its answer, if any, is counted as waste")
+        self.store.hurry_request(request.custom_id)
+        ticket.add_done_callback(lambda t: self._record_waste(request, t))
+        self._warn(f"sending turn synchronously now; {ticket.handle} is cancelled (if it still "
+                   "ends with an answer, its cost is shown as waste)")
+
+    def _record_waste(self, request: RequestRow, ticket: Ticket) -> None:
+        try:
+            arrival = ticket.result()
+        except BaseException:  # nothing came back: nothing was billed
+            return
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome, state="hurried")
+        if outcome.cost is not None and outcome.cost.paid_usd:
+            self._warn(f"{ticket.handle} ended {outcome.result_type} after the hurry: "
+                       f"{fmt_usd(outcome.cost.paid_usd)} paid for an answer not used (waste)")
+
+
+def expected_wait_s(store: Store, model: str) -> float | None:
+    """Median turnaround of this model's recent batches, once there are two."""
+    waits = store.turnaround_samples(model, 50)
+    return median(waits) if len(waits) >= 2 else None
+
+
 class Agent:
     """Advances one session turn by turn. Every step is decided from the journal, so a
     fresh prompt and a session resumed after a crash run through the same code."""
 
-    def __init__(self, store: Store, channel: Channel, toolbox: Toolbox,
+    def __init__(self, store: Store, lanes: Channel | Router, toolbox: Toolbox,
                  settings: AgentSettings, session: SessionRow, *,
                  emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
                  clock: Clock | None = None) -> None:
-        self.store, self.channel, self.toolbox = store, channel, toolbox
+        self.store, self.toolbox = store, toolbox
+        self.tools = ToolRunner(store, toolbox, self.emit)
+        self.router = lanes if isinstance(lanes, Router) else Router({lanes.lane: lanes},
+                                                                    route=lanes.lane)
         self.settings, self.session = settings, session
         self._emit_to, self.ask_interrupt = emit, ask_interrupt
         self.clock = clock or Clock()
         self._turns = 0
         self._touched: list[str] = []
+        self._force_lane: str | None = None  # the next turn's lane after a hurry
+        self.collector = Collector(store, self.router, self.clock, self.emit, ask_interrupt,
+                                   lambda: self.settings.max_wait_s)
         self._collected: list[str] = []  # answers of turns left in flight, finished first
         self.unsent_prompt: str | None = None
         """A prompt given to prompt() and not journaled (yet): the front-end keeps it."""
@@ -2357,6 +2895,23 @@ class Agent:
         self.session = session
         self.switch_model(session.model)
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self._router = router
+        if hasattr(self, "collector"):
+            self.collector.router = router
+
+    def set_route(self, route: str) -> None:
+        """batch | sync | auto from the next turn on (a lane this agent lacks is refused)."""
+        needed = {"auto": ("batch", "sync")}.get(route, (route,))
+        if any(lane not in self.router.channels for lane in needed):
+            raise ConfigError(f"route {route!r} needs the lanes {', '.join(needed)}")
+        self.router.route = route
+
     def clear(self) -> None:
         """A new conversation in the same session: the session's spend stays counted."""
         conversation = self.session.conversation + 1
@@ -2381,9 +2936,7 @@ class Agent:
                          answer, self.pending())
 
     def expected_wait_s(self, model: str) -> float | None:
-        """Median turnaround of this model's recent batches, once there are two."""
-        waits = self.store.turnaround_samples(model, 50)
-        return median(waits) if len(waits) >= 2 else None
+        return expected_wait_s(self.store, model)
 
     # -- one turn, as a story ---------------------------------------------------------
     def _send_turn(self) -> None:
@@ -2396,8 +2949,9 @@ class Agent:
         self._touch(row.custom_id)
         handle = self._send(row, params)
         self._turns += 1
+        expected = self.expected_wait_s(row.model) if row.lane == "batch" else None
         self.emit(TurnSent(handle, row.custom_id, row.model, self._turns, self.clock.now(),
-                           row.estimate_usd, self.expected_wait_s(row.model), row.lane))
+                           row.estimate_usd, expected, row.lane))
         # Wait (the channel owns the waiting), then apply what came back.
         self._settle(self.store.request(row.custom_id))
 
@@ -2408,8 +2962,9 @@ class Agent:
             self.store.fail_request(request.custom_id, "never reached the API")
             return  # the transcript is unanswered: the next step sends it afresh
         request = self.store.request(request.custom_id)
-        if request.state == "submitted":
-            self._collect(request)
+        if request.state == "submitted" and not self.collector.collect(request):
+            self._force_lane = "sync"  # hurried: the same transcript goes again, streamed
+            return
         self._apply(self.store.request(request.custom_id))
 
     def _apply(self, request: RequestRow) -> None:
@@ -2439,7 +2994,7 @@ class Agent:
         last = messages[-1]
         if last["role"] == "assistant":
             if unanswered_tool_uses(last):
-                return lambda: self._run_tools(last)
+                return lambda: self.tools.answer(self.session, last)
             return self._send_turn if self._last_stop_reason() == "pause_turn" else None
         if new_prompt or not self._answered(len(messages)):
             return self._send_turn
@@ -2486,14 +3041,18 @@ class Agent:
         previous_end = previous.n_messages - 1 if previous else None
         params = build_params(self.settings, Path(self.session.workdir),
                               self.toolbox.definitions(), messages, previous_end)
-        lane = self.channel.lane
+        decision = self.router.choose(params, previous=previous, force=self._force_lane,
+                                      waits=self.store.turnaround_samples(self.settings.model))
+        self._force_lane, lane = None, decision.lane
+        if decision.why:
+            self.emit(Notice(decision.why))
         row = RequestRow(
             custom_id=new_custom_id(), session_id=self.session.id,
             conversation=self.session.conversation, n_messages=len(messages),
             model=self.settings.model, cache_ttl=self.settings.cache_ttl,
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
             attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
-            submitted_at=self.clock.now(), lane=lane,
+            submitted_at=self.clock.now(), lane=lane, route=decision.why,
             estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane,
                                            geo_rate=_geo_rate(previous.usage_value)
                                            if previous else 1.0))
@@ -2501,8 +3060,8 @@ class Agent:
 
     def _send(self, row: RequestRow, params: dict[str, Any]) -> str:
         try:
-            handle = self.channel.send(row.custom_id, params, exclude=self.store.known_batch_ids,
-                                       notify=self._warn)
+            handle = self.router.channel(row.lane).send(
+                row.custom_id, params, exclude=self.store.known_batch_ids, notify=self._warn)
         except NotSent as exc:  # nothing was created: not billed, nothing to resume
             raise TurnFailed(str(exc), custom_id=row.custom_id, record="never sent") from None
         except TransportError as exc:
@@ -2514,30 +3073,13 @@ class Agent:
         return handle
 
     def _check_limits(self, estimate_usd: float | None) -> None:
-        s = self.settings
-        if s.max_turns is not None and self._turns >= s.max_turns:
-            raise BudgetExceeded(f"--max-turns {s.max_turns} reached for this prompt; "
-                                 "send another prompt to let it go on")
-        if s.max_budget_usd is None:
-            return
-        if estimate_usd is None:
-            raise BudgetExceeded(f"price unknown for {s.model}: cannot keep --max-budget-usd")
-        committed = self.store.committed_usd(self.session.id)
-        if committed + estimate_usd > s.max_budget_usd:
-            raise BudgetExceeded(
-                f"not submitted: {fmt_usd(committed)} committed + up to {fmt_usd(estimate_usd)} "
-                f"for this turn would pass --max-budget-usd {s.max_budget_usd:g}")
+        committed = self.store.committed_usd(self.session.id) if (
+            self.settings.max_budget_usd is not None) else 0.0
+        check_limits(self.settings, self._turns, estimate_usd, committed)
 
     def _attempt_number(self, n_messages: int) -> int:
-        """Consecutive resubmissions of the same transcript, to bound them."""
-        attempt = 1
-        for r in self.store.recent_requests(self.session.id, self.settings.max_resubmits + 2):
-            if r.conversation != self.session.conversation or r.n_messages != n_messages:
-                break
-            if r.state == "failed" and (r.result_type in ("expired", "missing")
-                                        or r.error_type in RESUBMITTABLE):
-                attempt = max(attempt, r.attempt + 1)
-        return attempt
+        recent = self.store.recent_requests(self.session.id, self.settings.max_resubmits + 2)
+        return attempt_number(recent, self.session.conversation, n_messages)
 
     # -- waiting -------------------------------------------------------------------
     def _reattach(self, request: RequestRow) -> bool:
@@ -2547,62 +3089,12 @@ class Agent:
             raise TurnFailed(f"{MAX_ADOPTIONS} batches that looked like this turn's were not "
                              "(another client shares the key?); send the prompt again",
                              custom_id=request.custom_id, record="no batch of ours found")
-        handle = self.channel.reconcile(request.submitted_at,
-                                        exclude=self.store.known_batch_ids(), notify=self._warn)
+        handle = self.router.channel(request.lane).reconcile(
+            request.submitted_at, exclude=self.store.known_batch_ids(), notify=self._warn)
         if handle:
             self.store.set_batch(request.custom_id, handle)
             self._warn(f"re-attached to {handle}, created before the interruption")
         return handle is not None
-
-    def _collect(self, request: RequestRow) -> None:
-        assert request.batch_id is not None
-        if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
-            raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
-                             "longer keeps its results. Nothing more can be recovered.",
-                             custom_id=request.custom_id, record="results expired from the API")
-        ticket = self.channel.watch(
-            request.custom_id, request.batch_id, sent_at=request.submitted_at,
-            expected_s=self.expected_wait_s(request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(
-                request.batch_id or "", status, sent_at=request.submitted_at,
-                expected_s=self.expected_wait_s(request.model))))
-        try:
-            arrival = self._await(ticket)
-        except BatchNotFound as exc:
-            raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
-                             f"API ({exc}); send the prompt again", custom_id=request.custom_id,
-                             record="batch unknown to the API") from None
-        outcome = outcome_of(request, arrival, self.clock.now())
-        self.store.record_outcome(request.custom_id, outcome)
-        self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
-                            outcome.usage, outcome.cost, request.lane))
-
-    def _await(self, ticket: Ticket) -> Arrival:
-        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do,
-        while the channel keeps polling."""
-        while True:
-            try:
-                while not self.clock.wait(ticket.event, WAIT_SLICE_S):
-                    pass
-                return ticket.result()
-            except KeyboardInterrupt:
-                self._on_interrupt(ticket)
-
-    def _on_interrupt(self, ticket: Ticket) -> None:
-        choice = self.ask_interrupt(ticket.handle)
-        if choice == "detach":
-            if hasattr(self.channel, "forget"):
-                self.channel.forget(ticket)
-            raise Detached(self.session.id, ticket.handle)
-        if choice == "cancel":
-            try:
-                self.channel.cancel(ticket.handle, self._warn)
-            except TransportError as exc:  # most often: it ended while the user decided
-                self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
-                return
-            self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
-                             "(work already under way may still finish, and is then used)",
-                             "warn"))
 
     # -- applying an answer ----------------------------------------------------------
     def _apply_message(self, request: RequestRow) -> None:
@@ -2636,51 +3128,6 @@ class Agent:
         elif stop == "pause_turn":
             self.emit(Notice("the model paused a long turn; sending it back to continue"))
 
-    # -- tools ---------------------------------------------------------------------
-    def _run_tools(self, assistant: dict[str, Any]) -> None:
-        """Answer every tool_use of the last assistant message in ONE user message.
-        Calls finished before a crash are not run again: their results are in the journal."""
-        request = self.store.last_applied(self.session.id, self.session.conversation)
-        custom_id = request.custom_id if request else "unknown"
-        done = self.store.tool_results(custom_id)
-        calls = unanswered_tool_uses(assistant)
-        cut_off = request is not None and request.stop_reason in (
-            "max_tokens", "model_context_window_exceeded")
-        blocks = []
-        for i, call in enumerate(calls):
-            if call.get("id") in done:
-                result = done[call["id"]] or self._interrupted(custom_id, call)
-            elif cut_off and i == len(calls) - 1:
-                result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
-                                    "input is incomplete; send it again, shorter", True)
-            else:
-                result = self._run_tool(custom_id, call)
-            blocks.append(tool_result_block(str(call.get("id")), result))
-        self.store.add_tool_results(self.session.id, self.session.conversation, blocks)
-
-    def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
-        name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
-        label = describe_tool_call(name, tool_input)
-        self.emit(ToolStarted(label))
-        self.store.start_tool(custom_id, tool_use_id, name, tool_input)
-        result = self.toolbox.run(name, tool_input)
-        self.store.record_tool(custom_id, tool_use_id, result)
-        self.emit(ToolFinished(label, result))
-        for warning in result.warnings:
-            self.emit(Notice(warning, "warn"))
-        return result
-
-    def _interrupted(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
-        """A call the harness was killed in the middle of: not run again blindly, since it
-        may have half-happened (an append, a migration); the model decides."""
-        result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
-                            "have partly taken effect. Check its effects before running it "
-                            "again.", True)
-        self.store.record_tool(custom_id, str(call.get("id")), result)
-        self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
-                         "interrupted by the earlier stop; the model is told, not re-run", "warn"))
-        return result
-
     # -- small things ------------------------------------------------------------------
     def emit(self, event: Event) -> None:
         self._emit_to(dataclasses.replace(event, session_id=self.session.id))
@@ -2708,14 +3155,11 @@ def _is_empty_text(block: Any) -> bool:
 # UI (rich render functions; the console and clock come in as arguments)
 ##############################################################################
 
+# Plain text: the wait line shows it under the spinner, in bold yellow.
 INTERRUPT_MENU = ("Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
-                  "(it keeps running; resume later) · Enter keep waiting")
-
-
-def fmt_elapsed(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+                  "(it keeps running; resume later) · s send now, synchronously (full price) · "
+                  "Enter keep waiting")
+INTERRUPT_KEYS = {"c": "cancel", "d": "detach", "\x03": "detach", "s": "hurry"}
 
 
 def fmt_tokens(n: int) -> str:
@@ -2977,6 +3421,8 @@ class ConsoleUI:
         self.read_key = read_key or self._read_key
         self._live: Any = None
         self._wait: WaitState | None = None
+        self._streamed = ""
+        self._thinking_chars = 0
 
     # -- typing while the agent works -------------------------------------------------------
     def start_typing(self) -> None:
@@ -3003,11 +3449,25 @@ class ConsoleUI:
 
     def _on_TurnSent(self, e: TurnSent) -> None:
         self._wait = WaitState(e.handle, e.turn, e.sent_at, e.expected_s)
+        self._streamed = ""
         # The estimate is an upper bound (the whole prompt at the cache-write rate): say so.
-        estimate = f" · at most {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
-        self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.handle} "
-                           f"submitted{estimate}[/]")
+        estimate = f" · up to {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
+        what = f"batch {e.handle} submitted" if e.lane == "batch" else "streaming (sync)"
+        self.console.print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
         self._start_live()
+
+    def _on_StreamDelta(self, e: StreamDelta) -> None:
+        """Text appears as it streams; thinking only as a dim count on the spinner line."""
+        if e.kind == "thinking":
+            self._thinking_chars += len(e.text)
+            if self._wait is not None:
+                self._wait.note = f"thinking · ~{fmt_tokens(self._thinking_chars // 4)} tokens"
+            return
+        if not self.answers:  # headless: the answer goes to stdout only, whole
+            return
+        self.stop_live()
+        self._streamed += e.text
+        self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
         if self._wait is None:  # re-attached after a restart: the batch's true age
@@ -3022,18 +3482,26 @@ class ConsoleUI:
     def _on_TurnEnded(self, e: TurnEnded) -> None:
         self.stop_live()
         self._wait = None
-        line = f"batch {e.handle} {e.result_type} after {fmt_elapsed(e.wait_s)}"
-        if e.cost is not None and e.usage is not None:
+        if self._streamed:
+            self.console.print()  # end the streamed text's last line
+        what = f"batch {e.handle}" if e.lane == "batch" else "stream"
+        line = f"{what} {e.result_type} after {fmt_elapsed(e.wait_s)}"
+        if e.cost is not None and e.usage is not None and e.cost.paid_usd is not None:
+            other = (f"sync {fmt_usd(e.cost.sync_usd)}" if e.lane == "batch" else
+                     f"batch would be {fmt_usd(e.cost.paid_usd * BATCH_DISCOUNT)}")
             u = e.usage  # "in" is the whole prompt; /stats splits it the same way
             line += (f" · {fmt_tokens(u.prompt_tokens)} in ({fmt_tokens(u.input_tokens)} "
                      f"uncached) / {fmt_tokens(u.output_tokens)} out · paid "
-                     f"{fmt_usd(e.cost.paid_usd)} (sync {fmt_usd(e.cost.sync_usd)})")
+                     f"{fmt_usd(e.cost.paid_usd)} ({other})")
         self.console.print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
         self.stop_live()
+        if self._streamed:  # already on screen as it arrived
+            self._streamed = ""
+            return
         if self.answers:
-            self.console.print(render_answer(e.text))
+            self.console.print(render_answer(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
@@ -3104,7 +3572,7 @@ class ConsoleUI:
             key = "d"
         finally:
             wait.menu = ""
-        return {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
+        return INTERRUPT_KEYS.get(key.lower(), "wait")
 
     def error(self, text: str) -> None:
         self.stop_live()
@@ -3134,9 +3602,10 @@ def read_key_from_tty(timeout_s: float) -> str | None:
 
 
 def _escape(text: str) -> str:
+    """Outside text made inert for the terminal (no escape sequences), then for rich markup."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(terminal_safe(text))
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -3174,7 +3643,10 @@ STATS_EXPLAINED = (
     "reliably share, so read it as a like-for-like price, not a forecast. 'Cache saved' is "
     "what the cached tokens would have cost as plain input minus what they did cost. A turn "
     "still in flight counts at its estimate until its result replaces it; errored, expired "
-    "and canceled entries are not billed.")
+    "and canceled entries are not billed. Synchronous (sync-lane) turns pay full price; for "
+    "them the other lane is the same usage at batch rates. The two lanes keep separate "
+    "prompt caches, so a switch of lane pays to write the prefix again. 'Waste' is what a "
+    "batch cost that still answered after its turn was hurried onto the sync lane.")
 
 
 @dataclass(frozen=True)
@@ -3189,6 +3661,8 @@ class StatsTotals:
     waited_s: float
     usage: Usage
     unknown_prices: int
+    waste_usd: float = 0.0
+    """Paid for answers never used: batches that still ended after a hurry."""
 
     @property
     def batch_saved_usd(self) -> float:
@@ -3212,6 +3686,7 @@ def stats_totals(requests: Sequence[RequestRow]) -> StatsTotals:
         cache_saved_usd=sum(r.cache_saved_usd or 0.0 for r in ended),
         waited_s=sum(r.wait_s or 0.0 for r in ended),
         usage=sum((r.usage_value for r in ended), Usage()),
+        waste_usd=sum(r.cost_usd or 0.0 for r in ended if r.state == "hurried"),
         unknown_prices=sum(1 for r in requests if (r.result_type == "succeeded"
                                                    and r.cost_usd is None) or (
             r.result_type is None and r.batch_id and r.state == "failed")),
@@ -3226,14 +3701,15 @@ def render_stats(console: Any, requests: Sequence[RequestRow], model: str,
     from rich.text import Text
 
     totals = stats_totals(requests)
-    body = Group(_turn_table(requests, console.width - 4), Text(""), Text(_totals_line(totals)),
+    body = Group(_turn_table(requests, console.width - 4), Text(""), lanes_table(requests),
+                 Text(""), Text(_totals_line(totals)),
                  Text(_turnaround_line(history, model)), Text(""),
                  Text(STATS_EXPLAINED, style="dim"))
     console.print(Panel(body, title="session cost: batch path vs synchronous", expand=False))
 
 
-_TURN_COLUMNS = ("turn", "model", "waited", "uncached", "output", "cache write", "cache read",
-                 "hit", "paid (batch)", "sync")
+_TURN_COLUMNS = ("turn", "lane", "model", "waited", "uncached", "output", "cache write",
+                 "cache read", "hit", "paid", "at sync rates")
 
 
 def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
@@ -3242,7 +3718,12 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    rows = [_turn_cells(i, r) for i, r in enumerate(requests, 1)]
+    rows = []
+    for i, r in enumerate(requests, 1):
+        cells = _turn_cells(i, r)
+        if r.state == "hurried":
+            cells[-2] += " waste" if r.cost_usd else " (hurried)"
+        rows.append([cells[0], r.lane, *cells[1:]])
     widths = [max(len(c) for c in col) for col in zip(_TURN_COLUMNS, *rows, strict=True)]
     if sum(widths) + 2 * (len(widths) - 1) > width:
         return Text("\n".join(" · ".join(f"{name} {cell}" if name != "turn" else f"turn {cell}"
@@ -3253,6 +3734,24 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def lanes_table(requests: Sequence[RequestRow]) -> Any:
+    """Per lane: turns, what they cost, what the other lane would have cost, minutes waited."""
+    from rich.table import Table
+
+    table = Table(title="by lane", box=None, pad_edge=False)
+    for col in ("lane", "turns", "paid", "other lane would be", "waited"):
+        table.add_column(col, justify="left" if col == "lane" else "right")
+    for lane in LANES:
+        rows = [r for r in requests if r.lane == lane]
+        if not rows:
+            continue
+        t = stats_totals(rows)
+        other = t.sync_usd if lane == "batch" else t.sync_usd * BATCH_DISCOUNT
+        table.add_row(lane, str(sum(1 for r in rows if r.state == "applied")),
+                      fmt_usd(t.paid_usd), fmt_usd(other), f"{t.waited_s / 60:.1f} min")
     return table
 
 
@@ -3286,7 +3785,8 @@ def _totals_line(t: StatsTotals) -> str:
                if t.saved_per_min else "-")
     unknown = (f" · {plural(t.unknown_prices, 'turn')} with price unknown"
                if t.unknown_prices else "")
-    unknown += f" · in flight ≤ {fmt_usd(t.in_flight_usd)}" if t.in_flight_usd else ""
+    unknown += f" · in flight ≤ {fmt_usd(t.in_flight_usd)} (upper bound)" if t.in_flight_usd else ""
+    unknown += f" · waste {fmt_usd(t.waste_usd)}" if t.waste_usd else ""
     # Negative until 1-hour cache writes are repaid by reads: say it as the extra it is.
     cache = (f"cache saved {fmt_usd(t.cache_saved_usd)}" if t.cache_saved_usd >= 0 else
              f"cache cost {fmt_usd(-t.cache_saved_usd)} extra so far (writes not yet repaid by "
@@ -3331,6 +3831,7 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
         by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
     console.print(by_model)
+    console.print(lanes_table(requests))
     console.print(by_day)
     console.print(STATS_EXPLAINED, style="dim")
 
@@ -3412,6 +3913,7 @@ class Repl:
         "/help": ("cmd_help", "this list"),
         "/stats": ("cmd_stats", "cost per turn: batch path vs synchronous"),
         "/model": ("cmd_model", "show or switch the model: /model ID"),
+        "/route": ("cmd_route", "show or set the lane: /route batch|sync|auto"),
         "/clear": ("cmd_clear", "start a new conversation (session totals stay)"),
         "/resume": ("cmd_resume", "pick a recent session to continue"),
         "/exit": ("cmd_exit", "leave (Ctrl-D too)"),
@@ -3543,6 +4045,18 @@ class Repl:
         price = "" if price_for(arg) else " [yellow](price unknown: cost shows as unknown)[/]"
         self.ui.info(f"model is now [bold]{arg}[/]{price}; the prompt cache starts over "
                      "(cache entries belong to one model)")
+
+    def cmd_route(self, arg: str) -> None:
+        router = self.agent.router
+        if not arg:
+            self.ui.info(f"route: [bold]{router.route}[/] (wait price "
+                         f"{fmt_usd(router.wait_price_usd_per_min)}/min for auto)")
+            return
+        if arg not in ROUTES:
+            self.ui.error(f"unknown route {arg!r}: batch, sync or auto")
+            return
+        self.agent.set_route(arg)
+        self.ui.info(f"route is now [bold]{arg}[/] from the next turn")
 
     def cmd_clear(self, _arg: str) -> None:
         pending = self.journal.pending_request(self.agent.session.id)
@@ -3752,7 +4266,12 @@ def print_headless(report: RunReport | None, config: Config, error: str | None) 
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
         "turns": sum(1 for r in requests if r.result_type == "succeeded"),
-        "batches": [r.batch_id for r in requests if r.batch_id],
+        "lanes": {lane: sum(1 for r in requests if r.lane == lane and r.state == "applied")
+                  for lane in LANES},
+        "per_turn": [{"lane": r.lane, "handle": r.batch_id, "result": r.result_type,
+                      "state": r.state, "cost_usd": r.cost_usd, "wait_s": r.wait_s,
+                      "route": r.route} for r in requests],
+        "batches": [r.batch_id for r in requests if r.batch_id and r.lane == "batch"],
         "wait_s": round(totals.waited_s, 3),
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                   "cache_creation_input_tokens": u.cache_creation_input_tokens,
@@ -3760,6 +4279,7 @@ def print_headless(report: RunReport | None, config: Config, error: str | None) 
         # null, not 0, when any turn's price is unknown: a script must not read it as free
         "cost_usd": None if totals.unknown_prices else round(totals.paid_usd, 6),
         "sync_cost_usd": None if totals.unknown_prices else round(totals.sync_usd, 6),
+        "waste_usd": round(totals.waste_usd, 6),
         "is_error": error is not None, "error": error,
     }
     print(json.dumps(out))
@@ -3780,7 +4300,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return _run(config)
     except _ArgparseExit as exc:
         return exc.status
-    except (ConfigError, JournalError, SandboxUnavailable) as exc:
+    except (ConfigError, JournalError, SandboxError) as exc:
         print(f"batching-harness: {exc}", file=sys.stderr)
         if config is not None and config.prompt is not None and config.output_format == "json":
             print_headless(None, config, str(exc))  # a script parses stdout whatever happened
@@ -3828,6 +4348,8 @@ def _run(config: Config) -> int:
     session = open_session(journal, config)
     lock = SessionLock(config.home)
     lock.acquire(session.id)
+    check_workdir(session.workdir, state_dir=config.home,
+                  allow_dangerous=config.allow_dangerous_workdir)
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -3850,11 +4372,11 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty(),
                    answers=not headless)
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
-    channel = BatchChannel(api, poll_interval_s=config.poll_interval_s)
     resumed = config.resume_id or config.continue_last
     model = session.model if resumed and not config.model_given else config.model
     check_max_tokens(model, config.max_tokens)  # a resumed session may keep another model
-    agent = Agent(journal, channel, toolbox, agent_settings(config, model), session,
+    agent = Agent(journal, build_router(api, config, headless=headless), toolbox,
+                  agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:
         _check_sandbox(config, toolbox, lambda text: console.print(text, markup=False))
@@ -3876,6 +4398,15 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
         restore_terminal()
 
 
+def build_router(api: BatchAPI, config: Config, *, headless: bool) -> Router:
+    """Every lane in CHANNELS over one SDK client and one request budget for the key."""
+    channels = {lane: cls.from_config(api, config) for lane, cls in CHANNELS.items()}
+    price = config.wait_price_usd_per_min
+    if price is None:
+        price = HEADLESS_WAIT_PRICE if headless else INTERACTIVE_WAIT_PRICE
+    return Router(channels, route=config.route, wait_price_usd_per_min=price)
+
+
 def build_toolbox(config: Config, workdir: Path) -> Toolbox:
     policy = sandbox_policy(config, workdir)
     return Toolbox(BashTool(policy), EditorTool(policy), config.tool_timeout_s)
@@ -3883,7 +4414,8 @@ def build_toolbox(config: Config, workdir: Path) -> Toolbox:
 
 def sandbox_policy(config: Config, workdir: Path) -> SandboxPolicy:
     return SandboxPolicy(workdir=workdir, state_dir=config.home,
-                         allow_domains=config.allow_domains, enabled=config.sandbox)
+                         allow_domains=config.allow_domains, enabled=config.sandbox,
+                         allow_dangerous_workdir=config.allow_dangerous_workdir)
 
 
 def _sandbox_line(config: Config) -> str:

@@ -119,7 +119,7 @@ def test_the_menu_keeps_counting_and_announces_the_end(api, tmp_path):
     ui = bh.ConsoleUI(Console(file=out, width=200, color_system=None),
                       clock=lambda: now[0], interactive=True)
     rig.agent._emit_to = ui.handle
-    rig.agent.ask_interrupt = ui.ask_interrupt
+    rig.agent.collector.ask_interrupt = ui.ask_interrupt
     shown = []
 
     def read_key(timeout_s):
@@ -233,7 +233,7 @@ def test_numbers_say_what_they_are():
     out = io.StringIO()
     ui = bh.ConsoleUI(Console(file=out, width=300), interactive=False)
     ui.handle(bh.TurnSent("msgbatch_1", "c", "claude-opus-5-5", 1, 0.0, 0.3034, None))
-    assert "at most $0.3034" in out.getvalue()
+    assert "up to $0.3034" in out.getvalue()
     assert bh.plural(1, "turn") == "1 turn" and bh.plural(2, "batch") == "2 batches"
 
 
