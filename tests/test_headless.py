@@ -98,3 +98,11 @@ def test_a_state_location_that_is_a_file_is_one_line(tmp_path, capsys):
         assert bh.main(argv, env_for(None, tmp_path)) == 2
         err = capsys.readouterr().err
         assert "BATCHING_HARNESS_HOME" in err and len(err.strip().splitlines()) == 1
+
+
+def test_headless_keeps_streamed_and_final_text_off_stderr():
+    err = io.StringIO()
+    ui = bh.ConsoleUI(Console(file=err, width=200), interactive=False, answers=False)
+    ui.handle(bh.StreamDelta("text", "streamed answer"))
+    ui.handle(bh.AssistantText("streamed answer"))
+    assert err.getvalue() == ""
