@@ -282,3 +282,12 @@ def test_in_a_real_terminal_a_paste_during_a_wait_is_one_prompt(tmp_path):
         assert server.count("create") == 2
         sent = server.model_requests[-1].params["messages"][-1]["content"][-1]["text"]
         assert sent == "line one\nline two"
+
+
+def test_the_model_is_told_once_what_srts_placeholders_are(tmp_path):
+    """Issue 14.19: `ls -la` in the sandbox shows character-device placeholders (.bashrc,
+    .mcp.json, .claude/, ...) that are not on disk; the model reasoned about them."""
+    settings = bh.AgentSettings(model="claude-opus-5-5")
+    params = bh.build_params(settings, tmp_path, [], [{"role": "user", "content": "hi"}], None)
+    system = params["system"][0]["text"]
+    assert system.count("placeholders") == 1 and ".mcp.json" in system
