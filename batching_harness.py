@@ -91,6 +91,7 @@ from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
+    secure_state_dir,
     stop_leftovers,
     terminal_safe,
 )
@@ -3878,6 +3879,8 @@ def _run(config: Config) -> int:
 
     if config.action == "doctor":
         return run_doctor(Console(), sandbox_policy(config, config.workdir))
+    with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
+        secure_state_dir(config.home)
     journal = Journal(config.home / "journal.db")
     if config.action == "stats":
         render_history(Console(), journal.requests())
@@ -3890,7 +3893,8 @@ def _run(config: Config) -> int:
     lock = SessionLock(config.home)
     lock.acquire(session.id)
     check_workdir(session.workdir, state_dir=config.home,
-                  allow_dangerous=config.allow_dangerous_workdir)
+                  allow_dangerous=config.allow_dangerous_workdir,
+                  protected=[Path(__file__).resolve()])
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -3989,7 +3993,8 @@ def _warm_up_in_background(api: BatchAPI, config: Config,
 def run_doctor(console: Any, policy: SandboxPolicy) -> int:
     checks = doctor_checks(policy)
     for c in checks:
-        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        warn = c.ok and c.detail.startswith("WARNING")
+        mark = "[yellow]warn[/]" if warn else "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}: {_escape(c.detail)}")
         if not c.ok and c.fix:
             console.print(f"      fix: {_escape(c.fix)}")
