@@ -91,6 +91,7 @@ from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
+    secure_state_dir,
     stop_leftovers,
     terminal_safe,
 )
@@ -2538,6 +2539,11 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
 # middle of what this project has seen, and the estimate switches to measured data quickly.
 ROUTE_SAMPLES = 5
 TURNAROUND_PRIOR_S = 120.0
+# auto hurries a batch that has taken this many times the model's p90 turnaround: by then
+# it is stuck in the queue, not merely slow (at 1x, one turn in ten would pay twice).
+AUTO_MAX_WAIT_P90_FACTOR = 2.0
+# Turns over which auto spreads the cost of writing the prefix into a lane's cache anew.
+SWITCH_HORIZON_TURNS = 4
 # Output tokens auto expects when the conversation has no earlier turn to go by.
 EXPECTED_OUTPUT_TOKENS = 500
 
@@ -2599,9 +2605,17 @@ class Router:
         output = min(output, int(params.get("max_tokens") or output))
 
         def cost(lane: str) -> float | None:
-            cached = previous.usage_value.prompt_tokens if (
-                previous and previous.lane == lane and ttl) else 0
-            return lane_price_usd(model, prompt, min(cached, prompt), output, lane=lane, ttl=ttl)
+            # Staying on a lane, its cache holds the prefix the previous turn sent; a lane
+            # the previous turn did not use has no entry for it (the lanes share none), so
+            # moving there pays to write the prefix again, spread over SWITCH_HORIZON_TURNS
+            # (a lane is rarely left after one turn; charging it all now locks a session in).
+            prefix = previous.usage_value.prompt_tokens if previous and ttl else 0
+            prefix = min(prefix, prompt)
+            stay = lane_price_usd(model, prompt, prefix, output, lane=lane, ttl=ttl)
+            if stay is None or previous is None or previous.lane == lane or not prefix:
+                return stay
+            cold = lane_price_usd(model, prompt, 0, output, lane=lane, ttl=ttl)
+            return None if cold is None else stay + (cold - stay) / SWITCH_HORIZON_TURNS
 
         sync_usd, batch_usd = cost("sync"), cost("batch")
         if sync_usd is None or batch_usd is None:
@@ -2772,7 +2786,8 @@ class Collector:
         max_wait = self.max_wait_s()
         if max_wait is None and self.router.route == "auto":
             waits = self.store.turnaround_samples(request.model)
-            max_wait = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
+            p90 = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
+            max_wait = None if p90 is None else AUTO_MAX_WAIT_P90_FACTOR * p90
         return None if max_wait is None else request.submitted_at + max_wait
 
     def _on_interrupt(self, ticket: Ticket, channel: Channel, request: RequestRow) -> None:
@@ -4332,6 +4347,8 @@ def _run(config: Config) -> int:
 
     if config.action == "doctor":
         return run_doctor(Console(), sandbox_policy(config, config.workdir))
+    with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
+        secure_state_dir(config.home)
     journal = Journal(config.home / "journal.db")
     if config.action == "stats":
         render_history(Console(), journal.requests())
@@ -4349,7 +4366,8 @@ def _run(config: Config) -> int:
     lock = SessionLock(config.home)
     lock.acquire(session.id)
     check_workdir(session.workdir, state_dir=config.home,
-                  allow_dangerous=config.allow_dangerous_workdir)
+                  allow_dangerous=config.allow_dangerous_workdir,
+                  protected=[Path(__file__).resolve()])
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -4455,7 +4473,8 @@ def _warm_up_in_background(api: BatchAPI, config: Config,
 def run_doctor(console: Any, policy: SandboxPolicy) -> int:
     checks = doctor_checks(policy)
     for c in checks:
-        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        warn = c.ok and c.detail.startswith("WARNING")
+        mark = "[yellow]warn[/]" if warn else "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}: {_escape(c.detail)}")
         if not c.ok and c.fix:
             console.print(f"      fix: {_escape(c.fix)}")
