@@ -3682,7 +3682,7 @@ UNKNOWN_MIN_CACHEABLE = 4096  # unknown model: assume the largest minimum
 PRIME_MIN_AGENTS = 3
 # billing / permission / authentication: no entry of this key will succeed; stop the fleet.
 FLEET_FATAL_ERRORS = ("authentication_error", "permission_error", "billing_error")
-CUSTOM_ID_RE = re.compile(r"^([0-9a-f]{8})-ag(\d+)-t(\d+)-at(\d+)-[0-9a-f]{6}$")
+FLEET_CUSTOM_ID_RE = re.compile(r"^([0-9a-f]{8})-ag(\d+)-t(\d+)-at(\d+)-[0-9a-f]{6}$")
 
 
 @dataclass(frozen=True)
@@ -3761,7 +3761,7 @@ def fleet_custom_id(token: str, agent: int, n_messages: int, attempt: int) -> st
 def parse_custom_id(custom_id: str | None) -> tuple[str, int, int, int] | None:
     """(run token, agent, turn, attempt) of one of our custom_ids; None for anything else
     (a foreign or damaged id is reported, never crashes the fleet)."""
-    match = CUSTOM_ID_RE.match(custom_id or "")
+    match = FLEET_CUSTOM_ID_RE.match(custom_id or "")
     if match is None:
         return None
     token, agent, turn, attempt = match.groups()
@@ -4132,7 +4132,7 @@ class Fleet:
         agent = self._agent(row, toolbox)
         try:
             if self._fresh(row):
-                agent.prompt(f"Your working directory: {row.workdir}\n\n{row.prompt}")
+                agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
             else:
                 agent.resume()
             return "done", None

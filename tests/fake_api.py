@@ -84,8 +84,8 @@ and `canceled` a 500 api_error.
 Faults (`inject(endpoint, kind, count=1, ...)`)
 -----------------------------------------------
 The next `count` requests to `endpoint` fail (FIFO; the endpoint's own before "any"'s):
-"429" (retry-after 1 unless `retry_after=`), "429-spend", "413", "500", "502", "503", "504",
-"529": the API's JSON error; with `error_code="contract_spend_limit_reached"` (or
+"429" (retry-after 1 unless `retry_after=`), "429-spend", "413", "401", "402", "403",
+"500", "502", "503", "504", "529": the API's JSON error; with `error_code="contract_spend_limit_reached"` (or
 "enforced_spend_limit_reached", "ramp_limit_exceeded", ...) it carries
 error.details.error_code, which the SDK turns into its own exception class (no default
 retry-after for a spend limit); with `html=True` it is a proxy's text/html page instead.
@@ -204,13 +204,18 @@ FAULT_KINDS = (
     "slow",
     "drop-after-create",
     "413",
+    "401",
+    "402",
+    "403",
     "stream-error",
     "stream-drop",
 )
 # Faults that only a streamed /v1/messages answer takes (other requests pass them by).
 STREAM_FAULT_KINDS = ("stream-error", "stream-drop")
 # Faults that are an HTTP error answer (the ones `error_code` and `html` apply to).
-_STATUS_FAULT_KINDS = ("429", "429-spend", "413", "500", "502", "503", "504", "529")
+_STATUS_FAULT_KINDS = (
+    "429", "429-spend", "413", "500", "502", "503", "504", "529", "401", "402", "403"
+)
 _FAULT_ERRORS = {
     "429": (429, "rate_limit_error", "Number of request tokens has exceeded your rate limit."),
     "429-spend": (
@@ -224,6 +229,9 @@ _FAULT_ERRORS = {
     "504": (504, "timeout_error", "Request timed out"),
     "529": (529, "overloaded_error", "Overloaded"),
     "413": (413, "request_too_large", "Request exceeds the maximum allowed size."),
+    "401": (401, "authentication_error", "invalid x-api-key"),
+    "402": (402, "billing_error", "Your credit balance is too low."),
+    "403": (403, "permission_error", "Your API key does not have permission to use this."),
 }
 # error.details.error_code values the SDK (2.14) maps to their own exception classes on a 429;
 # the spend limits must not be retried, ramp_limit_exceeded is retried after `retry-after`.
