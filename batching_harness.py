@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -218,6 +219,10 @@ class TurnFailed(HarnessError):
         self.record = record
 
 
+class _Hurry(Exception):
+    """Inside the agent: stop waiting for this batch and send the turn synchronously."""
+
+
 class Detached(HarnessError):
     """The user left a batch running; it can be re-attached with --resume."""
 
@@ -234,6 +239,14 @@ class Detached(HarnessError):
 
 CACHE_TTLS = {"1h": "1h", "5m": "5m", "off": None}
 OUTPUT_FORMATS = ("text", "json")
+ROUTES = ("batch", "sync", "auto")
+# What a minute of waiting is worth, for --route auto. At the prompt a person watches: a
+# saving under 5 cents a minute (a small turn that would save $0.004 for ~1:30) is not worth
+# their wait, while a large prompt on a dear model (saving 10 cents or more) still is.
+# Headless, nobody watches; a CI job's minute still has a small price, so a turn that saves
+# a fraction of a cent is not made to wait minutes for it.
+INTERACTIVE_WAIT_PRICE = 0.05
+HEADLESS_WAIT_PRICE = 0.005
 DEFAULT_POLL_INTERVAL_S = 2.5
 """At 2.5 s, polls plus the create and the results download stay under 30 requests a minute."""
 DEFAULT_TOOL_TIMEOUT_S = 120.0
@@ -289,6 +302,19 @@ class Config:
     cache_ttl: str | None = field(default=DEFAULT_CACHE_TTL, metadata=option(
         "--cache-ttl", choices=sorted(CACHE_TTLS), carried=True, parse=CACHE_TTLS.__getitem__,
         show=_ttl_shown, help=f"prompt-cache TTL (default {DEFAULT_CACHE_TTL})"))
+    route: str = field(default="batch", metadata=option(
+        "--route", choices=ROUTES, carried=True,
+        help="which lane carries each turn: batch (default: half price, a minute or more), "
+        "sync (streamed, full price, at once) or auto (per turn, from measured turnaround "
+        "and --wait-price)"))
+    wait_price_usd_per_min: float | None = field(default=None, metadata=option(
+        "--wait-price", metavar="USD_PER_MIN", carried=True, parse=float,
+        help=f"what a minute of waiting is worth to you, for --route auto (default "
+        f"{INTERACTIVE_WAIT_PRICE:g} at the prompt, {HEADLESS_WAIT_PRICE:g} headless)"))
+    max_wait_s: float | None = field(default=None, metadata=option(
+        "--max-wait", metavar="S", carried=True, parse=float,
+        help="past S seconds a batch turn is cancelled and sent synchronously (auto: the "
+        "model's measured p90 turnaround)"))
     max_budget_usd: float | None = field(default=None, metadata=option(
         "--max-budget-usd", metavar="USD", carried=True, parse=float,
         help="refuse to submit a turn that would take the session past this spend"))
@@ -403,6 +429,10 @@ def _check_values(c: Config, ns: argparse.Namespace) -> None:
         raise ConfigError("--tool-timeout must be a positive number of seconds")
     if c.max_budget_usd is not None and c.max_budget_usd <= 0:
         raise ConfigError("--max-budget-usd must be a positive amount")
+    if c.wait_price_usd_per_min is not None and c.wait_price_usd_per_min < 0:
+        raise ConfigError("--wait-price must be zero or more dollars a minute")
+    if c.max_wait_s is not None and c.max_wait_s <= 0:
+        raise ConfigError("--max-wait must be a positive number of seconds")
     if c.continue_last and c.resume_id:
         raise ConfigError("use --continue or --resume ID, not both")
     if ns.workdir and not c.workdir.is_dir():
@@ -618,6 +648,12 @@ def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
         marker = block.get("cache_control") if isinstance(block, Mapping) else None
         if isinstance(marker, Mapping):
             yield block, str(marker.get("ttl") or "5m")
+
+
+def fmt_elapsed(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def fmt_usd(amount: float | None) -> str:
@@ -836,6 +872,8 @@ class RequestRow:
     wait_s: float | None = None
     lane: str = "batch"
     """batch | sync: which channel carried it, and so at which rates it was priced."""
+    route: str | None = None
+    """Why it took that lane (the router's one line), when the router chose."""
 
     @property
     def usage_value(self) -> Usage:
@@ -894,7 +932,8 @@ class Store(Protocol):
                          blocks: list[dict[str, Any]]) -> None: ...
     def begin_request(self, row: RequestRow) -> None: ...
     def set_batch(self, custom_id: str, batch_id: str) -> None: ...
-    def record_outcome(self, custom_id: str, outcome: Outcome) -> None: ...
+    def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None: ...
+    def hurry_request(self, custom_id: str) -> None: ...
     def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None: ...
     def fail_request(self, custom_id: str, reason: str | None = None) -> None: ...
     def request(self, custom_id: str) -> RequestRow: ...
@@ -980,6 +1019,12 @@ def _lanes_and_targeted_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX requests_by_state ON requests(session_id, state)")
     db.execute("CREATE INDEX requests_by_transcript ON requests(session_id, conversation, "
                "n_messages)")
+
+
+@migration(3)
+def _route_decisions(db: sqlite3.Connection) -> None:
+    """Why each turn took its lane (auto's numbers), kept beside the turn."""
+    db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
 
 
 # -- fleet runs (numbered 20+ so the lead can renumber at merge; see @migration) ----------
@@ -1195,11 +1240,12 @@ class SqliteStore:
                        (batch_id, custom_id))
             db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)", (custom_id, batch_id))
 
-    def record_outcome(self, custom_id: str, outcome: Outcome) -> None:
+    def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None:
+        """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied)."""
         cost = outcome.cost
         with self._tx() as db:
             db.execute(
-                "UPDATE requests SET state='ended', ended_at=?, wait_s=?, result_type=?, "
+                f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
                 "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
                 "sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?",
                 (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
@@ -1220,6 +1266,13 @@ class SqliteStore:
                 self._insert_message(db, request.session_id, request.conversation, "assistant",
                                      content, request.stop_reason)
             self._touch(db, request.session_id)
+
+    def hurry_request(self, custom_id: str) -> None:
+        """The batch was cancelled and its turn sent synchronously: no longer in flight for
+        this session; if it still ends with an answer, that answer is waste, not applied."""
+        with self._tx() as db:
+            db.execute("UPDATE requests SET state='hurried' WHERE custom_id=? AND "
+                       "state='submitted'", (custom_id,))
 
     def fail_request(self, custom_id: str, reason: str | None = None) -> None:
         with self._tx() as db:
@@ -1518,6 +1571,8 @@ BATCH_REQUESTS_PER_MINUTE = 50
 MISSING_TICKS_BEFORE_RETRIEVE = 2
 # An ended batch whose results_url is still null is asked for again this many times.
 NULL_RESULTS_URL_TRIES = 5
+# Results files fetched side by side when several batches end in one tick.
+RESULTS_DOWNLOADS = 8
 # Connection refused / unknown host: the request never left this machine, so trying again
 # for minutes helps nobody; a few quick tries ride out a blip.
 UNREACHABLE_ATTEMPTS = 3
@@ -1653,14 +1708,32 @@ class Ticket:
         self.status = "in_progress"
         self._arrival: Arrival | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Ticket], None]] = []
+        self._lock = threading.Lock()
 
     def resolve(self, arrival: Arrival) -> None:
         self._arrival = arrival
-        self.event.set()
+        self._done()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self.event.set()
+        self._done()
+
+    def add_done_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Run `callback(ticket)` when it is resolved (at once if it already is): how a
+        batch nobody waits for any more (hurried past) still gets its cost recorded."""
+        with self._lock:
+            if not self.event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def _done(self) -> None:
+        with self._lock:
+            self.event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     @property
     def done(self) -> bool:
@@ -1674,6 +1747,8 @@ class Ticket:
 
 
 Notify = Callable[[str], None]
+StreamListener = Callable[[str, str], None]
+"""(kind, text) as an answer streams in: kind is "text" or "thinking"."""
 
 
 class Channel(Protocol):
@@ -1683,13 +1758,17 @@ class Channel(Protocol):
     in CHANNELS."""
 
     lane: str
+    stops_on_ctrl_c: bool
+    """True: Ctrl-C stops the request at once (a stream); False: the user is asked."""
 
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
              notify: Notify) -> str: ...
     def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None: ...
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
-              on_status: Callable[[str], None], notify: Notify) -> Ticket: ...
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket: ...
     def cancel(self, handle: str, notify: Notify) -> None: ...
+    def forget(self, ticket: Ticket) -> None: ...
 
 
 class BatchAPI:
@@ -1982,6 +2061,7 @@ class BatchChannel:
     rich's Progress: many tasks in a dict under a lock, one refresh thread."""
 
     lane = "batch"
+    stops_on_ctrl_c = False
 
     def __init__(self, api: BatchAPI, *, poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  clock: Clock | None = None) -> None:
@@ -2000,6 +2080,10 @@ class BatchChannel:
         return self.api.create([{"custom_id": custom_id, "params": params}], exclude=exclude,
                                notify=notify)
 
+    @classmethod
+    def from_config(cls, api: BatchAPI, config: Config) -> BatchChannel:
+        return cls(api, poll_interval_s=config.poll_interval_s)
+
     def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
         wait_s = sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
         if wait_s > 0:  # a create cut off moments ago may not be listed yet
@@ -2007,7 +2091,8 @@ class BatchChannel:
         return self.api.find(not_before=sent_at, size=1, exclude=exclude, notify=notify)
 
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
-              on_status: Callable[[str], None], notify: Notify) -> Ticket:
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
         ticket = Ticket(custom_id, handle)
         now = self.clock.now()
         # A batch just created cannot have ended: the first look waits one interval; a
@@ -2094,29 +2179,34 @@ class BatchChannel:
         except HarnessError as exc:
             self._fail_all(exc)
             return
-        for watch in watches:
-            self._look(watch, views.get(watch.batch_id))
+        ended = [(w, v) for w in watches if (v := self._look(w, views.get(w.batch_id)))]
+        if len(ended) > 1:  # many batches ending at once: fetch their results side by side
+            with concurrent.futures.ThreadPoolExecutor(RESULTS_DOWNLOADS) as pool:
+                list(pool.map(lambda wv: self._collect(*wv), ended))
+        elif ended:
+            self._collect(*ended[0])
 
-    def _look(self, watch: _Watch, view: BatchView | None) -> None:
+    def _look(self, watch: _Watch, view: BatchView | None) -> BatchView | None:
+        """Act on what a tick showed of one batch; the view when it has ended."""
         if view is None:
             watch.missing_ticks += 1
             if watch.missing_ticks < MISSING_TICKS_BEFORE_RETRIEVE:
                 watch.due_at = self.clock.now()
-                return
+                return None
             try:
                 view = self.api.retrieve(watch.batch_id, self._notifier(watch))
             except HarnessError as exc:
                 self._finish(watch, error=exc)
-                return
+                return None
         watch.missing_ticks = 0
         for on_status, _ in list(watch.listeners):
             on_status(view.status)
         if view.status == "ended":
-            self._collect(watch, view)
-            return
+            return view
         elapsed = self.clock.now() - watch.started_at
         watch.due_at = self.clock.now() + next_poll_delay_s(elapsed, self.poll_interval_s,
                                                             watch.expected_s)
+        return None
 
     def _collect(self, watch: _Watch, view: BatchView) -> None:
         if not view.results_url:  # allowed by the schema; the file shows up a little later
@@ -2231,6 +2321,7 @@ class PooledBatchChannel:
     active, so it knows when nobody else is coming."""
 
     lane = "batch"
+    stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
 
     def __init__(self, batch: BatchChannel, *, journal: PoolJournal | None = None,
                  max_width: int = DEFAULT_MAX_WIDTH,
@@ -2297,9 +2388,10 @@ class PooledBatchChannel:
         return None
 
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
-              on_status: Callable[[str], None], notify: Notify) -> Ticket:
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
         ticket = self.batch.watch(custom_id, handle, sent_at=sent_at, expected_s=expected_s,
-                                  on_status=on_status, notify=notify)
+                                  on_status=on_status, notify=notify, on_stream=on_stream)
         with self._lock:
             self._waiting[custom_id] = ticket
         self._wake.set()  # a re-attached agent waits too: maybe everyone does now
@@ -2442,8 +2534,127 @@ class PooledBatchChannel:
         return notify
 
 
+# The handle a synchronous request is journaled under until its stream ends.
+SYNC_HANDLE_PREFIX = "sync_"
+
+
+@dataclass
+class _Stream:
+    custom_id: str
+    params: dict[str, Any]
+    ticket: Ticket
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class SyncChannel:
+    """The synchronous lane: the Messages API with streaming, at full price and at once.
+    `send` accepts the request (the caller journals its handle); `watch` starts the stream
+    in a thread of its own, passes text and thinking to `on_stream` as it arrives, and
+    resolves the ticket with the final message. A stream cut by a crash cannot be re-joined:
+    its handle is unknown to a new process, and the ticket says so (the turn is sent again,
+    and paid again)."""
+
+    lane = "sync"
+    stops_on_ctrl_c = True
+
+    def __init__(self, api: BatchAPI, *, clock: Clock | None = None) -> None:
+        self.api = api
+        self.clock = clock or Clock()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, api: BatchAPI, config: Config) -> SyncChannel:
+        return cls(api)
+
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        handle = SYNC_HANDLE_PREFIX + custom_id
+        with self._lock:
+            self._streams[handle] = _Stream(custom_id, params, Ticket(custom_id, handle))
+        return handle
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+        return None  # nothing outlives a stream: the caller sends it again
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
+        with self._lock:
+            stream = self._streams.get(handle)
+        if stream is None:  # sent by a process that is gone: the answer went with it
+            ticket = Ticket(custom_id, handle)
+            ticket.resolve(Arrival(EntryResult(
+                custom_id, "errored", None, "stream_lost", "the synchronous answer was cut "
+                "off when the harness stopped; it is sent again (and paid again)"),
+                BatchView(handle, "ended", sent_at, 1, self.clock.now())))
+            return ticket
+        threading.Thread(target=self._run, args=(stream, on_status, on_stream or _ignore),
+                         daemon=True, name=f"stream-{custom_id}").start()
+        return stream.ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        with self._lock:
+            stream = self._streams.get(handle)
+        if stream is not None:
+            stream.stop.set()
+
+    def forget(self, ticket: Ticket) -> None:
+        self.cancel(ticket.handle, _ignore)
+
+    def _run(self, stream: _Stream, on_status: Callable[[str], None],
+             on_stream: StreamListener) -> None:
+        started = self.clock.now()
+        try:
+            entry = self._stream(stream, on_status, on_stream)
+        except BaseException as exc:  # a bug: the waiter hears it instead of hanging
+            stream.ticket.fail(exc)
+            return
+        finally:
+            with self._lock:
+                self._streams.pop(stream.ticket.handle, None)
+        stream.ticket.resolve(Arrival(entry, BatchView(stream.ticket.handle, "ended", started,
+                                                       1, self.clock.now())))
+
+    def _stream(self, stream: _Stream, on_status: Callable[[str], None],
+                on_stream: StreamListener) -> EntryResult:
+        import anthropic
+
+        cid = stream.custom_id
+        try:
+            with self.api.client.messages.stream(**stream.params) as events:
+                on_status("streaming")
+                for event in events:
+                    if stream.stop.is_set():  # Ctrl-C: what came so far is not applied
+                        snapshot = events.current_message_snapshot
+                        return EntryResult(cid, "canceled", _sync_message(snapshot))
+                    if event.type in ("text", "thinking"):
+                        on_stream(event.type, getattr(event, event.type))
+                return EntryResult(cid, "succeeded", _sync_message(events.get_final_message()))
+        except anthropic.APIStatusError as exc:
+            body = _error_body(exc)
+            return EntryResult(cid, "errored", None, str(body.get("type") or "api_error"),
+                               _api_error_message(exc))
+        except Exception as exc:
+            if not (isinstance(exc, anthropic.APIConnectionError) or _is_transport_failure(exc)):
+                raise
+            return EntryResult(cid, "errored", None, "stream_lost",
+                               f"the stream was cut off ({type(exc).__name__}); nothing of "
+                               "it is applied")
+
+
+def _sync_message(message: Any) -> dict[str, Any]:
+    """A streamed Message as plain data, in the shape a batch result carries."""
+    return message.model_dump(mode="json", exclude_none=True)
+
+
+def _ignore(*_args: Any) -> None:
+    return None
+
+
 # Lanes by name: a new lane is a class plus one entry here.
-CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "pooled": PooledBatchChannel}
+CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel,
+                                  "pooled": PooledBatchChannel}
 
 
 ##############################################################################
@@ -2458,7 +2669,14 @@ writable) and str_replace_based_edit_tool (view, create, str_replace, insert). E
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
-RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error")
+RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error",
+                 "stream_lost")
+# What a canceled request means to the user, by lane.
+CANCELED_WHY = {
+    "batch": "the batch was canceled before the model answered; nothing was billed",
+    "sync": "the stream was stopped; its partial answer is not applied (the tokens it had "
+            "produced are billed)",
+}
 RESULTS_RETENTION_S = 29 * 86400
 # Batches adopted for one turn after an unknown create before giving up: list() shows no
 # custom_ids, so a match by time and size is confirmed only by the results.
@@ -2478,6 +2696,8 @@ class AgentSettings:
     max_budget_usd: float | None = None
     max_resubmits: int = 3
     """Times an expired or transiently errored request is sent again before the turn fails."""
+    max_wait_s: float | None = None
+    """Past this, a batch turn is hurried onto the sync lane (None: auto uses the p90)."""
     system: str | None = None
     """The system prompt; None: SYSTEM_PROMPT for the session's work dir. A fleet gives all
     its agents one text (no per-agent path in it) so they share one cached prefix."""
@@ -2517,6 +2737,15 @@ class TurnEnded:
 
 
 @dataclass(frozen=True)
+class StreamDelta:
+    """Part of an answer as it streams in (sync lane): kind is "text" or "thinking"."""
+
+    kind: str
+    text: str
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
 class AssistantText:
     text: str
     session_id: str = ""
@@ -2542,7 +2771,8 @@ class Notice:
     session_id: str = ""
 
 
-Event = TurnSent | TurnWaiting | TurnEnded | AssistantText | ToolStarted | ToolFinished | Notice
+Event = (TurnSent | TurnWaiting | TurnEnded | StreamDelta | AssistantText | ToolStarted
+         | ToolFinished | Notice)
 
 
 @dataclass(frozen=True)
@@ -2634,8 +2864,7 @@ def classify(request: RequestRow, max_resubmits: int) -> Verdict:
         return Verdict("fail", f"the API refused this turn ({request.error_type}: "
                                f"{request.error_message}); nothing was billed")
     if kind == "canceled":
-        return Verdict("fail", "the batch was canceled before the model answered; nothing "
-                               "was billed")
+        return Verdict("fail", CANCELED_WHY[request.lane])
     raise AssertionError(f"unknown result type {kind!r}")
 
 
@@ -2667,8 +2896,11 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
     if entry is None:
         return Outcome("missing", now, wait_s, error_message="result not in the batch")
     if entry.type != "succeeded" or entry.message is None:
+        usage = Usage.from_api(entry.message.get("usage")) if entry.message else None
+        cost = usage and cost_breakdown(request.model, usage, lane=request.lane,
+                                        requested_ttl=request.cache_ttl)
         return Outcome(entry.type, now, wait_s, error_type=entry.error_type,
-                       error_message=entry.error_message)
+                       error_message=entry.error_message, usage=usage, cost=cost or None)
     usage = Usage.from_api(entry.message.get("usage"))
     cost = cost_breakdown(request.model, usage, lane=request.lane,
                           requested_ttl=request.cache_ttl)
@@ -2677,16 +2909,110 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
     return Outcome("succeeded", now, wait_s, entry.message, usage=usage, cost=cost)
 
 
+# -- routing: which lane carries a turn ---------------------------------------------
+# Until a model has this many measured batch turnarounds, auto assumes TURNAROUND_PRIOR_S:
+# reports of one-entry batches range from about 90 s to over 30 minutes; 2 minutes is the
+# middle of what this project has seen, and the estimate switches to measured data quickly.
+ROUTE_SAMPLES = 5
+TURNAROUND_PRIOR_S = 120.0
+# Output tokens auto expects when the conversation has no earlier turn to go by.
+EXPECTED_OUTPUT_TOKENS = 500
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    lane: str
+    why: str | None = None
+    """auto's reasoning in one line with its numbers; None for a fixed route."""
+
+
+def lane_price_usd(model: str, prompt_tokens: int, cached_tokens: int, output_tokens: int,
+                   *, lane: str, ttl: str | None) -> float | None:
+    """What a request would cost on `lane`: `cached_tokens` of its prompt read from that
+    lane's cache, the rest written (or plain input without caching), plus the output."""
+    price = price_for(model, prompt_tokens)
+    if price is None:
+        return None
+    fresh = max(0, prompt_tokens - cached_tokens)
+    usage = Usage(input_tokens=0 if ttl else fresh, output_tokens=output_tokens,
+                  cache_creation_input_tokens=fresh if ttl else 0,
+                  cache_read_input_tokens=cached_tokens)
+    writes = (0, fresh) if ttl == "1h" else (fresh, 0) if ttl else (0, 0)
+    return _dollars(price, usage, writes, _rate(lane))
+
+
+class Router:
+    """Chooses each turn's lane. `batch` and `sync` are fixed; `auto` goes batch only when
+    the saving per minute waited is at least the user's price of waiting. Batch and sync do
+    not reliably share cache entries, so a lane's estimate counts a cache hit only when the
+    previous turn ran on that same lane."""
+
+    def __init__(self, channels: Mapping[str, Channel], route: str = "batch",
+                 wait_price_usd_per_min: float = INTERACTIVE_WAIT_PRICE) -> None:
+        self.channels = dict(channels)
+        self.route = route
+        self.wait_price_usd_per_min = wait_price_usd_per_min
+
+    def channel(self, lane: str) -> Channel:
+        return self.channels[lane]
+
+    def can_hurry(self) -> bool:
+        return "sync" in self.channels and "batch" in self.channels
+
+    def choose(self, params: Mapping[str, Any], *, previous: RequestRow | None,
+               waits: Sequence[float], force: str | None = None) -> RouteDecision:
+        if force is not None:
+            return RouteDecision(force, f"{force} · hurried")
+        if self.route != "auto":
+            return RouteDecision(self.route)
+        return self._auto(params, previous, waits)
+
+    def _auto(self, params: Mapping[str, Any], previous: RequestRow | None,
+              waits: Sequence[float]) -> RouteDecision:
+        model, ttl = str(params.get("model")), _request_ttl(params)
+        prompt = _estimate_prompt_tokens(params)
+        output = previous.usage_value.output_tokens if previous and previous.usage else (
+            EXPECTED_OUTPUT_TOKENS)
+        output = min(output, int(params.get("max_tokens") or output))
+
+        def cost(lane: str) -> float | None:
+            cached = previous.usage_value.prompt_tokens if (
+                previous and previous.lane == lane and ttl) else 0
+            return lane_price_usd(model, prompt, min(cached, prompt), output, lane=lane, ttl=ttl)
+
+        sync_usd, batch_usd = cost("sync"), cost("batch")
+        if sync_usd is None or batch_usd is None:
+            return RouteDecision("batch", f"batch · price unknown for {model}")
+        measured = len(waits) >= ROUTE_SAMPLES
+        wait_s = (median(waits) or TURNAROUND_PRIOR_S) if measured else TURNAROUND_PRIOR_S
+        saving = sync_usd - batch_usd
+        per_min = saving / max(wait_s / 60, 1e-9)
+        lane = "batch" if per_min >= self.wait_price_usd_per_min else "sync"
+        sign = "≥" if lane == "batch" else "<"
+        source = "" if measured else " (prior)"
+        return RouteDecision(lane, f"{lane} · saves {fmt_usd(saving)} for ~{fmt_elapsed(wait_s)}"
+                                   f"{source} → {fmt_usd(per_min)}/min {sign} "
+                                   f"{fmt_usd(self.wait_price_usd_per_min)}/min")
+
+
+def _request_ttl(params: Mapping[str, Any]) -> str | None:
+    ttls = {ttl for _, ttl in _cache_markers(params)}
+    return "1h" if "1h" in ttls else "5m" if ttls else None
+
+
+
 class Agent:
     """Advances one session turn by turn. Every step is decided from the journal, so a
     fresh prompt and a session resumed after a crash run through the same code."""
 
-    def __init__(self, store: Store, channel: Channel, toolbox: Toolbox,
+    def __init__(self, store: Store, lanes: Channel | Router, toolbox: Toolbox,
                  settings: AgentSettings, session: SessionRow, *,
                  emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
                  clock: Clock | None = None,
                  name_request: Callable[[int, int], str] | None = None) -> None:
-        self.store, self.channel, self.toolbox = store, channel, toolbox
+        self.store, self.toolbox = store, toolbox
+        self.router = lanes if isinstance(lanes, Router) else Router({lanes.lane: lanes},
+                                                                    route=lanes.lane)
         self.settings, self.session = settings, session
         self._emit_to, self.ask_interrupt = emit, ask_interrupt
         self.clock = clock or Clock()
@@ -2694,6 +3020,7 @@ class Agent:
         self.name_request = name_request or (lambda _n, _attempt: new_custom_id())
         self._turns = 0
         self._touched: list[str] = []
+        self._force_lane: str | None = None  # the next turn's lane after a hurry
 
     # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
@@ -2737,6 +3064,13 @@ class Agent:
         self.session = session
         self.switch_model(session.model)
 
+    def set_route(self, route: str) -> None:
+        """batch | sync | auto from the next turn on (a lane this agent lacks is refused)."""
+        needed = {"auto": ("batch", "sync")}.get(route, (route,))
+        if any(lane not in self.router.channels for lane in needed):
+            raise ConfigError(f"route {route!r} needs the lanes {', '.join(needed)}")
+        self.router.route = route
+
     def clear(self) -> None:
         """A new conversation in the same session: the session's spend stays counted."""
         conversation = self.session.conversation + 1
@@ -2773,8 +3107,9 @@ class Agent:
         self._touch(row.custom_id)
         handle = self._send(row, params)
         self._turns += 1
+        expected = self.expected_wait_s(row.model) if row.lane == "batch" else None
         self.emit(TurnSent(handle, row.custom_id, row.model, self._turns, self.clock.now(),
-                           row.estimate_usd, self.expected_wait_s(row.model), row.lane))
+                           row.estimate_usd, expected, row.lane))
         # Wait (the channel owns the waiting), then apply what came back.
         self._settle(self.store.request(row.custom_id))
 
@@ -2785,8 +3120,8 @@ class Agent:
             self.store.fail_request(request.custom_id, "never reached the API")
             return  # the transcript is unanswered: the next step sends it afresh
         request = self.store.request(request.custom_id)
-        if request.state == "submitted":
-            self._collect(request)
+        if request.state == "submitted" and not self._collect(request):
+            return  # hurried: the same transcript goes again on the sync lane
         self._apply(self.store.request(request.custom_id))
 
     def _apply(self, request: RequestRow) -> None:
@@ -2863,21 +3198,26 @@ class Agent:
         previous_end = previous.n_messages - 1 if previous else None
         params = build_params(self.settings, Path(self.session.workdir),
                               self.toolbox.definitions(), messages, previous_end)
-        lane, attempt = self.channel.lane, self._attempt_number(len(messages))
+        attempt = self._attempt_number(len(messages))
+        decision = self.router.choose(params, previous=previous, force=self._force_lane,
+                                      waits=self.store.turnaround_samples(self.settings.model))
+        self._force_lane, lane = None, decision.lane
+        if decision.why:
+            self.emit(Notice(decision.why))
         row = RequestRow(
             custom_id=self.name_request(len(messages), attempt), session_id=self.session.id,
             conversation=self.session.conversation, n_messages=len(messages),
             model=self.settings.model, cache_ttl=self.settings.cache_ttl,
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
             attempt=attempt, state="submitting", batch_id=None,
-            submitted_at=self.clock.now(), lane=lane,
+            submitted_at=self.clock.now(), lane=lane, route=decision.why,
             estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane))
         return row, params
 
     def _send(self, row: RequestRow, params: dict[str, Any]) -> str:
         try:
-            handle = self.channel.send(row.custom_id, params, exclude=self.store.known_batch_ids,
-                                       notify=self._warn)
+            handle = self.router.channel(row.lane).send(
+                row.custom_id, params, exclude=self.store.known_batch_ids, notify=self._warn)
         except NotSent as exc:  # nothing was created: not billed, nothing to resume
             raise TurnFailed(str(exc), custom_id=row.custom_id, record="never sent") from None
         except TransportError as exc:
@@ -2922,25 +3262,31 @@ class Agent:
             raise TurnFailed(f"{MAX_ADOPTIONS} batches that looked like this turn's were not "
                              "(another client shares the key?); send the prompt again",
                              custom_id=request.custom_id, record="no batch of ours found")
-        handle = self.channel.reconcile(request.submitted_at,
-                                        exclude=self.store.known_batch_ids(), notify=self._warn)
+        handle = self.router.channel(request.lane).reconcile(
+            request.submitted_at, exclude=self.store.known_batch_ids(), notify=self._warn)
         if handle:
             self.store.set_batch(request.custom_id, handle)
             self._warn(f"re-attached to {handle}, created before the interruption")
         return handle is not None
 
-    def _collect(self, request: RequestRow) -> None:
+    def _collect(self, request: RequestRow) -> bool:
+        """Wait for the request and record how it ended; False when it was hurried."""
         assert request.batch_id is not None
         if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
             raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
                              "longer keeps its results. Nothing more can be recovered.",
                              custom_id=request.custom_id, record="results expired from the API")
-        ticket = self.channel.watch(
+        channel = self.router.channel(request.lane)
+        ticket = channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
             expected_s=self.expected_wait_s(request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)))
+            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)),
+            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
         try:
-            arrival = self._await(ticket)
+            arrival = self._await(ticket, channel, request)
+        except _Hurry:
+            self._hurry(request, ticket, channel)
+            return False
         except BatchNotFound as exc:
             raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
                              f"API ({exc}); send the prompt again", custom_id=request.custom_id,
@@ -2949,33 +3295,78 @@ class Agent:
         self.store.record_outcome(request.custom_id, outcome)
         self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
                             outcome.usage, outcome.cost, request.lane))
+        return True
 
-    def _await(self, ticket: Ticket) -> Arrival:
-        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do,
-        while the channel keeps polling."""
+    def _await(self, ticket: Ticket, channel: Channel, request: RequestRow) -> Arrival:
+        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do
+        (a stream just stops), while the channel keeps polling; past --max-wait a batch
+        turn is hurried."""
+        deadline = self._hurry_deadline(request, channel)
         while True:
             try:
                 while not self.clock.wait(ticket.event, WAIT_SLICE_S):
-                    pass
+                    if deadline is not None and self.clock.now() >= deadline:
+                        self._warn(f"past --max-wait ({fmt_elapsed(deadline - request.submitted_at)})"
+                                   f": hurrying {ticket.handle}")
+                        raise _Hurry
                 return ticket.result()
             except KeyboardInterrupt:
-                self._on_interrupt(ticket)
+                self._on_interrupt(ticket, channel)
 
-    def _on_interrupt(self, ticket: Ticket) -> None:
+    def _hurry_deadline(self, request: RequestRow, channel: Channel) -> float | None:
+        if channel.stops_on_ctrl_c or not self.router.can_hurry():
+            return None
+        max_wait = self.settings.max_wait_s
+        if max_wait is None and self.router.route == "auto":
+            waits = self.store.turnaround_samples(request.model)
+            max_wait = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
+        return None if max_wait is None else request.submitted_at + max_wait
+
+    def _on_interrupt(self, ticket: Ticket, channel: Channel) -> None:
+        if channel.stops_on_ctrl_c:  # a stream: stop it; nothing of it is applied
+            channel.cancel(ticket.handle, self._warn)
+            self._warn("stopped: the partial answer is not added to the conversation")
+            return
         choice = self.ask_interrupt(ticket.handle)
+        if choice == "hurry" and self.router.can_hurry():
+            raise _Hurry
         if choice == "detach":
-            if hasattr(self.channel, "forget"):
-                self.channel.forget(ticket)
+            channel.forget(ticket)
             raise Detached(self.session.id, ticket.handle)
         if choice == "cancel":
             try:
-                self.channel.cancel(ticket.handle, self._warn)
+                channel.cancel(ticket.handle, self._warn)
             except TransportError as exc:  # most often: it ended while the user decided
                 self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
                 return
             self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
                              "(work already under way may still finish, and is then used)",
                              "warn"))
+
+    def _hurry(self, request: RequestRow, ticket: Ticket, channel: Channel) -> None:
+        """Cancel the batch and send the same transcript synchronously. Exactly one answer
+        is applied: the batch's row leaves the session's work in flight, and if it still
+        ends with an answer that answer is recorded as waste."""
+        try:
+            channel.cancel(ticket.handle, self._warn)
+        except TransportError as exc:
+            self._warn(f"cancel refused ({exc}); its answer, if any, is counted as waste")
+        self.store.hurry_request(request.custom_id)
+        ticket.add_done_callback(lambda t: self._record_waste(request, t))
+        self._force_lane = "sync"
+        self._warn(f"sending turn synchronously now; {ticket.handle} is cancelled (if it still "
+                   "ends with an answer, its cost is shown as waste)")
+
+    def _record_waste(self, request: RequestRow, ticket: Ticket) -> None:
+        try:
+            arrival = ticket.result()
+        except BaseException:  # nothing came back: nothing was billed
+            return
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome, state="hurried")
+        if outcome.cost is not None and outcome.cost.paid_usd:
+            self._warn(f"{ticket.handle} ended {outcome.result_type} after the hurry: "
+                       f"{fmt_usd(outcome.cost.paid_usd)} paid for an answer not used (waste)")
 
     # -- applying an answer ----------------------------------------------------------
     def _apply_message(self, request: RequestRow) -> None:
@@ -3082,13 +3473,9 @@ def _is_empty_text(block: Any) -> bool:
 ##############################################################################
 
 INTERRUPT_MENU = ("[bold yellow]Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
-                  "(it keeps running; resume later) · Enter keep waiting[/]")
-
-
-def fmt_elapsed(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+                  "(it keeps running; resume later) · s send now, synchronously (full price) · "
+                  "Enter keep waiting[/]")
+INTERRUPT_KEYS = {"c": "cancel", "d": "detach", "\x03": "detach", "s": "hurry"}
 
 
 def fmt_tokens(n: int) -> str:
@@ -3150,6 +3537,8 @@ class ConsoleUI:
         self.read_key = read_key or read_key_from_tty
         self._live: Any = None
         self._wait: WaitState | None = None
+        self._streamed = ""
+        self._thinking_chars = 0
 
     def handle(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -3158,10 +3547,22 @@ class ConsoleUI:
 
     def _on_TurnSent(self, e: TurnSent) -> None:
         self._wait = WaitState(e.handle, e.turn, e.sent_at, e.expected_s)
-        estimate = f" · est. {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
-        self.console.print(f"[dim]turn {e.turn} · {e.model} · batch {e.handle} "
-                           f"submitted{estimate}[/]")
+        self._streamed = ""
+        estimate = f" · up to {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
+        what = f"batch {e.handle} submitted" if e.lane == "batch" else "streaming (sync)"
+        self.console.print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
         self._start_live()
+
+    def _on_StreamDelta(self, e: StreamDelta) -> None:
+        """Text appears as it streams; thinking only as a dim count on the spinner line."""
+        if e.kind == "thinking":
+            self._thinking_chars += len(e.text)
+            if self._wait is not None:
+                self._wait.note = f"thinking · ~{fmt_tokens(self._thinking_chars // 4)} tokens"
+            return
+        self.stop_live()
+        self._streamed += e.text
+        self.console.print(e.text, end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
         if self._wait is None:  # re-attached after a restart: spinner from the journal's time
@@ -3173,17 +3574,25 @@ class ConsoleUI:
     def _on_TurnEnded(self, e: TurnEnded) -> None:
         self.stop_live()
         self._wait = None
-        line = f"batch {e.handle} {e.result_type} after {fmt_elapsed(e.wait_s)}"
-        if e.cost is not None and e.usage is not None:
+        if self._streamed:
+            self.console.print()  # end the streamed text's last line
+        what = f"batch {e.handle}" if e.lane == "batch" else "stream"
+        line = f"{what} {e.result_type} after {fmt_elapsed(e.wait_s)}"
+        if e.cost is not None and e.usage is not None and e.cost.paid_usd is not None:
+            other = (f"sync {fmt_usd(e.cost.sync_usd)}" if e.lane == "batch" else
+                     f"batch would be {fmt_usd(e.cost.paid_usd * BATCH_DISCOUNT)}")
             line += (f" · {fmt_tokens(e.usage.prompt_tokens)} in / "
                      f"{fmt_tokens(e.usage.output_tokens)} out · paid {fmt_usd(e.cost.paid_usd)}"
-                     f" (sync {fmt_usd(e.cost.sync_usd)})")
+                     f" ({other})")
         self.console.print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
         from rich.markdown import Markdown
 
         self.stop_live()
+        if self._streamed:  # already on screen as it arrived
+            self._streamed = ""
+            return
         self.console.print(Markdown(e.text))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
@@ -3234,7 +3643,7 @@ class ConsoleUI:
             key = self.read_key()
         except (KeyboardInterrupt, EOFError):
             key = "d"
-        choice = {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
+        choice = INTERRUPT_KEYS.get(key.lower(), "wait")
         if choice == "wait":
             self._start_live()
         return choice
@@ -3280,7 +3689,10 @@ STATS_EXPLAINED = (
     "reliably share, so read it as a like-for-like price, not a forecast. 'Cache saved' is "
     "what the cached tokens would have cost as plain input minus what they did cost. A turn "
     "still in flight counts at its estimate until its result replaces it; errored, expired "
-    "and canceled entries are not billed.")
+    "and canceled entries are not billed. Synchronous (sync-lane) turns pay full price; for "
+    "them the other lane is the same usage at batch rates. The two lanes keep separate "
+    "prompt caches, so a switch of lane pays to write the prefix again. 'Waste' is what a "
+    "batch cost that still answered after its turn was hurried onto the sync lane.")
 
 
 @dataclass(frozen=True)
@@ -3295,6 +3707,8 @@ class StatsTotals:
     waited_s: float
     usage: Usage
     unknown_prices: int
+    waste_usd: float = 0.0
+    """Paid for answers never used: batches that still ended after a hurry."""
 
     @property
     def batch_saved_usd(self) -> float:
@@ -3318,6 +3732,7 @@ def stats_totals(requests: Sequence[RequestRow]) -> StatsTotals:
         cache_saved_usd=sum(r.cache_saved_usd or 0.0 for r in ended),
         waited_s=sum(r.wait_s or 0.0 for r in ended),
         usage=sum((r.usage_value for r in ended), Usage()),
+        waste_usd=sum(r.cost_usd or 0.0 for r in ended if r.state == "hurried"),
         unknown_prices=sum(1 for r in requests if (r.result_type == "succeeded"
                                                    and r.cost_usd is None) or (
             r.result_type is None and r.batch_id and r.state == "failed")),
@@ -3332,7 +3747,8 @@ def render_stats(console: Any, requests: Sequence[RequestRow], model: str,
     from rich.text import Text
 
     totals = stats_totals(requests)
-    body = Group(_turn_table(requests), Text(""), Text(_totals_line(totals)),
+    body = Group(_turn_table(requests), Text(""), lanes_table(requests), Text(""),
+                 Text(_totals_line(totals)),
                  Text(_turnaround_line(history, model)), Text(""),
                  Text(STATS_EXPLAINED, style="dim"))
     console.print(Panel(body, title="session cost: batch path vs synchronous", expand=False))
@@ -3342,11 +3758,32 @@ def _turn_table(requests: Sequence[RequestRow]) -> Any:
     from rich.table import Table
 
     table = Table(box=None, pad_edge=False)
-    for col in ("turn", "model", "waited", "input", "output", "cache write", "cache read",
-                "hit", "paid (batch)", "sync"):
+    for col in ("turn", "lane", "model", "waited", "input", "output", "cache write",
+                "cache read", "hit", "paid", "at sync rates"):
         table.add_column(col, justify="left" if col in ("model",) else "right")
     for i, r in enumerate(requests, 1):
-        table.add_row(*_turn_cells(i, r))
+        cells = _turn_cells(i, r)
+        if r.state == "hurried":
+            cells[-2] += " waste" if r.cost_usd else " (hurried)"
+        table.add_row(cells[0], r.lane, *cells[1:])
+    return table
+
+
+def lanes_table(requests: Sequence[RequestRow]) -> Any:
+    """Per lane: turns, what they cost, what the other lane would have cost, minutes waited."""
+    from rich.table import Table
+
+    table = Table(title="by lane", box=None, pad_edge=False)
+    for col in ("lane", "turns", "paid", "other lane would be", "waited"):
+        table.add_column(col, justify="left" if col == "lane" else "right")
+    for lane in LANES:
+        rows = [r for r in requests if r.lane == lane]
+        if not rows:
+            continue
+        t = stats_totals(rows)
+        other = t.sync_usd if lane == "batch" else t.sync_usd * BATCH_DISCOUNT
+        table.add_row(lane, str(sum(1 for r in rows if r.state == "applied")),
+                      fmt_usd(t.paid_usd), fmt_usd(other), f"{t.waited_s / 60:.1f} min")
     return table
 
 
@@ -3377,7 +3814,8 @@ def _totals_line(t: StatsTotals) -> str:
     pct = f" ({t.saved_pct:.0f} %)" if t.saved_pct is not None else ""
     per_min = f"{fmt_usd(t.saved_per_min)} per minute waited" if t.saved_per_min else "-"
     unknown = f" · {t.unknown_prices} turn(s) with price unknown" if t.unknown_prices else ""
-    unknown += f" · in flight ~{fmt_usd(t.in_flight_usd)} (estimate)" if t.in_flight_usd else ""
+    unknown += f" · in flight ≤ {fmt_usd(t.in_flight_usd)} (upper bound)" if t.in_flight_usd else ""
+    unknown += f" · waste {fmt_usd(t.waste_usd)}" if t.waste_usd else ""
     return (f"total: paid {fmt_usd(t.paid_usd)} · sync would be {fmt_usd(t.sync_usd)} · "
             f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · cache saved "
             f"{fmt_usd(t.cache_saved_usd)} · cache hit "
@@ -3418,6 +3856,7 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
         by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
     console.print(by_model)
+    console.print(lanes_table(requests))
     console.print(by_day)
     console.print(STATS_EXPLAINED, style="dim")
 
@@ -3455,6 +3894,7 @@ class Repl:
         "/help": ("cmd_help", "this list"),
         "/stats": ("cmd_stats", "cost per turn: batch path vs synchronous"),
         "/model": ("cmd_model", "show or switch the model: /model ID"),
+        "/route": ("cmd_route", "show or set the lane: /route batch|sync|auto"),
         "/clear": ("cmd_clear", "start a new conversation (session totals stay)"),
         "/resume": ("cmd_resume", "pick a recent session to continue"),
         "/exit": ("cmd_exit", "leave (Ctrl-D too)"),
@@ -3564,6 +4004,18 @@ class Repl:
         price = "" if price_for(arg) else " [yellow](price unknown: cost shows as unknown)[/]"
         self.ui.info(f"model is now [bold]{arg}[/]{price}; the prompt cache starts over "
                      "(cache entries belong to one model)")
+
+    def cmd_route(self, arg: str) -> None:
+        router = self.agent.router
+        if not arg:
+            self.ui.info(f"route: [bold]{router.route}[/] (wait price "
+                         f"{fmt_usd(router.wait_price_usd_per_min)}/min for auto)")
+            return
+        if arg not in ROUTES:
+            self.ui.error(f"unknown route {arg!r}: batch, sync or auto")
+            return
+        self.agent.set_route(arg)
+        self.ui.info(f"route is now [bold]{arg}[/] from the next turn")
 
     def cmd_clear(self, _arg: str) -> None:
         pending = self.journal.pending_request(self.agent.session.id)
@@ -4591,7 +5043,12 @@ def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
         "turns": sum(1 for r in requests if r.result_type == "succeeded"),
-        "batches": [r.batch_id for r in requests if r.batch_id],
+        "lanes": {lane: sum(1 for r in requests if r.lane == lane and r.state == "applied")
+                  for lane in LANES},
+        "per_turn": [{"lane": r.lane, "handle": r.batch_id, "result": r.result_type,
+                      "state": r.state, "cost_usd": r.cost_usd, "wait_s": r.wait_s,
+                      "route": r.route} for r in requests],
+        "batches": [r.batch_id for r in requests if r.batch_id and r.lane == "batch"],
         "wait_s": round(totals.waited_s, 3),
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                   "cache_creation_input_tokens": u.cache_creation_input_tokens,
@@ -4599,6 +5056,7 @@ def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
         # null, not 0, when any turn's price is unknown: a script must not read it as free
         "cost_usd": None if totals.unknown_prices else round(totals.paid_usd, 6),
         "sync_cost_usd": None if totals.unknown_prices else round(totals.sync_usd, 6),
+        "waste_usd": round(totals.waste_usd, 6),
         "is_error": error is not None, "error": error,
     }
 
@@ -4680,10 +5138,10 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     console = Console(stderr=headless, highlight=False)
     ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
-    channel = BatchChannel(api, poll_interval_s=config.poll_interval_s)
     resumed = config.resume_id or config.continue_last
     model = session.model if resumed and not config.model_given else config.model
-    agent = Agent(journal, channel, toolbox, agent_settings(config, model), session,
+    agent = Agent(journal, build_router(api, config, headless=headless), toolbox,
+                  agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
     if headless:
         _check_sandbox(config, toolbox, lambda text: console.print(text, markup=False))
@@ -4700,6 +5158,15 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
                     lambda exc: log_bug(config.home, exc), lock).run()
     finally:
         restore_terminal()
+
+
+def build_router(api: BatchAPI, config: Config, *, headless: bool) -> Router:
+    """Every lane in CHANNELS over one SDK client and one request budget for the key."""
+    channels = {lane: cls.from_config(api, config) for lane, cls in CHANNELS.items()}
+    price = config.wait_price_usd_per_min
+    if price is None:
+        price = HEADLESS_WAIT_PRICE if headless else INTERACTIVE_WAIT_PRICE
+    return Router(channels, route=config.route, wait_price_usd_per_min=price)
 
 
 def build_toolbox(config: Config, workdir: Path) -> Toolbox:

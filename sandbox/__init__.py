@@ -205,11 +205,13 @@ def workdir_refusal(
     own file) that must stay outside it."""
     real = Path(os.path.realpath(workdir))
     home = Path(os.path.realpath(Path.home()))
-    if real == home or _is_within(home, real):
-        return "it holds your home directory, whose start-up files (~/.bashrc, ~/.config, " \
-            "~/.local/bin) run on the host"  # fmt: skip
+    home_note = "whose start-up files (~/.bashrc, ~/.config, ~/.local/bin) run on the host"
+    if real == home:
+        return f"it is your home directory, {home_note}"
     if str(real) in _SYSTEM_DIRS or any(_is_within(real, Path(t)) for t in _SYSTEM_TREES):
         return "it is a system directory"
+    if _is_within(home, real):
+        return f"it holds your home directory, {home_note}"
     below = real.relative_to(home).parts if _is_within(real, home) else ()
     if below and below[0].startswith("."):
         return f"it is inside ~/{below[0]}, where tools keep configuration they run"
@@ -1276,6 +1278,7 @@ class _RunRecord:
     command: str
     candidates: tuple[str, ...]  # srt's placeholder paths in the work dir,
     existed: tuple[str, ...]  # and those of them that were there before the run
+    settings: str = ""  # its srt settings file in the state dir
 
 
 @dataclass(frozen=True)
@@ -1307,7 +1310,7 @@ def _read_run_record(path: Path) -> _RunRecord | None:
         record = _RunRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except (ValueError, TypeError, AttributeError):
         return None
-    texts = (record.private, record.command, *record.candidates, *record.existed)
+    texts = (record.private, record.command, record.settings, *record.candidates, *record.existed)
     if not all(isinstance(t, str) for t in texts) or type(record.owner) is not int:
         return None
     # killpg(0) or killpg(1) would reach far more than one command: never trust such a value.
@@ -1417,6 +1420,22 @@ def _remove_private_dir(record: _RunRecord) -> None:
     ours = private.is_absolute() and private.name.startswith(_PRIVATE_PREFIX)
     if ours and _is_plain_dir(private) and not _alive(record.owner):
         shutil.rmtree(private, ignore_errors=True)
+        _remove_stale_cgroups(private.name)
+        if record.settings and Path(record.settings).name == f"{private.name}.json":
+            with contextlib.suppress(OSError):
+                os.unlink(record.settings)
+
+
+def _remove_stale_cgroups(name: str) -> None:
+    """The dead run's cgroups (named after its private dir); rmdir fails while one is in use."""
+    own = _own_cgroups()
+    for mount, kind, options in _mounts():
+        keys = [""] if kind == "cgroup2" else [c for c in ("memory", "pids") if c in options]
+        for key in keys:
+            base = Path(mount) / own.get(key, "/").lstrip("/")
+            for parent in (base, base.parent):
+                with contextlib.suppress(OSError):
+                    (parent / name).rmdir()
 
 
 def _reap_leftover_run(policy: SandboxPolicy) -> None:
@@ -1562,7 +1581,7 @@ class BashTool:
         def record(pgid: int) -> None:
             paths = (tuple(map(str, candidates)), tuple(map(str, existed)))
             run = _RunRecord(pgid, os.getpid(), self.policy.enabled, str(self._private), command,
-                             *paths)
+                             *paths, str(self._settings))
             _write_run_record(_run_record_path(self.policy), run)
 
         return record
@@ -1808,17 +1827,21 @@ def _snippet(text: str, first_line: int, last_line: int) -> str:
     return "\n".join(shown) + more
 
 
-def _match_lines(text: str, needle: str) -> list[int]:
-    lines, pos = [], text.find(needle)
-    while pos != -1:
-        lines.append(text.count("\n", 0, pos) + 1)
-        pos = text.find(needle, pos + len(needle))
-    return lines
+def _match_lines(text: str, needle: str) -> tuple[int, list[int]]:
+    """How often `needle` occurs, and the line numbers of the first few occurrences (a
+    minified file can hold millions: counted once, never numbered one by one)."""
+    total, lines, line, last = text.count(needle), [], 1, 0
+    pos = text.find(needle)
+    while pos != -1 and len(lines) < _MATCH_LINES_SHOWN:
+        line += text.count("\n", last, pos)
+        lines.append(line)
+        last, pos = pos, text.find(needle, pos + len(needle))
+    return total, lines
 
 
-def _line_list(lines: Sequence[int]) -> str:
-    shown = ", ".join(map(str, lines[:_MATCH_LINES_SHOWN]))
-    return shown + (f" and {len(lines) - _MATCH_LINES_SHOWN:,} more" if len(lines) > _MATCH_LINES_SHOWN else "")
+def _line_list(total: int, lines: Sequence[int]) -> str:
+    more = f" and {total - len(lines):,} more" if total > len(lines) else ""
+    return ", ".join(map(str, lines)) + more
 
 
 def _protected_reason(rel: Path) -> str | None:
@@ -2051,16 +2074,16 @@ class EditorTool:
         if not old:
             raise ToolFailure("old_str is empty: give the exact text to replace (or use insert)")
         with self._open_for_edit(raw) as (f, text):
-            lines = _match_lines(text, old)
-            if not lines:
+            total, lines = _match_lines(text, old)
+            if not total:
                 raise ToolFailure(
                     f"No replacement was performed: old_str did not appear verbatim in "
                     f"{raw}. View the file and copy the text exactly, whitespace too."
                 )
-            if len(lines) > 1:
+            if total > 1:
                 raise ToolFailure(
-                    f"No replacement was performed: old_str appears {len(lines)} times "
-                    f"in {raw}, on lines {_line_list(lines)}. Include more "
+                    f"No replacement was performed: old_str appears {total:,} times "
+                    f"in {raw}, on lines {_line_list(total, lines)}. Include more "
                     "surrounding lines so that it matches exactly once."
                 )
             pos = text.index(old)
@@ -2314,7 +2337,24 @@ def doctor_checks(policy: SandboxPolicy) -> list[DoctorCheck]:
             _check_apparmor(),
             _check_container(),
         ]
-    return [*checks, _check_probe(policy)]
+    return [*checks, _check_workdir(policy), *_check_limits(policy), _check_probe(policy)]
+
+
+def _check_workdir(policy: SandboxPolicy) -> DoctorCheck:
+    problem = workdir_refusal(policy.workdir, state_dir=policy.state_dir)
+    if problem is None:
+        return DoctorCheck("work directory", True, str(policy.workdir))
+    if policy.allow_dangerous_workdir:
+        return DoctorCheck("work directory", True, f"{problem} (allowed by {DANGEROUS_WORKDIR_FLAG})")
+    return DoctorCheck("work directory", False, problem, f"choose a project directory, or pass "
+                       f"{DANGEROUS_WORKDIR_FLAG}")  # fmt: skip
+
+
+def _check_limits(policy: SandboxPolicy) -> list[DoctorCheck]:
+    """Which resource limits are active here: a missing one is reported, not failed (the
+    timeout and the kill of the whole tree still hold)."""
+    return [DoctorCheck(f"limit: {what}", True, how if bounded else f"WARNING: {how}")
+            for what, how, bounded in active_limits(policy)]  # fmt: skip
 
 
 def _version_of(argv: list[str]) -> tuple[str, tuple[int, ...]] | None:

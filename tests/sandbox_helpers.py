@@ -40,8 +40,12 @@ def make_policy(tmp_path: Path, **overrides: Any) -> sb.SandboxPolicy:
 
 
 @contextmanager
-def toolbox(policy: sb.SandboxPolicy, timeout_s: float = 20) -> Iterator[sb.Toolbox]:
+def toolbox(
+    policy: sb.SandboxPolicy, timeout_s: float = 20, *, probed: bool = False
+) -> Iterator[sb.Toolbox]:
+    """probed=True skips the first-use probe (one srt run less) where a test is not about it."""
     tools = sb.Toolbox(sb.BashTool(policy), sb.EditorTool(policy), tool_timeout_s=timeout_s)
+    tools.bash._sandbox_checked = probed
     try:
         yield tools
     finally:

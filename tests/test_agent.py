@@ -450,7 +450,7 @@ def test_a_create_that_times_out_but_lands_is_not_sent_twice(api, tmp_path):
     api.inject("create", "slow", delay_s=2.0)
     api.script.append(fa.text("once"))
     rig = make_rig(api, tmp_path)
-    rig.agent.channel = make_channel(api, timeout_s=1.0)
+    rig.agent.router.channels["batch"] = make_channel(api, timeout_s=1.0)
     assert rig.agent.prompt("go").text == "once"
     assert len(api.batch_ids()) == 1
 
@@ -511,7 +511,7 @@ def test_results_missing_from_our_own_batch_are_resubmitted_a_bounded_number_of_
         api, tmp_path):
     """Regression: a batch with no entry for us led to unbounded paid resubmissions."""
     rig = make_rig(api, tmp_path, max_resubmits=3)
-    rig.agent.channel.api.results = lambda url, notify: {}  # every download lacks us
+    rig.agent.router.channel("batch").api.results = lambda url, notify: {}  # every download lacks us
     with pytest.raises(bh.TurnFailed, match="3 times"):
         rig.agent.prompt("go")
     assert len(api.batch_ids()) == 3
