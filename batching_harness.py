@@ -2652,9 +2652,9 @@ def _ignore(*_args: Any) -> None:
     return None
 
 
-# Lanes by name: a new lane is a class plus one entry here.
-CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel,
-                                  "pooled": PooledBatchChannel}
+# Lanes by name: a new lane is a class plus one entry here. (PooledBatchChannel is not a lane
+# of its own: it is the batch lane of a fleet, built by the fleet around one BatchChannel.)
+CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel}
 
 
 ##############################################################################

@@ -55,7 +55,7 @@ def run_child(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, f
 
 def scenario(name: str, latency_s: float, n_agents: int, turns: int, flags: list[str]) -> dict:
     with fa.FakeAPI(latency_s=latency_s) as api, tempfile.TemporaryDirectory() as tmp:
-        api.script.extend([scripted(turns)] * (n_agents * turns * 3))
+        api.script.extend([scripted(turns)] * (max(1, n_agents) * turns * 3))
         work = Path(tmp)
         (work / "preamble.md").write_text(PREAMBLE)
         env = {"ANTHROPIC_API_KEY": "bench", "ANTHROPIC_BASE_URL": api.base_url,
