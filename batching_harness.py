@@ -82,14 +82,18 @@ _load_sandbox_module()
 from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     BashTool,
     EditorTool,
+    SandboxError,
     SandboxPolicy,
     SandboxUnavailable,
     Toolbox,
     ToolResult,
+    check_workdir,
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
+    secure_state_dir,
     stop_leftovers,
+    terminal_safe,
 )
 
 ##############################################################################
@@ -299,6 +303,11 @@ class Config:
     sandbox: bool = field(default=True, metadata=option(
         "--no-sandbox", action="store_false", carried=True,
         help="run bash WITHOUT the sandbox"))
+    allow_dangerous_workdir: bool = field(default=False, metadata=option(
+        "--dangerously-allow-workdir", action="store_true", carried=True,
+        help="let tools work in a directory that is refused by default (/, your home, a "
+        "system directory, one holding the harness or its state): code planted there can "
+        "run on the host later"))
     cache_ttl: str | None = field(default=DEFAULT_CACHE_TTL, metadata=option(
         "--cache-ttl", choices=sorted(CACHE_TTLS), carried=True, parse=CACHE_TTLS.__getitem__,
         show=_ttl_shown, help=f"prompt-cache TTL (default {DEFAULT_CACHE_TTL})"))
@@ -2915,6 +2924,11 @@ def outcome_of(request: RequestRow, arrival: Arrival, now: float) -> Outcome:
 # middle of what this project has seen, and the estimate switches to measured data quickly.
 ROUTE_SAMPLES = 5
 TURNAROUND_PRIOR_S = 120.0
+# auto hurries a batch that has taken this many times the model's p90 turnaround: by then
+# it is stuck in the queue, not merely slow (at 1x, one turn in ten would pay twice).
+AUTO_MAX_WAIT_P90_FACTOR = 2.0
+# Turns over which auto spreads the cost of writing the prefix into a lane's cache anew.
+SWITCH_HORIZON_TURNS = 4
 # Output tokens auto expects when the conversation has no earlier turn to go by.
 EXPECTED_OUTPUT_TOKENS = 500
 
@@ -2976,9 +2990,17 @@ class Router:
         output = min(output, int(params.get("max_tokens") or output))
 
         def cost(lane: str) -> float | None:
-            cached = previous.usage_value.prompt_tokens if (
-                previous and previous.lane == lane and ttl) else 0
-            return lane_price_usd(model, prompt, min(cached, prompt), output, lane=lane, ttl=ttl)
+            # Staying on a lane, its cache holds the prefix the previous turn sent; a lane
+            # the previous turn did not use has no entry for it (the lanes share none), so
+            # moving there pays to write the prefix again, spread over SWITCH_HORIZON_TURNS
+            # (a lane is rarely left after one turn; charging it all now locks a session in).
+            prefix = previous.usage_value.prompt_tokens if previous and ttl else 0
+            prefix = min(prefix, prompt)
+            stay = lane_price_usd(model, prompt, prefix, output, lane=lane, ttl=ttl)
+            if stay is None or previous is None or previous.lane == lane or not prefix:
+                return stay
+            cold = lane_price_usd(model, prompt, 0, output, lane=lane, ttl=ttl)
+            return None if cold is None else stay + (cold - stay) / SWITCH_HORIZON_TURNS
 
         sync_usd, batch_usd = cost("sync"), cost("batch")
         if sync_usd is None or batch_usd is None:
@@ -3001,6 +3023,208 @@ def _request_ttl(params: Mapping[str, Any]) -> str | None:
 
 
 
+def check_limits(settings: AgentSettings, turns: int, estimate_usd: float | None,
+                 committed_usd: float) -> None:
+    """Pure: BudgetExceeded when sending one more turn would break --max-turns or
+    --max-budget-usd (the estimate is an upper bound, so the budget is never crossed on
+    the prompt side)."""
+    if settings.max_turns is not None and turns >= settings.max_turns:
+        raise BudgetExceeded(f"--max-turns {settings.max_turns} reached for this prompt; "
+                             "send another prompt to let it go on")
+    if settings.max_budget_usd is None:
+        return
+    if estimate_usd is None:
+        raise BudgetExceeded(f"price unknown for {settings.model}: cannot keep --max-budget-usd")
+    if committed_usd + estimate_usd > settings.max_budget_usd:
+        raise BudgetExceeded(
+            f"not submitted: {fmt_usd(committed_usd)} committed + up to {fmt_usd(estimate_usd)} "
+            f"for this turn would pass --max-budget-usd {settings.max_budget_usd:g}")
+
+
+def attempt_number(recent: Sequence[RequestRow], conversation: int, n_messages: int) -> int:
+    """Pure: consecutive resubmissions of the same transcript (newest requests first)."""
+    attempt = 1
+    for r in recent:
+        if r.conversation != conversation or r.n_messages != n_messages:
+            break
+        if r.state == "failed" and (r.result_type in ("expired", "missing")
+                                    or r.error_type in RESUBMITTABLE):
+            attempt = max(attempt, r.attempt + 1)
+    return attempt
+
+
+class ToolRunner:
+    """Runs the tool calls of one assistant message and journals each: a call is recorded
+    as started BEFORE it runs, so a crash mid-command is reported, never silently re-run."""
+
+    def __init__(self, store: Store, toolbox: Toolbox, emit: Callable[[Event], None]) -> None:
+        self.store, self.toolbox, self.emit = store, toolbox, emit
+
+    def answer(self, session: SessionRow, assistant: dict[str, Any]) -> None:
+        """Answer every tool_use of the last assistant message in ONE user message.
+        Calls finished before a crash are not run again: their results are in the journal."""
+        request = self.store.last_applied(session.id, session.conversation)
+        custom_id = request.custom_id if request else "unknown"
+        done = self.store.tool_results(custom_id)
+        calls = unanswered_tool_uses(assistant)
+        cut_off = request is not None and request.stop_reason in (
+            "max_tokens", "model_context_window_exceeded")
+        blocks = []
+        for i, call in enumerate(calls):
+            if call.get("id") in done:
+                result = done[call["id"]] or self._interrupted(custom_id, call)
+            elif cut_off and i == len(calls) - 1:
+                result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
+                                    "input is incomplete; send it again, shorter", True)
+            else:
+                result = self._run_tool(custom_id, call)
+            blocks.append(tool_result_block(str(call.get("id")), result))
+        self.store.add_tool_results(session.id, session.conversation, blocks)
+
+    def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
+        label = describe_tool_call(name, tool_input)
+        self.emit(ToolStarted(label))
+        self.store.start_tool(custom_id, tool_use_id, name, tool_input)
+        result = self.toolbox.run(name, tool_input)
+        self.store.record_tool(custom_id, tool_use_id, result)
+        self.emit(ToolFinished(label, result))
+        for warning in result.warnings:
+            self.emit(Notice(warning, "warn"))
+        return result
+
+    def _interrupted(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
+        """A call the harness was killed in the middle of: not run again blindly, since it
+        may have half-happened (an append, a migration); the model decides."""
+        result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
+                            "have partly taken effect. Check its effects before running it "
+                            "again.", True)
+        self.store.record_tool(custom_id, str(call.get("id")), result)
+        self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
+                         "interrupted by the earlier stop; the model is told, not re-run", "warn"))
+        return result
+
+
+class Collector:
+    """Waits for one request on its lane and records how it ended. Ctrl-C (cancel, detach,
+    hurry), --max-wait and the waste of a hurried batch live here, so the agent's loop only
+    says "collect it"."""
+
+    def __init__(self, store: Store, router: Router, clock: Clock,
+                 emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
+                 max_wait_s: Callable[[], float | None]) -> None:
+        self.store, self.router, self.clock = store, router, clock
+        self.emit, self.ask_interrupt, self.max_wait_s = emit, ask_interrupt, max_wait_s
+
+    def _warn(self, text: str) -> None:
+        self.emit(Notice(text, "warn"))
+
+    def collect(self, request: RequestRow) -> bool:
+        """Wait for the request and record how it ended; False when it was hurried."""
+        assert request.batch_id is not None
+        if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
+            raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
+                             "longer keeps its results. Nothing more can be recovered.",
+                             custom_id=request.custom_id, record="results expired from the API")
+        channel = self.router.channel(request.lane)
+        ticket = channel.watch(
+            request.custom_id, request.batch_id, sent_at=request.submitted_at,
+            expected_s=expected_wait_s(self.store, request.model), notify=self._warn,
+            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)),
+            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
+        try:
+            arrival = self._await(ticket, channel, request)
+        except _Hurry:
+            self._hurry(request, ticket, channel)
+            return False
+        except BatchNotFound as exc:
+            raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
+                             f"API ({exc}); send the prompt again", custom_id=request.custom_id,
+                             record="batch unknown to the API") from None
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome)
+        self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
+                            outcome.usage, outcome.cost, request.lane))
+        return True
+
+    def _await(self, ticket: Ticket, channel: Channel, request: RequestRow) -> Arrival:
+        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do
+        (a stream just stops), while the channel keeps polling; past --max-wait a batch
+        turn is hurried."""
+        deadline = self._hurry_deadline(request, channel)
+        while True:
+            try:
+                while not self.clock.wait(ticket.event, WAIT_SLICE_S):
+                    if deadline is not None and self.clock.now() >= deadline:
+                        self._warn(f"past --max-wait ({fmt_elapsed(deadline - request.submitted_at)})"
+                                   f": hurrying {ticket.handle}")
+                        raise _Hurry
+                return ticket.result()
+            except KeyboardInterrupt:
+                self._on_interrupt(ticket, channel, request)
+
+    def _hurry_deadline(self, request: RequestRow, channel: Channel) -> float | None:
+        if channel.stops_on_ctrl_c or not self.router.can_hurry():
+            return None
+        max_wait = self.max_wait_s()
+        if max_wait is None and self.router.route == "auto":
+            waits = self.store.turnaround_samples(request.model)
+            p90 = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
+            max_wait = None if p90 is None else AUTO_MAX_WAIT_P90_FACTOR * p90
+        return None if max_wait is None else request.submitted_at + max_wait
+
+    def _on_interrupt(self, ticket: Ticket, channel: Channel, request: RequestRow) -> None:
+        if channel.stops_on_ctrl_c:  # a stream: stop it; nothing of it is applied
+            channel.cancel(ticket.handle, self._warn)
+            self._warn("stopped: the partial answer is not added to the conversation")
+            return
+        choice = self.ask_interrupt(ticket.handle)
+        if choice == "hurry" and self.router.can_hurry():
+            raise _Hurry
+        if choice == "detach":
+            channel.forget(ticket)
+            raise Detached(request.session_id, ticket.handle)
+        if choice == "cancel":
+            try:
+                channel.cancel(ticket.handle, self._warn)
+            except TransportError as exc:  # most often: it ended while the user decided
+                self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
+                return
+            self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
+                             "(work already under way may still finish, and is then used)",
+                             "warn"))
+
+    def _hurry(self, request: RequestRow, ticket: Ticket, channel: Channel) -> None:
+        """Cancel the batch and send the same transcript synchronously. Exactly one answer
+        is applied: the batch's row leaves the session's work in flight, and if it still
+        ends with an answer that answer is recorded as waste."""
+        try:
+            channel.cancel(ticket.handle, self._warn)
+        except TransportError as exc:
+            self._warn(f"cancel refused ({exc}); its answer, if any, is counted as waste")
+        self.store.hurry_request(request.custom_id)
+        ticket.add_done_callback(lambda t: self._record_waste(request, t))
+        self._warn(f"sending turn synchronously now; {ticket.handle} is cancelled (if it still "
+                   "ends with an answer, its cost is shown as waste)")
+
+    def _record_waste(self, request: RequestRow, ticket: Ticket) -> None:
+        try:
+            arrival = ticket.result()
+        except BaseException:  # nothing came back: nothing was billed
+            return
+        outcome = outcome_of(request, arrival, self.clock.now())
+        self.store.record_outcome(request.custom_id, outcome, state="hurried")
+        if outcome.cost is not None and outcome.cost.paid_usd:
+            self._warn(f"{ticket.handle} ended {outcome.result_type} after the hurry: "
+                       f"{fmt_usd(outcome.cost.paid_usd)} paid for an answer not used (waste)")
+
+
+def expected_wait_s(store: Store, model: str) -> float | None:
+    """Median turnaround of this model's recent batches, once there are two."""
+    waits = store.turnaround_samples(model, 50)
+    return median(waits) if len(waits) >= 2 else None
+
+
 class Agent:
     """Advances one session turn by turn. Every step is decided from the journal, so a
     fresh prompt and a session resumed after a crash run through the same code."""
@@ -3011,6 +3235,7 @@ class Agent:
                  clock: Clock | None = None,
                  name_request: Callable[[int, int], str] | None = None) -> None:
         self.store, self.toolbox = store, toolbox
+        self.tools = ToolRunner(store, toolbox, self.emit)
         self.router = lanes if isinstance(lanes, Router) else Router({lanes.lane: lanes},
                                                                     route=lanes.lane)
         self.settings, self.session = settings, session
@@ -3021,6 +3246,8 @@ class Agent:
         self._turns = 0
         self._touched: list[str] = []
         self._force_lane: str | None = None  # the next turn's lane after a hurry
+        self.collector = Collector(store, self.router, self.clock, self.emit, ask_interrupt,
+                                   lambda: self.settings.max_wait_s)
 
     # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
@@ -3064,6 +3291,16 @@ class Agent:
         self.session = session
         self.switch_model(session.model)
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self._router = router
+        if hasattr(self, "collector"):
+            self.collector.router = router
+
     def set_route(self, route: str) -> None:
         """batch | sync | auto from the next turn on (a lane this agent lacks is refused)."""
         needed = {"auto": ("batch", "sync")}.get(route, (route,))
@@ -3092,9 +3329,7 @@ class Agent:
                          self.last_answer(), self.pending())
 
     def expected_wait_s(self, model: str) -> float | None:
-        """Median turnaround of this model's recent batches, once there are two."""
-        waits = self.store.turnaround_samples(model, 50)
-        return median(waits) if len(waits) >= 2 else None
+        return expected_wait_s(self.store, model)
 
     # -- one turn, as a story ---------------------------------------------------------
     def _send_turn(self) -> None:
@@ -3120,8 +3355,9 @@ class Agent:
             self.store.fail_request(request.custom_id, "never reached the API")
             return  # the transcript is unanswered: the next step sends it afresh
         request = self.store.request(request.custom_id)
-        if request.state == "submitted" and not self._collect(request):
-            return  # hurried: the same transcript goes again on the sync lane
+        if request.state == "submitted" and not self.collector.collect(request):
+            self._force_lane = "sync"  # hurried: the same transcript goes again, streamed
+            return
         self._apply(self.store.request(request.custom_id))
 
     def _apply(self, request: RequestRow) -> None:
@@ -3151,7 +3387,7 @@ class Agent:
         last = messages[-1]
         if last["role"] == "assistant":
             if unanswered_tool_uses(last):
-                return lambda: self._run_tools(last)
+                return lambda: self.tools.answer(self.session, last)
             return self._send_turn if self._last_stop_reason() == "pause_turn" else None
         if new_prompt or not self._answered(len(messages)):
             return self._send_turn
@@ -3229,30 +3465,13 @@ class Agent:
         return handle
 
     def _check_limits(self, estimate_usd: float | None) -> None:
-        s = self.settings
-        if s.max_turns is not None and self._turns >= s.max_turns:
-            raise BudgetExceeded(f"--max-turns {s.max_turns} reached for this prompt; "
-                                 "send another prompt to let it go on")
-        if s.max_budget_usd is None:
-            return
-        if estimate_usd is None:
-            raise BudgetExceeded(f"price unknown for {s.model}: cannot keep --max-budget-usd")
-        committed = self.store.committed_usd(self.session.id)
-        if committed + estimate_usd > s.max_budget_usd:
-            raise BudgetExceeded(
-                f"not submitted: {fmt_usd(committed)} committed + up to {fmt_usd(estimate_usd)} "
-                f"for this turn would pass --max-budget-usd {s.max_budget_usd:g}")
+        committed = self.store.committed_usd(self.session.id) if (
+            self.settings.max_budget_usd is not None) else 0.0
+        check_limits(self.settings, self._turns, estimate_usd, committed)
 
     def _attempt_number(self, n_messages: int) -> int:
-        """Consecutive resubmissions of the same transcript, to bound them."""
-        attempt = 1
-        for r in self.store.recent_requests(self.session.id, self.settings.max_resubmits + 2):
-            if r.conversation != self.session.conversation or r.n_messages != n_messages:
-                break
-            if r.state == "failed" and (r.result_type in ("expired", "missing")
-                                        or r.error_type in RESUBMITTABLE):
-                attempt = max(attempt, r.attempt + 1)
-        return attempt
+        recent = self.store.recent_requests(self.session.id, self.settings.max_resubmits + 2)
+        return attempt_number(recent, self.session.conversation, n_messages)
 
     # -- waiting -------------------------------------------------------------------
     def _reattach(self, request: RequestRow) -> bool:
@@ -3268,105 +3487,6 @@ class Agent:
             self.store.set_batch(request.custom_id, handle)
             self._warn(f"re-attached to {handle}, created before the interruption")
         return handle is not None
-
-    def _collect(self, request: RequestRow) -> bool:
-        """Wait for the request and record how it ended; False when it was hurried."""
-        assert request.batch_id is not None
-        if self.clock.now() - request.submitted_at > RESULTS_RETENTION_S:
-            raise TurnFailed(f"batch {request.batch_id} is older than 29 days: the API no "
-                             "longer keeps its results. Nothing more can be recovered.",
-                             custom_id=request.custom_id, record="results expired from the API")
-        channel = self.router.channel(request.lane)
-        ticket = channel.watch(
-            request.custom_id, request.batch_id, sent_at=request.submitted_at,
-            expected_s=self.expected_wait_s(request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)),
-            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
-        try:
-            arrival = self._await(ticket, channel, request)
-        except _Hurry:
-            self._hurry(request, ticket, channel)
-            return False
-        except BatchNotFound as exc:
-            raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
-                             f"API ({exc}); send the prompt again", custom_id=request.custom_id,
-                             record="batch unknown to the API") from None
-        outcome = outcome_of(request, arrival, self.clock.now())
-        self.store.record_outcome(request.custom_id, outcome)
-        self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
-                            outcome.usage, outcome.cost, request.lane))
-        return True
-
-    def _await(self, ticket: Ticket, channel: Channel, request: RequestRow) -> Arrival:
-        """Block until the channel resolves the ticket; Ctrl-C asks the user what to do
-        (a stream just stops), while the channel keeps polling; past --max-wait a batch
-        turn is hurried."""
-        deadline = self._hurry_deadline(request, channel)
-        while True:
-            try:
-                while not self.clock.wait(ticket.event, WAIT_SLICE_S):
-                    if deadline is not None and self.clock.now() >= deadline:
-                        self._warn(f"past --max-wait ({fmt_elapsed(deadline - request.submitted_at)})"
-                                   f": hurrying {ticket.handle}")
-                        raise _Hurry
-                return ticket.result()
-            except KeyboardInterrupt:
-                self._on_interrupt(ticket, channel)
-
-    def _hurry_deadline(self, request: RequestRow, channel: Channel) -> float | None:
-        if channel.stops_on_ctrl_c or not self.router.can_hurry():
-            return None
-        max_wait = self.settings.max_wait_s
-        if max_wait is None and self.router.route == "auto":
-            waits = self.store.turnaround_samples(request.model)
-            max_wait = percentile(waits, 0.9) if len(waits) >= ROUTE_SAMPLES else None
-        return None if max_wait is None else request.submitted_at + max_wait
-
-    def _on_interrupt(self, ticket: Ticket, channel: Channel) -> None:
-        if channel.stops_on_ctrl_c:  # a stream: stop it; nothing of it is applied
-            channel.cancel(ticket.handle, self._warn)
-            self._warn("stopped: the partial answer is not added to the conversation")
-            return
-        choice = self.ask_interrupt(ticket.handle)
-        if choice == "hurry" and self.router.can_hurry():
-            raise _Hurry
-        if choice == "detach":
-            channel.forget(ticket)
-            raise Detached(self.session.id, ticket.handle)
-        if choice == "cancel":
-            try:
-                channel.cancel(ticket.handle, self._warn)
-            except TransportError as exc:  # most often: it ended while the user decided
-                self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
-                return
-            self.emit(Notice(f"cancel requested for {ticket.handle}; waiting for it to end "
-                             "(work already under way may still finish, and is then used)",
-                             "warn"))
-
-    def _hurry(self, request: RequestRow, ticket: Ticket, channel: Channel) -> None:
-        """Cancel the batch and send the same transcript synchronously. Exactly one answer
-        is applied: the batch's row leaves the session's work in flight, and if it still
-        ends with an answer that answer is recorded as waste."""
-        try:
-            channel.cancel(ticket.handle, self._warn)
-        except TransportError as exc:
-            self._warn(f"cancel refused ({exc}); its answer, if any, is counted as waste")
-        self.store.hurry_request(request.custom_id)
-        ticket.add_done_callback(lambda t: self._record_waste(request, t))
-        self._force_lane = "sync"
-        self._warn(f"sending turn synchronously now; {ticket.handle} is cancelled (if it still "
-                   "ends with an answer, its cost is shown as waste)")
-
-    def _record_waste(self, request: RequestRow, ticket: Ticket) -> None:
-        try:
-            arrival = ticket.result()
-        except BaseException:  # nothing came back: nothing was billed
-            return
-        outcome = outcome_of(request, arrival, self.clock.now())
-        self.store.record_outcome(request.custom_id, outcome, state="hurried")
-        if outcome.cost is not None and outcome.cost.paid_usd:
-            self._warn(f"{ticket.handle} ended {outcome.result_type} after the hurry: "
-                       f"{fmt_usd(outcome.cost.paid_usd)} paid for an answer not used (waste)")
 
     # -- applying an answer ----------------------------------------------------------
     def _apply_message(self, request: RequestRow) -> None:
@@ -3399,51 +3519,6 @@ class Agent:
                              "start a new session)", "warn"))
         elif stop == "pause_turn":
             self.emit(Notice("the model paused a long turn; sending it back to continue"))
-
-    # -- tools ---------------------------------------------------------------------
-    def _run_tools(self, assistant: dict[str, Any]) -> None:
-        """Answer every tool_use of the last assistant message in ONE user message.
-        Calls finished before a crash are not run again: their results are in the journal."""
-        request = self.store.last_applied(self.session.id, self.session.conversation)
-        custom_id = request.custom_id if request else "unknown"
-        done = self.store.tool_results(custom_id)
-        calls = unanswered_tool_uses(assistant)
-        cut_off = request is not None and request.stop_reason in (
-            "max_tokens", "model_context_window_exceeded")
-        blocks = []
-        for i, call in enumerate(calls):
-            if call.get("id") in done:
-                result = done[call["id"]] or self._interrupted(custom_id, call)
-            elif cut_off and i == len(calls) - 1:
-                result = ToolResult("not run: this tool call was cut off by max_tokens, so its "
-                                    "input is incomplete; send it again, shorter", True)
-            else:
-                result = self._run_tool(custom_id, call)
-            blocks.append(tool_result_block(str(call.get("id")), result))
-        self.store.add_tool_results(self.session.id, self.session.conversation, blocks)
-
-    def _run_tool(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
-        name, tool_input, tool_use_id = str(call.get("name")), call.get("input"), str(call.get("id"))
-        label = describe_tool_call(name, tool_input)
-        self.emit(ToolStarted(label))
-        self.store.start_tool(custom_id, tool_use_id, name, tool_input)
-        result = self.toolbox.run(name, tool_input)
-        self.store.record_tool(custom_id, tool_use_id, result)
-        self.emit(ToolFinished(label, result))
-        for warning in result.warnings:
-            self.emit(Notice(warning, "warn"))
-        return result
-
-    def _interrupted(self, custom_id: str, call: dict[str, Any]) -> ToolResult:
-        """A call the harness was killed in the middle of: not run again blindly, since it
-        may have half-happened (an append, a migration); the model decides."""
-        result = ToolResult("interrupted: the harness stopped while this call ran, so it may "
-                            "have partly taken effect. Check its effects before running it "
-                            "again.", True)
-        self.store.record_tool(custom_id, str(call.get("id")), result)
-        self.emit(Notice(f"{describe_tool_call(str(call.get('name')), call.get('input'))} was "
-                         "interrupted by the earlier stop; the model is told, not re-run", "warn"))
-        return result
 
     # -- small things ------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -3562,7 +3637,7 @@ class ConsoleUI:
             return
         self.stop_live()
         self._streamed += e.text
-        self.console.print(e.text, end="", markup=False, highlight=False)
+        self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
         if self._wait is None:  # re-attached after a restart: spinner from the journal's time
@@ -3593,7 +3668,7 @@ class ConsoleUI:
         if self._streamed:  # already on screen as it arrived
             self._streamed = ""
             return
-        self.console.print(Markdown(e.text))
+        self.console.print(Markdown(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
@@ -3671,9 +3746,10 @@ def read_key_from_tty() -> str:
 
 
 def _escape(text: str) -> str:
+    """Outside text made inert for the terminal (no escape sequences), then for rich markup."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(terminal_safe(text))
 
 
 def _indent(text: str, prefix: str = "    ") -> str:
@@ -5078,7 +5154,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return _run(config)
     except _ArgparseExit as exc:
         return exc.status
-    except (ConfigError, JournalError, SandboxUnavailable) as exc:
+    except (ConfigError, JournalError, SandboxError) as exc:
         print(f"batching-harness: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -5108,6 +5184,8 @@ def _run(config: Config) -> int:
 
     if config.action == "doctor":
         return run_doctor(Console(), sandbox_policy(config, config.workdir))
+    with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
+        secure_state_dir(config.home)
     journal = Journal(config.home / "journal.db")
     if config.action == "stats":
         render_history(Console(), journal.requests())
@@ -5119,6 +5197,9 @@ def _run(config: Config) -> int:
     session = open_session(journal, config)
     lock = SessionLock(config.home)
     lock.acquire(session.id)
+    check_workdir(session.workdir, state_dir=config.home,
+                  allow_dangerous=config.allow_dangerous_workdir,
+                  protected=[Path(__file__).resolve()])
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -5176,7 +5257,8 @@ def build_toolbox(config: Config, workdir: Path) -> Toolbox:
 
 def sandbox_policy(config: Config, workdir: Path) -> SandboxPolicy:
     return SandboxPolicy(workdir=workdir, state_dir=config.home,
-                         allow_domains=config.allow_domains, enabled=config.sandbox)
+                         allow_domains=config.allow_domains, enabled=config.sandbox,
+                         allow_dangerous_workdir=config.allow_dangerous_workdir)
 
 
 def _sandbox_line(config: Config) -> str:
@@ -5216,7 +5298,8 @@ def _warm_up_in_background(api: BatchAPI, config: Config,
 def run_doctor(console: Any, policy: SandboxPolicy) -> int:
     checks = doctor_checks(policy)
     for c in checks:
-        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        warn = c.ok and c.detail.startswith("WARNING")
+        mark = "[yellow]warn[/]" if warn else "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}: {_escape(c.detail)}")
         if not c.ok and c.fix:
             console.print(f"      fix: {_escape(c.fix)}")

@@ -153,3 +153,43 @@ def test_route_command_and_the_json_lanes(fake_api, tmp_path, capsys):
     assert out["lanes"] == {"batch": 1, "sync": 1}
     assert [t["lane"] for t in out["per_turn"]] == ["batch", "sync"]
     assert len(out["batches"]) == 1
+
+
+@pytest.mark.terminal
+def test_hurry_in_a_real_terminal(tmp_path):
+    """Ctrl-C, then 's': the held batch is cancelled and the same turn streams at once."""
+    import os
+    import sys
+    from pathlib import Path
+
+    import pexpect
+
+    root = Path(__file__).resolve().parent.parent
+    with fa.FakeAPI(hold=True) as api:
+        api.script.append(fa.text("streamed instead"))
+        work = tmp_path / "work"
+        work.mkdir()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+               "TERM": "xterm-256color", "LANG": "C.UTF-8", "PROMPT_TOOLKIT_NO_CPR": "1",
+               "NO_COLOR": "1", "ANTHROPIC_API_KEY": "test-key",
+               "ANTHROPIC_BASE_URL": api.base_url,
+               "BATCHING_HARNESS_HOME": str(tmp_path / "home")}
+        child = pexpect.spawn(sys.executable, [str(root / "batching_harness.py"), "--workdir",
+                                               str(work), "--no-sandbox"],
+                              env=env, cwd=str(work), encoding="utf-8", timeout=30,
+                              dimensions=(40, 160))
+        child.logfile_read = open(tmp_path / "terminal.log", "a")  # noqa: SIM115
+        child.expect("›")
+        child.sendline("hello")
+        api.wait_for_batches(1)
+        child.expect("waiting")
+        child.sendintr()
+        child.expect("send now, synchronously")
+        child.send("s")
+        child.expect("streamed instead")
+        child.expect("›")
+        child.sendeof()
+        child.expect(pexpect.EOF, timeout=20)
+        child.wait()
+        assert child.exitstatus == 0
+        assert api.count("cancel") == 1 and api.count("messages") == 1
