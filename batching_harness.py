@@ -222,6 +222,17 @@ class SpendLimitReached(TransportError):
     """A 429 that says the organisation's spend limit is reached: never retried."""
 
 
+class Halted(TransportError):
+    """The lane takes no more requests until someone acts (a fleet stopping, a key the API
+    refuses). Nothing was created for this request: its row stays 'submitting', so a resume
+    reconciles it and sends it then, instead of recording a turn that never ran as failed."""
+
+
+class AccountRefused(Halted):
+    """401 / 402 / 403: the key, its billing or its permissions. No other request of this
+    key can succeed either, so a fleet stops whole (and resumably) rather than fail N agents."""
+
+
 class BudgetExceeded(HarnessError):
     """Submitting the next turn would cross --max-budget-usd or --max-turns."""
 
@@ -368,18 +379,19 @@ class Config:
         return "stats" if self.stats else "doctor" if self.doctor else "run"
 
 
-def _options() -> Iterator[tuple[dataclasses.Field[Any], dict[str, Any]]]:
-    for f in dataclasses.fields(Config):
+def _options(cls: type[Any] | None = None) -> Iterator[tuple[dataclasses.Field[Any],
+                                                             dict[str, Any]]]:
+    for f in dataclasses.fields(cls or Config):
         if "option" in f.metadata:
             yield f, f.metadata["option"]
 
 
-def _build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="batching-harness",
-        description="A coding agent whose every model turn is a Message Batch (50% cheaper, slower).",
-    )
-    for f, opt in _options():
+def _add_options(p: argparse.ArgumentParser, cls: type[Any],
+                 only: Sequence[str] | None = None) -> None:
+    """Every option field of `cls` (or just those named in `only`) as an argument."""
+    for f, opt in _options(cls):
+        if only is not None and f.name not in only:
+            continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": opt["help"]}
         if opt["action"] in ("store_true", "store_false"):
             kwargs.update(action=opt["action"], default=f.default)
@@ -387,6 +399,29 @@ def _build_arg_parser() -> argparse.ArgumentParser:
             kwargs.update(action=opt["action"] or "store", default=None, metavar=opt["metavar"],
                           choices=opt["choices"])
         p.add_argument(*opt["flags"], **kwargs)
+
+
+def _parsed_values(ns: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
+    """The option fields of `cls` that were given, each through its own parse."""
+    values: dict[str, Any] = {}
+    for f, opt in _options(cls):
+        raw = getattr(ns, f.name)
+        if raw is None:  # not given: the field's default
+            continue
+        try:
+            values[f.name] = opt["parse"](raw) if opt["parse"] else raw
+        except (TypeError, ValueError):
+            raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
+    return values
+
+
+def _build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batching-harness",
+        description="A coding agent whose every model turn is a Message Batch (50% cheaper, "
+        "slower). `batching-harness fleet --help`: many agents, their turns pooled.",
+    )
+    _add_options(p, Config)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -397,15 +432,7 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         ns = _build_arg_parser().parse_args(list(argv))
     except SystemExit as exc:  # argparse already printed usage or --help/--version
         raise _ArgparseExit(int(exc.code or 0)) from None
-    values: dict[str, Any] = {}
-    for f, opt in _options():
-        raw = getattr(ns, f.name)
-        if raw is None:  # not given: the field's default
-            continue
-        try:
-            values[f.name] = opt["parse"](raw) if opt["parse"] else raw
-        except (TypeError, ValueError):
-            raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
+    values = _parsed_values(ns, Config)
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
     config = Config(**values, model_given=ns.model is not None,
                     home=home.expanduser().resolve(),
@@ -1060,6 +1087,26 @@ def _route_decisions(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
 
 
+@migration(4)
+def _fleet_runs(db: sqlite3.Connection) -> None:
+    """A fleet run and its agents (each one session), and every pooled create: its
+    custom_ids are journaled BEFORE the create, so after a crash `fleet --continue` finds the
+    N-entry batch it made (by time and width) instead of creating it twice."""
+    db.execute("CREATE TABLE fleet_runs (id TEXT PRIMARY KEY, token TEXT NOT NULL, "
+               "created_at REAL NOT NULL, updated_at REAL NOT NULL, state TEXT NOT NULL, "
+               "tasks_path TEXT NOT NULL, options TEXT NOT NULL)")
+    db.execute("CREATE TABLE fleet_agents (run_id TEXT NOT NULL REFERENCES fleet_runs(id), "
+               "idx INTEGER NOT NULL, agent_id TEXT NOT NULL, session_id TEXT NOT NULL "
+               "REFERENCES sessions(id), prompt TEXT NOT NULL, workdir TEXT NOT NULL, "
+               "model TEXT NOT NULL, max_turns INTEGER, state TEXT NOT NULL, error TEXT, "
+               "PRIMARY KEY (run_id, idx))")
+    db.execute("CREATE TABLE pool_batches (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, "
+               "model TEXT NOT NULL, reason TEXT NOT NULL, sent_at REAL NOT NULL, "
+               "width INTEGER NOT NULL, custom_ids TEXT NOT NULL, delays TEXT NOT NULL, "
+               "batch_id TEXT, state TEXT NOT NULL DEFAULT 'creating')")
+    db.execute("CREATE INDEX pool_batches_by_run ON pool_batches(run_id, state)")
+
+
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -1105,7 +1152,7 @@ class SqliteStore:
             return
         with self._tx() as db:  # under the write lock: a second process waits, then sees it done
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            for step in range(version + 1, SCHEMA_VERSION + 1):
+            for step in sorted(v for v in MIGRATIONS if v > version):  # gaps allowed (20+)
                 MIGRATIONS[step](db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -1384,6 +1431,130 @@ class SqliteStore:
                 ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
 
 
+
+
+@dataclass(frozen=True)
+class FleetRunRow:
+    id: str
+    token: str  # 8 hex digits: the run's mark in every custom_id it sends
+    created_at: float
+    updated_at: float
+    state: str  # running | done | detached | stopped | canceled
+    tasks_path: str
+    options: str  # JSON: what `fleet --continue` needs to rebuild the run
+
+    @property
+    def options_value(self) -> dict[str, Any]:
+        return json.loads(self.options)
+
+
+@dataclass(frozen=True)
+class FleetAgentRow:
+    run_id: str
+    idx: int
+    agent_id: str
+    session_id: str
+    prompt: str
+    workdir: str
+    model: str
+    max_turns: int | None
+    state: str  # queued | running | done | failed | detached | stopped
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolBatchRow:
+    id: int
+    run_id: str
+    model: str
+    reason: str
+    sent_at: float
+    width: int
+    custom_ids: str
+    delays: str
+    batch_id: str | None
+    state: str  # creating | created | not_created
+
+    @property
+    def custom_id_list(self) -> list[str]:
+        return json.loads(self.custom_ids)
+
+
+class FleetStore(SqliteStore):
+    """The journal plus what a fleet adds: runs, their agents, and pooled creates."""
+
+    def create_run(self, tasks_path: str, options: Mapping[str, Any]) -> FleetRunRow:
+        now, token = time.time(), secrets.token_hex(4)
+        run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + token
+        with self._tx() as db:
+            db.execute("INSERT INTO fleet_runs VALUES (?,?,?,?,?,?,?)",
+                       (run_id, token, now, now, "running", tasks_path, json.dumps(options)))
+        return self.fleet_run(run_id)  # type: ignore[return-value]
+
+    def fleet_run(self, prefix: str) -> FleetRunRow | None:
+        row = self._one("SELECT * FROM fleet_runs WHERE id LIKE ? ORDER BY created_at DESC "
+                        "LIMIT 1", (prefix.replace("%", "") + "%",))
+        return FleetRunRow(**dict(row)) if row else None
+
+    def latest_fleet_run(self) -> FleetRunRow | None:
+        row = self._one("SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT 1")
+        return FleetRunRow(**dict(row)) if row else None
+
+    def set_run_state(self, run_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE fleet_runs SET state=?, updated_at=? WHERE id=?",
+                       (state, time.time(), run_id))
+
+    def add_agent(self, row: FleetAgentRow) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO fleet_agents VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       dataclasses.astuple(row))
+
+    def fleet_agents(self, run_id: str) -> list[FleetAgentRow]:
+        rows = self._db.execute("SELECT * FROM fleet_agents WHERE run_id=? ORDER BY idx",
+                                (run_id,))
+        return [FleetAgentRow(**dict(r)) for r in rows]
+
+    def set_agent_state(self, run_id: str, idx: int, state: str,
+                        error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE fleet_agents SET state=?, error=? WHERE run_id=? AND idx=?",
+                       (state, error, run_id, idx))
+
+    def begin_pool_batch(self, run_id: str, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int:
+        """Committed BEFORE the create: which requests one pooled batch will carry."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO pool_batches (run_id, model, reason, sent_at, width, "
+                             "custom_ids, delays) VALUES (?,?,?,?,?,?,?)",
+                             (run_id, model, reason, sent_at, len(custom_ids),
+                              json.dumps(list(custom_ids)), json.dumps(list(delays))))
+            return int(cur.lastrowid or 0)
+
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None:
+        """The create's outcome, and (when it made a batch) every entry's batch id in the SAME
+        transaction: from here on each agent's paid turn can be found."""
+        with self._tx() as db:
+            state = "created" if batch_id else "not_created"
+            db.execute("UPDATE pool_batches SET batch_id=?, state=? WHERE id=?",
+                       (batch_id, state, pool_id))
+            if batch_id is None:
+                return
+            row = db.execute("SELECT custom_ids FROM pool_batches WHERE id=?",
+                             (pool_id,)).fetchone()
+            for custom_id in json.loads(row[0]):
+                db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
+                           "custom_id=? AND state='submitting'", (batch_id, custom_id))
+                db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)",
+                           (custom_id, batch_id))
+
+    def pool_batches(self, run_id: str, state: str | None = None) -> list[PoolBatchRow]:
+        sql, args = "SELECT * FROM pool_batches WHERE run_id=?", (run_id,)
+        if state is not None:
+            sql, args = sql + " AND state=?", (run_id, state)
+        return [PoolBatchRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+
 # Back-ends by name: a new store is a class plus one entry here.
 STORES: dict[str, Callable[[Path], Store]] = {"sqlite": SqliteStore}
 Journal = SqliteStore  # the name the 0.1 code and its tests know
@@ -1562,6 +1733,7 @@ class RequestBudget:
         self.clock = clock or Clock()
         self._sent: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
+        self.taken = 0  # every request ever counted: a fleet reports requests per minute
 
     def take(self) -> None:
         """Block until one more request fits in the minute, then count it."""
@@ -1571,6 +1743,7 @@ class RequestBudget:
                 self._forget(now)
                 if len(self._sent) < self.per_minute:
                     self._sent.append(now)
+                    self.taken += 1
                     return
                 wait_s = self._sent[0] + 60.0 - now
             self.clock.sleep(wait_s)
@@ -1850,6 +2023,8 @@ class BatchAPI:
             return _Fault(f"API error {status}", _retry_after_s(exc), outcome_unknown=True)
         if status == 404:
             raise BatchNotFound(f"{doing}: the API does not know it (404): {message}") from None
+        if status in (401, 402, 403):
+            raise AccountRefused(f"the API refused {doing} ({status}): {message}") from None
         raise TransportError(f"the API refused {doing} ({status}): {message}") from None
 
 
@@ -2029,6 +2204,10 @@ class BatchChannel:
         with self._lock:
             return len(self._watches)
 
+    def in_flight_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._watches)
+
     # -- the poller ---------------------------------------------------------------------
     def _start_poller(self) -> None:
         if self._poller is None or not self._poller.is_alive():
@@ -2157,6 +2336,279 @@ class BatchChannel:
             self._notifier(watch)(text)
 
 
+# -- the pooler: many agents' turns in one batch ---------------------------------------
+# A batch is priced per entry, not per batch, and returns nothing until its slowest entry
+# ends, so pooling saves requests and rate budget, never money: pool narrow and flush fast.
+DEFAULT_MAX_WIDTH = 32
+# The longest a ready turn waits for company when some agent is still busy with tools.
+MAX_POOL_WINDOW_S = 5.0
+POOL_WINDOW_SHARE = 0.05  # ...or 5 % of the model's median turnaround, when that is shorter
+# max_tokens bounds: a turn allowed a huge answer runs long and would hold small ones back.
+SIZE_CLASSES = (8_192, 32_768)
+
+
+def size_class(params: Mapping[str, Any]) -> int:
+    max_tokens = int(params.get("max_tokens") or 0)
+    return sum(1 for bound in SIZE_CLASSES if max_tokens > bound)
+
+
+@dataclass
+class _Queued:
+    """One agent's turn waiting in the pool for its batch."""
+
+    custom_id: str
+    params: dict[str, Any]
+    ready_at: float
+    due_at: float
+    exclude: Callable[[], set[str]]
+    notify: Notify
+    done: threading.Event = field(default_factory=threading.Event)
+    batch_id: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class PoolFlush:
+    """One pooled create, for the pool line and the summary."""
+
+    batch_id: str | None
+    model: str
+    width: int
+    reason: str  # all waiting | window | width cap
+    sent_at: float
+    delays_s: tuple[float, ...]  # ready -> sent, per entry
+
+
+class PoolJournal(Protocol):
+    """Where a pooled create is written down BEFORE it is made (see FleetStore)."""
+
+    def begin_pool_batch(self, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int: ...
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None: ...
+
+
+class PooledBatchChannel:
+    """The batch lane for a fleet: agents `send` as they would on BatchChannel, and their
+    turns are pooled into ONE create when every active agent is waiting on the model (no
+    one else can arrive), when a window passes, or at the width cap; grouped by model and
+    by size. Waiting is the BatchChannel's: one poller, one list call per tick for every
+    batch in flight, results by custom_id. `join`/`leave` tell it how many agents are
+    active, so it knows when nobody else is coming."""
+
+    lane = "batch"
+    stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+
+    def __init__(self, batch: BatchChannel, *, journal: PoolJournal | None = None,
+                 max_width: int = DEFAULT_MAX_WIDTH,
+                 window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
+                 clock: Clock | None = None) -> None:
+        self.batch, self.api = batch, batch.api
+        self.journal, self.max_width, self.window_s = journal, max_width, window_s
+        self.clock = clock or Clock()
+        self.flushes: list[PoolFlush] = []
+        self._groups: dict[tuple[str, int], list[_Queued]] = {}
+        self._waiting: dict[str, Ticket | None] = {}  # custom_id -> its ticket once watched
+        self._active = 0
+        self._halted: BaseException | None = None
+        self._canceled: set[str] = set()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    # -- who is active -------------------------------------------------------------------
+    def join(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+        self._wake.set()  # one fewer to wait for: the rest may all be waiting now
+
+    def halt(self, error: BaseException) -> None:
+        """Take no more requests (a fleet stopping, a key refused); queued turns get `error`
+        and stay unsent, so a resume sends them."""
+        with self._lock:
+            self._halted = error
+            queued = [q for group in self._groups.values() for q in group]
+            self._groups.clear()
+        for q in queued:
+            self._settle(q, error=error)
+
+    # -- the Channel protocol ----------------------------------------------------------
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        """Queue the turn and block until the batch carrying it is created; its id then."""
+        now = self.clock.now()
+        queued = _Queued(custom_id, params, now, now + self.window_s(str(params.get("model"))),
+                         exclude, notify)
+        with self._lock:
+            if self._halted is not None:
+                raise self._halted
+            key = (str(params.get("model")), size_class(params))
+            self._groups.setdefault(key, []).append(queued)
+            self._waiting[custom_id] = None
+            self._start_flusher()
+        self._wake.set()
+        while not queued.done.wait(0.5):  # resolved by the flusher, or by halt()
+            pass
+        if queued.error is not None:
+            raise queued.error
+        assert queued.batch_id is not None
+        return queued.batch_id
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+        """A pooled create is found by `recover` (it knows the batch's width); a row still
+        unsent after that was never in a create."""
+        return None
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
+        ticket = self.batch.watch(custom_id, handle, sent_at=sent_at, expected_s=expected_s,
+                                  on_status=on_status, notify=notify, on_stream=on_stream)
+        with self._lock:
+            self._waiting[custom_id] = ticket
+        self._wake.set()  # a re-attached agent waits too: maybe everyone does now
+        return ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        """A pooled batch can only be cancelled whole: once, however many agents ask."""
+        with self._lock:
+            if handle in self._canceled:
+                return
+            self._canceled.add(handle)
+        self.batch.cancel(handle, notify)
+
+    def forget(self, ticket: Ticket) -> None:
+        self.batch.forget(ticket)
+        with self._lock:
+            self._waiting.pop(ticket.custom_id, None)
+
+    # -- recovery after a crash -----------------------------------------------------------
+    def recover(self, journal: FleetStore, run_id: str, notify: Notify) -> list[str]:
+        """Creates that were under way when the fleet died: look each up ONCE by time and
+        width (list() shows no custom_ids) and give its entries the batch id, so no turn is
+        paid twice; a create that made nothing leaves its rows to be sent afresh."""
+        found = []
+        for pooled in journal.pool_batches(run_id, state="creating"):
+            wait_s = pooled.sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
+            if wait_s > 0:  # a create cut off moments ago may not be listed yet
+                self.clock.sleep(wait_s)
+            batch_id = self.api.find(not_before=pooled.sent_at, size=pooled.width,
+                                     exclude=journal.known_batch_ids(), notify=notify)
+            journal.set_pool_batch(pooled.id, batch_id)
+            if batch_id:
+                found.append(batch_id)
+        return found
+
+    # -- what the pool line shows ---------------------------------------------------------
+    def widths_in_flight(self) -> list[int]:
+        flying = self.batch.in_flight_ids()
+        with self._lock:
+            return [f.width for f in self.flushes if f.batch_id in flying]
+
+    def queued(self) -> int:
+        with self._lock:
+            return sum(len(g) for g in self._groups.values())
+
+    def next_flush(self) -> tuple[float, str] | None:
+        """(seconds until the next flush, why), or None when nothing is queued."""
+        with self._lock:
+            if not self._groups:
+                return None
+            due = min(g[0].due_at for g in self._groups.values())
+            return max(0.0, due - self.clock.now()), "window"
+
+    # -- the flusher ------------------------------------------------------------------------
+    def _start_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_forever, daemon=True,
+                                             name="pool-flusher")
+            self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            with self._lock:
+                if not self._groups:
+                    self._flusher = None
+                    return
+                due, wait_s = self._take_due(self.clock.now())
+            for key, entries, reason in due:
+                self._create(key[0], entries, reason)
+            if not due:
+                self._wake.clear()
+                self.clock.wait(self._wake, wait_s)  # a new turn or a leaver wakes us
+
+    def _take_due(self, now: float) -> tuple[list[tuple[tuple[str, int], list[_Queued], str]],
+                                                 float]:
+        """The groups to send now (taken off the queue), and how long until the next is due."""
+        everyone = self._all_waiting()
+        due = []
+        for key, group in list(self._groups.items()):
+            reason = ("width cap" if len(group) >= self.max_width else "all waiting"
+                      if everyone else "window" if group[0].due_at <= now else None)
+            if reason is None:
+                continue
+            due.append((key, group[:self.max_width], reason))
+            rest = group[self.max_width:]
+            if rest:
+                self._groups[key] = rest
+            else:
+                del self._groups[key]
+        pending = [g[0].due_at - now for g in self._groups.values()]
+        return due, max(0.0, min(pending, default=1.0))
+
+    def _all_waiting(self) -> bool:
+        """Every active agent is waiting on the model: no turn can join a batch made later."""
+        for custom_id, ticket in list(self._waiting.items()):
+            if ticket is not None and ticket.done:
+                del self._waiting[custom_id]
+        return len(self._waiting) >= self._active
+
+    def _create(self, model: str, entries: list[_Queued], reason: str) -> None:
+        """One create for the group (retries off, reconciled by list, as for one agent)."""
+        sent_at = self.clock.now()
+        ids = [q.custom_id for q in entries]
+        delays = tuple(round(sent_at - q.ready_at, 3) for q in entries)
+        pool_id = self.journal.begin_pool_batch(model, reason, sent_at, ids, delays) \
+            if self.journal else None
+        try:
+            batch_id = self.api.create(
+                [{"custom_id": q.custom_id, "params": q.params} for q in entries],
+                exclude=entries[0].exclude, notify=self._fan_out(entries))
+        except HarnessError as exc:
+            if isinstance(exc, NotSent) and pool_id is not None and self.journal:
+                self.journal.set_pool_batch(pool_id, None)
+            if isinstance(exc, (AccountRefused, SpendLimitReached)):
+                self.halt(exc)  # no request of this key can go: stop them all, resumably
+            for q in entries:
+                self._settle(q, error=exc)
+            return
+        if pool_id is not None and self.journal:
+            self.journal.set_pool_batch(pool_id, batch_id)
+        with self._lock:
+            self.flushes.append(PoolFlush(batch_id, model, len(entries), reason, sent_at, delays))
+        for q in entries:
+            self._settle(q, batch_id=batch_id)
+
+    def _settle(self, q: _Queued, *, batch_id: str | None = None,
+                error: BaseException | None = None) -> None:
+        if error is not None:
+            with self._lock:
+                self._waiting.pop(q.custom_id, None)
+        q.batch_id, q.error = batch_id, error
+        q.done.set()
+
+    @staticmethod
+    def _fan_out(entries: list[_Queued]) -> Notify:
+        def notify(text: str) -> None:
+            for q in entries:
+                q.notify(text)
+
+        return notify
+
+
 # The handle a synchronous request is journaled under until its stream ends.
 SYNC_HANDLE_PREFIX = "sync_"
 
@@ -2275,7 +2727,8 @@ def _ignore(*_args: Any) -> None:
     return None
 
 
-# Lanes by name: a new lane is a class plus one entry here.
+# Lanes by name: a new lane is a class plus one entry here. (PooledBatchChannel is not a lane
+# of its own: it is the batch lane of a fleet, built by the fleet around one BatchChannel.)
 CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel}
 
 
@@ -2323,6 +2776,9 @@ class AgentSettings:
     """Times an expired or transiently errored request is sent again before the turn fails."""
     max_wait_s: float | None = None
     """Past this, a batch turn is hurried onto the sync lane (None: auto uses the p90)."""
+    system: str | None = None
+    """The system prompt; None: SYSTEM_PROMPT for the session's work dir. A fleet gives all
+    its agents one text (no per-agent path in it) so they share one cached prefix."""
 
 
 # Events: what the loop tells the UI. Each is a small frozen record that carries its
@@ -2426,7 +2882,8 @@ def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, A
     params = {
         "model": settings.model,
         "max_tokens": settings.max_tokens,
-        "system": [{"type": "text", "text": SYSTEM_PROMPT.format(workdir=workdir)}],
+        "system": [{"type": "text",
+                    "text": settings.system or SYSTEM_PROMPT.format(workdir=workdir)}],
         "tools": tools,
         "messages": messages,
     }
@@ -2849,7 +3306,8 @@ class Agent:
     def __init__(self, store: Store, lanes: Channel | Router, toolbox: Toolbox,
                  settings: AgentSettings, session: SessionRow, *,
                  emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 name_request: Callable[[int, int], str] | None = None) -> None:
         self.store, self.toolbox = store, toolbox
         self.tools = ToolRunner(store, toolbox, self.emit)
         self.router = lanes if isinstance(lanes, Router) else Router({lanes.lane: lanes},
@@ -2857,6 +3315,8 @@ class Agent:
         self.settings, self.session = settings, session
         self._emit_to, self.ask_interrupt = emit, ask_interrupt
         self.clock = clock or Clock()
+        # (n_messages, attempt) -> custom_id; a fleet encodes run, agent, turn and attempt.
+        self.name_request = name_request or (lambda _n, _attempt: new_custom_id())
         self._turns = 0
         self._touched: list[str] = []
         self._force_lane: str | None = None  # the next turn's lane after a hurry
@@ -3056,17 +3516,18 @@ class Agent:
         previous_end = previous.n_messages - 1 if previous else None
         params = build_params(self.settings, Path(self.session.workdir),
                               self.toolbox.definitions(), messages, previous_end)
+        attempt = self._attempt_number(len(messages))
         decision = self.router.choose(params, previous=previous, force=self._force_lane,
                                       waits=self.store.turnaround_samples(self.settings.model))
         self._force_lane, lane = None, decision.lane
         if decision.why:
             self.emit(Notice(decision.why))
         row = RequestRow(
-            custom_id=new_custom_id(), session_id=self.session.id,
+            custom_id=self.name_request(len(messages), attempt), session_id=self.session.id,
             conversation=self.session.conversation, n_messages=len(messages),
             model=self.settings.model, cache_ttl=self.settings.cache_ttl,
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
-            attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
+            attempt=attempt, state="submitting", batch_id=None,
             submitted_at=self.clock.now(), lane=lane, route=decision.why,
             estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane,
                                            geo_rate=_geo_rate(previous.usage_value)
@@ -3080,7 +3541,7 @@ class Agent:
         except NotSent as exc:  # nothing was created: not billed, nothing to resume
             raise TurnFailed(str(exc), custom_id=row.custom_id, record="never sent") from None
         except TransportError as exc:
-            if isinstance(exc, (SpendLimitReached, RetriesExhausted)):
+            if isinstance(exc, (SpendLimitReached, RetriesExhausted, Halted)):
                 raise  # outcome may be unknown: the row stays 'submitting'; resume reconciles
             raise TurnFailed(str(exc), custom_id=row.custom_id,
                              record="refused at submission") from None
@@ -4179,6 +4640,845 @@ def show_prompt_early() -> Callable[[], None]:
 
 
 ##############################################################################
+# Fleet (many agents, one pool: `batching-harness fleet TASKS.jsonl`; the agents never
+# see the pooling, the pooler never sees a transcript)
+##############################################################################
+
+FLEET_SYSTEM_PROMPT = """\
+You are a careful software engineer working in your own directory (your shell starts there; \
+the first message names it) through two tools: bash (each command runs in a sandbox: the \
+working directory carries over between calls, network is off unless the user allowed some \
+domains, nothing outside the work directory is writable) and str_replace_based_edit_tool \
+(view, create, str_replace, insert). You are one of several agents working in parallel on \
+separate tasks; every turn is processed as a Message Batch and takes a minute or more, so \
+make each turn count: issue independent tool calls together in one turn. When the task is \
+done, reply with a short summary of what you did and what you found."""
+"""One text for every agent (no per-agent path in it), so tools + system are one cached
+prefix that the primer writes once and every other agent reads."""
+TASK_KEYS = {"id", "prompt", "workdir", "model", "max_turns"}
+DEFAULT_CONCURRENCY = 64
+# Shortest prefix each model caches (tokens); a fleet primes only when the shared prefix is
+# at least this long, else the primer's extra round buys nothing.
+MIN_CACHEABLE_TOKENS = {"claude-opus-5-5": 512, "claude-opus-5": 512, "claude-haiku-5-5": 512,
+                        "claude-fable-5-1": 512, "claude-opus-4-8": 1024,
+                        "claude-sonnet-5": 1024, "claude-sonnet-4-6": 1024,
+                        "claude-sonnet-4-5": 1024, "claude-opus-4-7": 2048}
+UNKNOWN_MIN_CACHEABLE = 4096  # unknown model: assume the largest minimum
+PRIME_MIN_AGENTS = 3
+# billing / permission / authentication: no entry of this key will succeed; stop the fleet.
+FLEET_FATAL_ERRORS = ("authentication_error", "permission_error", "billing_error")
+FLEET_CUSTOM_ID_RE = re.compile(r"^([0-9a-f]{8})-ag(\d+)-t(\d+)-at(\d+)-[0-9a-f]{6}$")
+
+
+@dataclass(frozen=True)
+class FleetTask:
+    """One line of the task file: one agent."""
+
+    id: str
+    prompt: str
+    line: int
+    workdir: Path | None = None
+    model: str | None = None
+    max_turns: int | None = None
+
+
+def parse_tasks(text: str) -> list[FleetTask]:
+    """Every line checked before anything is sent: a file with a bad line costs nothing.
+    A line is a JSON object or plain text (a prompt); blank lines and '#' comments skip."""
+    tasks: list[FleetTask] = []
+    errors: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            tasks.append(_parse_task(line, number, len(tasks) + 1))
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+    seen: dict[str, int] = {}
+    for task in tasks:
+        if task.id in seen:
+            errors.append(f"line {task.line}: id {task.id!r} is used on line {seen[task.id]} too")
+        seen.setdefault(task.id, task.line)
+    if errors:
+        raise ConfigError("the task file has errors; nothing was sent:\n  " + "\n  ".join(errors))
+    if not tasks:
+        raise ConfigError("the task file holds no tasks")
+    return tasks
+
+
+def _parse_task(line: str, number: int, ordinal: int) -> FleetTask:
+    if not line.lstrip().startswith("{"):
+        return FleetTask(f"task-{ordinal}", line.strip(), number)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("a JSON line must be an object")
+    unknown = sorted(set(obj) - TASK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_KEYS))}")
+    prompt, task_id = obj.get("prompt"), obj.get("id", f"task-{ordinal}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError('"prompt" must be a non-empty string')
+    if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", task_id):
+        raise ValueError('"id" must be 1-64 letters, digits, ".", "_" or "-"')
+    max_turns = obj.get("max_turns")
+    if max_turns is not None and (type(max_turns) is not int or max_turns < 1):
+        raise ValueError('"max_turns" must be a positive integer')
+    model = obj.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise ValueError('"model" must be a model id')
+    workdir = obj.get("workdir")
+    if workdir is not None:
+        if not isinstance(workdir, str) or not Path(workdir).expanduser().is_dir():
+            raise ValueError(f'"workdir" {workdir!r} is not a directory')
+        workdir = Path(workdir).expanduser().resolve()
+    return FleetTask(task_id, prompt, number, workdir, model, max_turns)
+
+
+def fleet_custom_id(token: str, agent: int, n_messages: int, attempt: int) -> str:
+    """run, agent, turn (transcript length) and attempt, plus 6 random hex digits so a
+    resend of the same attempt never collides: 64 chars of [a-zA-Z0-9_-] at most."""
+    return f"{token}-ag{agent}-t{n_messages}-at{attempt}-{secrets.token_hex(3)}"
+
+
+def parse_custom_id(custom_id: str | None) -> tuple[str, int, int, int] | None:
+    """(run token, agent, turn, attempt) of one of our custom_ids; None for anything else
+    (a foreign or damaged id is reported, never crashes the fleet)."""
+    match = FLEET_CUSTOM_ID_RE.match(custom_id or "")
+    if match is None:
+        return None
+    token, agent, turn, attempt = match.groups()
+    return token, int(agent), int(turn), int(attempt)
+
+
+def pool_window_s(turnarounds_s: Sequence[float]) -> float:
+    """How long a ready turn waits for others: min(5 s, 5 % of the median turnaround)."""
+    typical = median(turnarounds_s) if len(turnarounds_s) >= 2 else None
+    return MAX_POOL_WINDOW_S if typical is None else min(MAX_POOL_WINDOW_S,
+                                                         POOL_WINDOW_SHARE * typical)
+
+
+def shares_cacheable_prefix(models: Sequence[str], system: str) -> bool:
+    """Worth a primer: 3+ agents of the first agent's model whose shared prefix (the system
+    text; the tool definitions add little) is long enough for that model to cache."""
+    if not models:
+        return False
+    model = models[0]
+    minimum = MIN_CACHEABLE_TOKENS.get(base_model_id(model), UNKNOWN_MIN_CACHEABLE)
+    return models.count(model) >= PRIME_MIN_AGENTS and len(system) // 4 >= minimum
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The fleet's own options; the agents' options come from `base` (one Config)."""
+
+    tasks: Path | None = None
+    template: Path | None = field(default=None, metadata=option(
+        "--template", metavar="DIR", help="each agent works in a fresh copy of DIR",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    concurrency: int = field(default=DEFAULT_CONCURRENCY, metadata=option(
+        "--concurrency", metavar="N", parse=int,
+        help=f"agents running at once (default {DEFAULT_CONCURRENCY})"))
+    max_width: int = field(default=DEFAULT_MAX_WIDTH, metadata=option(
+        "--max-width", metavar="W", parse=int,
+        help=f"most turns in one batch (default {DEFAULT_MAX_WIDTH})"))
+    window_s: float | None = field(default=None, metadata=option(
+        "--window", metavar="S", parse=float,
+        help="longest a ready turn waits for others (default min(5 s, 5%% of the median "
+             "turnaround))"))
+    prime: bool = field(default=True, metadata=option(
+        "--no-prime", action="store_false",
+        help="send every first turn at once (no primer writing the shared prefix first)"))
+    preamble: Path | None = field(default=None, metadata=option(
+        "--preamble", metavar="FILE", help="text every agent shares, after the system prompt",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    runs_dir: Path = field(default=Path("fleet-runs"), metadata=option(
+        "--runs-dir", metavar="DIR", help="where agents' fresh work dirs go (default ./fleet-runs)",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    continue_last: bool = field(default=False, metadata=option(
+        "--continue", action="store_true", help="pick up the most recent fleet run"))
+    resume_run: str | None = field(default=None, metadata=option(
+        "--resume", metavar="RUN", help="pick up fleet run RUN"))
+    base: Config = field(default_factory=Config)
+
+
+FLEET_SHARED_OPTIONS = ("model", "poll_interval_s", "max_turns", "max_tokens", "tool_timeout_s",
+                        "allow_domains", "sandbox", "cache_ttl", "max_budget_usd",
+                        "output_format")
+"""Config options a fleet passes to its agents (or, for output_format, to its summary)."""
+
+
+def parse_fleet_config(argv: Sequence[str], environ: Mapping[str, str]) -> FleetConfig:
+    p = argparse.ArgumentParser(prog="batching-harness fleet", description=(
+        "Run many agents, one per line of TASKS.jsonl, their turns pooled into shared batches."))
+    p.add_argument("tasks", nargs="?", metavar="TASKS.jsonl", help="one task per line")
+    _add_options(p, FleetConfig)
+    _add_options(p, Config, FLEET_SHARED_OPTIONS)
+    try:
+        ns = p.parse_args(list(argv))
+    except SystemExit as exc:
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    base = parse_config(_shared_argv(ns), environ)
+    if ns.output_format is not None:  # the fleet's summary format; no -p applies here
+        base = dataclasses.replace(base, output_format=ns.output_format)
+    fleet = FleetConfig(tasks=Path(ns.tasks).expanduser().resolve() if ns.tasks else None,
+                        base=base, **_parsed_values(ns, FleetConfig))
+    _check_fleet(fleet)
+    return fleet
+
+
+def _shared_argv(ns: argparse.Namespace) -> list[str]:
+    """The shared options back as flags, so Config's own parser checks them once."""
+    argv: list[str] = []
+    for f, opt in _options(Config):
+        value = getattr(ns, f.name, None)
+        if f.name not in FLEET_SHARED_OPTIONS or f.name == "output_format" or value is None or (
+                value == f.default and (
+                opt["action"] in ("store_true", "store_false"))):
+            continue
+        flag = opt["flags"][-1]
+        if opt["action"] in ("store_true", "store_false"):
+            argv.append(flag)
+        elif opt["action"] == "append":
+            argv += [part for item in value for part in (flag, str(item))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _check_fleet(c: FleetConfig) -> None:
+    if c.continue_last and c.resume_run:
+        raise ConfigError("use --continue or --resume RUN, not both")
+    if not (c.continue_last or c.resume_run) and c.tasks is None:
+        raise ConfigError("fleet needs TASKS.jsonl (or --continue / --resume RUN)")
+    if c.tasks is not None and not c.tasks.is_file():
+        raise ConfigError(f"{c.tasks}: no such file")
+    if c.template is not None and not c.template.is_dir():
+        raise ConfigError(f"--template {c.template}: no such directory")
+    if c.preamble is not None and not c.preamble.is_file():
+        raise ConfigError(f"--preamble {c.preamble}: no such file")
+    if c.concurrency < 1 or not 1 <= c.max_width <= 100_000:
+        raise ConfigError("--concurrency must be at least 1, --max-width 1 to 100000")
+    if c.window_s is not None and c.window_s < 0:
+        raise ConfigError("--window must be 0 or more seconds")
+
+
+# -- each agent's collaborators ------------------------------------------------------------
+class FleetClock(Clock):
+    """The agents' clock. When the fleet stops, each agent's next wait raises
+    KeyboardInterrupt ONCE, and the agent's own Ctrl-C path (detach or cancel) runs: no new
+    code path for a stop, and a paid batch is never dropped silently."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self.stopping = stopping
+        self._told = threading.local()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        if self.stopping.is_set() and not getattr(self._told, "done", False):
+            self._told.done = True
+            raise KeyboardInterrupt
+        # 100 agents waking every quarter second is CPU for nothing: a stop lands within 1 s.
+        return event.wait(max(0.0, min(max(timeout_s, 1.0), 1.0)))
+
+
+class BoundedToolbox:
+    """A Toolbox whose runs share a bound on the machine: many agents' tools run at once, but
+    never more than `slots` (each sandboxed bash call is a Node start-up, ~0.4 s of CPU)."""
+
+    def __init__(self, toolbox: Toolbox, slots: threading.BoundedSemaphore) -> None:
+        self.inner, self.slots, self.bash = toolbox, slots, toolbox.bash
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return self.inner.definitions()
+
+    def run(self, name: str, tool_input: object) -> ToolResult:
+        with self.slots:
+            return self.inner.run(name, tool_input)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(frozen=True)
+class RunPoolJournal:
+    """The pool's journal, bound to one fleet run."""
+
+    store: FleetStore
+    run_id: str
+
+    def begin_pool_batch(self, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int:
+        return self.store.begin_pool_batch(self.run_id, model, reason, sent_at, custom_ids,
+                                           delays)
+
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None:
+        self.store.set_pool_batch(pool_id, batch_id)
+
+
+# -- what the live table shows -------------------------------------------------------------
+@dataclass
+class AgentView:
+    """One row of the live table."""
+
+    row: FleetAgentRow
+    state: str = "queued"
+    turn: int = 0
+    waited_s: float = 0.0
+    cost_usd: float = 0.0
+    waiting_since: float | None = None
+    detail: str = ""
+
+
+class FleetBoard:
+    """Follows every agent's events (they carry their session id) for the live table. The
+    agents never see it; the clock comes in so tests render a fixed picture."""
+
+    def __init__(self, agents: Sequence[FleetAgentRow], clock: Callable[[], float]) -> None:
+        self.views = {a.session_id: AgentView(a, state=a.state) for a in agents}
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[Event], None]] = []
+
+    def handle(self, event: Event) -> None:
+        with self._lock:
+            view = self.views.get(event.session_id)
+            if view is not None:
+                self._apply(view, event)
+        for listener in self.listeners:
+            listener(event)
+
+    def _apply(self, view: AgentView, event: Event) -> None:
+        if isinstance(event, TurnSent):
+            view.turn += 1
+            view.state, view.waiting_since = f"waiting on batch {event.handle[-8:]}", event.sent_at
+        elif isinstance(event, TurnEnded):
+            view.waited_s += event.wait_s
+            view.cost_usd += (event.cost.paid_usd or 0.0) if event.cost else 0.0
+            view.state, view.waiting_since = "thinking", None
+        elif isinstance(event, ToolStarted):
+            view.state, view.detail = "running a tool", event.label
+        elif isinstance(event, Notice) and event.level != "info":
+            view.detail = event.text
+
+    def set_state(self, session_id: str, state: str, detail: str = "") -> None:
+        with self._lock:
+            view = self.views[session_id]
+            view.state, view.waiting_since = state, None
+            view.detail = detail or view.detail
+
+    def rows(self) -> list[AgentView]:
+        with self._lock:
+            return [dataclasses.replace(v) for v in self.views.values()]
+
+
+def render_fleet_table(board: FleetBoard, pool_line: str, now: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("agent", "state", "turn", "waited", "cost"):
+        table.add_column(name, justify="right" if name in ("turn", "waited", "cost") else "left")
+    for v in board.rows():
+        waited = v.waited_s + (now - v.waiting_since if v.waiting_since else 0.0)
+        table.add_row(v.row.agent_id, v.state, str(v.turn), fmt_elapsed(waited),
+                      fmt_usd(v.cost_usd))
+    return Group(table, Text(pool_line, style="dim"))
+
+
+def pool_line(pool: PooledBatchChannel, now: float) -> str:
+    """Batches in flight and their widths, the next flush and why, requests in the last minute."""
+    widths = pool.widths_in_flight()
+    shown = ", ".join(str(w) for w in widths[:8]) + (" …" if len(widths) > 8 else "")
+    flight = f"{len(widths)} batch(es) in flight" + (f" (widths {shown})" if widths else "")
+    upcoming = pool.next_flush()
+    flush = "nothing queued" if upcoming is None else (
+        f"{pool.queued()} queued, flush in ≤{upcoming[0]:.1f}s ({upcoming[1]})")
+    return f"pool: {flight} · {flush} · {pool.api.budget.in_last_minute()} API requests/min"
+
+
+# -- running a fleet ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FleetPlan:
+    """What a run needs to start or pick up again; journaled as the run's options."""
+
+    system: str
+    max_width: int
+    window_s: float | None
+    prime: bool
+    settings: dict[str, Any]  # AgentSettings fields shared by every agent
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Fleet:
+    """Runs one fleet: each agent a plain blocking loop in a thread of its own (bounded by
+    --concurrency), all sending into one PooledBatchChannel. The primer goes first when the
+    agents share a cacheable prefix; the rest are released when its first turn ends."""
+
+    def __init__(self, store: FleetStore, run: FleetRunRow, plan: FleetPlan,
+                 pool: PooledBatchChannel, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
+                 concurrency: int, tool_slots: int, clock: Clock | None = None,
+                 log_bug: Callable[[BaseException], Path] | None = None) -> None:
+        self.store, self.run, self.plan, self.pool = store, run, plan, pool
+        self.make_toolbox, self.clock = make_toolbox, clock or Clock()
+        self.agents = store.fleet_agents(run.id)
+        self.board = FleetBoard(self.agents, self.clock.now)
+        self.board.listeners.append(self._on_event)
+        self.stopping = threading.Event()
+        self.stop_choice = "detach"
+        self.agent_clock = FleetClock(self.stopping)
+        self.concurrency, self._log_bug = concurrency, log_bug
+        self._slots = threading.BoundedSemaphore(max(1, tool_slots))
+        self._executor: Any = None
+        self._futures: list[Any] = []
+        self._held: list[FleetAgentRow] = []
+        self._primer: str | None = None
+        self._lock = threading.Lock()
+        self._all_submitted = threading.Event()
+
+    # -- starting and stopping -----------------------------------------------------------
+    def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [a for a in self.agents if a.state not in ("done", "failed")]
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                            thread_name_prefix="agent")
+        if self.plan.prime and len(todo) >= PRIME_MIN_AGENTS and self._fresh(todo[0]):
+            self._primer, self._held = todo[0].session_id, todo[1:]
+            self.board.set_state(todo[0].session_id, "priming")
+            for row in self._held:
+                self.board.set_state(row.session_id, "held for the primer")
+            todo = todo[:1]
+        else:
+            self._all_submitted.set()
+        self._submit(todo)
+
+    def _fresh(self, row: FleetAgentRow) -> bool:
+        return not self.store.messages(row.session_id, 0)
+
+    def _submit(self, rows: Sequence[FleetAgentRow]) -> None:
+        with self._lock:
+            self._futures += [self._executor.submit(self._run_agent, row) for row in rows]
+
+    def _release_held(self) -> None:
+        """The primer's first turn has ended (or it failed): its prefix is in the cache."""
+        with self._lock:
+            held, self._held = self._held, []
+        if held and not self.stopping.is_set():
+            self._submit(held)
+        self._all_submitted.set()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TurnEnded) and event.session_id == self._primer:
+            self._release_held()
+
+    def stop(self, choice: str = "detach", error: BaseException | None = None) -> None:
+        """detach: batches in flight keep running, `fleet --continue` collects them; cancel:
+        every batch in flight is cancelled. Either way no new turn is sent."""
+        self.stop_choice = choice
+        self.stopping.set()
+        self.pool.halt(error or Halted("the fleet is stopping; this turn was not sent"))
+        self._release_held()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once every agent has finished (done, failed, detached or stopped)."""
+        if not self._all_submitted.wait(timeout_s):
+            return False
+        with self._lock:
+            futures = list(self._futures)
+        from concurrent.futures import wait as wait_futures
+
+        return not wait_futures(futures, timeout=timeout_s).not_done
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # -- one agent ----------------------------------------------------------------------------
+    def _run_agent(self, row: FleetAgentRow) -> None:
+        if self.stopping.is_set():
+            return
+        self.pool.join()
+        state, error = "failed", "never started"
+        try:
+            self.store.set_agent_state(self.run.id, row.idx, "running")
+            self.board.set_state(row.session_id, "starting")
+            state, error = self._drive(row)
+        finally:
+            self.pool.leave()
+            self.store.set_agent_state(self.run.id, row.idx, state, error)
+            self.board.set_state(row.session_id, state, error or "")
+            if row.session_id == self._primer:
+                self._release_held()
+
+    def _drive(self, row: FleetAgentRow) -> tuple[str, str | None]:
+        toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
+        agent = self._agent(row, toolbox)
+        try:
+            if self._fresh(row):
+                agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
+            else:
+                agent.resume()
+            return "done", None
+        except Detached:
+            return "detached", None
+        except Halted as exc:
+            if isinstance(exc, AccountRefused) and not self.stopping.is_set():
+                self.stop("detach", exc)
+            return "stopped", str(exc)
+        except TurnFailed as exc:
+            self._stop_if_fatal(exc)
+            return "failed", str(exc)
+        except HarnessError as exc:
+            return "failed", str(exc)
+        except Exception as exc:  # a bug in one agent: the others go on, the trace is kept
+            where = self._log_bug(exc) if self._log_bug else "the log"
+            return "failed", f"internal error ({type(exc).__name__}: {exc}); see {where}"
+        finally:
+            toolbox.close()
+
+    def _agent(self, row: FleetAgentRow, toolbox: Any) -> Agent:
+        session = self.store.session(row.session_id)
+        assert session is not None, f"fleet agent {row.agent_id} has no session"
+        settings = AgentSettings(**{**self.plan.settings, "model": row.model,
+                                    "system": self.plan.system,
+                                    "max_turns": row.max_turns or self.plan.settings.get(
+                                        "max_turns")})
+        token = self.run.token
+        return Agent(self.store, self.pool, toolbox, settings, session, emit=self.board.handle,
+                     ask_interrupt=lambda _handle: self.stop_choice, clock=self.agent_clock,
+                     name_request=lambda n, attempt: fleet_custom_id(token, row.idx, n, attempt))
+
+    def _stop_if_fatal(self, exc: TurnFailed) -> None:
+        """An entry refused for billing, permission or authentication: so will every other."""
+        if exc.custom_id is None:
+            return
+        request = self.store.request(exc.custom_id)
+        if request.error_type in FLEET_FATAL_ERRORS and not self.stopping.is_set():
+            self.stop("detach", AccountRefused(f"{request.error_type}: {request.error_message}"))
+
+
+# -- the summary --------------------------------------------------------------------------
+WIDTH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 100_000))
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """What the fleet did, from the journal: the same figures live and after a crash."""
+
+    run_id: str
+    agents: tuple[dict[str, Any], ...]
+    totals: dict[str, Any]
+
+
+def summarize_fleet(store: FleetStore, run: FleetRunRow, *, wall_s: float | None = None,
+                    api_requests: int | None = None) -> FleetSummary:
+    agents = store.fleet_agents(run.id)
+    per_agent = [_agent_summary(store, a) for a in agents]
+    requests = [r for a in agents for r in store.requests(a.session_id)]
+    pooled = store.pool_batches(run.id, state="created")
+    return FleetSummary(run.id, tuple(per_agent),
+                        _fleet_totals(requests, pooled, agents, wall_s, api_requests))
+
+
+def _agent_summary(store: FleetStore, a: FleetAgentRow) -> dict[str, Any]:
+    requests = tuple(store.requests(a.session_id))
+    messages = store.messages(a.session_id, 0)
+    last = messages[-1] if messages else {}
+    answer = final_text(last.get("content")) if last.get("role") == "assistant" else ""
+    report = RunReport(a.session_id, a.model, requests, answer, store.pending_request(a.session_id))
+    fields = headless_fields(report, a.error if a.state != "done" else None)
+    return {"id": a.agent_id, "state": a.state, "workdir": a.workdir, **fields}
+
+
+def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow],
+                  agents: Sequence[FleetAgentRow], wall_s: float | None,
+                  api_requests: int | None) -> dict[str, Any]:
+    t = stats_totals(requests)
+    widths = [p.width for p in pooled]
+    delays = [d for p in pooled for d in json.loads(p.delays)]
+    ended = [r for r in requests if r.wait_s is not None and r.result_type == "succeeded"]
+    return {
+        "agents": len(agents),
+        "states": dict(collections.Counter(a.state for a in agents)),
+        "lanes": dict(collections.Counter(r.lane for r in requests)),
+        "batches_created": len(pooled),
+        "width": {"mean": round(sum(widths) / len(widths), 2) if widths else None,
+                  "median": median(widths), "max": max(widths, default=None)},
+        "flush_reasons": dict(collections.Counter(p.reason for p in pooled)),
+        "turnaround_by_width_s": _turnaround_by_width(ended, pooled),
+        "pool_delay_s": {"median": median(delays), "max": max(delays, default=None)},
+        "detection_lag_s": median(_detection_lags(ended, pooled)),
+        "requests_per_minute": round(api_requests / (wall_s / 60), 1)
+        if api_requests is not None and wall_s else None,
+        "cache_hit_rate": cache_hit_ratio(t.usage),
+        "cache_write_tokens": t.usage.cache_creation_input_tokens,
+        "cost_usd": None if t.unknown_prices else round(t.paid_usd, 6),
+        "sync_cost_usd": None if t.unknown_prices else round(t.sync_usd, 6),
+        "waste_usd": round(sum(r.cost_usd or 0.0 for r in requests if r.state != "applied"), 6),
+        "wall_s": round(wall_s, 2) if wall_s is not None else None,
+    }
+
+
+def _turnaround_by_width(ended: Sequence[RequestRow],
+                         pooled: Sequence[PoolBatchRow]) -> dict[str, float | None]:
+    """Do wide batches take longer? Median API turnaround per width bucket."""
+    width_of = {p.batch_id: p.width for p in pooled}
+    out: dict[str, float | None] = {}
+    for low, high in WIDTH_BUCKETS:
+        waits = [r.wait_s or 0.0 for r in ended if low <= width_of.get(r.batch_id, 1) <= high]
+        if waits:
+            out[str(low) if low == high else f"{low}-{high}"] = round(median(waits) or 0.0, 2)
+    return out
+
+
+def _detection_lags(ended: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]) -> list[float]:
+    """Seen minus ended: (noticed - journaled) - pool delay - the API's own turnaround."""
+    delay_of = {cid: d for p in pooled
+                for cid, d in zip(p.custom_id_list, json.loads(p.delays), strict=False)}
+    return [max(0.0, (r.ended_at or 0.0) - r.submitted_at - (r.wait_s or 0.0)
+                - delay_of.get(r.custom_id, 0.0)) for r in ended]
+
+
+def render_fleet_summary(console: Any, summary: FleetSummary) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("agent", "state", "turns", "waited", "cost", "result"):
+        table.add_column(name, justify="right" if name in ("turns", "waited", "cost") else "left",
+                         overflow="ellipsis", no_wrap=name == "result")
+    for a in summary.agents:
+        text = a["error"] if a["is_error"] else a["result"]
+        table.add_row(a["id"], a["state"], str(a["turns"]), fmt_elapsed(a["wait_s"]),
+                      fmt_usd(a["cost_usd"]), (text or "").splitlines()[0] if text else "")
+    console.print(table)
+    for line in _totals_lines(summary.totals):
+        console.print(line, markup=False, highlight=False)
+
+
+def _totals_lines(t: Mapping[str, Any]) -> list[str]:
+    w, delay = t["width"], t["pool_delay_s"]
+    hit = t["cache_hit_rate"]
+    by_width = ", ".join(f"{k}: {v:g}s" for k, v in t["turnaround_by_width_s"].items()) or "-"
+    return [
+        f"fleet: {t['agents']} agents ({_counts(t['states'])}); lanes {_counts(t['lanes'])}",
+        f"batches: {t['batches_created']} created, width mean {w['mean']} / median "
+        f"{w['median']} / max {w['max']}; flushes {_counts(t['flush_reasons'])}",
+        f"turnaround by width: {by_width}; pool delay median {_secs(delay['median'])} "
+        f"(max {_secs(delay['max'])}); detection lag median {_secs(t['detection_lag_s'])}",
+        f"API: {t['requests_per_minute'] if t['requests_per_minute'] is not None else '-'} "
+        f"batch requests/min; cache hit rate {'-' if hit is None else f'{100 * hit:.0f}%'}, "
+        f"{fmt_tokens(t['cache_write_tokens'])} tokens written to the cache",
+        f"cost: {fmt_usd(t['cost_usd'])} paid vs {fmt_usd(t['sync_cost_usd'])} at synchronous "
+        f"prices; waste {fmt_usd(t['waste_usd'])} (paid for turns never used)",
+    ]
+
+
+def _counts(counter: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counter.items()) or "none"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+# -- the front-end ------------------------------------------------------------------------
+FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] [d] detach: batches in flight keep running; "
+                        "pick them up with `fleet --continue` · [c] cancel every batch in "
+                        "flight · Enter: keep going")
+
+
+def open_fleet_run(store: FleetStore, fc: FleetConfig) -> tuple[FleetRunRow, FleetPlan]:
+    """A new run (the task file parsed whole BEFORE anything is created or sent), or the
+    run named by --continue / --resume with the plan it was started with."""
+    if fc.continue_last or fc.resume_run:
+        run = store.fleet_run(fc.resume_run) if fc.resume_run else store.latest_fleet_run()
+        if run is None:
+            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.path}".replace(
+                "run  in", "run in"))
+        return run, FleetPlan(**run.options_value)
+    assert fc.tasks is not None
+    tasks = parse_tasks(fc.tasks.read_text(encoding="utf-8", errors="replace"))
+    plan = _plan(fc)
+    run = store.create_run(str(fc.tasks), plan.to_json())
+    for idx, task in enumerate(tasks):
+        workdir = task.workdir or _fresh_workdir(fc, run, task)
+        model = task.model or fc.base.model
+        session = store.create_session(workdir, model)
+        store.update_session(session.id, title=f"fleet {run.id} · {task.id}")
+        store.add_agent(FleetAgentRow(run.id, idx, task.id, session.id, task.prompt, str(workdir),
+                                      model, task.max_turns, "queued"))
+    return run, plan
+
+
+def _plan(fc: FleetConfig) -> FleetPlan:
+    system = FLEET_SYSTEM_PROMPT
+    if fc.preamble is not None:
+        system += "\n\n" + fc.preamble.read_text(encoding="utf-8", errors="replace").strip()
+    settings = {f.name: getattr(fc.base, f.name) for f in dataclasses.fields(AgentSettings)
+                if hasattr(fc.base, f.name) and f.name != "model"}
+    return FleetPlan(system, fc.max_width, fc.window_s, fc.prime, settings)
+
+
+def _fresh_workdir(fc: FleetConfig, run: FleetRunRow, task: FleetTask) -> Path:
+    import shutil
+
+    path = fc.runs_dir / run.id / task.id
+    if fc.template is not None:
+        shutil.copytree(fc.template, path, symlinks=True)
+    else:
+        path.mkdir(parents=True)
+    return path.resolve()
+
+
+def run_fleet_command(fc: FleetConfig) -> int:
+    from rich.console import Console
+
+    config = fc.base
+    if not config.api_key:
+        raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
+                          "against the stand-in: see 'Try it offline' in README.md")
+    store = FleetStore(config.home / "journal.db")
+    lock = SessionLock(config.home)
+    try:
+        run, plan = open_fleet_run(store, fc)
+        lock.acquire(f"fleet-{run.id}")  # two processes on one run would pay turns twice
+        console = Console(stderr=config.output_format == "json", highlight=False)
+        return _run_fleet(fc, store, run, plan, console)
+    finally:
+        lock.release()
+        store.close()
+
+
+def _run_fleet(fc: FleetConfig, store: FleetStore, run: FleetRunRow, plan: FleetPlan,
+               console: Any) -> int:
+    config = fc.base
+    say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+    api = BatchAPI(make_client_factory(config.api_key, config.base_url))
+    api.warm_up()
+    pool = PooledBatchChannel(
+        BatchChannel(api, poll_interval_s=config.poll_interval_s),
+        journal=RunPoolJournal(store, run.id), max_width=plan.max_width,
+        window_s=_window(store, plan))
+    toolboxes = _toolbox_maker(config, say)
+    for batch_id in pool.recover(store, run.id, say):
+        say(f"re-attached to {batch_id}, created before the interruption")
+    fleet = Fleet(store, run, plan, pool, toolboxes, concurrency=fc.concurrency,
+                  tool_slots=max(2, os.cpu_count() or 2),
+                  log_bug=lambda exc: log_bug(config.home, exc))
+    fleet.plan = dataclasses.replace(plan, prime=plan.prime and shares_cacheable_prefix(
+        [a.model for a in fleet.agents], plan.system))
+    prime = fleet.plan.prime
+    say(f"fleet {run.id}: {len(fleet.agents)} agents"
+        + (", one primer first (shared prefix written once)" if prime else ""))
+    store.set_run_state(run.id, "running")
+    started, taken = time.time(), api.budget.taken
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        fleet.start()
+        watch_fleet(fleet, pool, console)
+    finally:
+        fleet.close()
+    return _finish_fleet(fc, store, run, time.time() - started, api.budget.taken - taken, console)
+
+
+def _window(store: FleetStore, plan: FleetPlan) -> Callable[[str], float]:
+    if plan.window_s is not None:
+        fixed = plan.window_s
+        return lambda _model: fixed
+    return lambda model: pool_window_s(store.turnaround_samples(model, 50))
+
+
+def _toolbox_maker(config: Config, say: Callable[[str], object]) -> Callable[[FleetAgentRow],
+                                                                               Toolbox]:
+    """Each agent its own sandbox (policy = its work dir); the start-up probe runs once."""
+    probed = threading.Event()
+
+    def make(row: FleetAgentRow) -> Toolbox:
+        toolbox = build_toolbox(config, Path(row.workdir))
+        for note in stop_leftovers(sandbox_policy(config, Path(row.workdir))):
+            say(note)
+        if not probed.is_set():
+            probed.set()
+            _check_sandbox(config, toolbox, say)
+        return toolbox
+
+    return make
+
+
+def watch_fleet(fleet: Fleet, pool: PooledBatchChannel, console: Any, *,
+                read_key: Callable[[], str] = read_key_from_tty) -> None:
+    """The live table until every agent has finished; Ctrl-C offers detach or cancel."""
+    from rich.live import Live
+
+    interactive = console.is_terminal and sys.stdin.isatty()
+
+    def picture() -> Any:
+        now = time.time()
+        return render_fleet_table(fleet.board, pool_line(pool, now), now)
+
+    live = Live(picture(), console=console, auto_refresh=False, transient=False) \
+        if console.is_terminal else None
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            try:
+                if fleet.wait(0.5):
+                    break
+                if live is not None:
+                    live.update(picture(), refresh=True)
+            except KeyboardInterrupt:
+                choice = _ask_fleet_interrupt(console, live, interactive, read_key)
+                if choice != "wait":
+                    fleet.stop(choice)
+    finally:
+        if live is not None:
+            live.update(picture(), refresh=True)
+            live.stop()
+
+
+def _ask_fleet_interrupt(console: Any, live: Any, interactive: bool,
+                         read_key: Callable[[], str]) -> str:
+    if not interactive:
+        return "detach"
+    if live is not None:
+        live.stop()
+    console.print(FLEET_INTERRUPT_MENU)
+    try:
+        key = read_key()
+    except (KeyboardInterrupt, EOFError):
+        key = "d"
+    if live is not None:
+        live.start()
+    return {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
+
+
+def _finish_fleet(fc: FleetConfig, store: FleetStore, run: FleetRunRow, wall_s: float,
+                  api_requests: int, console: Any) -> int:
+    agents = store.fleet_agents(run.id)
+    unfinished = [a for a in agents if a.state not in ("done", "failed")]
+    store.set_run_state(run.id, "detached" if unfinished else "done")
+    summary = summarize_fleet(store, run, wall_s=wall_s, api_requests=api_requests)
+    if fc.base.output_format == "json":
+        print(json.dumps({"run_id": run.id, "agents": list(summary.agents),
+                          "totals": summary.totals}))
+    else:
+        render_fleet_summary(console, summary)
+    if unfinished:
+        program = "batching-harness" if not sys.argv[0].endswith(".py") else \
+            f"python {sys.argv[0]}"
+        console.print(f"{len(unfinished)} agent(s) not finished; pick them up with: "
+                      f"{program} fleet --resume {run.id}", markup=False, highlight=False)
+        return 130
+    return 1 if any(a.state == "failed" for a in agents) else 0
+
+
+##############################################################################
 # main (the only place real collaborators are built)
 ##############################################################################
 
@@ -4270,14 +5570,19 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
 def print_headless(report: RunReport | None, config: Config, error: str | None) -> None:
     """The answer, or the JSON object (also when the run never started: report None)."""
     report = report or RunReport(None, config.model, (), "", None)  # type: ignore[arg-type]
-    requests, text = list(report.requests), report.answer
     if config.output_format == "text":
-        if text:
-            print(text)
+        if report.answer:
+            print(report.answer)
         return
+    print(json.dumps(headless_fields(report, error)))
+
+
+def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
+    """One run as JSON: -p prints it; a fleet prints one per agent."""
+    requests, text = list(report.requests), report.answer
     totals = stats_totals(requests)
     u = totals.usage
-    out = {
+    return {
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
         "turns": sum(1 for r in requests if r.result_type == "succeeded"),
@@ -4297,7 +5602,6 @@ def print_headless(report: RunReport | None, config: Config, error: str | None) 
         "waste_usd": round(totals.waste_usd, 6),
         "is_error": error is not None, "error": error,
     }
-    print(json.dumps(out))
 
 
 def read_prompt_arg(prompt: str) -> str:
@@ -4310,8 +5614,11 @@ def read_prompt_arg(prompt: str) -> str:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     config: Config | None = None
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv, environ)
+        if argv[:1] == ["fleet"]:  # the fleet front-end, behind the same error boundary
+            return run_fleet_command(parse_fleet_config(argv[1:], environ))
+        config = parse_config(argv, environ)
         return _run(config)
     except _ArgparseExit as exc:
         return exc.status
