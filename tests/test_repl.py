@@ -78,7 +78,7 @@ def test_resume_command_lists_and_picks_a_session(api, tmp_path):
 
 
 def test_detach_exits_zero_with_the_resume_command(api, tmp_path):
-    api.latency_s = 30
+    api.hold = True
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
     def interrupt(_s):
