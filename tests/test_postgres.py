@@ -18,7 +18,8 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.test_resume import kill, wait_until
+from tests.support import run_main
+from tests.test_resume import STARTUP_S, kill, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +37,13 @@ def _raw(url: str):
 
     target, schema = bh._split_pool_url(url)
     return psycopg.connect(target, autocommit=True, options=f"-c search_path={schema}"), schema
+
+
+def _until(predicate, what: str, timeout_s: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
 
 
 def _request(session: bh.SessionRow, **kw) -> bh.RequestRow:
@@ -97,8 +105,9 @@ def test_a_second_process_waits_for_the_upgrade_then_finds_it_done(pg_url):
     openers = [_python("import sys, batching_harness as bh\n"
                        "s = bh.PostgresStore(sys.argv[1]); print(s.schema_version)", pg_url)
                for _ in range(2)]
-    time.sleep(1.5)
-    assert all(p.poll() is None for p in openers), "an opener did not wait for the lock"
+    _until(lambda: db.execute("SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND "
+                              "NOT granted").fetchone()[0] == 2, "both openers wait on the lock")
+    assert all(p.poll() is None for p in openers)
     assert db.execute("SELECT to_regclass(%s)", (f"{schema}.schema_version",)).fetchone()[0] \
         is None
     db.execute("SELECT pg_advisory_unlock_all()")
@@ -199,9 +208,9 @@ def test_an_expired_lease_is_taken_over_and_its_turns_can_go_back(any_store):
     """A host that claimed turns and died: another takes the intent over when the lease
     runs out; a create that never happened puts the turns back in the queue."""
     queued = _queue(any_store, 4)
-    dead = any_store.claim_turns("claude-opus-5-5", "host-dead", limit=10, lease_s=0.2)
+    dead = any_store.claim_turns("claude-opus-5-5", "host-dead", limit=10, lease_s=30)
     assert any_store.take_over_expired_claims("host-b", 30) == []  # not yet
-    time.sleep(0.3)
+    assert any_store.renew_claim(dead, -1)  # as if the host had stopped renewing long ago
     (taken,) = any_store.take_over_expired_claims("host-b", 30)
     assert taken.intent_id == dead.intent_id and taken.custom_ids == queued
     assert not any_store.renew_claim(dead, 30)  # the dead host's lease is gone
@@ -296,14 +305,13 @@ def test_a_waiting_process_is_woken_by_notify_from_another(pg_url):
     assert listener.wait(0.2) == []  # nothing published: the wait times out
     assert time.monotonic() - started >= 0.2
     heard: list = []
-    thread = threading.Thread(target=lambda: heard.extend(listener.wait(10)))
+    thread = threading.Thread(target=lambda: heard.extend(listener.wait(30)))
     thread.start()
-    time.sleep(0.2)
     woke_from = time.monotonic()
     _queue(writer, 1, pool_key="claude-haiku-5-5")
-    thread.join(timeout=10)
+    thread.join(timeout=30)
     assert heard == [("queue", "claude-haiku-5-5")]
-    assert time.monotonic() - woke_from < 2
+    assert time.monotonic() - woke_from < 5  # woken by the notify, not by the 30 s timeout
     listener.close()
     waiter.close()
     writer.close()
@@ -327,38 +335,23 @@ def test_a_dropped_connection_is_one_clear_error_then_reconnects(pg_url, pg_serv
 
 # -- the harness with --pool ---------------------------------------------------------------------
 
-def _cli(tmp_path: Path, home: str, *args: str, api=None, pool: str | None = None,
-         extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-           "LANG": "C.UTF-8", "BATCHING_HARNESS_HOME": str(tmp_path / home), "COLUMNS": "160",
-           **(extra_env or {})}
-    if pool:
-        env["BATCHING_HARNESS_POOL"] = pool
-    if api is not None:
-        env.update(ANTHROPIC_API_KEY="k", ANTHROPIC_BASE_URL=api.base_url)
-    work = tmp_path / f"work-{home}"
-    work.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, str(ROOT / "batching_harness.py"), "--workdir",
-                           str(work), *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=work)
-
-
 def test_the_agent_resumes_an_in_flight_turn_from_the_pool(pg_url, tmp_path):
-    """SIGKILL while the batch is being polled, then --continue with --pool (from a fresh
-    state dir: nothing of the session is on this host's disk): the batch is collected, not
+    """SIGKILL while the batch is being polled, then --continue with --pool from a fresh
+    state dir (nothing of the session is on this host's disk): the batch is collected, not
     sent again, and the pool holds the whole conversation."""
-    from tests.test_resume import start
-
-    with fa.FakeAPI(latency_s=3.0) as api:
+    with fa.FakeAPI(hold=True) as api:
         api.script.extend([fa.text("slow answer"), fa.text("next answer")])
-        proc = start(api, tmp_path, "--pool", pg_url, "-p", "first")
-        wait_until(lambda: api.count("list") >= 1)
+        proc = start(api, tmp_path, "--no-sandbox", "--pool", pg_url, "-p", "first")
+        api.wait_for("list", 1, timeout_s=STARTUP_S)  # created, and being polled
         kill(proc)
         (tmp_path / "home").rename(tmp_path / "home-of-the-dead-host")
-        proc = start(api, tmp_path, "--pool", pg_url, "--continue", "-p", "next")
-        out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err
-        assert json.loads(out)["result"] == "next answer"
+        api.hold = False
+        api.release()
+        run = run_main(tmp_path, "--no-sandbox", "--pool", pg_url, "--continue",
+                       "--poll-interval", "0.1", "--output-format", "json", "-p", "next",
+                       api=api)
+        assert run.status == 0, run.err
+        assert json.loads(run.out)["result"] == "slow answer\n\nnext answer"
         assert len(api.batch_ids()) == 2  # one per turn: the first was never sent again
     store = bh.PostgresStore(pg_url)
     assert [r.state for r in store.requests()] == ["applied", "applied"]
@@ -370,30 +363,34 @@ def test_the_agent_resumes_an_in_flight_turn_from_the_pool(pg_url, tmp_path):
 
 
 def test_stats_report_across_every_host_of_the_pool(pg_url, tmp_path):
-    with fa.FakeAPI(latency_s=0.2) as api:
+    """Two hosts (two state dirs) write to one pool; a third one's --stats sees both."""
+    with fa.FakeAPI() as api:
         api.script.extend([fa.text("a"), fa.text("b")])
-        assert _cli(tmp_path, "host-a", "-p", "one", api=api, pool=pg_url).returncode == 0
-        assert _cli(tmp_path, "host-b", "--model", "claude-haiku-5-5", "-p", "two", api=api,
-                    pool=pg_url).returncode == 0
-    r = _cli(tmp_path, "host-c", "--stats", "--pool", pg_url)
-    assert r.returncode == 0, r.stderr
-    assert "claude-opus-5-5" in r.stdout and "claude-haiku-5-5" in r.stdout
+        for host, model in (("host-a", "claude-opus-5-5"), ("host-b", "claude-haiku-5-5")):
+            (tmp_path / host).mkdir()
+            run = run_main(tmp_path / host, "--no-sandbox", "--pool", pg_url, "--model", model,
+                           "--poll-interval", "0.1", "-p", "hi", api=api)
+            assert run.status == 0, run.err
+    (tmp_path / "host-c").mkdir()
+    run = run_main(tmp_path / "host-c", "--stats", "--pool", pg_url)
+    assert run.status == 0, run.err
+    assert "claude-opus-5-5" in run.out and "claude-haiku-5-5" in run.out
 
 
 def test_doctor_checks_the_pool_and_names_each_fix(pg_url, tmp_path):
-    r = _cli(tmp_path, "home", "--doctor", "--pool", pg_url)
+    out = run_main(tmp_path, "--doctor", "--pool", pg_url).out
     for name in ("pool driver", "pool connection", "pool server", "pool schema",
                  "pool durability", "pool connections"):
-        assert f"ok   {name}" in r.stdout, r.stdout
-    assert "empty; the first process to connect creates" in r.stdout
+        assert f"ok   {name}" in out, out
+    assert "empty; the first process to connect creates" in out
     bh.PostgresStore(pg_url).close()
-    assert "(current)" in _cli(tmp_path, "home", "--doctor", "--pool", pg_url).stdout
+    assert "(current)" in run_main(tmp_path, "--doctor", "--pool", pg_url).out
     db, _schema = _raw(pg_url)
     db.execute("UPDATE schema_version SET version = 99")
     db.close()
-    r = _cli(tmp_path, "home", "--doctor", "--pool", pg_url)
-    assert "FAIL pool schema" in r.stdout and "pip install -U batching-harness" in r.stdout
-    assert r.returncode == 1
+    run = run_main(tmp_path, "--doctor", "--pool", pg_url)
+    assert "FAIL pool schema" in run.out and "pip install -U batching-harness" in run.out
+    assert run.status == 1
 
 
 def test_doctor_names_the_fix_when_the_server_is_not_there(tmp_path):
@@ -402,24 +399,25 @@ def test_doctor_names_the_fix_when_the_server_is_not_there(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = _cli(tmp_path, "home", "--doctor", "--pool", f"postgresql://bh@127.0.0.1:{port}/x")
-    assert "FAIL pool connection" in r.stdout and "fix: start the server" in r.stdout
-    r = _cli(tmp_path, "home", "--pool", f"postgresql://bh:secret@127.0.0.1:{port}/x",
-             "-p", "hi", extra_env={"ANTHROPIC_API_KEY": "k"})
-    assert r.returncode == 2 and "cannot be used" in r.stderr
-    assert "secret" not in r.stderr  # the password never reaches the screen
+    out = run_main(tmp_path, "--doctor", "--pool", f"postgresql://bh@127.0.0.1:{port}/x").out
+    assert "FAIL pool connection" in out and "fix: start the server" in out
+    with fa.FakeAPI() as api:
+        run = run_main(tmp_path, "--pool", f"postgresql://bh:secret@127.0.0.1:{port}/x",
+                       "-p", "hi", api=api)
+    assert run.status == 2 and "cannot be used" in run.err
+    assert "secret" not in run.err  # the password never reaches the screen
 
 
-def test_without_the_driver_a_pool_url_says_how_to_install_it(tmp_path):
-    blocker = tmp_path / "no-psycopg"
-    (blocker / "psycopg").mkdir(parents=True)
-    (blocker / "psycopg" / "__init__.py").write_text("raise ImportError('no psycopg here')\n")
-    r = _cli(tmp_path, "home", "--pool", "postgresql://bh@127.0.0.1/x", "-p", "hi",
-             extra_env={"PYTHONPATH": str(blocker), "ANTHROPIC_API_KEY": "k"})
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
+def test_without_the_driver_a_pool_url_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now fails
+    with fa.FakeAPI() as api:
+        run = run_main(tmp_path, "--pool", "postgresql://bh@127.0.0.1/x", "-p", "hi", api=api)
+    assert run.status == 2
+    assert run.err.strip().splitlines() == [
         "batching-harness: --pool postgresql://… needs the PostgreSQL driver: "
         "pip install 'batching-harness[postgres]'"]
+    out = run_main(tmp_path, "--doctor", "--pool", "postgresql://bh@127.0.0.1/x").out
+    assert "FAIL pool driver" in out and "fix: pip install 'batching-harness[postgres]'" in out
 
 
 def test_pool_urls_are_shown_without_their_password_and_carried_into_resume():
@@ -434,3 +432,23 @@ def test_pool_urls_are_shown_without_their_password_and_carried_into_resume():
         bh.open_store("mysql://u@h/db", Path("/tmp"))
     with pytest.raises(bh.ConfigError, match="schema"):
         bh._split_pool_url("postgresql://u@h/db?schema=Robert');DROP")
+
+
+def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
+    """`fleet --pool`: one host's agents pooled into shared batches, the run, its agents, its
+    pooled creates and every turn journaled in PostgreSQL (the fleet's tables migrate there
+    too), so --stats from another host sees them."""
+    from tests.test_fleet import fleet, widths
+
+    status, out, err = fleet(fake_api, tmp_path, capsys,
+                             [{"id": f"a{i}", "prompt": "run: pwd"} for i in range(3)],
+                             "--pool", pg_url)
+    assert status == 0, err
+    assert widths(fake_api) == [3, 3]  # two rounds, one batch each
+    store = bh.PostgresStore(pg_url)
+    run = store.fleet_run(out["run_id"])
+    assert [a.state for a in store.fleet_agents(run.id)] == ["done"] * 3
+    assert [b.width for b in store.pool_batches(run.id)] == [3, 3]
+    assert {r.state for r in store.requests()} == {"applied"} and len(store.requests()) == 6
+    assert not (tmp_path / "home" / "journal.db").exists()
+    store.close()
