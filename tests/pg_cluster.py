@@ -91,6 +91,20 @@ def start(root: Path) -> str:
     raise RuntimeError(f"the server would not start:\n{_tail(root / 'server.log')}")
 
 
+def halt(root: Path) -> None:
+    """Stop the server but keep its data: a database that went away (a network cut)."""
+    _run([str(find_bindir() / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "stop"],
+         _owner())
+
+
+def resume(root: Path) -> None:
+    """Start a halted server again, on its old port: the same URL works again."""
+    port = (root / "url").read_text().rsplit(":", 1)[1].split("/")[0]
+    _run([str(find_bindir() / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"),
+          "-w", "-t", "60", "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"],
+         _owner())
+
+
 def stop(root: Path) -> None:
     bindir = find_bindir()
     if bindir is not None and (root / "data" / "postmaster.pid").exists():

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -452,3 +453,27 @@ def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
     assert {r.state for r in store.requests()} == {"applied"} and len(store.requests()) == 6
     assert not (tmp_path / "home" / "journal.db").exists()
     store.close()
+
+
+def test_a_server_that_goes_away_is_one_clear_error_and_the_store_comes_back(tmp_path):
+    """Stop the database under a live store (a network cut), then start it again: each call
+    in between fails at once with PoolUnreachable and the fix, none hangs; once the server
+    is back the same store carries on, with nothing reopened."""
+    from tests import pg_cluster
+
+    if pg_cluster.find_bindir() is None:
+        pytest.skip("needs initdb/pg_ctl to stop and start a server of its own")
+    root = Path(tempfile.gettempdir()) / f"bh-pg-cut-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        store = bh.PostgresStore(pg_cluster.start(root) + "?schema=cut")
+        session = store.create_session(tmp_path, "m")
+        pg_cluster.halt(root)
+        for _ in range(2):  # the broken connection, then a connect to nobody
+            with pytest.raises(bh.PoolUnreachable, match="start the server"):
+                store.add_user_content(session.id, 0, [{"type": "text", "text": "lost"}])
+        pg_cluster.resume(root)
+        store.add_user_content(session.id, 0, [{"type": "text", "text": "kept"}])
+        assert store.messages(session.id, 0)[0]["content"] == [{"type": "text", "text": "kept"}]
+        store.close()
+    finally:
+        pg_cluster.stop(root)
