@@ -2237,11 +2237,15 @@ class BatchChannel:
         now = self.clock.now()
         while self._ticks and self._ticks[0] <= now - 60.0:
             self._ticks.popleft()
-        if len(self._ticks) >= POLLS_PER_MINUTE:
+        n = len(self._ticks)
+        if n >= POLLS_PER_MINUTE:
             return self._ticks[0] + 60.0 - now
-        if len(self._ticks) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall
-            return self._ticks[-1] + 60.0 / POLLS_PER_MINUTE - now
-        return 0.0
+        if n < POLLS_PER_MINUTE // 2:
+            return 0.0
+        # Past half the budget, share what is left over the time until the oldest tick leaves
+        # the minute: polling never stalls, and is slowed only as much as the budget needs.
+        room_s = self._ticks[0] + 60.0 - self._ticks[-1]
+        return max(0.0, self._ticks[-1] + room_s / (POLLS_PER_MINUTE - n + 1) - now)
 
     def _tick(self) -> None:
         """One look at every batch in flight: one list call, then act on what it shows."""
