@@ -2491,9 +2491,11 @@ STEADY_POLL_S = 2.5
 # list call covering all of them, so the budget no longer grows with the number of agents.
 POLLS_PER_MINUTE = 28
 # Every batch-endpoint request of one API key shares this budget (create, list, retrieve,
-# cancel, results). The API's own limit is 1,000 a minute at the Start tier (50 on the
-# oldest tier); staying at 50 keeps a single user polite on any tier.
-BATCH_REQUESTS_PER_MINUTE = 50
+# cancel, results). The API's own limit is 1,000 a minute at the Start tier: half of it
+# leaves room for other clients of the key. (At 50, the oldest tier's limit, twenty agents'
+# creates and downloads queued behind it for 20 s a round.) On a lower tier, the API's 429
+# and its retry-after still pace us.
+BATCH_REQUESTS_PER_MINUTE = 500
 # A batch missing from this many list ticks in a row is asked for by id.
 MISSING_TICKS_BEFORE_RETRIEVE = 2
 # An ended batch whose results_url is still null is asked for again this many times.
@@ -3105,11 +3107,15 @@ class BatchChannel:
         now = self.clock.now()
         while self._ticks and self._ticks[0] <= now - 60.0:
             self._ticks.popleft()
-        if len(self._ticks) >= POLLS_PER_MINUTE:
+        n = len(self._ticks)
+        if n >= POLLS_PER_MINUTE:
             return self._ticks[0] + 60.0 - now
-        if len(self._ticks) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall
-            return self._ticks[-1] + 60.0 / POLLS_PER_MINUTE - now
-        return 0.0
+        if n < POLLS_PER_MINUTE // 2:
+            return 0.0
+        # Past half the budget, share what is left over the time until the oldest tick leaves
+        # the minute: polling never stalls, and is slowed only as much as the budget needs.
+        room_s = self._ticks[0] + 60.0 - self._ticks[-1]
+        return max(0.0, self._ticks[-1] + room_s / (POLLS_PER_MINUTE - n + 1) - now)
 
     def _tick(self) -> None:
         """One look at every batch in flight: one list call, then act on what it shows."""

@@ -71,6 +71,8 @@ class TestClock(bh.Clock):
     shrink); `on_wait`, when set, runs each time the agent waits on its ticket: where a
     test's Ctrl-C lands."""
 
+    __test__ = False  # a helper, not a test class, wherever a test module imports it
+
     def __init__(self) -> None:
         self.on_wait: Any = None
         self.offset_s = 0.0  # a test moves the harness's clock forward without sleeping

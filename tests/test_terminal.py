@@ -152,7 +152,7 @@ def test_ctrl_c_stops_only_a_running_tool_and_cancels_a_batch(api, tmp_path):
 
 def test_ctrl_c_then_d_detaches_and_resume_collects(api, tmp_path):
     api.hold = True
-    child = spawn(api, tmp_path)
+    child = spawn(api, tmp_path, "--no-sandbox")  # the two tests above run srt in a terminal
     child.expect_exact(PROMPT)
     child.sendline("run: echo detached-work")
     child.expect("waiting")
@@ -160,14 +160,14 @@ def test_ctrl_c_then_d_detaches_and_resume_collects(api, tmp_path):
     child.sendintr()
     child.expect("d detach")
     child.send("d")
-    child.expect(r"--resume (\S+)")
+    child.expect(r"--resume (\S+) .*--no-sandbox")  # the printed command keeps the flag
     session_id = child.match.group(1)
     assert finish(child) == 0
     assert api.count("cancel") == 0
 
     api.hold = False
     api.release()
-    child = spawn(api, tmp_path, "--resume", session_id)
+    child = spawn(api, tmp_path, "--resume", session_id, "--no-sandbox")
     child.expect("detached-work")
     child.expect("Done.")
     child.expect_exact(PROMPT)
