@@ -106,8 +106,11 @@ def test_a_second_process_waits_for_the_upgrade_then_finds_it_done(pg_url):
     openers = [_python("import sys, batching_harness as bh\n"
                        "s = bh.PostgresStore(sys.argv[1]); print(s.schema_version)", pg_url)
                for _ in range(2)]
+    key = bh.pg_lock_key(schema, "migrate") & 0xFFFF_FFFF_FFFF_FFFF  # as pg_locks shows it
     _until(lambda: db.execute("SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND "
-                              "NOT granted").fetchone()[0] == 2, "both openers wait on the lock")
+                              "NOT granted AND classid=%s AND objid=%s",
+                              (key >> 32, key & 0xFFFF_FFFF)).fetchone()[0] == 2,
+           "both openers wait on the lock")
     assert all(p.poll() is None for p in openers)
     assert db.execute("SELECT to_regclass(%s)", (f"{schema}.schema_version",)).fetchone()[0] \
         is None
@@ -272,9 +275,8 @@ def test_a_role_whose_session_is_cut_is_known_lost_and_moves(pg_url, pg_server):
     mine, other = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
     role = mine.hold_role("flusher", "k")
     assert role.alive() and other.hold_role("flusher", "k") is None
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
-                      "locktype='advisory' AND granted")
+    with psycopg.connect(pg_server, autocommit=True) as admin:  # only ours: tests share it
+        admin.execute("SELECT pg_terminate_backend(%s)", (mine._roles_db.info.backend_pid,))
     assert not role.alive()  # the holder learns it, and stops acting in the role
     assert other.hold_role("flusher", "k") is not None
     mine.close()
@@ -325,9 +327,9 @@ def test_a_dropped_connection_is_one_clear_error_then_reconnects(pg_url, pg_serv
 
     store = bh.PostgresStore(pg_url)
     session = store.create_session(Path("/w"), "m")
-    with psycopg.connect(pg_server, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                      "application_name='batching-harness' AND pid <> pg_backend_pid()")
+    pid = store._one("SELECT pg_backend_pid() AS pid")["pid"]
+    with psycopg.connect(pg_server, autocommit=True) as admin:  # only ours: tests share it
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     with pytest.raises(bh.PoolUnreachable, match=r"the pool .* cannot be used .*; "):
         store.session(session.id)
     assert store.session(session.id) == session  # the next call has a new connection
