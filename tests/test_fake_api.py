@@ -1346,7 +1346,9 @@ def test_stream_pace_and_pings(fake_api: FakeAPI):
     assert names[2:first] == ["ping"] * 3  # pinged while the first token is awaited
     assert seen[0][0] < 0.15 <= 0.2 <= seen[first][0]  # message_start at once
     deltas = [t for t, name in seen if name == "content_block_delta"]
-    assert len(deltas) == 3 and deltas[-1] - deltas[0] >= 0.04
+    # The last delta cannot arrive before the first token's wait plus two chunk delays (a
+    # spacing between deltas, measured where they are read, shrinks on a loaded machine).
+    assert len(deltas) == 3 and deltas[-1] >= 0.2 + 2 * 0.02
     assert names[first:] == [
         "content_block_start",
         *["content_block_delta"] * 3,
