@@ -17,10 +17,13 @@ Environment:
                            journal.db (SQLite: every session, request and tool
                            call), history (the prompt's), locks/ (one process
                            per session; one command per work directory)
+    BATCHING_HARNESS_POOL  (or --pool URL) the journal in a PostgreSQL pool that
+                           processes on many hosts share instead of journal.db
+                           (pip install 'batching-harness[postgres]')
 
 Sections, in dependency order (grep '^#####' for this table):
     constants and prices, errors, config, value types, accounting, journal,
-    transport, sandbox, tools, doctor, agent loop, UI, REPL, proxy, main
+    transport, sandbox, tools, doctor, agent loop, UI, REPL, main
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def _load_sandbox_module() -> Any:
 _load_sandbox_module()
 from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     BashTool,
+    DoctorCheck,
     EditorTool,
     SandboxError,
     SandboxPolicy,
@@ -97,6 +101,7 @@ from batching_harness_sandbox import (  # noqa: E402  (loaded just above)
     describe_tool_call,
     doctor_checks,
     probe_sandbox,
+    secure_state_dir,
     stop_leftovers,
     terminal_safe,
 )
@@ -150,6 +155,27 @@ PRICES: dict[str, ModelPrice] = {
     "claude-haiku-4-5": ModelPrice(1, 1.25, 2, 0.10, 5),
 }
 
+# The most max_tokens one request may ask for, per model: "Max output" on each model's page of
+# platform.claude.com/docs (models overview, compiled 2026-11). Sonnet 4.6 is taken at 64K (the
+# sources disagree; a turn over it gets the batch beta below, which covers it either way).
+MAX_OUTPUT_TOKENS: dict[str, int] = {
+    **dict.fromkeys(("claude-fable-5-2", "claude-mythos-5-2", "claude-fable-5-1",
+                     "claude-mythos-5-1", "claude-fable-5", "claude-mythos-5"), 128_000),
+    **dict.fromkeys(("claude-opus-5-5", "claude-opus-5", "claude-opus-4-8", "claude-opus-4-7",
+                     "claude-opus-4-6", "claude-sonnet-5-5", "claude-sonnet-5",
+                     "claude-haiku-5-5"), 128_000),
+    "claude-opus-4-5": 64_000,
+    "claude-opus-4-1": 32_000,
+    **dict.fromkeys(("claude-sonnet-4-6", "claude-sonnet-4-5", "claude-haiku-4-5"), 64_000),
+}
+# The Batch API alone takes up to 300K output tokens on these models when the create carries
+# this beta header ("Max output (Batch API, beta)" on the same pages; not Fable, not Haiku).
+OUTPUT_300K_BETA = "output-300k-2026-03-24"
+OUTPUT_300K_TOKENS = 300_000
+OUTPUT_300K_MODELS = frozenset({
+    "claude-opus-5-5", "claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6",
+    "claude-sonnet-5-5", "claude-sonnet-5", "claude-sonnet-4-6"})
+
 # A prompt (input + cache read + cache write of one request) OVER this many tokens pays the
 # long-prompt row for every category, output included. Only Haiku 5.5 has such a tier.
 HAIKU_55_LONG_PROMPT_TOKENS = 100_000
@@ -159,6 +185,10 @@ LONG_PROMPT_TIERS: dict[str, tuple[int, ModelPrice]] = {
 
 # The Batch API bills every category at half the standard price; it stacks with cache prices.
 BATCH_DISCOUNT = 0.5
+
+# usage.inference_geo of a response -> multiplier on everything it bills (pricing.md: "us" is
+# 1.1x). Read from each response, never from the request: a workspace default can set it.
+INFERENCE_GEO_RATES = {"us": 1.1}
 
 ##############################################################################
 # Errors and control-flow signals
@@ -175,6 +205,11 @@ class ConfigError(HarnessError):
 
 class JournalError(HarnessError):
     """The journal cannot be used as it is (locked, newer schema, damaged)."""
+
+
+class PoolUnreachable(JournalError):
+    """The pool's server cannot be reached right now (down, network cut); the store
+    reconnects on its next call, so a caller may wait and try again."""
 
 
 class TransportError(HarnessError):
@@ -207,6 +242,17 @@ class RetriesExhausted(TransportError):
 
 class SpendLimitReached(TransportError):
     """A 429 that says the organisation's spend limit is reached: never retried."""
+
+
+class Halted(TransportError):
+    """The lane takes no more requests until someone acts (a fleet stopping, a key the API
+    refuses). Nothing was created for this request: its row stays 'submitting', so a resume
+    reconciles it and sends it then, instead of recording a turn that never ran as failed."""
+
+
+class AccountRefused(Halted):
+    """401 / 402 / 403: the key, its billing or its permissions. No other request of this
+    key can succeed either, so a fleet stops whole (and resumably) rather than fail N agents."""
 
 
 class BudgetExceeded(HarnessError):
@@ -276,6 +322,17 @@ def _ttl_shown(ttl: str | None) -> str:
     return ttl or "off"
 
 
+def _pool_shown(url: str | None) -> str:
+    """A pool URL as printed (banner, errors, the resume command): never its password,
+    which belongs in PGPASSWORD or ~/.pgpass."""
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = urllib.parse.quote(parts.username or "", safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host))
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything the user can set, resolved once from argv and the environment."""
@@ -341,7 +398,13 @@ class Config:
     stats: bool = field(default=False, metadata=option(
         "--stats", action="store_true", help="print spend and batch turnaround history"))
     doctor: bool = field(default=False, metadata=option(
-        "--doctor", action="store_true", help="check that the sandbox can run here"))
+        "--doctor", action="store_true", help="check that the sandbox (and the --pool) can "
+        "run here"))
+    pool: str | None = field(default=None, metadata=option(
+        "--pool", metavar="URL", carried=True, show=_pool_shown,
+        help="keep sessions, turns and the ledger in a pool that processes on many hosts "
+        "share: postgresql://user@host/db[?schema=NAME] (default: the SQLite journal in "
+        "BATCHING_HARNESS_HOME; also BATCHING_HARNESS_POOL)"))
     model_given: bool = False
     """--model was on the command line: it then overrides a resumed session's model."""
     home: Path = Path("~/.batching-harness")
@@ -355,19 +418,19 @@ class Config:
         return "stats" if self.stats else "doctor" if self.doctor else "run"
 
 
-def _options(cls: type[Any] = Config) -> Iterator[tuple[dataclasses.Field[Any], dict[str, Any]]]:
-    for f in dataclasses.fields(cls):
+def _options(cls: type[Any] | None = None) -> Iterator[tuple[dataclasses.Field[Any],
+                                                             dict[str, Any]]]:
+    for f in dataclasses.fields(cls or Config):
         if "option" in f.metadata:
             yield f, f.metadata["option"]
 
 
-def _build_arg_parser(cls: type[Any] = Config, prog: str = "batching-harness",
-                      description: str = "A coding agent whose every model turn is a Message "
-                      "Batch (50% cheaper, slower).") -> argparse.ArgumentParser:
-    """The parser for a settings dataclass whose fields carry option(...) metadata (Config
-    for the agent, ProxyConfig for `batching-harness proxy`)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+def _add_options(p: argparse.ArgumentParser, cls: type[Any],
+                 only: Sequence[str] | None = None) -> None:
+    """Every option field of `cls` (or just those named in `only`) as an argument."""
     for f, opt in _options(cls):
+        if only is not None and f.name not in only:
+            continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": opt["help"]}
         if opt["action"] in ("store_true", "store_false"):
             kwargs.update(action=opt["action"], default=f.default)
@@ -375,31 +438,10 @@ def _build_arg_parser(cls: type[Any] = Config, prog: str = "batching-harness",
             kwargs.update(action=opt["action"] or "store", default=None, metavar=opt["metavar"],
                           choices=opt["choices"])
         p.add_argument(*opt["flags"], **kwargs)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
 
 
-def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Pure: argv and environment in, a validated Config out (ConfigError on nonsense)."""
-    ns, values = _parse_options(Config, argv)
-    home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
-    config = Config(**values, model_given=ns.model is not None,
-                    home=home.expanduser().resolve(),
-                    api_key=environ.get("ANTHROPIC_API_KEY") or None,
-                    base_url=environ.get("ANTHROPIC_BASE_URL") or None)
-    if "workdir" not in values:
-        config = dataclasses.replace(config, workdir=Path(".").resolve())
-    _check_values(config, ns)
-    return config
-
-
-def _parse_options(cls: type[Any], argv: Sequence[str],
-                   **parser: str) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """argv parsed by cls's parser: the namespace and the values given (parsed per field)."""
-    try:
-        ns = _build_arg_parser(cls, **parser).parse_args(list(argv))
-    except SystemExit as exc:  # argparse already printed usage or --help/--version
-        raise _ArgparseExit(int(exc.code or 0)) from None
+def _parsed_values(ns: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
+    """The option fields of `cls` that were given, each through its own parse."""
     values: dict[str, Any] = {}
     for f, opt in _options(cls):
         raw = getattr(ns, f.name)
@@ -409,7 +451,38 @@ def _parse_options(cls: type[Any], argv: Sequence[str],
             values[f.name] = opt["parse"](raw) if opt["parse"] else raw
         except (TypeError, ValueError):
             raise ConfigError(f"{opt['flags'][-1]}: {raw!r} is not a valid value") from None
-    return ns, values
+    return values
+
+
+def _build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="batching-harness",
+        description="A coding agent whose every model turn is a Message Batch (50% cheaper, "
+        "slower). `batching-harness fleet --help`: many agents, their turns pooled.",
+    )
+    _add_options(p, Config)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Pure: argv and environment in, a validated Config out (ConfigError on nonsense)."""
+    try:
+        ns = _build_arg_parser().parse_args(list(argv))
+    except SystemExit as exc:  # argparse already printed usage or --help/--version
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    values = _parsed_values(ns, Config)
+    home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
+    if "pool" not in values and environ.get("BATCHING_HARNESS_POOL"):
+        values["pool"] = environ["BATCHING_HARNESS_POOL"]
+    config = Config(**values, model_given=ns.model is not None,
+                    home=home.expanduser().resolve(),
+                    api_key=environ.get("ANTHROPIC_API_KEY") or None,
+                    base_url=environ.get("ANTHROPIC_BASE_URL") or None)
+    if "workdir" not in values:
+        config = dataclasses.replace(config, workdir=Path(".").resolve())
+    _check_values(config, ns)
+    return config
 
 
 class _ArgparseExit(Exception):
@@ -437,6 +510,8 @@ def _check_values(c: Config, ns: argparse.Namespace) -> None:
         raise ConfigError("--max-wait must be a positive number of seconds")
     if c.continue_last and c.resume_id:
         raise ConfigError("use --continue or --resume ID, not both")
+    if ns.output_format is not None and c.prompt is None:
+        raise ConfigError("--output-format is for headless runs: add -p PROMPT")
     if ns.workdir and not c.workdir.is_dir():
         raise ConfigError(f"--workdir {ns.workdir}: no such directory")
 
@@ -484,6 +559,9 @@ class Usage:
     # Breakdown of cache_creation_input_tokens by TTL; None when the API omitted it.
     ephemeral_5m_input_tokens: int | None = None
     ephemeral_1h_input_tokens: int | None = None
+    # Where the API ran the request ("us" bills 1.1x; "global", "not_available"); None when
+    # the response did not say. A workspace default can set it without the request asking.
+    inference_geo: str | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -501,6 +579,7 @@ class Usage:
             self.cache_read_input_tokens + other.cache_read_input_tokens,
             add(self.ephemeral_5m_input_tokens, other.ephemeral_5m_input_tokens),
             add(self.ephemeral_1h_input_tokens, other.ephemeral_1h_input_tokens),
+            self.inference_geo if self.inference_geo == other.inference_geo else None,
         )
 
     @classmethod
@@ -515,6 +594,7 @@ class Usage:
             int(u.get("cache_read_input_tokens") or 0),
             breakdown.get("ephemeral_5m_input_tokens") if breakdown else None,
             breakdown.get("ephemeral_1h_input_tokens") if breakdown else None,
+            u.get("inference_geo") or None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -551,6 +631,17 @@ def price_for(model: str, prompt_tokens: int = 0) -> ModelPrice | None:
     return PRICES.get(base)
 
 
+def check_max_tokens(model: str, max_tokens: int) -> None:
+    """Refuse a max_tokens the model cannot give BEFORE a batch is paid for: the API says so
+    only when the batch ends, a minute or an hour later. Unknown models are the API's call."""
+    base = base_model_id(model)
+    limit = OUTPUT_300K_TOKENS if base in OUTPUT_300K_MODELS else MAX_OUTPUT_TOKENS.get(base)
+    if limit is not None and max_tokens > limit:
+        beta = " with the Batch API's 300K beta" if base in OUTPUT_300K_MODELS else ""
+        raise ConfigError(f"--max-tokens {max_tokens:,} is over what {model} can write in one "
+                          f"turn{beta} ({limit:,} tokens); use --max-tokens {limit} or less")
+
+
 def _check_ttl(ttl: str | None) -> None:
     if ttl is not None and ttl not in _BREAKPOINT_TTLS:
         raise ValueError(f"cache TTL must be one of {_BREAKPOINT_TTLS} or None, not {ttl!r}")
@@ -562,6 +653,10 @@ LANE_RATES = {"batch": BATCH_DISCOUNT, "sync": 1.0}
 
 def _rate(lane: str) -> float:
     return LANE_RATES[lane]
+
+
+def _geo_rate(usage: Usage) -> float:
+    return INFERENCE_GEO_RATES.get(usage.inference_geo or "", 1.0)
 
 
 def _cache_writes(usage: Usage, requested_ttl: str | None) -> tuple[int, int]:
@@ -599,12 +694,13 @@ def cost_usd(
 
     Price each response on its own and add the dollars: Haiku 5.5's tier depends on each
     request's prompt size, so a summed Usage would put a whole session on the long-prompt row.
-    `inference_geo: "us"` (x1.1) is not modelled.
+    `usage.inference_geo` "us" bills everything at 1.1x.
     """
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return None
-    return _dollars(price, usage, _cache_writes(usage, requested_ttl), _rate(lane))
+    return _dollars(price, usage, _cache_writes(usage, requested_ttl),
+                    _rate(lane) * _geo_rate(usage))
 
 
 def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
@@ -613,7 +709,8 @@ def _estimate_prompt_tokens(params: Mapping[str, Any]) -> int:
     return math.ceil(chars / 4)
 
 
-def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "batch") -> float | None:
+def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "batch",
+                      geo_rate: float = 1.0) -> float | None:
     """Spend committed when a batch is SUBMITTED, before its usage is known; None when unknown.
 
     Counting it keeps a spend ceiling honest while batches are in flight; replace it with
@@ -623,7 +720,8 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "bat
     billed at — the cache-write rate of the request's longest TTL (2x input for 1 hour) when
     it asks for caching, else input (cache reads make the real figure far lower); plus
     min(max_tokens, ESTIMATE_OUTPUT_TOKENS) at the output price (a turn may use up to
-    max_tokens; most use far fewer).
+    max_tokens; most use far fewer); all of it times `geo_rate` (1.1 once the session's
+    responses say inference_geo "us": a workspace default puts every request there).
     """
     prompt_tokens = _estimate_prompt_tokens(params)
     price = price_for(model, prompt_tokens)
@@ -635,7 +733,7 @@ def estimate_cost_usd(model: str, params: Mapping[str, Any], *, lane: str = "bat
     usage = Usage(input_tokens=0 if ttls else prompt_tokens,
                   cache_creation_input_tokens=prompt_tokens if ttls else 0,
                   output_tokens=min(max_tokens, ESTIMATE_OUTPUT_TOKENS))
-    return _dollars(price, usage, writes, _rate(lane))
+    return _dollars(price, usage, writes, _rate(lane) * geo_rate)
 
 
 def _cache_markers(params: Mapping[str, Any]) -> Iterator[tuple[Any, str]]:
@@ -685,13 +783,14 @@ def cost_breakdown(
     price = price_for(model, usage.prompt_tokens)
     if price is None:
         return CostBreakdown(None, None, None)
-    writes, rate = _cache_writes(usage, requested_ttl), _rate(lane)
+    geo = _geo_rate(usage)  # the synchronous path would run (and bill) in the same geo
+    writes, rate = _cache_writes(usage, requested_ttl), _rate(lane) * geo
     cached = Usage(cache_read_input_tokens=usage.cache_read_input_tokens)
     as_plain = Usage(input_tokens=usage.cache_read_input_tokens + sum(writes))
     saved = _dollars(price, as_plain, (0, 0), rate) - _dollars(price, cached, writes, rate)
     return CostBreakdown(
         paid_usd=_dollars(price, usage, writes, rate),
-        sync_usd=_dollars(price, usage, writes, 1.0),
+        sync_usd=_dollars(price, usage, writes, geo),
         cache_saved_usd=saved,
     )
 
@@ -826,7 +925,8 @@ def _mark_message(message: Any, marker: Mapping[str, str]) -> Any:
 
 
 ##############################################################################
-# Store (the journal: the only code that writes SQL; many threads share one store)
+# Store (the journal: the only code that writes SQL; many threads share one store; SQLite
+# for one host, PostgreSQL for a pool many hosts share, chosen from STORES by URL)
 ##############################################################################
 
 IN_FLIGHT_STATES = ("submitting", "submitted", "ended")
@@ -949,10 +1049,103 @@ def request_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
 
 
-class Store(Protocol):
-    """What the agent and the front-ends need from a journal. SQLite below; a PostgreSQL
-    store for a pool shared across hosts is a second class with the same methods."""
+@dataclass(frozen=True)
+class FleetRunRow:
+    id: str
+    token: str  # 8 hex digits: the run's mark in every custom_id it sends
+    created_at: float
+    updated_at: float
+    state: str  # running | done | detached | stopped | canceled
+    tasks_path: str
+    options: str  # JSON: what `fleet --continue` needs to rebuild the run
 
+    @property
+    def options_value(self) -> dict[str, Any]:
+        return json.loads(self.options)
+
+
+@dataclass(frozen=True)
+class FleetAgentRow:
+    run_id: str
+    idx: int
+    agent_id: str
+    session_id: str
+    prompt: str
+    workdir: str
+    model: str
+    max_turns: int | None
+    state: str  # queued | running | done | failed | detached | stopped
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolBatchRow:
+    id: int
+    run_id: str
+    model: str
+    reason: str
+    sent_at: float
+    width: int
+    custom_ids: str
+    delays: str
+    batch_id: str | None
+    state: str  # creating | created | not_created
+
+    @property
+    def custom_id_list(self) -> list[str]:
+        return json.loads(self.custom_ids)
+
+
+REQUEST_COLUMNS = ", ".join(f.name for f in dataclasses.fields(RequestRow))
+"""Named, never `*`: a back-end may keep columns of its own (PostgreSQL's arrival order)."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Queued turns one process took for one batch. The intent row is committed with the
+    claim, BEFORE the create call, and holds a lease: if the process dies, another takes the
+    intent over when the lease runs out, reconciles the create by list, and either records
+    the batch it finds or puts the turns back in the queue."""
+
+    intent_id: int
+    pool_key: str
+    holder: str
+    lease_until: float
+    created_at: float
+    """When the claim was made: a reconcile by list looks for batches created after it."""
+    turns: tuple[tuple[str, dict[str, Any]], ...]
+    """(custom_id, request params) per turn, oldest first."""
+
+    @property
+    def custom_ids(self) -> list[str]:
+        return [custom_id for custom_id, _params in self.turns]
+
+
+class Role(Protocol):
+    """A role one process holds for the whole pool (the poller of a pool key, a session):
+    it ends with the process, so nobody has to clean up after a crash."""
+
+    def alive(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+class Listener(Protocol):
+    """Wake-ups from the store: (channel, payload) pairs published after a commit."""
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]: ...
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """What the agent and the front-ends need from a journal: SqliteStore (one host, the
+    default) and PostgresStore (a pool many hosts share), chosen from STORES by URL."""
+
+    location: str
+    """Where it lives, as shown to the user (a path, or a URL without its password)."""
+
+    @property
+    def schema_version(self) -> int: ...
+    def session_lock(self, home: Path) -> SessionLock: ...
     def create_session(self, workdir: Path, model: str) -> SessionRow: ...
     def session(self, session_id: str) -> SessionRow | None: ...
     def find_session(self, prefix: str) -> SessionRow | None: ...
@@ -986,164 +1179,297 @@ class Store(Protocol):
                    tool_input: object) -> None: ...
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None: ...
     def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
+    # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
+    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None: ...
+    def claim_turns(self, pool_key: str, holder: str, *, limit: int,
+                    lease_s: float) -> Claim | None: ...
+    def renew_claim(self, claim: Claim, lease_s: float) -> bool: ...
+    def record_claim_batch(self, intent_id: int, batch_id: str) -> bool: ...
+    def release_claim(self, intent_id: int) -> int: ...
+    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]: ...
+    def finish_turn(self, custom_id: str, outcome: Outcome) -> bool: ...
+    def queued_turns(self, pool_key: str) -> int: ...
+    def hold_role(self, role: str, name: str = "") -> Role | None: ...
+    def listen(self, *channels: str) -> Listener: ...
+    # -- fleet runs --
+    def create_run(self, tasks_path: str, options: Mapping[str, Any]) -> FleetRunRow: ...
+    def fleet_run(self, prefix: str) -> FleetRunRow | None: ...
+    def latest_fleet_run(self) -> FleetRunRow | None: ...
+    def set_run_state(self, run_id: str, state: str) -> None: ...
+    def add_agent(self, row: FleetAgentRow) -> None: ...
+    def fleet_agents(self, run_id: str) -> list[FleetAgentRow]: ...
+    def set_agent_state(self, run_id: str, idx: int, state: str,
+                        error: str | None = None) -> None: ...
+    def begin_pool_batch(self, run_id: str, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int: ...
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None: ...
+    def pool_batches(self, run_id: str, state: str | None = None) -> list[PoolBatchRow]: ...
     def close(self) -> None: ...
 
 
 # -- numbered migrations -----------------------------------------------------------
-# Each step takes the schema from version N-1 to N inside the transaction that also sets
-# user_version, so a journal is never left half-upgraded; an old journal upgrades in place
-# the first time a newer harness opens it.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+# One sequence for every back-end: step N takes any store's schema from N-1 to N, inside
+# the transaction that also records N, so a journal is never left half-upgraded; an old
+# journal upgrades in place the first time a newer harness opens it. A step is SQL with
+# the few words the dialects spell differently left as {placeholders}; a step that truly
+# differs gives each dialect its own text.
+DIALECT_WORDS: dict[str, dict[str, str]] = {
+    "sqlite": {"real": "REAL", "id_pk": "INTEGER PRIMARY KEY", "id_ref": "INTEGER",
+               "arrival": ""},
+    # REAL is 4 bytes in PostgreSQL (a timestamp would lose its seconds); SQLite's rowid
+    # order of arrival becomes a column of its own.
+    "postgresql": {"real": "DOUBLE PRECISION",
+                   "id_pk": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                   "id_ref": "BIGINT", "arrival": ", seq BIGINT GENERATED ALWAYS AS IDENTITY"},
+}
 
 
-def migration(version: int) -> Callable[[Callable[[sqlite3.Connection], None]],
-                                        Callable[[sqlite3.Connection], None]]:
-    def register(step: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
-        assert version not in MIGRATIONS, f"two migrations numbered {version}"
-        MIGRATIONS[version] = step
-        return step
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    doc: str
+    sql: Mapping[str, str]
+    """dialect -> statements separated by ';'"""
 
-    return register
+    def statements(self, dialect: str) -> list[str]:
+        return [s for s in self.sql[dialect].split(";") if s.strip()]
 
 
-_SCHEMA_V1 = """
+MIGRATIONS: dict[int, Migration] = {}
+
+
+def migration(version: int, doc: str, template: str | None = None, **by_dialect: str) -> None:
+    """Register step `version`: one template for every dialect, or one text per dialect."""
+    assert version not in MIGRATIONS, f"two migrations numbered {version}"
+    sql = {d: by_dialect.get(d) or (template or "").format(**words)
+           for d, words in DIALECT_WORDS.items()}
+    assert all(sql.values()), f"migration {version} has no SQL for some back-end"
+    MIGRATIONS[version] = Migration(version, doc, sql)
+
+
+def pending_migrations(version: int) -> list[Migration]:
+    return [MIGRATIONS[v] for v in sorted(MIGRATIONS) if v > version]
+
+
+migration(1, "The schema of batching-harness 0.1 (one agent, the batch lane only).", """
 CREATE TABLE sessions (
-    id TEXT PRIMARY KEY, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    id TEXT PRIMARY KEY, created_at {real} NOT NULL, updated_at {real} NOT NULL,
     workdir TEXT NOT NULL, model TEXT NOT NULL, conversation INTEGER NOT NULL DEFAULT 0,
     title TEXT NOT NULL DEFAULT '');
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+    id {id_pk}, session_id TEXT NOT NULL REFERENCES sessions(id),
     conversation INTEGER NOT NULL, role TEXT NOT NULL, content TEXT NOT NULL,
-    stop_reason TEXT, created_at REAL NOT NULL);
+    stop_reason TEXT, created_at {real} NOT NULL);
 CREATE INDEX messages_by_session ON messages(session_id, conversation, id);
 CREATE TABLE requests (
     custom_id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
     conversation INTEGER NOT NULL, n_messages INTEGER NOT NULL, model TEXT NOT NULL,
     cache_ttl TEXT, max_tokens INTEGER NOT NULL, request_hash TEXT NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL, batch_id TEXT,
-    submitted_at REAL NOT NULL, ended_at REAL, result_type TEXT, error_type TEXT,
+    submitted_at {real} NOT NULL, ended_at {real}, result_type TEXT, error_type TEXT,
     error_message TEXT, stop_reason TEXT, message TEXT, usage TEXT,
-    estimate_usd REAL, cost_usd REAL, sync_cost_usd REAL, cache_saved_usd REAL, wait_s REAL);
+    estimate_usd {real}, cost_usd {real}, sync_cost_usd {real}, cache_saved_usd {real},
+    wait_s {real}{arrival});
 CREATE INDEX requests_by_session ON requests(session_id, submitted_at);
 CREATE INDEX requests_by_batch ON requests(batch_id);
 CREATE TABLE tool_calls (
-    id INTEGER PRIMARY KEY, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
+    id {id_pk}, custom_id TEXT NOT NULL REFERENCES requests(custom_id),
     tool_use_id TEXT NOT NULL, name TEXT NOT NULL, input TEXT NOT NULL, output TEXT NOT NULL,
-    is_error INTEGER NOT NULL, exit_code INTEGER, started_at REAL, ended_at REAL,
+    is_error INTEGER NOT NULL, exit_code INTEGER, started_at {real}, ended_at {real},
     UNIQUE (custom_id, tool_use_id));
 CREATE TABLE batches_tried (
     custom_id TEXT NOT NULL REFERENCES requests(custom_id), batch_id TEXT NOT NULL,
-    PRIMARY KEY (custom_id, batch_id));
-"""
+    PRIMARY KEY (custom_id, batch_id))
+""")
 
+migration(2, "A lane on every request (a synchronous turn is priced at full rates), and "
+          "indexes so that a turn's queries do not grow with the journal (turnaround by "
+          "model, work in flight).", """
+ALTER TABLE requests ADD COLUMN lane TEXT NOT NULL DEFAULT 'batch';
+CREATE INDEX requests_by_model ON requests(model, lane, submitted_at);
+CREATE INDEX requests_by_state ON requests(session_id, state);
+CREATE INDEX requests_by_transcript ON requests(session_id, conversation, n_messages)
+""")
 
-@migration(1)
-def _create_tables(db: sqlite3.Connection) -> None:
-    """The schema of batching-harness 0.1 (one agent, the batch lane only)."""
-    for statement in _SCHEMA_V1.split(";"):
-        if statement.strip():
-            db.execute(statement)
+migration(3, "Why each turn took its lane (auto's numbers), kept beside the turn.",
+          "ALTER TABLE requests ADD COLUMN route TEXT")
 
+migration(4, "A fleet run and its agents (each one session), and every pooled create: its "
+          "custom_ids are journaled BEFORE the create, so after a crash `fleet --continue` "
+          "finds the N-entry batch it made (by time and width) instead of creating it twice.", """
+CREATE TABLE fleet_runs (id TEXT PRIMARY KEY, token TEXT NOT NULL,
+    created_at {real} NOT NULL, updated_at {real} NOT NULL, state TEXT NOT NULL,
+    tasks_path TEXT NOT NULL, options TEXT NOT NULL);
+CREATE TABLE fleet_agents (run_id TEXT NOT NULL REFERENCES fleet_runs(id),
+    idx INTEGER NOT NULL, agent_id TEXT NOT NULL, session_id TEXT NOT NULL
+    REFERENCES sessions(id), prompt TEXT NOT NULL, workdir TEXT NOT NULL,
+    model TEXT NOT NULL, max_turns INTEGER, state TEXT NOT NULL, error TEXT,
+    PRIMARY KEY (run_id, idx));
+CREATE TABLE pool_batches (id {id_pk}, run_id TEXT NOT NULL,
+    model TEXT NOT NULL, reason TEXT NOT NULL, sent_at {real} NOT NULL,
+    width INTEGER NOT NULL, custom_ids TEXT NOT NULL, delays TEXT NOT NULL,
+    batch_id TEXT, state TEXT NOT NULL DEFAULT 'creating');
+CREATE INDEX pool_batches_by_run ON pool_batches(run_id, state)
+""")
 
-@migration(2)
-def _lanes_and_targeted_indexes(db: sqlite3.Connection) -> None:
-    """A lane on every request (a synchronous turn is priced at full rates), and indexes so
-    that a turn's queries do not grow with the journal (turnaround by model, work in flight)."""
-    db.execute("ALTER TABLE requests ADD COLUMN lane TEXT NOT NULL DEFAULT 'batch'")
-    db.execute("CREATE INDEX requests_by_model ON requests(model, lane, submitted_at)")
-    db.execute("CREATE INDEX requests_by_state ON requests(session_id, state)")
-    db.execute("CREATE INDEX requests_by_transcript ON requests(session_id, conversation, "
-               "n_messages)")
+migration(5, "The shared pool: turns queued for whichever process flushes their pool key, "
+          "and each batch's intent (its turns, its holder's lease, then its batch id), "
+          "committed before the create call.", """
+CREATE TABLE batch_intents (
+    id {id_pk}, pool_key TEXT NOT NULL, holder TEXT NOT NULL,
+    lease_until {real} NOT NULL, created_at {real} NOT NULL, width INTEGER NOT NULL,
+    batch_id TEXT, state TEXT NOT NULL DEFAULT 'creating');
+CREATE INDEX batch_intents_by_lease ON batch_intents(state, lease_until);
+CREATE TABLE turn_queue (
+    custom_id TEXT PRIMARY KEY REFERENCES requests(custom_id), pool_key TEXT NOT NULL,
+    params TEXT NOT NULL, queued_at {real} NOT NULL, state TEXT NOT NULL DEFAULT 'queued',
+    intent_id {id_ref} REFERENCES batch_intents(id));
+CREATE INDEX turn_queue_by_key ON turn_queue(pool_key, state, queued_at);
+CREATE INDEX turn_queue_by_intent ON turn_queue(intent_id)
+""")
 
-
-@migration(3)
-def _route_decisions(db: sqlite3.Connection) -> None:
-    """Why each turn took its lane (auto's numbers), kept beside the turn."""
-    db.execute("ALTER TABLE requests ADD COLUMN route TEXT")
-
-
-# Numbered 30+ on the proxy branch; the lead renumbers at merge.
-@migration(30)
-def _proxy_requests(db: sqlite3.Connection) -> None:
-    """What the proxy carried for other harnesses: one row per batch entry or synchronous
-    call, keyed for re-attaching a client's retry (the key's fingerprint, never the key)."""
-    db.execute("""
-        CREATE TABLE proxy_requests (
-            custom_id TEXT PRIMARY KEY, turn_key TEXT NOT NULL, key_fp TEXT NOT NULL,
-            client TEXT NOT NULL, model TEXT NOT NULL, lane TEXT NOT NULL, why TEXT,
-            stream INTEGER NOT NULL, state TEXT NOT NULL, batch_id TEXT, params TEXT,
-            betas TEXT, received_at REAL NOT NULL, ended_at REAL, delivered_at REAL,
-            result_type TEXT, error_type TEXT, error_message TEXT, message TEXT, usage TEXT,
-            cost_usd REAL, sync_cost_usd REAL, wait_s REAL,
-            attaches INTEGER NOT NULL DEFAULT 1)""")
-    db.execute("CREATE INDEX proxy_by_turn ON proxy_requests(key_fp, turn_key, received_at)")
-    db.execute("CREATE INDEX proxy_by_model ON proxy_requests(model, lane, received_at)")
-
+# Numbered 30 on the proxy branch; the lead renumbers it at merge.
+migration(30, "What the proxy carried for other harnesses: one row per batch entry or "
+          "synchronous call, keyed for re-attaching a client's retry (the key's fingerprint, "
+          "never the key).", """
+CREATE TABLE proxy_requests (
+    custom_id TEXT PRIMARY KEY, turn_key TEXT NOT NULL, key_fp TEXT NOT NULL,
+    client TEXT NOT NULL, model TEXT NOT NULL, lane TEXT NOT NULL, why TEXT,
+    stream INTEGER NOT NULL, state TEXT NOT NULL, batch_id TEXT, params TEXT,
+    betas TEXT, received_at {real} NOT NULL, ended_at {real}, delivered_at {real},
+    result_type TEXT, error_type TEXT, error_message TEXT, message TEXT, usage TEXT,
+    cost_usd {real}, sync_cost_usd {real}, wait_s {real},
+    attaches INTEGER NOT NULL DEFAULT 1);
+CREATE INDEX proxy_by_turn ON proxy_requests(key_fp, turn_key, received_at);
+CREATE INDEX proxy_by_model ON proxy_requests(model, lane, received_at)
+""")
 
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
-class SqliteStore:
-    """The journal in one SQLite file (WAL). Each thread gets its own connection, and each
-    public write is one BEGIN IMMEDIATE transaction on it, so many agents' threads can share
-    one store; a crash between two writes loses neither."""
+class SessionLock:
+    """One process per session: two would both poll, and might both apply one answer.
+    A file lock in the state dir (SQLite: one host); a pool's store hands out its own."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._fd: int | None = None
+        self._held: str | None = None
+
+    def acquire(self, session_id: str) -> None:
+        """Hold `session_id`'s lock (JournalError if another process has it) and let go of
+        the one held before."""
+        if session_id == self._held:
+            return
+        path = self.home / "locks" / f"{session_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalError(f"session {session_id} is open in another batching-harness "
+                               "process") from None
+        self.release()
+        self._fd, self._held = fd, session_id
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._held = None, None
+
+
+class _RoleSessionLock(SessionLock):
+    """The session lock as a role of the store: in a pool, another host must see it too."""
+
+    def __init__(self, store: _SqlStore) -> None:
+        super().__init__(Path())
+        self.store = store
+        self._role: Role | None = None
+
+    def acquire(self, session_id: str) -> None:
+        if session_id == self._held:
+            return
+        role = self.store.hold_role("session", session_id)
+        if role is None:
+            raise JournalError(f"session {session_id} is open in another batching-harness "
+                               f"process (on this host or another sharing {self.store.location})")
+        self.release()
+        self._role, self._held = role, session_id
+
+    def release(self) -> None:
+        if self._role is not None:
+            self._role.release()
+            self._role, self._held = None, None
+
+
+class _SqlStore:
+    """The journal's logic in the SQL both back-ends speak: `?` placeholders, rows read by
+    column name, upserts as ON CONFLICT. A back-end supplies its connections (one per
+    thread), its transactions, and the few primitives that differ: how a new row's id comes
+    back, how claims lock rows, how roles are held and wake-ups delivered."""
+
+    dialect: ClassVar[str]
+    _ARRIVAL: ClassVar[str]
+    """The column that orders requests submitted in the same instant."""
+    _CLAIM_LOCK: ClassVar[str] = ""
+    """Appended to the claim's SELECT: how other claimers are kept off the same rows."""
+    location: str
+
+    def __init__(self) -> None:
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[Any] = []
         self._lock = threading.Lock()
         self._transcripts: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        try:
-            _private_dir(path.parent)
-            self._migrate()
-            _private_files(path)
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(_explain_db_error(path, exc)) from None
-        except OSError as exc:
-            raise JournalError(f"the journal {path} cannot be opened: {exc.strerror or exc}; "
-                               "set BATCHING_HARNESS_HOME to a writable directory") from None
 
+    # -- what a back-end supplies -------------------------------------------
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> _SqlStore:
+        raise NotImplementedError
+
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        raise NotImplementedError
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _tx(self) -> Any:
+        raise NotImplementedError
+
+    def _insert_id(self, db: Any, sql: str, args: Sequence[Any]) -> int:
+        raise NotImplementedError
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def session_lock(self, home: Path) -> SessionLock:
+        raise NotImplementedError
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        raise NotImplementedError
+
+    def listen(self, *channels: str) -> Listener:
+        raise NotImplementedError
+
+    # -- connections ---------------------------------------------------------
     @property
-    def _db(self) -> sqlite3.Connection:
+    def _db(self) -> Any:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+            db = self._connect()
             self._local.db = db
             with self._lock:
                 self._connections.append(db)
         return db
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        self._check_version(version)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        if version == SCHEMA_VERSION:
-            return
-        with self._tx() as db:  # under the write lock: a second process waits, then sees it done
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for step in sorted(n for n in MIGRATIONS if n > version):  # gaps allowed
-                MIGRATIONS[step](db)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _check_version(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"{self.path} was written by a newer batching-harness (schema {version}, this "
-                f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
-
-    @property
-    def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
-
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self.path)
-
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql, args).fetchone()
+
+    def _apply_migrations(self, db: Any, version: int) -> None:
+        for step in pending_migrations(version):
+            for statement in step.statements(self.dialect):
+                db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -1165,8 +1491,8 @@ class SqliteStore:
         return SessionRow(**dict(row)) if row else None
 
     def find_session(self, prefix: str) -> SessionRow | None:
-        rows = self._db.execute("SELECT * FROM sessions WHERE id LIKE ? ORDER BY updated_at DESC",
-                                (prefix + "%",)).fetchall()
+        rows = self._db.execute("SELECT * FROM sessions WHERE lower(id) LIKE lower(?) "
+                                "ORDER BY updated_at DESC", (prefix + "%",)).fetchall()
         if len(rows) > 1:
             raise JournalError(f"session id {prefix!r} is ambiguous ({len(rows)} sessions)")
         return SessionRow(**dict(rows[0])) if rows else None
@@ -1240,52 +1566,59 @@ class SqliteStore:
             self._insert_message(db, session_id, conversation, "user", blocks, None)
             self._touch(db, session_id)
 
-    def _insert_message(self, db: sqlite3.Connection, session_id: str, conversation: int,
+    def _insert_message(self, db: Any, session_id: str, conversation: int,
                         role: str, content: list[dict[str, Any]], stop_reason: str | None) -> None:
         db.execute("INSERT INTO messages (session_id, conversation, role, content, stop_reason, "
                    "created_at) VALUES (?,?,?,?,?,?)",
                    (session_id, conversation, role, json.dumps(content), stop_reason, time.time()))
 
-    def _touch(self, db: sqlite3.Connection, session_id: str) -> None:
+    def _touch(self, db: Any, session_id: str) -> None:
         db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (time.time(), session_id))
 
     def _load_json(self, text: str, row_id: int) -> Any:
         try:
             return json.loads(text)
         except ValueError:
-            raise JournalError(f"{self.path}: message {row_id} is damaged (not JSON); "
+            raise JournalError(f"{self.location}: message {row_id} is damaged (not JSON); "
                                "start a new session or /clear") from None
 
     # -- requests ----------------------------------------------------------
     def begin_request(self, row: RequestRow) -> None:
         """Committed BEFORE the request is sent, so a crash mid-send can be reconciled."""
-        cols = [f.name for f in dataclasses.fields(RequestRow)]
         with self._tx() as db:
-            db.execute(f"INSERT INTO requests ({', '.join(cols)}) VALUES "
-                       f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
-            self._touch(db, row.session_id)
+            self._insert_request(db, row)
+
+    def _insert_request(self, db: Any, row: RequestRow) -> None:
+        db.execute(f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "
+                   f"({', '.join('?' * len(dataclasses.fields(row)))})", dataclasses.astuple(row))
+        self._touch(db, row.session_id)
 
     def set_batch(self, custom_id: str, batch_id: str) -> None:
         """Committed BEFORE waiting starts: from here on the paid turn can always be found."""
         with self._tx() as db:
             db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
                        (batch_id, custom_id))
-            db.execute("INSERT OR IGNORE INTO batches_tried VALUES (?,?)", (custom_id, batch_id))
+            db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
+                       (custom_id, batch_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None:
         """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied)."""
-        cost = outcome.cost
         with self._tx() as db:
-            db.execute(
-                f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
-                "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
-                "sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?",
-                (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
-                 outcome.error_message, (outcome.message or {}).get("stop_reason"),
-                 json.dumps(outcome.message) if outcome.message else None,
-                 json.dumps(outcome.usage.to_json()) if outcome.usage else None,
-                 cost.paid_usd if cost else None, cost.sync_usd if cost else None,
-                 cost.cache_saved_usd if cost else None, custom_id))
+            self._write_outcome(db, custom_id, outcome, state)
+
+    def _write_outcome(self, db: Any, custom_id: str, outcome: Outcome, state: str,
+                       only_if: str = "") -> int:
+        cost = outcome.cost
+        return db.execute(
+            f"UPDATE requests SET state='{state}', ended_at=?, wait_s=?, result_type=?, "
+            "error_type=?, error_message=?, stop_reason=?, message=?, usage=?, cost_usd=?, "
+            f"sync_cost_usd=?, cache_saved_usd=? WHERE custom_id=?{only_if}",
+            (outcome.ended_at, outcome.wait_s, outcome.result_type, outcome.error_type,
+             outcome.error_message, (outcome.message or {}).get("stop_reason"),
+             json.dumps(outcome.message) if outcome.message else None,
+             json.dumps(outcome.usage.to_json()) if outcome.usage else None,
+             cost.paid_usd if cost else None, cost.sync_usd if cost else None,
+             cost.cache_saved_usd if cost else None, custom_id)).rowcount
 
     def apply_request(self, request: RequestRow, content: list[dict[str, Any]] | None) -> None:
         """Append the assistant message (if any) and close the request in ONE transaction,
@@ -1312,54 +1645,56 @@ class SqliteStore:
                        "error_message) WHERE custom_id=?", (reason, custom_id))
 
     def request(self, custom_id: str) -> RequestRow:
-        row = self._one("SELECT * FROM requests WHERE custom_id=?", (custom_id,))
+        row = self._one(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE custom_id=?", (custom_id,))
         if row is None:
-            raise JournalError(f"{self.path}: request {custom_id} is missing")
+            raise JournalError(f"{self.location}: request {custom_id} is missing")
         return RequestRow(**dict(row))
 
     def requests(self, session_id: str | None = None) -> list[RequestRow]:
         """Every request (of one session): for /stats and --stats, never per turn."""
-        sql, args = "SELECT * FROM requests", ()
+        sql, args = f"SELECT {REQUEST_COLUMNS} FROM requests", ()
         if session_id is not None:
             sql, args = sql + " WHERE session_id=?", (session_id,)
-        return [RequestRow(**dict(r)) for r in
-                self._db.execute(sql + " ORDER BY submitted_at, rowid", args).fetchall()]
+        return [RequestRow(**dict(r)) for r in self._db.execute(
+            sql + f" ORDER BY submitted_at, {self._ARRIVAL}", args).fetchall()]
 
     def pending_request(self, session_id: str) -> RequestRow | None:
         row = self._one(
-            "SELECT * FROM requests WHERE session_id=? AND state IN (?,?,?) "
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND state IN (?,?,?) "
             "ORDER BY submitted_at DESC LIMIT 1", (session_id, *IN_FLIGHT_STATES))
         return RequestRow(**dict(row)) if row else None
 
     def latest_request(self, session_id: str, conversation: int) -> RequestRow | None:
-        row = self._one("SELECT * FROM requests WHERE session_id=? AND conversation=? "
-                        "ORDER BY submitted_at DESC, rowid DESC LIMIT 1",
-                        (session_id, conversation))
+        row = self._one(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND "
+                        f"conversation=? ORDER BY submitted_at DESC, {self._ARRIVAL} DESC "
+                        "LIMIT 1", (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
 
     def last_applied(self, session_id: str, conversation: int) -> RequestRow | None:
         row = self._one(
-            "SELECT * FROM requests WHERE session_id=? AND conversation=? AND state='applied' "
-            "ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation))
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? AND conversation=? "
+            "AND state='applied' ORDER BY submitted_at DESC LIMIT 1", (session_id, conversation))
         return RequestRow(**dict(row)) if row else None
 
     def recent_requests(self, session_id: str, limit: int) -> list[RequestRow]:
         """The session's newest requests, newest first."""
-        rows = self._db.execute("SELECT * FROM requests WHERE session_id=? ORDER BY "
-                                "submitted_at DESC, rowid DESC LIMIT ?", (session_id, limit))
+        rows = self._db.execute(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id=? "
+                                f"ORDER BY submitted_at DESC, {self._ARRIVAL} DESC LIMIT ?",
+                                (session_id, limit))
         return [RequestRow(**dict(r)) for r in rows]
 
     def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool:
-        return self._one("SELECT 1 FROM requests WHERE session_id=? AND conversation=? AND "
-                         "n_messages=? LIMIT 1", (session_id, conversation, n_messages)) is not None
+        return self._one("SELECT 1 AS sent FROM requests WHERE session_id=? AND conversation=? "
+                         "AND n_messages=? LIMIT 1",
+                         (session_id, conversation, n_messages)) is not None
 
     def committed_usd(self, session_id: str) -> float:
         """The session's spend so far: actual costs, and estimates for turns in flight."""
         row = self._one(
             "SELECT SUM(CASE WHEN state IN (?,?,?) AND cost_usd IS NULL THEN "
-            "COALESCE(estimate_usd, 0) ELSE COALESCE(cost_usd, 0) END) FROM requests "
+            "COALESCE(estimate_usd, 0) ELSE COALESCE(cost_usd, 0) END) AS usd FROM requests "
             "WHERE session_id=?", (*IN_FLIGHT_STATES, session_id))
-        return float(row[0] or 0.0) if row else 0.0
+        return float(row["usd"] or 0.0) if row else 0.0
 
     def turnaround_samples(self, model: str, limit: int = 50) -> list[float]:
         """The newest batch turnarounds of `model` that ended with an answer, oldest first."""
@@ -1367,18 +1702,19 @@ class SqliteStore:
             "SELECT wait_s FROM requests WHERE model=? AND lane='batch' AND "
             "result_type='succeeded' AND wait_s IS NOT NULL ORDER BY submitted_at DESC LIMIT ?",
             (model, limit)).fetchall()
-        return [r[0] for r in reversed(rows)]
+        return [r["wait_s"] for r in reversed(rows)]
 
     def known_batch_ids(self) -> set[str]:
         """Every batch this journal has held, adopted ones that proved foreign included, so
         a reconcile never adopts the same batch twice."""
         rows = self._db.execute("SELECT batch_id FROM requests WHERE batch_id IS NOT NULL "
                                 "UNION SELECT batch_id FROM batches_tried")
-        return {r[0] for r in rows}
+        return {r["batch_id"] for r in rows}
 
     def batches_tried(self, custom_id: str) -> int:
-        row = self._one("SELECT COUNT(*) FROM batches_tried WHERE custom_id=?", (custom_id,))
-        return int(row[0]) if row else 0
+        row = self._one("SELECT COUNT(*) AS n FROM batches_tried WHERE custom_id=?",
+                        (custom_id,))
+        return int(row["n"]) if row else 0
 
     # -- tools -------------------------------------------------------------
     def start_tool(self, custom_id: str, tool_use_id: str, name: str,
@@ -1386,8 +1722,11 @@ class SqliteStore:
         """Committed BEFORE the tool runs: a crash mid-command is then known on resume, and
         the command is reported as interrupted instead of silently run a second time."""
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO tool_calls (custom_id, tool_use_id, name, input, "
-                       "output, is_error, started_at) VALUES (?,?,?,?,'',1,?)",
+            db.execute("INSERT INTO tool_calls (custom_id, tool_use_id, name, input, output, "
+                       "is_error, started_at) VALUES (?,?,?,?,'',1,?) "
+                       "ON CONFLICT (custom_id, tool_use_id) DO UPDATE SET name=excluded.name, "
+                       "input=excluded.input, output='', is_error=1, exit_code=NULL, "
+                       "started_at=excluded.started_at, ended_at=NULL",
                        (custom_id, tool_use_id, name, json.dumps(tool_input), time.time()))
 
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None:
@@ -1403,6 +1742,190 @@ class SqliteStore:
         return {r["tool_use_id"]: None if r["ended_at"] is None else
                 ToolResult(r["output"], bool(r["is_error"]), r["exit_code"]) for r in rows}
 
+    # -- the shared pool -----------------------------------------------------
+    # A turn is queued with its request row; a flusher claims a batch's worth of queued
+    # turns together with the batch's intent row in ONE transaction committed before the
+    # create call; the batch id is committed right after it. Claims carry leases, so a dead
+    # holder's intent is taken over, reconciled by list, then recorded or put back.
+    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None:
+        """Journal a turn and queue it for whoever flushes `pool_key`, in one transaction."""
+        with self._tx() as db:
+            self._insert_request(db, row)
+            db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
+                       "VALUES (?,?,?,?)", (row.custom_id, pool_key, json.dumps(params),
+                                            time.time()))
+        self._publish("queue", [pool_key])
+
+    def claim_turns(self, pool_key: str, holder: str, *, limit: int,
+                    lease_s: float) -> Claim | None:
+        """Up to `limit` of the oldest queued turns of `pool_key`, and the intent of the batch
+        that will carry them; None when nothing is queued (or others hold it all)."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute("SELECT custom_id, params FROM turn_queue WHERE pool_key=? AND "
+                              "state='queued' ORDER BY queued_at LIMIT ?" + self._CLAIM_LOCK,
+                              (pool_key, limit)).fetchall()
+            if not rows:
+                return None
+            intent_id = self._insert_id(
+                db, "INSERT INTO batch_intents (pool_key, holder, lease_until, created_at, "
+                "width) VALUES (?,?,?,?,?)", (pool_key, holder, now + lease_s, now, len(rows)))
+            ids = [r["custom_id"] for r in rows]
+            db.execute(f"UPDATE turn_queue SET state='claimed', intent_id=? WHERE custom_id IN "
+                       f"({', '.join('?' * len(ids))})", (intent_id, *ids))
+        return Claim(intent_id, pool_key, holder, now + lease_s, now,
+                     tuple((r["custom_id"], json.loads(r["params"])) for r in rows))
+
+    def renew_claim(self, claim: Claim, lease_s: float) -> bool:
+        """Extend the lease while the create is still being tried; False if it was lost."""
+        with self._tx() as db:
+            return db.execute("UPDATE batch_intents SET lease_until=? WHERE id=? AND holder=? "
+                              "AND state='creating'", (time.time() + lease_s, claim.intent_id,
+                                                       claim.holder)).rowcount == 1
+
+    def record_claim_batch(self, intent_id: int, batch_id: str) -> bool:
+        """The create made `batch_id`: every turn of the intent is now in flight in it, in
+        one transaction. False when the intent is no longer being created (its lease ran
+        out and it was settled elsewhere): the caller's batch is then a duplicate to cancel."""
+        with self._tx() as db:
+            if not db.execute("UPDATE batch_intents SET batch_id=?, state='created' WHERE id=? "
+                              "AND state='creating'", (batch_id, intent_id)).rowcount:
+                return False
+            ids = [r["custom_id"] for r in db.execute(
+                "SELECT custom_id FROM turn_queue WHERE intent_id=? AND state='claimed'",
+                (intent_id,)).fetchall()]
+            db.execute("UPDATE turn_queue SET state='sent' WHERE intent_id=? AND "
+                       "state='claimed'", (intent_id,))
+            for custom_id in ids:
+                db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
+                           "custom_id=? AND state='submitting'", (batch_id, custom_id))
+                db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
+                           (custom_id, batch_id))
+        self._publish("turns", ids)
+        return True
+
+    def release_claim(self, intent_id: int) -> int:
+        """The create certainly made nothing: its turns go back to the queue (how many)."""
+        with self._tx() as db:
+            row = db.execute("SELECT pool_key FROM batch_intents WHERE id=? AND "
+                             "state='creating'", (intent_id,)).fetchone()
+            if row is None:
+                return 0
+            db.execute("UPDATE batch_intents SET state='released' WHERE id=?", (intent_id,))
+            back = db.execute("UPDATE turn_queue SET state='queued', intent_id=NULL WHERE "
+                              "intent_id=? AND state='claimed'", (intent_id,)).rowcount
+        self._publish("queue", [row["pool_key"]])
+        return back
+
+    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]:
+        """Intents whose holder stopped renewing (a dead host): now `holder`'s, with a fresh
+        lease. Their create may or may not have happened: reconcile by list, then
+        record_claim_batch or release_claim."""
+        now = time.time()
+        with self._tx() as db:
+            rows = db.execute("SELECT id, pool_key, created_at FROM batch_intents WHERE "
+                              "state='creating' "
+                              "AND lease_until < ? ORDER BY id" + self._CLAIM_LOCK,
+                              (now,)).fetchall()
+            claims = []
+            for r in rows:
+                db.execute("UPDATE batch_intents SET holder=?, lease_until=? WHERE id=?",
+                           (holder, now + lease_s, r["id"]))
+                turns = db.execute("SELECT custom_id, params FROM turn_queue WHERE intent_id=? "
+                                   "ORDER BY queued_at", (r["id"],)).fetchall()
+                claims.append(Claim(r["id"], r["pool_key"], holder, now + lease_s,
+                                    r["created_at"], tuple(
+                    (t["custom_id"], json.loads(t["params"])) for t in turns)))
+        return claims
+
+    def finish_turn(self, custom_id: str, outcome: Outcome) -> bool:
+        """Record a pooled turn's result, cost (the ledger) and turnaround in the transaction
+        that marks it done. Only the first caller records it: two hosts that both see the
+        batch end never apply one answer twice (False for the second)."""
+        with self._tx() as db:
+            if not self._write_outcome(db, custom_id, outcome, "ended",
+                                       " AND state IN ('submitting', 'submitted')"):
+                return False
+            db.execute("UPDATE turn_queue SET state='done' WHERE custom_id=?", (custom_id,))
+        self._publish("turns", [custom_id])
+        return True
+
+    def queued_turns(self, pool_key: str) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM turn_queue WHERE pool_key=? AND "
+                        "state='queued'", (pool_key,))
+        return int(row["n"])
+
+    # -- fleet runs: a run, its agents, and every pooled create ------------------
+    def create_run(self, tasks_path: str, options: Mapping[str, Any]) -> FleetRunRow:
+        now, token = time.time(), secrets.token_hex(4)
+        run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + token
+        with self._tx() as db:
+            db.execute("INSERT INTO fleet_runs VALUES (?,?,?,?,?,?,?)",
+                       (run_id, token, now, now, "running", tasks_path, json.dumps(options)))
+        return self.fleet_run(run_id)  # type: ignore[return-value]
+
+    def fleet_run(self, prefix: str) -> FleetRunRow | None:
+        row = self._one("SELECT * FROM fleet_runs WHERE id LIKE ? ORDER BY created_at DESC "
+                        "LIMIT 1", (prefix.replace("%", "") + "%",))
+        return FleetRunRow(**dict(row)) if row else None
+
+    def latest_fleet_run(self) -> FleetRunRow | None:
+        row = self._one("SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT 1")
+        return FleetRunRow(**dict(row)) if row else None
+
+    def set_run_state(self, run_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE fleet_runs SET state=?, updated_at=? WHERE id=?",
+                       (state, time.time(), run_id))
+
+    def add_agent(self, row: FleetAgentRow) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO fleet_agents VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       dataclasses.astuple(row))
+
+    def fleet_agents(self, run_id: str) -> list[FleetAgentRow]:
+        rows = self._db.execute("SELECT * FROM fleet_agents WHERE run_id=? ORDER BY idx",
+                                (run_id,))
+        return [FleetAgentRow(**dict(r)) for r in rows]
+
+    def set_agent_state(self, run_id: str, idx: int, state: str,
+                        error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE fleet_agents SET state=?, error=? WHERE run_id=? AND idx=?",
+                       (state, error, run_id, idx))
+
+    def begin_pool_batch(self, run_id: str, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int:
+        """Committed BEFORE the create: which requests one pooled batch will carry."""
+        with self._tx() as db:
+            return self._insert_id(
+                db, "INSERT INTO pool_batches (run_id, model, reason, sent_at, width, "
+                "custom_ids, delays) VALUES (?,?,?,?,?,?,?)",
+                (run_id, model, reason, sent_at, len(custom_ids), json.dumps(list(custom_ids)),
+                 json.dumps(list(delays))))
+
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None:
+        """The create's outcome, and (when it made a batch) every entry's batch id in the SAME
+        transaction: from here on each agent's paid turn can be found."""
+        with self._tx() as db:
+            state = "created" if batch_id else "not_created"
+            db.execute("UPDATE pool_batches SET batch_id=?, state=? WHERE id=?",
+                       (batch_id, state, pool_id))
+            if batch_id is None:
+                return
+            row = db.execute("SELECT custom_ids FROM pool_batches WHERE id=?",
+                             (pool_id,)).fetchone()
+            for custom_id in json.loads(row["custom_ids"]):
+                db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
+                           "custom_id=? AND state='submitting'", (batch_id, custom_id))
+                db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
+                           (custom_id, batch_id))
+
+    def pool_batches(self, run_id: str, state: str | None = None) -> list[PoolBatchRow]:
+        sql, args = "SELECT * FROM pool_batches WHERE run_id=?", (run_id,)
+        if state is not None:
+            sql, args = sql + " AND state=?", (run_id, state)
+        return [PoolBatchRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     # -- proxy -------------------------------------------------------------
     def begin_proxy_request(self, row: ProxyRow) -> None:
@@ -1434,7 +1957,7 @@ class SqliteStore:
     def proxy_requests(self) -> list[ProxyRow]:
         """Every proxy row: for --stats, never per request."""
         return [ProxyRow(**dict(r)) for r in self._db.execute(
-            "SELECT * FROM proxy_requests ORDER BY received_at, rowid").fetchall()]
+            "SELECT * FROM proxy_requests ORDER BY received_at, custom_id").fetchall()]
 
     def proxy_unsent(self) -> int:
         """Rows a crash left between pooling and a known batch: mark them so no retry waits
@@ -1457,9 +1980,95 @@ class SqliteStore:
         return {r[0] for r in rows}
 
 
-# Back-ends by name: a new store is a class plus one entry here.
-STORES: dict[str, Callable[[Path], Store]] = {"sqlite": SqliteStore}
-Journal = SqliteStore  # the name the 0.1 code and its tests know
+class SqliteStore(_SqlStore):
+    """The journal in one SQLite file (WAL). Each thread gets its own connection, and each
+    public write is one BEGIN IMMEDIATE transaction on it, so many agents' threads can share
+    one store; a crash between two writes loses neither. One host: roles are file locks
+    and wake-ups stay in the process."""
+
+    dialect = "sqlite"
+    _ARRIVAL = "rowid"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.location = str(path)
+        self._wakeups = _LocalWakeups()
+        try:
+            _private_dir(path.parent)
+            self._migrate()
+            _private_files(path)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(_explain_db_error(path, exc)) from None
+        except OSError as exc:
+            raise JournalError(f"the journal {path} cannot be opened: {exc.strerror or exc}; "
+                               "set BATCHING_HARNESS_HOME to a writable directory") from None
+
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> SqliteStore:
+        """No URL: journal.db in the state dir; sqlite:///path: that file."""
+        return cls(Path(url.removeprefix("sqlite://")).expanduser() if url
+                   else home / "journal.db")
+
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        return []  # the journal reports its own problems, with the fix, when it opens
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
+                             check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+        return db
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(version)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as db:  # under the write lock: a second process waits, then sees it done
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            self._apply_migrations(db, version)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} was written by a newer batching-harness (schema {version}, this "
+                f"one knows {SCHEMA_VERSION}); upgrade, or set BATCHING_HARNESS_HOME elsewhere")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db, self.path)
+
+    def _insert_id(self, db: sqlite3.Connection, sql: str, args: Sequence[Any]) -> int:
+        return int(db.execute(sql, args).lastrowid or 0)
+
+    def session_lock(self, home: Path) -> SessionLock:
+        return SessionLock(home)
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        """A file lock beside the journal: it ends with the process that holds it."""
+        digest = hashlib.sha256(f"{role}/{name}".encode()).hexdigest()[:16]
+        path = self.path.parent / "locks" / f"role-{role}-{digest}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return _FileRole(fd)
+
+    def listen(self, *channels: str) -> Listener:
+        return self._wakeups.listen(channels)
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        self._wakeups.publish(channel, payloads)
 
 
 def _private_dir(path: Path) -> None:
@@ -1506,6 +2115,476 @@ def _explain_db_error(path: Path, exc: sqlite3.Error) -> str:
     return f"the journal {path} cannot be used: {text}"
 
 
+class _FileRole:
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def alive(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _LocalWakeups:
+    """SQLite's LISTEN/NOTIFY: a SQLite pool lives in one process, so its wake-ups do too."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._listeners: list[_LocalListener] = []
+
+    def listen(self, channels: Sequence[str]) -> _LocalListener:
+        listener = _LocalListener(self, set(channels))
+        with self._changed:
+            self._listeners.append(listener)
+        return listener
+
+    def publish(self, channel: str, payloads: Sequence[str]) -> None:
+        with self._changed:
+            for listener in self._listeners:
+                if channel in listener.channels:
+                    listener.heard.extend((channel, p) for p in payloads)
+            self._changed.notify_all()
+
+
+class _LocalListener:
+    def __init__(self, hub: _LocalWakeups, channels: set[str]) -> None:
+        self.hub, self.channels = hub, channels
+        self.heard: collections.deque[tuple[str, str]] = collections.deque()
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]:
+        with self.hub._changed:
+            self.hub._changed.wait_for(lambda: self.heard, timeout_s)
+            heard = list(self.heard)
+            self.heard.clear()
+        return heard
+
+    def close(self) -> None:
+        with self.hub._changed:
+            if self in self.hub._listeners:
+                self.hub._listeners.remove(self)
+
+
+# -- PostgreSQL: one pool that many processes on many hosts share ----------------------
+PG_DEFAULT_SCHEMA = "batching_harness"
+PG_MIN_SERVER = 120000
+"""12: SKIP LOCKED, advisory locks, identity columns, notifies, all well past their first release."""
+PG_INSTALL_HINT = "pip install 'batching-harness[postgres]'"
+# Server-side keepalives per session: a host that vanishes without closing its connection
+# (power, network) is dropped in about 10 + 3 x 5 s, and with it every role it held.
+_PG_SESSION_OPTIONS = ("-c synchronous_commit=on -c tcp_keepalives_idle=10 "
+                       "-c tcp_keepalives_interval=5 -c tcp_keepalives_count=3")
+
+
+def _import_psycopg() -> Any:
+    """psycopg 3, imported only when a pool asks for it: SQLite users never need it."""
+    try:
+        import psycopg
+        import psycopg.rows  # dict_row
+    except ImportError:
+        raise ConfigError(f"--pool postgresql://… needs the PostgreSQL driver: "
+                          f"{PG_INSTALL_HINT}") from None
+    return psycopg
+
+
+def _split_pool_url(url: str) -> tuple[str, str]:
+    """(the URL libpq gets, the schema the pool lives in): ?schema=NAME keeps several pools
+    in one database; libpq itself would refuse the parameter."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    schema = schemas[-1] if schemas else PG_DEFAULT_SCHEMA
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise ConfigError(f"--pool: schema {schema!r} must be lower-case letters, digits and _")
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+
+
+def _pg_fix(text: str) -> str:
+    """The fix for a connection failure, from libpq's words."""
+    if "password" in text or "authentication failed" in text:
+        return ("check the user and password: put the password in PGPASSWORD or ~/.pgpass, "
+                "and allow this host in the server's pg_hba.conf")
+    if "no pg_hba.conf entry" in text:
+        return "allow this host and user in the server's pg_hba.conf, then reload the server"
+    if "database" in text and "does not exist" in text:
+        return "create it (createdb NAME), or name an existing database in --pool"
+    if "role" in text and "does not exist" in text:
+        return "create the role (createuser NAME), or name an existing user in --pool"
+    return ("start the server, or fix the host and port in --pool (pg_isready -h HOST -p PORT "
+            "tells whether it accepts connections)")
+
+
+def pg_lock_key(schema: str, purpose: str, name: str = "") -> int:
+    """A 64-bit advisory-lock key per (pool, purpose, name): two pools in one database never
+    block each other."""
+    digest = hashlib.blake2b(f"batching-harness/{schema}/{purpose}/{name}".encode(),
+                             digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _pg_error(location: str, exc: Exception) -> JournalError:
+    """One line with the fix; PoolUnreachable when waiting may cure it (not a refusal)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    fix = _pg_fix(str(exc))
+    kind = PoolUnreachable if fix.startswith("start the server") else JournalError
+    return kind(f"the pool {location} cannot be used ({text}); {fix}")
+
+
+class PostgresStore(_SqlStore):
+    """The journal in a PostgreSQL schema that any number of processes on any number of
+    hosts share (--pool postgresql://user@host/db[?schema=NAME]). A connection per thread,
+    each write one transaction; the schema upgrades under an advisory lock (the first
+    process upgrades, the others wait); roles are advisory locks on a connection of their
+    own, so they end with the session that held them; wake-ups are LISTEN/NOTIFY."""
+
+    dialect = "postgresql"
+    _ARRIVAL = "seq"
+    _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self._pg = _import_psycopg()
+        self.url, self.schema = _split_pool_url(url)
+        self.location = _pool_shown(url)
+        self._roles_lock = threading.Lock()
+        self._roles_db: Any = None
+        self._held: set[int] = set()
+        self._migrate()
+
+    @classmethod
+    def open(cls, url: str | None, home: Path) -> PostgresStore:
+        return cls(url or "")
+
+    # -- connections -----------------------------------------------------------
+    def _raw_connection(self) -> Any:
+        try:
+            return self._pg.connect(
+                self.url, autocommit=True, row_factory=self._pg.rows.dict_row,
+                connect_timeout=10, application_name="batching-harness",
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                options=f"-c search_path={self.schema} {_PG_SESSION_OPTIONS}")
+        except self._pg.Error as exc:
+            raise _pg_error(self.location, exc) from None
+
+    def _connect(self) -> _PgConnection:
+        return _PgConnection(self, self._raw_connection())
+
+    def _drop(self, db: _PgConnection) -> None:
+        """A broken connection is closed and forgotten; the thread's next call reconnects."""
+        if getattr(self._local, "db", None) is db:
+            self._local.db = None
+        with self._lock:
+            if db in self._connections:
+                self._connections.remove(db)
+        db.close()
+
+    def _tx(self) -> _PgTransaction:
+        return _PgTransaction(self._db)
+
+    def _insert_id(self, db: _PgConnection, sql: str, args: Sequence[Any]) -> int:
+        return int(db.execute(sql + " RETURNING id", args).fetchone()["id"])
+
+    def _lock_key(self, purpose: str, name: str = "") -> int:
+        return pg_lock_key(self.schema, purpose, name)
+
+    def close(self) -> None:
+        with self._roles_lock:
+            if self._roles_db is not None:
+                self._roles_db.close()
+                self._roles_db = None
+            self._held.clear()
+        super().close()
+
+    # -- schema ----------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self._stored_version(self._db)
+        self._check_version(version)
+        if version == SCHEMA_VERSION:
+            return
+        # The first process to get the lock upgrades; the others wait here. The lock is
+        # taken BEFORE the transaction begins, so that one sees what a process that held it
+        # meanwhile committed (a transaction begun before the wait can miss a new schema).
+        key = self._lock_key("migrate")
+        self._db.execute("SELECT pg_advisory_lock(?)", (key,))
+        try:
+            self._upgrade()
+        finally:
+            with contextlib.suppress(JournalError):  # a lost session has let go already
+                self._db.execute("SELECT pg_advisory_unlock(?)", (key,))
+
+    def _upgrade(self) -> None:
+        with self._tx() as db:  # DDL is transactional: the pool is never half-upgraded
+            version = self._stored_version(db)  # another process may have done it meanwhile
+            self._check_version(version)
+            if version == 0:
+                if db.execute("SELECT 1 AS found FROM pg_namespace WHERE nspname=?",
+                              (self.schema,)).fetchone() is None:
+                    db.execute(f"CREATE SCHEMA {self.schema}")
+                db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            self._apply_migrations(db, version)
+            db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+
+    def _stored_version(self, db: _PgConnection) -> int:
+        if db.execute("SELECT to_regclass('schema_version') AS t").fetchone()["t"] is None:
+            return 0
+        return int(db.execute("SELECT version FROM schema_version").fetchone()["version"])
+
+    def _check_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the pool {self.location} was written by a newer batching-harness (schema "
+                f"{version}, this one knows {SCHEMA_VERSION}); upgrade batching-harness on "
+                "this host (pip install -U batching-harness)")
+
+    @property
+    def schema_version(self) -> int:
+        return self._stored_version(self._db)
+
+    # -- roles: advisory locks that end with their session ------------------------
+    def session_lock(self, home: Path) -> SessionLock:
+        return _RoleSessionLock(self)
+
+    def hold_role(self, role: str, name: str = "") -> Role | None:
+        """Take `role` (for `name`) for this process, or None while another process holds
+        it. Every role of a store sits on one connection of its own: a process that dies
+        loses them all at once, and the server hands them on."""
+        key = self._lock_key(role, name)
+        with self._roles_lock:
+            if key in self._held:  # advisory locks nest within a session: refuse it here
+                return None
+            if self._roles_db is None:
+                self._roles_db = self._raw_connection()
+            try:
+                got = self._roles_db.execute("SELECT pg_try_advisory_lock(%s) AS ok",
+                                             (key,)).fetchone()["ok"]
+            except self._pg.Error as exc:
+                self._lose_roles()
+                raise _pg_error(self.location, exc) from None
+            if not got:
+                return None
+            self._held.add(key)
+            return _AdvisoryRole(self, self._roles_db, key)
+
+    def _role_alive(self, conn: Any, key: int) -> bool:
+        with self._roles_lock:
+            if conn is not self._roles_db or key not in self._held:
+                return False
+            try:
+                conn.execute("SELECT 1")
+                return True
+            except self._pg.Error:
+                self._lose_roles()
+                return False
+
+    def _release_role(self, conn: Any, key: int) -> None:
+        with self._roles_lock:
+            if conn is self._roles_db and key in self._held:
+                self._held.discard(key)
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                except self._pg.Error:
+                    self._lose_roles()
+
+    def _lose_roles(self) -> None:
+        """The roles connection broke: the server has let go of every role on it."""
+        if self._roles_db is not None:
+            with contextlib.suppress(Exception):
+                self._roles_db.close()
+        self._roles_db = None
+        self._held.clear()
+
+    # -- wake-ups ------------------------------------------------------------------
+    def _channel(self, name: str) -> str:
+        return f"{self.schema}:{name}"
+
+    def listen(self, *channels: str) -> Listener:
+        raw = self._raw_connection()
+        for name in channels:
+            raw.execute(f'LISTEN "{self._channel(name)}"')
+        return _PgListener(raw, len(self.schema) + 1, self._pg)
+
+    def _publish(self, channel: str, payloads: Sequence[str]) -> None:
+        """After the commit that made the change: a listener that wakes finds it there."""
+        if payloads:
+            self._db.execute("SELECT pg_notify(?, p) FROM unnest(?::text[]) AS p",
+                             (self._channel(channel), list(payloads)))
+
+    # -- doctor ----------------------------------------------------------------------
+    @classmethod
+    def doctor(cls, url: str | None) -> list[DoctorCheck]:
+        """The connection, the schema version and the server's settings, each with its fix."""
+        try:
+            pg = _import_psycopg()
+        except ConfigError:
+            return [DoctorCheck("pool driver", False, "psycopg 3 is not installed",
+                                PG_INSTALL_HINT)]
+        checks = [DoctorCheck("pool driver", True, f"psycopg {pg.__version__}")]
+        try:
+            target, schema = _split_pool_url(url or "")
+            db = pg.connect(target, autocommit=True, row_factory=pg.rows.dict_row,
+                            connect_timeout=5)
+        except (pg.Error, ConfigError) as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return [*checks, DoctorCheck("pool connection", False,
+                                         f"{_pool_shown(url)}: {text}", _pg_fix(str(exc)))]
+        with db:
+            return [*checks, *_pg_server_checks(db, _pool_shown(url), schema)]
+
+
+def _pg_server_checks(db: Any, shown: str, schema: str) -> list[DoctorCheck]:
+    def setting(name: str) -> str | None:
+        row = db.execute("SELECT setting FROM pg_settings WHERE name=%s", (name,)).fetchone()
+        return row["setting"] if row else None
+
+    info = db.execute("SELECT current_user AS who, current_database() AS dbname, "
+                      "current_setting('server_version_num')::int AS num, "
+                      "current_setting('server_version') AS version").fetchone()
+    checks = [DoctorCheck("pool connection", True,
+                          f"{shown} (user {info['who']}, database {info['dbname']})")]
+    checks.append(DoctorCheck(
+        "pool server", info["num"] >= PG_MIN_SERVER, f"PostgreSQL {info['version']}",
+        "upgrade the server to PostgreSQL 12 or newer"))
+    checks.append(_pg_schema_check(db, schema, info["dbname"]))
+    fsync = setting("fsync")
+    checks.append(DoctorCheck(
+        "pool durability", fsync == "on", f"fsync = {fsync}",
+        "set fsync = on in postgresql.conf and reload: with it off, a server crash can lose "
+        "a committed batch id, and its turns are then paid for twice"))
+    idle = int(setting("idle_session_timeout") or 0)
+    checks.append(DoctorCheck(
+        "pool idle timeout", idle == 0, f"idle_session_timeout = {idle} ms",
+        f"ALTER ROLE {info['who']} SET idle_session_timeout = 0: a role (poller, session "
+        "lock) sits on an idle connection, and a timeout would hand it to another process"))
+    room = db.execute("SELECT current_setting('max_connections')::int - "
+                      "current_setting('superuser_reserved_connections')::int - "
+                      "(SELECT count(*) FROM pg_stat_activity) AS free, (SELECT count(*) FROM "
+                      "pg_stat_activity WHERE application_name='batching-harness') AS ours"
+                      ).fetchone()
+    checks.append(DoctorCheck(
+        "pool connections", room["free"] >= 20,
+        f"{room['free']} free ({room['ours']} in use by batching-harness)",
+        "raise max_connections: each process takes one per thread that writes, plus one for "
+        "its roles and one per listener (PgBouncer only in session mode: advisory locks and "
+        "LISTEN need a session)"))
+    return checks
+
+
+def _pg_schema_check(db: Any, schema: str, dbname: str) -> DoctorCheck:
+    found = db.execute("SELECT to_regclass(%s) AS t", (f"{schema}.schema_version",)).fetchone()
+    if found["t"] is None:
+        exists = db.execute("SELECT 1 AS found FROM pg_namespace WHERE nspname=%s",
+                            (schema,)).fetchone()
+        may = db.execute("SELECT has_schema_privilege(%s, 'CREATE') AS ok" if exists else
+                         "SELECT has_database_privilege(current_database(), 'CREATE') AS ok",
+                         (schema,) if exists else None).fetchone()["ok"]
+        return DoctorCheck("pool schema", bool(may), f"{schema}: empty; the first process to "
+                           f"connect creates schema {SCHEMA_VERSION}",
+                           f"GRANT CREATE ON DATABASE {dbname} TO the pool's user (or create "
+                           f"schema {schema} for it)")
+    version = db.execute(f"SELECT version FROM {schema}.schema_version").fetchone()["version"]
+    if version > SCHEMA_VERSION:
+        return DoctorCheck("pool schema", False, f"{schema}: schema {version}, written by a "
+                           f"newer batching-harness (this one knows {SCHEMA_VERSION})",
+                           "pip install -U batching-harness on this host")
+    detail = (f"{schema}: schema {version} (current)" if version == SCHEMA_VERSION else
+              f"{schema}: schema {version}; the first process to connect upgrades it to "
+              f"{SCHEMA_VERSION} (the others wait)")
+    return DoctorCheck("pool schema", True, detail)
+
+
+class _PgConnection:
+    """A psycopg connection that speaks the store's SQL (`?` placeholders) and turns a lost
+    server into one clear JournalError; the next call reconnects."""
+
+    def __init__(self, store: PostgresStore, raw: Any) -> None:
+        self.store, self.raw = store, raw
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        try:
+            return self.raw.execute(sql.replace("?", "%s"), tuple(args) or None)
+        except self.store._pg.OperationalError as exc:
+            self.store._drop(self)
+            raise _pg_error(self.store.location, exc) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+class _PgTransaction:
+    """BEGIN ... COMMIT on the thread's connection (READ COMMITTED: claims lock their rows)."""
+
+    def __init__(self, db: _PgConnection) -> None:
+        self.db = db
+
+    def __enter__(self) -> _PgConnection:
+        self.db.execute("BEGIN")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        elif not self.db.raw.closed:
+            with contextlib.suppress(Exception):
+                self.db.raw.execute("ROLLBACK")
+
+
+class _AdvisoryRole:
+    def __init__(self, store: PostgresStore, conn: Any, key: int) -> None:
+        self.store, self.conn, self.key = store, conn, key
+
+    def alive(self) -> bool:
+        return self.store._role_alive(self.conn, self.key)
+
+    def release(self) -> None:
+        self.store._release_role(self.conn, self.key)
+
+
+class _PgListener:
+    def __init__(self, raw: Any, prefix_len: int, pg: Any) -> None:
+        self.raw, self.prefix_len, self._pg = raw, prefix_len, pg
+
+    def wait(self, timeout_s: float) -> list[tuple[str, str]]:
+        """What was published since the last call, waiting up to `timeout_s` for the first."""
+        heard = [(n.channel[self.prefix_len:], n.payload)
+                 for n in self.raw.notifies(timeout=max(timeout_s, 0.0), stop_after=1)]
+        heard += [(n.channel[self.prefix_len:], n.payload)
+                  for n in self.raw.notifies(timeout=0.0)]
+        return heard
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.raw.close()
+
+
+# Back-ends by URL scheme: a new store is a class plus one entry here.
+STORES: dict[str, type[_SqlStore]] = {"sqlite": SqliteStore, "postgresql": PostgresStore,
+                                      "postgres": PostgresStore}
+Journal = FleetStore = SqliteStore  # the names the 0.1 code, the fleet and their tests know
+
+
+def open_store(url: str | None, home: Path) -> Store:
+    """The store --pool names (no --pool: the SQLite journal in the state dir)."""
+    scheme = urllib.parse.urlsplit(url).scheme if url else "sqlite"
+    if scheme not in STORES:
+        raise ConfigError(f"--pool {_pool_shown(url)}: unknown kind of pool {scheme!r} (use "
+                          "postgresql://user@host/db, or sqlite:///path/journal.db)")
+    return STORES[scheme].open(url, home)
+
+
+def store_checks(url: str | None) -> list[DoctorCheck]:
+    """What --doctor says about the pool --pool names."""
+    scheme = urllib.parse.urlsplit(url).scheme if url else "sqlite"
+    if scheme not in STORES:
+        return [DoctorCheck("pool", False, f"unknown kind of pool {scheme!r}",
+                            "use postgresql://user@host/db")]
+    return STORES[scheme].doctor(url)
+
+
 ##############################################################################
 # Channels (how a request reaches the model and its answer comes back: a channel owns
 # every create, poll, budget and download; the agent only sends and waits)
@@ -1525,9 +2604,11 @@ STEADY_POLL_S = 2.5
 # list call covering all of them, so the budget no longer grows with the number of agents.
 POLLS_PER_MINUTE = 28
 # Every batch-endpoint request of one API key shares this budget (create, list, retrieve,
-# cancel, results). The API's own limit is 1,000 a minute at the Start tier (50 on the
-# oldest tier); staying at 50 keeps a single user polite on any tier.
-BATCH_REQUESTS_PER_MINUTE = 50
+# cancel, results). The API's own limit is 1,000 a minute at the Start tier: half of it
+# leaves room for other clients of the key. (At 50, the oldest tier's limit, twenty agents'
+# creates and downloads queued behind it for 20 s a round.) On a lower tier, the API's 429
+# and its retry-after still pace us.
+BATCH_REQUESTS_PER_MINUTE = 500
 # A batch missing from this many list ticks in a row is asked for by id.
 MISSING_TICKS_BEFORE_RETRIEVE = 2
 # An ended batch whose results_url is still null is asked for again this many times.
@@ -1635,6 +2716,7 @@ class RequestBudget:
         self.clock = clock or Clock()
         self._sent: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
+        self.taken = 0  # every request ever counted: a fleet reports requests per minute
 
     def take(self) -> None:
         """Block until one more request fits in the minute, then count it."""
@@ -1644,6 +2726,7 @@ class RequestBudget:
                 self._forget(now)
                 if len(self._sent) < self.per_minute:
                     self._sent.append(now)
+                    self.taken += 1
                     return
                 wait_s = self._sent[0] + 60.0 - now
             self.clock.sleep(wait_s)
@@ -1730,6 +2813,17 @@ class Channel(Protocol):
     def forget(self, ticket: Ticket) -> None: ...
 
 
+def batch_betas(requests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The anthropic-beta values a create needs: the 300K output beta for an entry that asks
+    for more than its model's standard limit."""
+    def over(params: Mapping[str, Any]) -> bool:
+        base = base_model_id(str(params.get("model", "")))
+        return base in OUTPUT_300K_MODELS and int(params.get("max_tokens", 0)) > \
+            MAX_OUTPUT_TOKENS.get(base, OUTPUT_300K_TOKENS)
+
+    return [OUTPUT_300K_BETA] if any(over(r.get("params") or {}) for r in requests) else []
+
+
 class BatchAPI:
     """The Message Batches endpoints over the real `anthropic` SDK, one call each. Retries
     are ours (the SDK's are off) so the UI can say what is happening, so a create is never
@@ -1794,10 +2888,10 @@ class BatchAPI:
                 return found
             try:
                 self.budget.take()
-                if betas:
-                    return self.client.beta.messages.batches.create(
-                        requests=requests, betas=list(betas)).id
-                return self.client.messages.batches.create(requests=requests).id
+                wanted = list(dict.fromkeys([*betas, *batch_betas(requests)]))
+                headers = {"anthropic-beta": ",".join(wanted)} if wanted else None
+                return self.client.messages.batches.create(requests=requests,
+                                                           extra_headers=headers).id
             except Exception as exc:
                 fault = self._classify(exc, "submitting the batch")
                 unreachable = unreachable + 1 if fault.unreachable else 0
@@ -1881,8 +2975,10 @@ class BatchAPI:
         if attempt >= self.retry.max_attempts:
             return
         delay = self.retry.delay_s(attempt, fault.retry_after_s, self._jitter())
-        notify(f"{fault.label} while {doing}; retry {attempt}/{self.retry.max_attempts - 1} "
-               f"in {delay:.0f}s")
+        # The truth: an unreachable host gets fewer tries, and a short delay is not "0s".
+        tries = (UNREACHABLE_ATTEMPTS if fault.unreachable else self.retry.max_attempts) - 1
+        shown = f"{delay:.1f}s" if delay < 10 else f"{delay:.0f}s"
+        notify(f"{fault.label} while {doing}; retry {min(attempt, tries)}/{tries} in {shown}")
         self.clock.sleep(delay)
 
     def _unreachable_text(self, exc: Exception) -> str:
@@ -1912,8 +3008,9 @@ class BatchAPI:
             return _Fault(f"API error {status}", _retry_after_s(exc), outcome_unknown=True)
         if status == 404:
             raise BatchNotFound(f"{doing}: the API does not know it (404): {message}") from None
-        raise TransportError(f"the API refused {doing} ({status}): {message}", status=status,
-                             error_type=_error_body(exc).get("type")) from None
+        refused = AccountRefused if status in (401, 402, 403) else TransportError
+        raise refused(f"the API refused {doing} ({status}): {message}", status=status,
+                      error_type=_error_body(exc).get("type")) from None
 
 
 @dataclass(frozen=True)
@@ -2092,6 +3189,10 @@ class BatchChannel:
         with self._lock:
             return len(self._watches)
 
+    def in_flight_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._watches)
+
     # -- the poller ---------------------------------------------------------------------
     def _start_poller(self) -> None:
         if self._poller is None or not self._poller.is_alive():
@@ -2121,11 +3222,15 @@ class BatchChannel:
         now = self.clock.now()
         while self._ticks and self._ticks[0] <= now - 60.0:
             self._ticks.popleft()
-        if len(self._ticks) >= POLLS_PER_MINUTE:
+        n = len(self._ticks)
+        if n >= POLLS_PER_MINUTE:
             return self._ticks[0] + 60.0 - now
-        if len(self._ticks) >= POLLS_PER_MINUTE // 2:  # spread the rest rather than stall
-            return self._ticks[-1] + 60.0 / POLLS_PER_MINUTE - now
-        return 0.0
+        if n < POLLS_PER_MINUTE // 2:
+            return 0.0
+        # Past half the budget, share what is left over the time until the oldest tick leaves
+        # the minute: polling never stalls, and is slowed only as much as the budget needs.
+        room_s = self._ticks[0] + 60.0 - self._ticks[-1]
+        return max(0.0, self._ticks[-1] + room_s / (POLLS_PER_MINUTE - n + 1) - now)
 
     def _tick(self) -> None:
         """One look at every batch in flight: one list call, then act on what it shows."""
@@ -2218,6 +3323,279 @@ class BatchChannel:
             watches = list(self._watches.values())
         for watch in watches:
             self._notifier(watch)(text)
+
+
+# -- the pooler: many agents' turns in one batch ---------------------------------------
+# A batch is priced per entry, not per batch, and returns nothing until its slowest entry
+# ends, so pooling saves requests and rate budget, never money: pool narrow and flush fast.
+DEFAULT_MAX_WIDTH = 32
+# The longest a ready turn waits for company when some agent is still busy with tools.
+MAX_POOL_WINDOW_S = 5.0
+POOL_WINDOW_SHARE = 0.05  # ...or 5 % of the model's median turnaround, when that is shorter
+# max_tokens bounds: a turn allowed a huge answer runs long and would hold small ones back.
+SIZE_CLASSES = (8_192, 32_768)
+
+
+def size_class(params: Mapping[str, Any]) -> int:
+    max_tokens = int(params.get("max_tokens") or 0)
+    return sum(1 for bound in SIZE_CLASSES if max_tokens > bound)
+
+
+@dataclass
+class _Queued:
+    """One agent's turn waiting in the pool for its batch."""
+
+    custom_id: str
+    params: dict[str, Any]
+    ready_at: float
+    due_at: float
+    exclude: Callable[[], set[str]]
+    notify: Notify
+    done: threading.Event = field(default_factory=threading.Event)
+    batch_id: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class PoolFlush:
+    """One pooled create, for the pool line and the summary."""
+
+    batch_id: str | None
+    model: str
+    width: int
+    reason: str  # all waiting | window | width cap
+    sent_at: float
+    delays_s: tuple[float, ...]  # ready -> sent, per entry
+
+
+class PoolJournal(Protocol):
+    """Where a pooled create is written down BEFORE it is made (the store's fleet runs)."""
+
+    def begin_pool_batch(self, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int: ...
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None: ...
+
+
+class PooledBatchChannel:
+    """The batch lane for a fleet: agents `send` as they would on BatchChannel, and their
+    turns are pooled into ONE create when every active agent is waiting on the model (no
+    one else can arrive), when a window passes, or at the width cap; grouped by model and
+    by size. Waiting is the BatchChannel's: one poller, one list call per tick for every
+    batch in flight, results by custom_id. `join`/`leave` tell it how many agents are
+    active, so it knows when nobody else is coming."""
+
+    lane = "batch"
+    stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+
+    def __init__(self, batch: BatchChannel, *, journal: PoolJournal | None = None,
+                 max_width: int = DEFAULT_MAX_WIDTH,
+                 window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
+                 clock: Clock | None = None) -> None:
+        self.batch, self.api = batch, batch.api
+        self.journal, self.max_width, self.window_s = journal, max_width, window_s
+        self.clock = clock or Clock()
+        self.flushes: list[PoolFlush] = []
+        self._groups: dict[tuple[str, int], list[_Queued]] = {}
+        self._waiting: dict[str, Ticket | None] = {}  # custom_id -> its ticket once watched
+        self._active = 0
+        self._halted: BaseException | None = None
+        self._canceled: set[str] = set()
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    # -- who is active -------------------------------------------------------------------
+    def join(self) -> None:
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+        self._wake.set()  # one fewer to wait for: the rest may all be waiting now
+
+    def halt(self, error: BaseException) -> None:
+        """Take no more requests (a fleet stopping, a key refused); queued turns get `error`
+        and stay unsent, so a resume sends them."""
+        with self._lock:
+            self._halted = error
+            queued = [q for group in self._groups.values() for q in group]
+            self._groups.clear()
+        for q in queued:
+            self._settle(q, error=error)
+
+    # -- the Channel protocol ----------------------------------------------------------
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        """Queue the turn and block until the batch carrying it is created; its id then."""
+        now = self.clock.now()
+        queued = _Queued(custom_id, params, now, now + self.window_s(str(params.get("model"))),
+                         exclude, notify)
+        with self._lock:
+            if self._halted is not None:
+                raise self._halted
+            key = (str(params.get("model")), size_class(params))
+            self._groups.setdefault(key, []).append(queued)
+            self._waiting[custom_id] = None
+            self._start_flusher()
+        self._wake.set()
+        while not queued.done.wait(0.5):  # resolved by the flusher, or by halt()
+            pass
+        if queued.error is not None:
+            raise queued.error
+        assert queued.batch_id is not None
+        return queued.batch_id
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+        """A pooled create is found by `recover` (it knows the batch's width); a row still
+        unsent after that was never in a create."""
+        return None
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
+        ticket = self.batch.watch(custom_id, handle, sent_at=sent_at, expected_s=expected_s,
+                                  on_status=on_status, notify=notify, on_stream=on_stream)
+        with self._lock:
+            self._waiting[custom_id] = ticket
+        self._wake.set()  # a re-attached agent waits too: maybe everyone does now
+        return ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        """A pooled batch can only be cancelled whole: once, however many agents ask."""
+        with self._lock:
+            if handle in self._canceled:
+                return
+            self._canceled.add(handle)
+        self.batch.cancel(handle, notify)
+
+    def forget(self, ticket: Ticket) -> None:
+        self.batch.forget(ticket)
+        with self._lock:
+            self._waiting.pop(ticket.custom_id, None)
+
+    # -- recovery after a crash -----------------------------------------------------------
+    def recover(self, journal: Store, run_id: str, notify: Notify) -> list[str]:
+        """Creates that were under way when the fleet died: look each up ONCE by time and
+        width (list() shows no custom_ids) and give its entries the batch id, so no turn is
+        paid twice; a create that made nothing leaves its rows to be sent afresh."""
+        found = []
+        for pooled in journal.pool_batches(run_id, state="creating"):
+            wait_s = pooled.sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
+            if wait_s > 0:  # a create cut off moments ago may not be listed yet
+                self.clock.sleep(wait_s)
+            batch_id = self.api.find(not_before=pooled.sent_at, size=pooled.width,
+                                     exclude=journal.known_batch_ids(), notify=notify)
+            journal.set_pool_batch(pooled.id, batch_id)
+            if batch_id:
+                found.append(batch_id)
+        return found
+
+    # -- what the pool line shows ---------------------------------------------------------
+    def widths_in_flight(self) -> list[int]:
+        flying = self.batch.in_flight_ids()
+        with self._lock:
+            return [f.width for f in self.flushes if f.batch_id in flying]
+
+    def queued(self) -> int:
+        with self._lock:
+            return sum(len(g) for g in self._groups.values())
+
+    def next_flush(self) -> tuple[float, str] | None:
+        """(seconds until the next flush, why), or None when nothing is queued."""
+        with self._lock:
+            if not self._groups:
+                return None
+            due = min(g[0].due_at for g in self._groups.values())
+            return max(0.0, due - self.clock.now()), "window"
+
+    # -- the flusher ------------------------------------------------------------------------
+    def _start_flusher(self) -> None:
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_forever, daemon=True,
+                                             name="pool-flusher")
+            self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            with self._lock:
+                if not self._groups:
+                    self._flusher = None
+                    return
+                due, wait_s = self._take_due(self.clock.now())
+            for key, entries, reason in due:
+                self._create(key[0], entries, reason)
+            if not due:
+                self._wake.clear()
+                self.clock.wait(self._wake, wait_s)  # a new turn or a leaver wakes us
+
+    def _take_due(self, now: float) -> tuple[list[tuple[tuple[str, int], list[_Queued], str]],
+                                                 float]:
+        """The groups to send now (taken off the queue), and how long until the next is due."""
+        everyone = self._all_waiting()
+        due = []
+        for key, group in list(self._groups.items()):
+            reason = ("width cap" if len(group) >= self.max_width else "all waiting"
+                      if everyone else "window" if group[0].due_at <= now else None)
+            if reason is None:
+                continue
+            due.append((key, group[:self.max_width], reason))
+            rest = group[self.max_width:]
+            if rest:
+                self._groups[key] = rest
+            else:
+                del self._groups[key]
+        pending = [g[0].due_at - now for g in self._groups.values()]
+        return due, max(0.0, min(pending, default=1.0))
+
+    def _all_waiting(self) -> bool:
+        """Every active agent is waiting on the model: no turn can join a batch made later."""
+        for custom_id, ticket in list(self._waiting.items()):
+            if ticket is not None and ticket.done:
+                del self._waiting[custom_id]
+        return len(self._waiting) >= self._active
+
+    def _create(self, model: str, entries: list[_Queued], reason: str) -> None:
+        """One create for the group (retries off, reconciled by list, as for one agent)."""
+        sent_at = self.clock.now()
+        ids = [q.custom_id for q in entries]
+        delays = tuple(round(sent_at - q.ready_at, 3) for q in entries)
+        pool_id = self.journal.begin_pool_batch(model, reason, sent_at, ids, delays) \
+            if self.journal else None
+        try:
+            batch_id = self.api.create(
+                [{"custom_id": q.custom_id, "params": q.params} for q in entries],
+                exclude=entries[0].exclude, notify=self._fan_out(entries))
+        except HarnessError as exc:
+            if isinstance(exc, NotSent) and pool_id is not None and self.journal:
+                self.journal.set_pool_batch(pool_id, None)
+            if isinstance(exc, (AccountRefused, SpendLimitReached)):
+                self.halt(exc)  # no request of this key can go: stop them all, resumably
+            for q in entries:
+                self._settle(q, error=exc)
+            return
+        if pool_id is not None and self.journal:
+            self.journal.set_pool_batch(pool_id, batch_id)
+        with self._lock:
+            self.flushes.append(PoolFlush(batch_id, model, len(entries), reason, sent_at, delays))
+        for q in entries:
+            self._settle(q, batch_id=batch_id)
+
+    def _settle(self, q: _Queued, *, batch_id: str | None = None,
+                error: BaseException | None = None) -> None:
+        if error is not None:
+            with self._lock:
+                self._waiting.pop(q.custom_id, None)
+        q.batch_id, q.error = batch_id, error
+        q.done.set()
+
+    @staticmethod
+    def _fan_out(entries: list[_Queued]) -> Notify:
+        def notify(text: str) -> None:
+            for q in entries:
+                q.notify(text)
+
+        return notify
 
 
 # The handle a synchronous request is journaled under until its stream ends.
@@ -2338,7 +3716,8 @@ def _ignore(*_args: Any) -> None:
     return None
 
 
-# Lanes by name: a new lane is a class plus one entry here.
+# Lanes by name: a new lane is a class plus one entry here. (PooledBatchChannel is not a lane
+# of its own: it is the batch lane of a fleet, built by the fleet around one BatchChannel.)
 CHANNELS: dict[str, type[Any]] = {"batch": BatchChannel, "sync": SyncChannel}
 
 
@@ -2350,7 +3729,10 @@ SYSTEM_PROMPT = """\
 You are a careful software engineer working in the directory {workdir} through two tools: \
 bash (each command runs in a sandbox: the working directory carries over between calls, \
 network is off unless the user allowed some domains, nothing outside the work directory is \
-writable) and str_replace_based_edit_tool (view, create, str_replace, insert). Every turn of \
+writable; files such as .bashrc, .gitconfig, .mcp.json and a .claude/ directory may show up \
+in listings as empty character devices: they are the sandbox's write-blocking placeholders, \
+not part of the project, so ignore them) and str_replace_based_edit_tool (view, create, \
+str_replace, insert). Every turn of \
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
@@ -2383,6 +3765,9 @@ class AgentSettings:
     """Times an expired or transiently errored request is sent again before the turn fails."""
     max_wait_s: float | None = None
     """Past this, a batch turn is hurried onto the sync lane (None: auto uses the p90)."""
+    system: str | None = None
+    """The system prompt; None: SYSTEM_PROMPT for the session's work dir. A fleet gives all
+    its agents one text (no per-agent path in it) so they share one cached prefix."""
 
 
 # Events: what the loop tells the UI. Each is a small frozen record that carries its
@@ -2405,6 +3790,9 @@ class TurnWaiting:
     handle: str
     status: str
     session_id: str = ""
+    sent_at: float | None = None
+    """When the request was sent: a batch re-attached after a restart shows its true age."""
+    expected_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -2483,7 +3871,8 @@ def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, A
     params = {
         "model": settings.model,
         "max_tokens": settings.max_tokens,
-        "system": [{"type": "text", "text": SYSTEM_PROMPT.format(workdir=workdir)}],
+        "system": [{"type": "text",
+                    "text": settings.system or SYSTEM_PROMPT.format(workdir=workdir)}],
         "tools": tools,
         "messages": messages,
     }
@@ -2802,7 +4191,9 @@ class Collector:
         ticket = channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
             expected_s=expected_wait_s(self.store, request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(request.batch_id or "", status)),
+            on_status=lambda status: self.emit(TurnWaiting(
+                request.batch_id or "", status, sent_at=request.submitted_at,
+                expected_s=expected_wait_s(self.store, request.model))),
             on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
         try:
             arrival = self._await(ticket, channel, request)
@@ -2904,7 +4295,8 @@ class Agent:
     def __init__(self, store: Store, lanes: Channel | Router, toolbox: Toolbox,
                  settings: AgentSettings, session: SessionRow, *,
                  emit: Callable[[Event], None], ask_interrupt: Callable[[str], str],
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None,
+                 name_request: Callable[[int, int], str] | None = None) -> None:
         self.store, self.toolbox = store, toolbox
         self.tools = ToolRunner(store, toolbox, self.emit)
         self.router = lanes if isinstance(lanes, Router) else Router({lanes.lane: lanes},
@@ -2912,19 +4304,25 @@ class Agent:
         self.settings, self.session = settings, session
         self._emit_to, self.ask_interrupt = emit, ask_interrupt
         self.clock = clock or Clock()
+        # (n_messages, attempt) -> custom_id; a fleet encodes run, agent, turn and attempt.
+        self.name_request = name_request or (lambda _n, _attempt: new_custom_id())
         self._turns = 0
         self._touched: list[str] = []
         self._force_lane: str | None = None  # the next turn's lane after a hurry
         self.collector = Collector(store, self.router, self.clock, self.emit, ask_interrupt,
                                    lambda: self.settings.max_wait_s)
+        self._collected: list[str] = []  # answers of turns left in flight, finished first
+        self.unsent_prompt: str | None = None
+        """A prompt given to prompt() and not journaled (yet): the front-end keeps it."""
 
     # -- what front-ends may call ---------------------------------------------------
     def prompt(self, text: str) -> RunResult:
         """Finish anything left in flight first, so the new prompt is never folded into a
         message that a paid request already carried."""
+        self.unsent_prompt = text
         try:
-            if self._in_flight():
-                self.run(new_prompt=False)
+            if self._in_flight() and (earlier := self.run(new_prompt=False).text):
+                self._collected.append(earlier)
         except (TurnFailed, BudgetExceeded) as exc:  # that turn is over; the new prompt goes
             self.emit(Notice(str(exc), "warn"))
         except (TransportError, Detached, KeyboardInterrupt):
@@ -2933,6 +4331,7 @@ class Agent:
             raise
         self.store.add_user_content(self.session.id, self.session.conversation,
                                     [{"type": "text", "text": text}])
+        self.unsent_prompt = None
         return self.run(new_prompt=True)
 
     def resume(self) -> RunResult | None:
@@ -2993,9 +4392,12 @@ class Agent:
         return final_text(last.get("content")) if last.get("role") == "assistant" else ""
 
     def report(self) -> RunReport:
+        """The answer includes those of turns that were in flight when the prompt came (a
+        headless `--resume ID -p ...` collects them first): each was paid for."""
+        answer = "\n\n".join([*self._collected, self.last_answer()]).strip()
         return RunReport(self.session.id, self.settings.model,
                          tuple(self.store.request(c) for c in self._touched),
-                         self.last_answer(), self.pending())
+                         answer, self.pending())
 
     def expected_wait_s(self, model: str) -> float | None:
         return expected_wait_s(self.store, model)
@@ -3103,19 +4505,22 @@ class Agent:
         previous_end = previous.n_messages - 1 if previous else None
         params = build_params(self.settings, Path(self.session.workdir),
                               self.toolbox.definitions(), messages, previous_end)
+        attempt = self._attempt_number(len(messages))
         decision = self.router.choose(params, previous=previous, force=self._force_lane,
                                       waits=self.store.turnaround_samples(self.settings.model))
         self._force_lane, lane = None, decision.lane
         if decision.why:
             self.emit(Notice(decision.why))
         row = RequestRow(
-            custom_id=new_custom_id(), session_id=self.session.id,
+            custom_id=self.name_request(len(messages), attempt), session_id=self.session.id,
             conversation=self.session.conversation, n_messages=len(messages),
             model=self.settings.model, cache_ttl=self.settings.cache_ttl,
             max_tokens=self.settings.max_tokens, request_hash=request_hash(params),
-            attempt=self._attempt_number(len(messages)), state="submitting", batch_id=None,
+            attempt=attempt, state="submitting", batch_id=None,
             submitted_at=self.clock.now(), lane=lane, route=decision.why,
-            estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane))
+            estimate_usd=estimate_cost_usd(self.settings.model, params, lane=lane,
+                                           geo_rate=_geo_rate(previous.usage_value)
+                                           if previous else 1.0))
         return row, params
 
     def _send(self, row: RequestRow, params: dict[str, Any]) -> str:
@@ -3125,7 +4530,7 @@ class Agent:
         except NotSent as exc:  # nothing was created: not billed, nothing to resume
             raise TurnFailed(str(exc), custom_id=row.custom_id, record="never sent") from None
         except TransportError as exc:
-            if isinstance(exc, (SpendLimitReached, RetriesExhausted)):
+            if isinstance(exc, (SpendLimitReached, RetriesExhausted, Halted)):
                 raise  # outcome may be unknown: the row stays 'submitting'; resume reconciles
             raise TurnFailed(str(exc), custom_id=row.custom_id,
                              record="refused at submission") from None
@@ -3215,14 +4620,20 @@ def _is_empty_text(block: Any) -> bool:
 # UI (rich render functions; the console and clock come in as arguments)
 ##############################################################################
 
-INTERRUPT_MENU = ("[bold yellow]Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
+# Plain text: the wait line shows it under the spinner, in bold yellow.
+INTERRUPT_MENU = ("Ctrl-C while waiting for {batch}: c cancel the batch · d detach "
                   "(it keeps running; resume later) · s send now, synchronously (full price) · "
-                  "Enter keep waiting[/]")
+                  "Enter keep waiting")
 INTERRUPT_KEYS = {"c": "cancel", "d": "detach", "\x03": "detach", "s": "hurry"}
 
 
 def fmt_tokens(n: int) -> str:
     return f"{n:,}"
+
+
+def plural(n: int, word: str) -> str:
+    """'1 turn', '2 turns', '1 batch', '3 batches'."""
+    return f"{n:,} {word if n == 1 else word + ('es' if word.endswith('ch') else 's')}"
 
 
 def shorten(text: str, max_lines: int = 3, width: int = 160) -> str:
@@ -3242,30 +4653,221 @@ class WaitState:
     status: str = "in_progress"
     polls: int = 0
     note: str = ""
+    menu: str = ""
+    """The Ctrl-C menu, shown under the line while the counter goes on."""
 
 
 class WaitLine:
-    """A rich renderable: spinner, elapsed m:ss, batch id, status, expected wait."""
+    """A rich renderable: spinner, elapsed m:ss, batch id, status, expected wait; then the
+    Ctrl-C menu and what was typed meanwhile, if any. The spinner line never wraps (a wrapped
+    live line leaves stacked copies behind on a resize)."""
 
-    def __init__(self, state: WaitState, clock: Callable[[], float]) -> None:
+    def __init__(self, state: WaitState, clock: Callable[[], float],
+                 typed: Callable[[], str] = str) -> None:
         from rich.spinner import Spinner
 
-        self.state, self.clock = state, clock
+        self.state, self.clock, self.typed = state, clock, typed
         self.spinner = Spinner("dots", style="cyan")
 
     def text(self) -> str:
         s = self.state
-        parts = [f"waiting {fmt_elapsed(self.clock() - s.started_at)}",
-                 f"turn {s.turn}", s.batch_id, s.status.replace("_", " ")]
+        elapsed_s = self.clock() - s.started_at
+        parts = [f"waiting {fmt_elapsed(elapsed_s)}", f"turn {s.turn}" if s.turn else "",
+                 s.batch_id, s.status.replace("_", " ")]
         if s.expected_s is not None:
-            parts.append(f"expected ~{fmt_elapsed(s.expected_s)}")
+            parts.append(f"usually ~{fmt_elapsed(s.expected_s)}, taking longer" if
+                         elapsed_s > s.expected_s else f"expected ~{fmt_elapsed(s.expected_s)}")
         if s.note:
             parts.append(s.note)
-        return " · ".join(parts) + "  (Ctrl-C: options)"
+        return " · ".join(p for p in parts if p) + ("" if s.menu else "  (Ctrl-C: options)")
 
     def __rich__(self) -> Any:
-        self.spinner.update(text=self.text())
-        return self.spinner
+        from rich.console import Group
+        from rich.text import Text
+
+        lines: list[Any] = [_one_line(self.spinner, self.text())]
+        if self.state.menu:
+            lines.append(Text(self.state.menu, style="bold yellow"))
+        lines += typed_lines(self.typed())
+        return Group(*lines)
+
+
+def typed_lines(typed: str) -> list[Any]:
+    """What was typed during a wait, shown as one input (it becomes the next prompt)."""
+    from rich.text import Text
+
+    if not typed:
+        return []
+    lines = typed.split("\n")
+    shown = lines[-1][-70:] if len(lines) == 1 else f"({len(lines)} lines) …{lines[-1][-50:]}"
+    return [Text(f"typed, for the next prompt: {shown}", style="dim", no_wrap=True,
+                 overflow="ellipsis")]
+
+
+class ToolLine:
+    """The spinner while a tool runs: its label and how long it has run."""
+
+    def __init__(self, label: str, clock: Callable[[], float],
+                 typed: Callable[[], str] = str) -> None:
+        from rich.spinner import Spinner
+
+        self.label, self.clock, self.typed = label, clock, typed
+        self.started_at = clock()
+        self.spinner = Spinner("dots", style="cyan")
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+
+        text = f"running {fmt_elapsed(self.clock() - self.started_at)} · {self.label}"
+        return Group(_one_line(self.spinner, text), *typed_lines(self.typed()))
+
+
+def _one_line(spinner: Any, text: str) -> Any:
+    """The spinner's frame and text, cut with an ellipsis rather than wrapped."""
+    from rich.text import Text
+
+    spinner.update(text=Text(text))
+    line = spinner.render(time.monotonic())
+    line.no_wrap, line.overflow = True, "ellipsis"
+    return line
+
+
+class TypeAhead:
+    """Keys typed while the agent works (a batch runs, a tool runs): kept in ONE buffer that
+    becomes the next prompt's starting text. Enter adds a line there and never sends, and a
+    bracketed paste arrives whole, so one input is never split into several paid prompts.
+    `feed` is pure (tests drive it); `start` puts the terminal in cbreak without echo (Ctrl-C
+    still interrupts) and reads it in a thread. While the Ctrl-C menu waits for a key, the
+    next key goes to the menu instead."""
+
+    _PASTE_ON, _PASTE_OFF = "\x1b[?2004h", "\x1b[?2004l"
+
+    def __init__(self, on_clear: Callable[[], None] = lambda: None) -> None:
+        self.buffer = ""
+        self.on_clear = on_clear
+        self._pending = ""
+        self._keys: collections.deque[str] = collections.deque()
+        self._menu_wants_key = False
+        self._lock = threading.Lock()
+        self._got_key = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved: Any = None
+        self._start_lock = threading.Lock()
+
+    def text(self) -> str:
+        with self._lock:
+            return self.buffer
+
+    def feed(self, data: str) -> None:
+        with self._lock:
+            data, self._pending = self._pending + data, ""
+            i = 0
+            while i < len(data):
+                i = self._take(data, i)
+
+    def _take(self, data: str, i: int) -> int:
+        """Consume one key (or escape sequence) at data[i]; return where the next starts."""
+        ch = data[i]
+        if self._menu_wants_key and ch != "\x1b":
+            self._menu_wants_key = False
+            self._keys.append(ch)
+            self._got_key.set()
+            return i + 1
+        if ch == "\x1b":
+            return self._escape(data, i)
+        if ch in "\r\n":
+            self.buffer += "\n"
+        elif ch in "\x7f\x08":
+            self.buffer = self.buffer[:-1]
+        elif ch == "\x15":  # Ctrl-U: start the input over
+            self.buffer = ""
+        elif ch == "\x0c":  # Ctrl-L
+            self.on_clear()
+        elif ch == "\t" or ch >= " ":
+            self.buffer += ch
+        return i + 1
+
+    def _escape(self, data: str, i: int) -> int:
+        rest = data[i + 1:]
+        if not rest or (rest[0] == "[" and not re.search(r"[@-~]", rest[1:])):
+            self._pending = data[i:]  # the sequence continues in the next read
+            return len(data)
+        if rest[0] in "\r\n":  # Alt-Enter: a new line, as at the prompt
+            self.buffer += "\n"
+            return i + 2
+        if rest[0] == "[":
+            end = i + 2 + re.search(r"[@-~]", rest[1:]).start()  # type: ignore[union-attr]
+            if data[i:end + 1] == "\x1b[200~":  # a paste: taken whole, newlines and all
+                close = data.find("\x1b[201~", end + 1)
+                if close < 0:
+                    self._pending = data[i:]
+                    return len(data)
+                self.buffer += data[end + 1:close].replace("\r\n", "\n").replace("\r", "\n")
+                return close + 6
+            return end + 1  # arrows and the like: not text
+        return i + 2
+
+    # -- the terminal ------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._start_lock:  # the poller's thread may start a spinner too
+            if self._thread is None and sys.stdin.isatty():
+                self._start(sys.stdin.fileno())
+
+    def _start(self, fd: int) -> None:
+        self._saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
+        sys.stdout.write(self._PASTE_ON)
+        sys.stdout.flush()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._read, args=(fd,), daemon=True,
+                                        name="type-ahead")
+        self._thread.start()
+
+    def _read(self, fd: int) -> None:
+        import select
+
+        while not self._stop.is_set():
+            if select.select([fd], [], [], 0.1)[0]:
+                data = os.read(fd, 4096)
+                if not data:
+                    return
+                self.feed(data.decode(errors="replace"))
+
+    def stop(self) -> str:
+        """Give the terminal back; return what was typed (and forget it)."""
+        with self._start_lock:
+            self._stop_reading()
+        with self._lock:
+            typed, self.buffer, self._pending = self.buffer, "", ""
+            self._menu_wants_key = False
+            self._keys.clear()
+        return typed
+
+    def _stop_reading(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._saved)
+            sys.stdout.write(self._PASTE_OFF)
+            sys.stdout.flush()
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def read_key(self, timeout_s: float) -> str | None:
+        """The next key for the Ctrl-C menu, or None after timeout_s."""
+        with self._lock:
+            if not self._keys:
+                self._menu_wants_key = True
+                self._got_key.clear()
+        self._got_key.wait(timeout_s)
+        with self._lock:
+            if self._keys:
+                return self._keys.popleft()
+            return None
 
 
 class ConsoleUI:
@@ -3273,15 +4875,37 @@ class ConsoleUI:
     below print; `interactive` decides between a live spinner and plain progress lines."""
 
     def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
-                 interactive: bool = True, read_key: Callable[[], str] | None = None) -> None:
+                 interactive: bool = True,
+                 read_key: Callable[[float], str | None] | None = None,
+                 answers: bool = True, typeahead: TypeAhead | None = None) -> None:
         self.console = console
         self.clock = clock
         self.interactive = interactive
-        self.read_key = read_key or read_key_from_tty
+        self.answers = answers
+        self.typeahead = typeahead or TypeAhead(on_clear=console.clear)
+        self.read_key = read_key or self._read_key
         self._live: Any = None
         self._wait: WaitState | None = None
         self._streamed = ""
         self._thinking_chars = 0
+
+    # -- typing while the agent works -------------------------------------------------------
+    def start_typing(self) -> None:
+        """Keys typed from now (a batch or a tool is under way) until stop_typing are one
+        input for the next prompt. Keys typed before that stay in the terminal for the
+        prompt itself, as they always did."""
+        if self.interactive:
+            self.typeahead.start()
+
+    def stop_typing(self) -> str:
+        """The terminal back to the prompt, and what was typed (an Enter at its end was
+        meant as "send": the prompt gets it back without it)."""
+        return self.typeahead.stop().rstrip("\n")
+
+    def _read_key(self, timeout_s: float) -> str | None:
+        if self.typeahead.active:
+            return self.typeahead.read_key(timeout_s)
+        return read_key_from_tty(timeout_s)
 
     def handle(self, event: Event) -> None:
         handler = getattr(self, "_on_" + type(event).__name__, None)
@@ -3291,6 +4915,7 @@ class ConsoleUI:
     def _on_TurnSent(self, e: TurnSent) -> None:
         self._wait = WaitState(e.handle, e.turn, e.sent_at, e.expected_s)
         self._streamed = ""
+        # The estimate is an upper bound (the whole prompt at the cache-write rate): say so.
         estimate = f" · up to {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
         what = f"batch {e.handle} submitted" if e.lane == "batch" else "streaming (sync)"
         self.console.print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
@@ -3303,13 +4928,18 @@ class ConsoleUI:
             if self._wait is not None:
                 self._wait.note = f"thinking · ~{fmt_tokens(self._thinking_chars // 4)} tokens"
             return
+        if not self.answers:  # headless: the answer goes to stdout only, whole
+            return
         self.stop_live()
         self._streamed += e.text
         self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
-        if self._wait is None:  # re-attached after a restart: spinner from the journal's time
-            self._wait = WaitState(e.handle, 0, self.clock(), None)
+        if self._wait is None:  # re-attached after a restart: the batch's true age
+            sent_at = e.sent_at if e.sent_at is not None else self.clock()
+            self._wait = WaitState(e.handle, 0, sent_at, e.expected_s)
+            self.console.print(f"[dim]re-attached to batch {e.handle}, submitted "
+                               f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
         self._wait.polls += 1
@@ -3324,25 +4954,30 @@ class ConsoleUI:
         if e.cost is not None and e.usage is not None and e.cost.paid_usd is not None:
             other = (f"sync {fmt_usd(e.cost.sync_usd)}" if e.lane == "batch" else
                      f"batch would be {fmt_usd(e.cost.paid_usd * BATCH_DISCOUNT)}")
-            line += (f" · {fmt_tokens(e.usage.prompt_tokens)} in / "
-                     f"{fmt_tokens(e.usage.output_tokens)} out · paid {fmt_usd(e.cost.paid_usd)}"
-                     f" ({other})")
+            u = e.usage  # "in" is the whole prompt; /stats splits it the same way
+            line += (f" · {fmt_tokens(u.prompt_tokens)} in ({fmt_tokens(u.input_tokens)} "
+                     f"uncached) / {fmt_tokens(u.output_tokens)} out · paid "
+                     f"{fmt_usd(e.cost.paid_usd)} ({other})")
         self.console.print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
-        from rich.markdown import Markdown
-
         self.stop_live()
         if self._streamed:  # already on screen as it arrived
             self._streamed = ""
             return
-        self.console.print(Markdown(terminal_safe(e.text)))
+        if self.answers:
+            self.console.print(render_answer(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
             self.console.print(f"[dim]running {_escape(e.label)}[/]")
             return
-        self._live = self.console.status(f"[cyan]running[/] {_escape(e.label)}")
+        from rich.live import Live
+
+        self.stop_live()
+        self.start_typing()
+        self._live = Live(ToolLine(e.label, self.clock, self.typeahead.text),
+                          console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
 
     def _on_ToolFinished(self, e: ToolFinished) -> None:
@@ -3367,8 +5002,9 @@ class ConsoleUI:
         from rich.live import Live
 
         self.stop_live()
-        self._live = Live(WaitLine(self._wait, self.clock), console=self.console,
-                          refresh_per_second=4, transient=True)
+        self.start_typing()
+        self._live = Live(WaitLine(self._wait, self.clock, self.typeahead.text),
+                          console=self.console, refresh_per_second=4, transient=True)
         self._live.start()
 
     def stop_live(self) -> None:
@@ -3377,19 +5013,31 @@ class ConsoleUI:
             self._live = None
 
     def ask_interrupt(self, batch_id: str) -> str:
-        """One key: c cancels, d detaches, Enter keeps waiting; another Ctrl-C detaches."""
-        self.stop_live()
+        """One key: c cancels, d detaches, Enter keeps waiting; another Ctrl-C detaches.
+        The world goes on meanwhile: the channel keeps polling, the counter keeps counting
+        under the menu, and a batch that ends before the key is pressed is announced and
+        collected."""
         if not self.interactive:
+            self.stop_live()
             return "detach"
-        self.console.print(INTERRUPT_MENU.format(batch=batch_id))
+        wait = self._wait or WaitState(batch_id, 0, self.clock(), None)
+        self._wait = wait
+        wait.menu = INTERRUPT_MENU.format(batch=batch_id)
+        if self._live is None:
+            self._start_live()
         try:
-            key = self.read_key()
+            key = None
+            while key is None:
+                if wait.status == "ended":
+                    self.console.print(f"[dim]batch {batch_id} ended while the menu was "
+                                       "open; collecting it[/]")
+                    return "wait"
+                key = self.read_key(WAIT_SLICE_S)
         except (KeyboardInterrupt, EOFError):
             key = "d"
-        choice = INTERRUPT_KEYS.get(key.lower(), "wait")
-        if choice == "wait":
-            self._start_live()
-        return choice
+        finally:
+            wait.menu = ""
+        return INTERRUPT_KEYS.get(key.lower(), "wait")
 
     def error(self, text: str) -> None:
         self.stop_live()
@@ -3399,15 +5047,20 @@ class ConsoleUI:
         self.console.print(text)
 
 
-def read_key_from_tty() -> str:
-    """Read one key without waiting for Enter; Ctrl-C still raises KeyboardInterrupt."""
+def read_key_from_tty(timeout_s: float) -> str | None:
+    """One key without waiting for Enter, or None after timeout_s; Ctrl-C still raises
+    KeyboardInterrupt."""
+    import select
+
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     try:
-        tty.setcbreak(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
+        if not select.select([fd], [], [], timeout_s)[0]:
+            return None
         data = os.read(fd, 1)
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
     if not data:
         raise EOFError
     return data.decode(errors="replace")
@@ -3422,6 +5075,28 @@ def _escape(text: str) -> str:
 
 def _indent(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
+
+
+# What makes model text Markdown: a heading, a fence, a list, emphasis, a link, a table rule.
+_MARKDOWN_RE = re.compile(r"^#{1,6} |^\s*(```|~~~)|^\s*([-*+]|\d+[.)]) |\*\*\S|`[^`\n]+`|"
+                          r"\]\(\S+\)|^\s*\|?\s*:?-{3,}", re.MULTILINE)
+
+
+def render_answer(text: str) -> Any:
+    """Model text as Markdown only when it is Markdown, and with its single line breaks kept
+    either way (a listing of files is lines, not a paragraph to reflow)."""
+    from rich.markdown import Markdown
+    from rich.text import Text
+
+    if not _MARKDOWN_RE.search(text):
+        return Text(text)
+    lines, fenced = text.split("\n"), False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and line.strip() and i + 1 < len(lines) and lines[i + 1].strip():
+            lines[i] = line.rstrip() + "  "  # a Markdown hard break: the line stays a line
+    return Markdown("\n".join(lines))
 
 
 STATS_EXPLAINED = (
@@ -3491,25 +5166,39 @@ def render_stats(console: Any, requests: Sequence[RequestRow], model: str,
     from rich.text import Text
 
     totals = stats_totals(requests)
-    body = Group(_turn_table(requests), Text(""), lanes_table(requests), Text(""),
-                 Text(_totals_line(totals)),
+    body = Group(_turn_table(requests, console.width - 4), Text(""), lanes_table(requests),
+                 Text(""), Text(_totals_line(totals)),
                  Text(_turnaround_line(history, model)), Text(""),
                  Text(STATS_EXPLAINED, style="dim"))
     console.print(Panel(body, title="session cost: batch path vs synchronous", expand=False))
 
 
-def _turn_table(requests: Sequence[RequestRow]) -> Any:
-    from rich.table import Table
+_TURN_COLUMNS = ("turn", "lane", "model", "waited", "uncached", "output", "cache write",
+                 "cache read", "hit", "paid", "at sync rates")
 
-    table = Table(box=None, pad_edge=False)
-    for col in ("turn", "lane", "model", "waited", "input", "output", "cache write",
-                "cache read", "hit", "paid", "at sync rates"):
-        table.add_column(col, justify="left" if col in ("model",) else "right")
+
+def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
+    """A row per turn; on a terminal too narrow for the table, one folded line per turn
+    instead: a figure is never cut (a truncated '$0…' is worse than no column)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = []
     for i, r in enumerate(requests, 1):
         cells = _turn_cells(i, r)
         if r.state == "hurried":
             cells[-2] += " waste" if r.cost_usd else " (hurried)"
-        table.add_row(cells[0], r.lane, *cells[1:])
+        rows.append([cells[0], r.lane, *cells[1:]])
+    widths = [max(len(c) for c in col) for col in zip(_TURN_COLUMNS, *rows, strict=True)]
+    if sum(widths) + 2 * (len(widths) - 1) > width:
+        return Text("\n".join(" · ".join(f"{name} {cell}" if name != "turn" else f"turn {cell}"
+                                          for name, cell in zip(_TURN_COLUMNS, row, strict=True)
+                                          if cell) for row in rows))
+    table = Table(box=None, pad_edge=False)
+    for col in _TURN_COLUMNS:
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -3535,7 +5224,7 @@ def _turn_cells(i: int, r: RequestRow) -> list[str]:
     u = r.usage_value
     if r.result_type is None and r.state in IN_FLIGHT_STATES:
         return [str(i), r.model, "in flight", "", "", "", "", "",
-                f"~{fmt_usd(r.estimate_usd)} est.", ""]
+                f"≤ {fmt_usd(r.estimate_usd)}", ""]
     if r.result_type is None and r.batch_id is None:  # never reached the API: not billed
         return [str(i), r.model, r.error_message or r.state, "", "", "", "", "", "$0", ""]
     if r.result_type is None:  # a batch ran, its result could not be had: billed, unknown
@@ -3545,7 +5234,8 @@ def _turn_cells(i: int, r: RequestRow) -> list[str]:
         return [str(i), r.model, fmt_elapsed(r.wait_s or 0), r.result_type, "", "", "", "",
                 "$0 (not billed)", ""]
     ratio = cache_hit_ratio(u)
-    return [str(i), r.model, fmt_elapsed(r.wait_s or 0), fmt_tokens(u.input_tokens),
+    model = r.model + (f" ({u.inference_geo} ×{_geo_rate(u):g})" if _geo_rate(u) != 1 else "")
+    return [str(i), model, fmt_elapsed(r.wait_s or 0), fmt_tokens(u.input_tokens),
             fmt_tokens(u.output_tokens), fmt_tokens(u.cache_creation_input_tokens),
             fmt_tokens(u.cache_read_input_tokens),
             f"{100 * ratio:.0f}%" if ratio is not None else "-",
@@ -3556,13 +5246,18 @@ def _totals_line(t: StatsTotals) -> str:
     u = t.usage
     ratio = cache_hit_ratio(u)
     pct = f" ({t.saved_pct:.0f} %)" if t.saved_pct is not None else ""
-    per_min = f"{fmt_usd(t.saved_per_min)} per minute waited" if t.saved_per_min else "-"
-    unknown = f" · {t.unknown_prices} turn(s) with price unknown" if t.unknown_prices else ""
+    per_min = (f"the batch path saved {fmt_usd(t.saved_per_min)} per minute spent waiting"
+               if t.saved_per_min else "-")
+    unknown = (f" · {plural(t.unknown_prices, 'turn')} with price unknown"
+               if t.unknown_prices else "")
     unknown += f" · in flight ≤ {fmt_usd(t.in_flight_usd)} (upper bound)" if t.in_flight_usd else ""
     unknown += f" · waste {fmt_usd(t.waste_usd)}" if t.waste_usd else ""
+    # Negative until 1-hour cache writes are repaid by reads: say it as the extra it is.
+    cache = (f"cache saved {fmt_usd(t.cache_saved_usd)}" if t.cache_saved_usd >= 0 else
+             f"cache cost {fmt_usd(-t.cache_saved_usd)} extra so far (writes not yet repaid by "
+             "reads)")
     return (f"total: paid {fmt_usd(t.paid_usd)} · sync would be {fmt_usd(t.sync_usd)} · "
-            f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · cache saved "
-            f"{fmt_usd(t.cache_saved_usd)} · cache hit "
+            f"batch saved {fmt_usd(t.batch_saved_usd)}{pct} · {cache} · cache hit "
             f"{f'{100 * ratio:.0f}%' if ratio is not None else '-'} · waited "
             f"{t.waited_s / 60:.1f} min · {per_min}{unknown}")
 
@@ -3571,7 +5266,7 @@ def _turnaround_line(history: Sequence[RequestRow], model: str) -> str:
     waits = turnarounds(history, model)
     if not waits:
         return f"batch turnaround for {model}: no finished batches yet"
-    return (f"batch turnaround for {model}: {len(waits)} batches · median "
+    return (f"batch turnaround for {model}: {plural(len(waits), 'batch')} · median "
             f"{fmt_elapsed(median(waits) or 0)} · p90 {fmt_elapsed(percentile(waits, 0.9) or 0)}")
 
 
@@ -3596,7 +5291,8 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
     for day in sorted({_day(r.submitted_at) for r in requests}):
         rows = [r for r in requests if _day(r.submitted_at) == day]
         t = stats_totals(rows)
-        unknown = f" + {t.unknown_prices} turn(s) price unknown" if t.unknown_prices else ""
+        unknown = (f" + {plural(t.unknown_prices, 'turn')} price unknown"
+                   if t.unknown_prices else "")
         by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
     console.print(by_model)
@@ -3613,6 +5309,50 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
+def first_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
+    for m in messages:
+        texts = [b.get("text", "") for b in _as_blocks(m.get("content"))
+                 if isinstance(b, dict) and b.get("type") == "text"]
+        if m.get("role") == "user" and any(texts):
+            return " ".join(texts)
+    return ""
+
+
+def fmt_ago(seconds: float) -> str:
+    minutes = int(max(0.0, seconds) // 60)
+    if minutes < 1:
+        return "just now"
+    if minutes < 60:
+        return f"{minutes} min ago"
+    hours = minutes // 60
+    return f"{hours} h ago" if hours < 48 else f"{hours // 24} days ago"
+
+
+def render_recap(console: Any, messages: Sequence[Mapping[str, Any]],
+                 requests: Sequence[RequestRow], last: int = 4) -> None:
+    """Where a resumed session stands: its last prompts and answers, shortened."""
+    lines: list[str] = []
+    for m in messages:
+        content = m.get("content")
+        if m.get("role") == "assistant":
+            text = final_text(content)
+            tools = [describe_tool_call(str(b.get("name")), b.get("input"))
+                     for b in unanswered_tool_uses(m)]
+            lines += [f"  {shorten(text, 2, 100)}"] if text else []
+            lines += [f"  [tool] {label}" for label in tools]
+        else:
+            texts = [b.get("text", "") for b in _as_blocks(content)
+                     if isinstance(b, dict) and b.get("type") == "text"]
+            lines += [f"› {shorten(' '.join(texts), 2, 100)}"] if any(texts) else []
+    if not lines:
+        return
+    turns = sum(1 for r in requests if r.result_type == "succeeded")
+    console.print(f"[dim]earlier in this session ({plural(turns, 'turn')}, paid "
+                  f"{fmt_usd(stats_totals(requests).paid_usd)}):[/]")
+    for line in lines[-2 * last:]:
+        console.print(_indent(_escape(line), "  "), style="dim")
+
+
 def render_banner(console: Any, config: Config, session: SessionRow, sandbox_line: str) -> None:
     console.print(f"[bold]batching-harness {__version__}[/] · every turn is a Message Batch "
                   "(50 % off, a minute or more per turn)")
@@ -3620,6 +5360,8 @@ def render_banner(console: Any, config: Config, session: SessionRow, sandbox_lin
     console.print(f"  workdir  {session.workdir}")
     console.print(f"  sandbox  {sandbox_line}")
     console.print(f"  session  {session.id}   state {config.home}")
+    if config.pool:
+        console.print(f"  pool     {_escape(_pool_shown(config.pool))}")
     console.print("  [dim]/help for commands · Alt-Enter for a new line · Ctrl-D exits[/]")
 
 
@@ -3645,7 +5387,7 @@ class Repl:
         "/quit": ("cmd_exit", "leave"),
     }
 
-    def __init__(self, agent: Agent, journal: Journal, ui: ConsoleUI,
+    def __init__(self, agent: Agent, journal: Store, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
                  log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
         self.agent = agent
@@ -3655,15 +5397,18 @@ class Repl:
         self.ui = ui
         self.read_line = read_line
         self.resume_command = resume_command
+        self.prefill = ""
+        """The next prompt's starting text: what was typed during a wait, or a prompt that
+        could not be sent. Nothing typed is ever dropped silently."""
         self.commands: dict[str, tuple[Callable[[str], int | None], str]] = {
             name: (getattr(self, method), help_text)
             for name, (method, help_text) in self.COMMANDS.items()}
 
     def run(self) -> int:
-        status = self.guarded(self.agent.resume)
+        status = self.working(self.agent.resume)
         while status is None:
             try:
-                line = self.read_line()
+                line = self._read()
             except EOFError:
                 return self.leave()
             except KeyboardInterrupt:
@@ -3677,7 +5422,25 @@ class Repl:
             return None
         if text.startswith("/"):
             return self.guarded(lambda: self.dispatch(text))
-        return self.guarded(lambda: self.agent.prompt(line))
+        return self.working(lambda: self.agent.prompt(line))
+
+    def _read(self) -> str:
+        prefill, self.prefill = self.prefill, ""
+        return self.read_line(prefill) if prefill else self.read_line()  # type: ignore[call-arg]
+
+    def working(self, step: Callable[[], object]) -> int | None:
+        """Agent work inside the boundary. Keys typed meanwhile are one input, handed to the
+        next prompt as its text; so is a prompt the agent could not send (it says why)."""
+        try:
+            status = self.guarded(step)
+        finally:
+            typed = self.ui.stop_typing()  # the terminal goes back whatever happened
+        unsent = self.agent.unsent_prompt
+        self.prefill = "\n".join(t for t in (unsent, typed) if t)
+        if self.prefill and status is None:
+            what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
+            self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
+        return status
 
     def guarded(self, step: Callable[[], object]) -> int | None:
         """The one boundary: expected failures are one line; the journal keeps the state.
@@ -3744,6 +5507,7 @@ class Repl:
             known = ", ".join(sorted(PRICES))
             self.ui.info(f"model: [bold]{self.agent.settings.model}[/]\nknown prices: {known}")
             return
+        check_max_tokens(arg, self.agent.settings.max_tokens)
         self.agent.switch_model(arg)
         price = "" if price_for(arg) else " [yellow](price unknown: cost shows as unknown)[/]"
         self.ui.info(f"model is now [bold]{arg}[/]{price}; the prompt cache starts over "
@@ -3771,14 +5535,17 @@ class Repl:
         self.ui.info("new conversation; the session's spend so far still counts in /stats")
 
     def cmd_resume(self, arg: str) -> int | None:
-        sessions = self.journal.recent_sessions(10)
+        sessions = [s for s in self.journal.recent_sessions(30)
+                    if self.journal.messages(s.id, s.conversation)][:10]  # empty ones: no
         if not arg:
             for i, s in enumerate(sessions, 1):
-                self.ui.info(f"  {i:>2}. {s.id}  {s.model}  {s.workdir}  "
-                             f"[dim]{_day(s.updated_at)}[/]")
+                self.ui.info(f"  {i:>2}. {_escape(self._describe(s))}")
             try:
-                arg = self.read_line_with("session number or id: ")
+                arg = self.read_line_with("session number or id (Enter: stay here): ")
             except (EOFError, KeyboardInterrupt):
+                arg = ""
+            if not arg.strip():
+                self.ui.info("[dim]staying in this session[/]")
                 return None
         chosen = _pick_session(sessions, arg.strip(), self.journal)
         if chosen is None:
@@ -3791,7 +5558,20 @@ class Repl:
         self.lock.acquire(chosen.id)  # one process per session, as on the command line
         self.agent.switch_session(chosen)
         self.ui.info(f"resumed session {chosen.id}")
-        return self.guarded(self.agent.resume)
+        render_recap(self.ui.console, self.journal.messages(chosen.id, chosen.conversation),
+                     self.journal.requests(chosen.id))
+        return self.working(self.agent.resume)
+
+    def _describe(self, s: SessionRow) -> str:
+        """What tells sessions apart: the first prompt, turns, cost, last activity."""
+        messages = self.journal.messages(s.id, s.conversation)
+        requests = self.journal.requests(s.id)
+        title = " ".join(first_prompt(messages).split())
+        title = title[:48] + "…" if len(title) > 48 else title
+        turns = sum(1 for r in requests if r.result_type == "succeeded")
+        paid = stats_totals(requests).paid_usd
+        return (f"{title or '(no prompt)'} · {plural(turns, 'turn')} · {fmt_usd(paid)} · "
+                f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
         return input(prompt)
@@ -3801,7 +5581,7 @@ class Repl:
 
 
 def _pick_session(sessions: Sequence[SessionRow], arg: str,
-                  journal: Journal) -> SessionRow | None:
+                  journal: Store) -> SessionRow | None:
     if arg.isdigit() and 1 <= int(arg) <= len(sessions):
         return sessions[int(arg) - 1]
     return journal.find_session(arg) if arg else None
@@ -3828,10 +5608,10 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
         prompt_continuation="… ")
     first = [sys.stdout.isatty()]
 
-    def read_line() -> str:
+    def read_line(default: str = "") -> str:
         if first and first.pop():
             sys.stdout.write("\r")  # draw over the early prompt, on the same line
-        return session.prompt(PROMPT)
+        return session.prompt(PROMPT, default=default)
 
     return read_line
 
@@ -3848,6 +5628,845 @@ def show_prompt_early() -> Callable[[], None]:
     sys.stdout.write(PROMPT)
     sys.stdout.flush()
     return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+##############################################################################
+# Fleet (many agents, one pool: `batching-harness fleet TASKS.jsonl`; the agents never
+# see the pooling, the pooler never sees a transcript)
+##############################################################################
+
+FLEET_SYSTEM_PROMPT = """\
+You are a careful software engineer working in your own directory (your shell starts there; \
+the first message names it) through two tools: bash (each command runs in a sandbox: the \
+working directory carries over between calls, network is off unless the user allowed some \
+domains, nothing outside the work directory is writable) and str_replace_based_edit_tool \
+(view, create, str_replace, insert). You are one of several agents working in parallel on \
+separate tasks; every turn is processed as a Message Batch and takes a minute or more, so \
+make each turn count: issue independent tool calls together in one turn. When the task is \
+done, reply with a short summary of what you did and what you found."""
+"""One text for every agent (no per-agent path in it), so tools + system are one cached
+prefix that the primer writes once and every other agent reads."""
+TASK_KEYS = {"id", "prompt", "workdir", "model", "max_turns"}
+DEFAULT_CONCURRENCY = 64
+# Shortest prefix each model caches (tokens); a fleet primes only when the shared prefix is
+# at least this long, else the primer's extra round buys nothing.
+MIN_CACHEABLE_TOKENS = {"claude-opus-5-5": 512, "claude-opus-5": 512, "claude-haiku-5-5": 512,
+                        "claude-fable-5-1": 512, "claude-opus-4-8": 1024,
+                        "claude-sonnet-5": 1024, "claude-sonnet-4-6": 1024,
+                        "claude-sonnet-4-5": 1024, "claude-opus-4-7": 2048}
+UNKNOWN_MIN_CACHEABLE = 4096  # unknown model: assume the largest minimum
+PRIME_MIN_AGENTS = 3
+# billing / permission / authentication: no entry of this key will succeed; stop the fleet.
+FLEET_FATAL_ERRORS = ("authentication_error", "permission_error", "billing_error")
+FLEET_CUSTOM_ID_RE = re.compile(r"^([0-9a-f]{8})-ag(\d+)-t(\d+)-at(\d+)-[0-9a-f]{6}$")
+
+
+@dataclass(frozen=True)
+class FleetTask:
+    """One line of the task file: one agent."""
+
+    id: str
+    prompt: str
+    line: int
+    workdir: Path | None = None
+    model: str | None = None
+    max_turns: int | None = None
+
+
+def parse_tasks(text: str) -> list[FleetTask]:
+    """Every line checked before anything is sent: a file with a bad line costs nothing.
+    A line is a JSON object or plain text (a prompt); blank lines and '#' comments skip."""
+    tasks: list[FleetTask] = []
+    errors: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            tasks.append(_parse_task(line, number, len(tasks) + 1))
+        except ValueError as exc:
+            errors.append(f"line {number}: {exc}")
+    seen: dict[str, int] = {}
+    for task in tasks:
+        if task.id in seen:
+            errors.append(f"line {task.line}: id {task.id!r} is used on line {seen[task.id]} too")
+        seen.setdefault(task.id, task.line)
+    if errors:
+        raise ConfigError("the task file has errors; nothing was sent:\n  " + "\n  ".join(errors))
+    if not tasks:
+        raise ConfigError("the task file holds no tasks")
+    return tasks
+
+
+def _parse_task(line: str, number: int, ordinal: int) -> FleetTask:
+    if not line.lstrip().startswith("{"):
+        return FleetTask(f"task-{ordinal}", line.strip(), number)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("a JSON line must be an object")
+    unknown = sorted(set(obj) - TASK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TASK_KEYS))}")
+    prompt, task_id = obj.get("prompt"), obj.get("id", f"task-{ordinal}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError('"prompt" must be a non-empty string')
+    if not isinstance(task_id, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", task_id):
+        raise ValueError('"id" must be 1-64 letters, digits, ".", "_" or "-"')
+    max_turns = obj.get("max_turns")
+    if max_turns is not None and (type(max_turns) is not int or max_turns < 1):
+        raise ValueError('"max_turns" must be a positive integer')
+    model = obj.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise ValueError('"model" must be a model id')
+    workdir = obj.get("workdir")
+    if workdir is not None:
+        if not isinstance(workdir, str) or not Path(workdir).expanduser().is_dir():
+            raise ValueError(f'"workdir" {workdir!r} is not a directory')
+        workdir = Path(workdir).expanduser().resolve()
+    return FleetTask(task_id, prompt, number, workdir, model, max_turns)
+
+
+def fleet_custom_id(token: str, agent: int, n_messages: int, attempt: int) -> str:
+    """run, agent, turn (transcript length) and attempt, plus 6 random hex digits so a
+    resend of the same attempt never collides: 64 chars of [a-zA-Z0-9_-] at most."""
+    return f"{token}-ag{agent}-t{n_messages}-at{attempt}-{secrets.token_hex(3)}"
+
+
+def parse_custom_id(custom_id: str | None) -> tuple[str, int, int, int] | None:
+    """(run token, agent, turn, attempt) of one of our custom_ids; None for anything else
+    (a foreign or damaged id is reported, never crashes the fleet)."""
+    match = FLEET_CUSTOM_ID_RE.match(custom_id or "")
+    if match is None:
+        return None
+    token, agent, turn, attempt = match.groups()
+    return token, int(agent), int(turn), int(attempt)
+
+
+def pool_window_s(turnarounds_s: Sequence[float]) -> float:
+    """How long a ready turn waits for others: min(5 s, 5 % of the median turnaround)."""
+    typical = median(turnarounds_s) if len(turnarounds_s) >= 2 else None
+    return MAX_POOL_WINDOW_S if typical is None else min(MAX_POOL_WINDOW_S,
+                                                         POOL_WINDOW_SHARE * typical)
+
+
+def shares_cacheable_prefix(models: Sequence[str], system: str) -> bool:
+    """Worth a primer: 3+ agents of the first agent's model whose shared prefix (the system
+    text; the tool definitions add little) is long enough for that model to cache."""
+    if not models:
+        return False
+    model = models[0]
+    minimum = MIN_CACHEABLE_TOKENS.get(base_model_id(model), UNKNOWN_MIN_CACHEABLE)
+    return models.count(model) >= PRIME_MIN_AGENTS and len(system) // 4 >= minimum
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The fleet's own options; the agents' options come from `base` (one Config)."""
+
+    tasks: Path | None = None
+    template: Path | None = field(default=None, metadata=option(
+        "--template", metavar="DIR", help="each agent works in a fresh copy of DIR",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    concurrency: int = field(default=DEFAULT_CONCURRENCY, metadata=option(
+        "--concurrency", metavar="N", parse=int,
+        help=f"agents running at once (default {DEFAULT_CONCURRENCY})"))
+    max_width: int = field(default=DEFAULT_MAX_WIDTH, metadata=option(
+        "--max-width", metavar="W", parse=int,
+        help=f"most turns in one batch (default {DEFAULT_MAX_WIDTH})"))
+    window_s: float | None = field(default=None, metadata=option(
+        "--window", metavar="S", parse=float,
+        help="longest a ready turn waits for others (default min(5 s, 5%% of the median "
+             "turnaround))"))
+    prime: bool = field(default=True, metadata=option(
+        "--no-prime", action="store_false",
+        help="send every first turn at once (no primer writing the shared prefix first)"))
+    preamble: Path | None = field(default=None, metadata=option(
+        "--preamble", metavar="FILE", help="text every agent shares, after the system prompt",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    runs_dir: Path = field(default=Path("fleet-runs"), metadata=option(
+        "--runs-dir", metavar="DIR", help="where agents' fresh work dirs go (default ./fleet-runs)",
+        parse=lambda v: Path(v).expanduser().resolve()))
+    continue_last: bool = field(default=False, metadata=option(
+        "--continue", action="store_true", help="pick up the most recent fleet run"))
+    resume_run: str | None = field(default=None, metadata=option(
+        "--resume", metavar="RUN", help="pick up fleet run RUN"))
+    base: Config = field(default_factory=Config)
+
+
+FLEET_SHARED_OPTIONS = ("model", "poll_interval_s", "max_turns", "max_tokens", "tool_timeout_s",
+                        "allow_domains", "sandbox", "cache_ttl", "max_budget_usd",
+                        "output_format", "pool")
+"""Config options a fleet passes to its agents (or, for output_format, to its summary)."""
+
+
+def parse_fleet_config(argv: Sequence[str], environ: Mapping[str, str]) -> FleetConfig:
+    p = argparse.ArgumentParser(prog="batching-harness fleet", description=(
+        "Run many agents, one per line of TASKS.jsonl, their turns pooled into shared batches."))
+    p.add_argument("tasks", nargs="?", metavar="TASKS.jsonl", help="one task per line")
+    _add_options(p, FleetConfig)
+    _add_options(p, Config, FLEET_SHARED_OPTIONS)
+    try:
+        ns = p.parse_args(list(argv))
+    except SystemExit as exc:
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    base = parse_config(_shared_argv(ns), environ)
+    if ns.output_format is not None:  # the fleet's summary format; no -p applies here
+        base = dataclasses.replace(base, output_format=ns.output_format)
+    fleet = FleetConfig(tasks=Path(ns.tasks).expanduser().resolve() if ns.tasks else None,
+                        base=base, **_parsed_values(ns, FleetConfig))
+    _check_fleet(fleet)
+    return fleet
+
+
+def _shared_argv(ns: argparse.Namespace) -> list[str]:
+    """The shared options back as flags, so Config's own parser checks them once."""
+    argv: list[str] = []
+    for f, opt in _options(Config):
+        value = getattr(ns, f.name, None)
+        if f.name not in FLEET_SHARED_OPTIONS or f.name == "output_format" or value is None or (
+                value == f.default and (
+                opt["action"] in ("store_true", "store_false"))):
+            continue
+        flag = opt["flags"][-1]
+        if opt["action"] in ("store_true", "store_false"):
+            argv.append(flag)
+        elif opt["action"] == "append":
+            argv += [part for item in value for part in (flag, str(item))]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _check_fleet(c: FleetConfig) -> None:
+    if c.continue_last and c.resume_run:
+        raise ConfigError("use --continue or --resume RUN, not both")
+    if not (c.continue_last or c.resume_run) and c.tasks is None:
+        raise ConfigError("fleet needs TASKS.jsonl (or --continue / --resume RUN)")
+    if c.tasks is not None and not c.tasks.is_file():
+        raise ConfigError(f"{c.tasks}: no such file")
+    if c.template is not None and not c.template.is_dir():
+        raise ConfigError(f"--template {c.template}: no such directory")
+    if c.preamble is not None and not c.preamble.is_file():
+        raise ConfigError(f"--preamble {c.preamble}: no such file")
+    if c.concurrency < 1 or not 1 <= c.max_width <= 100_000:
+        raise ConfigError("--concurrency must be at least 1, --max-width 1 to 100000")
+    if c.window_s is not None and c.window_s < 0:
+        raise ConfigError("--window must be 0 or more seconds")
+
+
+# -- each agent's collaborators ------------------------------------------------------------
+class FleetClock(Clock):
+    """The agents' clock. When the fleet stops, each agent's next wait raises
+    KeyboardInterrupt ONCE, and the agent's own Ctrl-C path (detach or cancel) runs: no new
+    code path for a stop, and a paid batch is never dropped silently."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self.stopping = stopping
+        self._told = threading.local()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        if self.stopping.is_set() and not getattr(self._told, "done", False):
+            self._told.done = True
+            raise KeyboardInterrupt
+        # 100 agents waking every quarter second is CPU for nothing: a stop lands within 1 s.
+        return event.wait(max(0.0, min(max(timeout_s, 1.0), 1.0)))
+
+
+class BoundedToolbox:
+    """A Toolbox whose runs share a bound on the machine: many agents' tools run at once, but
+    never more than `slots` (each sandboxed bash call is a Node start-up, ~0.4 s of CPU)."""
+
+    def __init__(self, toolbox: Toolbox, slots: threading.BoundedSemaphore) -> None:
+        self.inner, self.slots, self.bash = toolbox, slots, toolbox.bash
+
+    def definitions(self) -> list[dict[str, Any]]:
+        return self.inner.definitions()
+
+    def run(self, name: str, tool_input: object) -> ToolResult:
+        with self.slots:
+            return self.inner.run(name, tool_input)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass(frozen=True)
+class RunPoolJournal:
+    """The pool's journal, bound to one fleet run."""
+
+    store: Store
+    run_id: str
+
+    def begin_pool_batch(self, model: str, reason: str, sent_at: float,
+                         custom_ids: Sequence[str], delays: Sequence[float]) -> int:
+        return self.store.begin_pool_batch(self.run_id, model, reason, sent_at, custom_ids,
+                                           delays)
+
+    def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None:
+        self.store.set_pool_batch(pool_id, batch_id)
+
+
+# -- what the live table shows -------------------------------------------------------------
+@dataclass
+class AgentView:
+    """One row of the live table."""
+
+    row: FleetAgentRow
+    state: str = "queued"
+    turn: int = 0
+    waited_s: float = 0.0
+    cost_usd: float = 0.0
+    waiting_since: float | None = None
+    detail: str = ""
+
+
+class FleetBoard:
+    """Follows every agent's events (they carry their session id) for the live table. The
+    agents never see it; the clock comes in so tests render a fixed picture."""
+
+    def __init__(self, agents: Sequence[FleetAgentRow], clock: Callable[[], float]) -> None:
+        self.views = {a.session_id: AgentView(a, state=a.state) for a in agents}
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[Event], None]] = []
+
+    def handle(self, event: Event) -> None:
+        with self._lock:
+            view = self.views.get(event.session_id)
+            if view is not None:
+                self._apply(view, event)
+        for listener in self.listeners:
+            listener(event)
+
+    def _apply(self, view: AgentView, event: Event) -> None:
+        if isinstance(event, TurnSent):
+            view.turn += 1
+            view.state, view.waiting_since = f"waiting on batch {event.handle[-8:]}", event.sent_at
+        elif isinstance(event, TurnEnded):
+            view.waited_s += event.wait_s
+            view.cost_usd += (event.cost.paid_usd or 0.0) if event.cost else 0.0
+            view.state, view.waiting_since = "thinking", None
+        elif isinstance(event, ToolStarted):
+            view.state, view.detail = "running a tool", event.label
+        elif isinstance(event, Notice) and event.level != "info":
+            view.detail = event.text
+
+    def set_state(self, session_id: str, state: str, detail: str = "") -> None:
+        with self._lock:
+            view = self.views[session_id]
+            view.state, view.waiting_since = state, None
+            view.detail = detail or view.detail
+
+    def rows(self) -> list[AgentView]:
+        with self._lock:
+            return [dataclasses.replace(v) for v in self.views.values()]
+
+
+def render_fleet_table(board: FleetBoard, pool_line: str, now: float) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("agent", "state", "turn", "waited", "cost"):
+        table.add_column(name, justify="right" if name in ("turn", "waited", "cost") else "left")
+    for v in board.rows():
+        waited = v.waited_s + (now - v.waiting_since if v.waiting_since else 0.0)
+        table.add_row(v.row.agent_id, v.state, str(v.turn), fmt_elapsed(waited),
+                      fmt_usd(v.cost_usd))
+    return Group(table, Text(pool_line, style="dim"))
+
+
+def pool_line(pool: PooledBatchChannel, now: float) -> str:
+    """Batches in flight and their widths, the next flush and why, requests in the last minute."""
+    widths = pool.widths_in_flight()
+    shown = ", ".join(str(w) for w in widths[:8]) + (" …" if len(widths) > 8 else "")
+    flight = f"{len(widths)} batch(es) in flight" + (f" (widths {shown})" if widths else "")
+    upcoming = pool.next_flush()
+    flush = "nothing queued" if upcoming is None else (
+        f"{pool.queued()} queued, flush in ≤{upcoming[0]:.1f}s ({upcoming[1]})")
+    return f"pool: {flight} · {flush} · {pool.api.budget.in_last_minute()} API requests/min"
+
+
+# -- running a fleet ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FleetPlan:
+    """What a run needs to start or pick up again; journaled as the run's options."""
+
+    system: str
+    max_width: int
+    window_s: float | None
+    prime: bool
+    settings: dict[str, Any]  # AgentSettings fields shared by every agent
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Fleet:
+    """Runs one fleet: each agent a plain blocking loop in a thread of its own (bounded by
+    --concurrency), all sending into one PooledBatchChannel. The primer goes first when the
+    agents share a cacheable prefix; the rest are released when its first turn ends."""
+
+    def __init__(self, store: Store, run: FleetRunRow, plan: FleetPlan,
+                 pool: PooledBatchChannel, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
+                 concurrency: int, tool_slots: int, clock: Clock | None = None,
+                 log_bug: Callable[[BaseException], Path] | None = None) -> None:
+        self.store, self.run, self.plan, self.pool = store, run, plan, pool
+        self.make_toolbox, self.clock = make_toolbox, clock or Clock()
+        self.agents = store.fleet_agents(run.id)
+        self.board = FleetBoard(self.agents, self.clock.now)
+        self.board.listeners.append(self._on_event)
+        self.stopping = threading.Event()
+        self.stop_choice = "detach"
+        self.agent_clock = FleetClock(self.stopping)
+        self.concurrency, self._log_bug = concurrency, log_bug
+        self._slots = threading.BoundedSemaphore(max(1, tool_slots))
+        self._executor: Any = None
+        self._futures: list[Any] = []
+        self._held: list[FleetAgentRow] = []
+        self._primer: str | None = None
+        self._lock = threading.Lock()
+        self._all_submitted = threading.Event()
+
+    # -- starting and stopping -----------------------------------------------------------
+    def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [a for a in self.agents if a.state not in ("done", "failed")]
+        self._executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                            thread_name_prefix="agent")
+        if self.plan.prime and len(todo) >= PRIME_MIN_AGENTS and self._fresh(todo[0]):
+            self._primer, self._held = todo[0].session_id, todo[1:]
+            self.board.set_state(todo[0].session_id, "priming")
+            for row in self._held:
+                self.board.set_state(row.session_id, "held for the primer")
+            todo = todo[:1]
+        else:
+            self._all_submitted.set()
+        self._submit(todo)
+
+    def _fresh(self, row: FleetAgentRow) -> bool:
+        return not self.store.messages(row.session_id, 0)
+
+    def _submit(self, rows: Sequence[FleetAgentRow]) -> None:
+        with self._lock:
+            self._futures += [self._executor.submit(self._run_agent, row) for row in rows]
+
+    def _release_held(self) -> None:
+        """The primer's first turn has ended (or it failed): its prefix is in the cache."""
+        with self._lock:
+            held, self._held = self._held, []
+        if held and not self.stopping.is_set():
+            self._submit(held)
+        self._all_submitted.set()
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TurnEnded) and event.session_id == self._primer:
+            self._release_held()
+
+    def stop(self, choice: str = "detach", error: BaseException | None = None) -> None:
+        """detach: batches in flight keep running, `fleet --continue` collects them; cancel:
+        every batch in flight is cancelled. Either way no new turn is sent."""
+        self.stop_choice = choice
+        self.stopping.set()
+        self.pool.halt(error or Halted("the fleet is stopping; this turn was not sent"))
+        self._release_held()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once every agent has finished (done, failed, detached or stopped)."""
+        if not self._all_submitted.wait(timeout_s):
+            return False
+        with self._lock:
+            futures = list(self._futures)
+        from concurrent.futures import wait as wait_futures
+
+        return not wait_futures(futures, timeout=timeout_s).not_done
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # -- one agent ----------------------------------------------------------------------------
+    def _run_agent(self, row: FleetAgentRow) -> None:
+        if self.stopping.is_set():
+            return
+        self.pool.join()
+        state, error = "failed", "never started"
+        try:
+            self.store.set_agent_state(self.run.id, row.idx, "running")
+            self.board.set_state(row.session_id, "starting")
+            state, error = self._drive(row)
+        finally:
+            self.pool.leave()
+            self.store.set_agent_state(self.run.id, row.idx, state, error)
+            self.board.set_state(row.session_id, state, error or "")
+            if row.session_id == self._primer:
+                self._release_held()
+
+    def _drive(self, row: FleetAgentRow) -> tuple[str, str | None]:
+        toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
+        agent = self._agent(row, toolbox)
+        try:
+            if self._fresh(row):
+                agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
+            else:
+                agent.resume()
+            return "done", None
+        except Detached:
+            return "detached", None
+        except Halted as exc:
+            if isinstance(exc, AccountRefused) and not self.stopping.is_set():
+                self.stop("detach", exc)
+            return "stopped", str(exc)
+        except TurnFailed as exc:
+            self._stop_if_fatal(exc)
+            return "failed", str(exc)
+        except HarnessError as exc:
+            return "failed", str(exc)
+        except Exception as exc:  # a bug in one agent: the others go on, the trace is kept
+            where = self._log_bug(exc) if self._log_bug else "the log"
+            return "failed", f"internal error ({type(exc).__name__}: {exc}); see {where}"
+        finally:
+            toolbox.close()
+
+    def _agent(self, row: FleetAgentRow, toolbox: Any) -> Agent:
+        session = self.store.session(row.session_id)
+        assert session is not None, f"fleet agent {row.agent_id} has no session"
+        settings = AgentSettings(**{**self.plan.settings, "model": row.model,
+                                    "system": self.plan.system,
+                                    "max_turns": row.max_turns or self.plan.settings.get(
+                                        "max_turns")})
+        token = self.run.token
+        return Agent(self.store, self.pool, toolbox, settings, session, emit=self.board.handle,
+                     ask_interrupt=lambda _handle: self.stop_choice, clock=self.agent_clock,
+                     name_request=lambda n, attempt: fleet_custom_id(token, row.idx, n, attempt))
+
+    def _stop_if_fatal(self, exc: TurnFailed) -> None:
+        """An entry refused for billing, permission or authentication: so will every other."""
+        if exc.custom_id is None:
+            return
+        request = self.store.request(exc.custom_id)
+        if request.error_type in FLEET_FATAL_ERRORS and not self.stopping.is_set():
+            self.stop("detach", AccountRefused(f"{request.error_type}: {request.error_message}"))
+
+
+# -- the summary --------------------------------------------------------------------------
+WIDTH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 100_000))
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """What the fleet did, from the journal: the same figures live and after a crash."""
+
+    run_id: str
+    agents: tuple[dict[str, Any], ...]
+    totals: dict[str, Any]
+
+
+def summarize_fleet(store: Store, run: FleetRunRow, *, wall_s: float | None = None,
+                    api_requests: int | None = None) -> FleetSummary:
+    agents = store.fleet_agents(run.id)
+    per_agent = [_agent_summary(store, a) for a in agents]
+    requests = [r for a in agents for r in store.requests(a.session_id)]
+    pooled = store.pool_batches(run.id, state="created")
+    return FleetSummary(run.id, tuple(per_agent),
+                        _fleet_totals(requests, pooled, agents, wall_s, api_requests))
+
+
+def _agent_summary(store: Store, a: FleetAgentRow) -> dict[str, Any]:
+    requests = tuple(store.requests(a.session_id))
+    messages = store.messages(a.session_id, 0)
+    last = messages[-1] if messages else {}
+    answer = final_text(last.get("content")) if last.get("role") == "assistant" else ""
+    report = RunReport(a.session_id, a.model, requests, answer, store.pending_request(a.session_id))
+    fields = headless_fields(report, a.error if a.state != "done" else None)
+    return {"id": a.agent_id, "state": a.state, "workdir": a.workdir, **fields}
+
+
+def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow],
+                  agents: Sequence[FleetAgentRow], wall_s: float | None,
+                  api_requests: int | None) -> dict[str, Any]:
+    t = stats_totals(requests)
+    widths = [p.width for p in pooled]
+    delays = [d for p in pooled for d in json.loads(p.delays)]
+    ended = [r for r in requests if r.wait_s is not None and r.result_type == "succeeded"]
+    return {
+        "agents": len(agents),
+        "states": dict(collections.Counter(a.state for a in agents)),
+        "lanes": dict(collections.Counter(r.lane for r in requests)),
+        "batches_created": len(pooled),
+        "width": {"mean": round(sum(widths) / len(widths), 2) if widths else None,
+                  "median": median(widths), "max": max(widths, default=None)},
+        "flush_reasons": dict(collections.Counter(p.reason for p in pooled)),
+        "turnaround_by_width_s": _turnaround_by_width(ended, pooled),
+        "pool_delay_s": {"median": median(delays), "max": max(delays, default=None)},
+        "detection_lag_s": median(_detection_lags(ended, pooled)),
+        "requests_per_minute": round(api_requests / (wall_s / 60), 1)
+        if api_requests is not None and wall_s else None,
+        "cache_hit_rate": cache_hit_ratio(t.usage),
+        "cache_write_tokens": t.usage.cache_creation_input_tokens,
+        "cost_usd": None if t.unknown_prices else round(t.paid_usd, 6),
+        "sync_cost_usd": None if t.unknown_prices else round(t.sync_usd, 6),
+        "waste_usd": round(sum(r.cost_usd or 0.0 for r in requests if r.state != "applied"), 6),
+        "wall_s": round(wall_s, 2) if wall_s is not None else None,
+    }
+
+
+def _turnaround_by_width(ended: Sequence[RequestRow],
+                         pooled: Sequence[PoolBatchRow]) -> dict[str, float | None]:
+    """Do wide batches take longer? Median API turnaround per width bucket."""
+    width_of = {p.batch_id: p.width for p in pooled}
+    out: dict[str, float | None] = {}
+    for low, high in WIDTH_BUCKETS:
+        waits = [r.wait_s or 0.0 for r in ended if low <= width_of.get(r.batch_id, 1) <= high]
+        if waits:
+            out[str(low) if low == high else f"{low}-{high}"] = round(median(waits) or 0.0, 2)
+    return out
+
+
+def _detection_lags(ended: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]) -> list[float]:
+    """Seen minus ended: (noticed - journaled) - pool delay - the API's own turnaround."""
+    delay_of = {cid: d for p in pooled
+                for cid, d in zip(p.custom_id_list, json.loads(p.delays), strict=False)}
+    return [max(0.0, (r.ended_at or 0.0) - r.submitted_at - (r.wait_s or 0.0)
+                - delay_of.get(r.custom_id, 0.0)) for r in ended]
+
+
+def render_fleet_summary(console: Any, summary: FleetSummary) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("agent", "state", "turns", "waited", "cost", "result"):
+        table.add_column(name, justify="right" if name in ("turns", "waited", "cost") else "left",
+                         overflow="ellipsis", no_wrap=name == "result")
+    for a in summary.agents:
+        text = a["error"] if a["is_error"] else a["result"]
+        table.add_row(a["id"], a["state"], str(a["turns"]), fmt_elapsed(a["wait_s"]),
+                      fmt_usd(a["cost_usd"]), (text or "").splitlines()[0] if text else "")
+    console.print(table)
+    for line in _totals_lines(summary.totals):
+        console.print(line, markup=False, highlight=False)
+
+
+def _totals_lines(t: Mapping[str, Any]) -> list[str]:
+    w, delay = t["width"], t["pool_delay_s"]
+    hit = t["cache_hit_rate"]
+    by_width = ", ".join(f"{k}: {v:g}s" for k, v in t["turnaround_by_width_s"].items()) or "-"
+    return [
+        f"fleet: {t['agents']} agents ({_counts(t['states'])}); lanes {_counts(t['lanes'])}",
+        f"batches: {t['batches_created']} created, width mean {w['mean']} / median "
+        f"{w['median']} / max {w['max']}; flushes {_counts(t['flush_reasons'])}",
+        f"turnaround by width: {by_width}; pool delay median {_secs(delay['median'])} "
+        f"(max {_secs(delay['max'])}); detection lag median {_secs(t['detection_lag_s'])}",
+        f"API: {t['requests_per_minute'] if t['requests_per_minute'] is not None else '-'} "
+        f"batch requests/min; cache hit rate {'-' if hit is None else f'{100 * hit:.0f}%'}, "
+        f"{fmt_tokens(t['cache_write_tokens'])} tokens written to the cache",
+        f"cost: {fmt_usd(t['cost_usd'])} paid vs {fmt_usd(t['sync_cost_usd'])} at synchronous "
+        f"prices; waste {fmt_usd(t['waste_usd'])} (paid for turns never used)",
+    ]
+
+
+def _counts(counter: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counter.items()) or "none"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+# -- the front-end ------------------------------------------------------------------------
+FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] [d] detach: batches in flight keep running; "
+                        "pick them up with `fleet --continue` · [c] cancel every batch in "
+                        "flight · Enter: keep going")
+
+
+def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPlan]:
+    """A new run (the task file parsed whole BEFORE anything is created or sent), or the
+    run named by --continue / --resume with the plan it was started with."""
+    if fc.continue_last or fc.resume_run:
+        run = store.fleet_run(fc.resume_run) if fc.resume_run else store.latest_fleet_run()
+        if run is None:
+            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.path}".replace(
+                "run  in", "run in"))
+        return run, FleetPlan(**run.options_value)
+    assert fc.tasks is not None
+    tasks = parse_tasks(fc.tasks.read_text(encoding="utf-8", errors="replace"))
+    plan = _plan(fc)
+    run = store.create_run(str(fc.tasks), plan.to_json())
+    for idx, task in enumerate(tasks):
+        workdir = task.workdir or _fresh_workdir(fc, run, task)
+        model = task.model or fc.base.model
+        session = store.create_session(workdir, model)
+        store.update_session(session.id, title=f"fleet {run.id} · {task.id}")
+        store.add_agent(FleetAgentRow(run.id, idx, task.id, session.id, task.prompt, str(workdir),
+                                      model, task.max_turns, "queued"))
+    return run, plan
+
+
+def _plan(fc: FleetConfig) -> FleetPlan:
+    system = FLEET_SYSTEM_PROMPT
+    if fc.preamble is not None:
+        system += "\n\n" + fc.preamble.read_text(encoding="utf-8", errors="replace").strip()
+    settings = {f.name: getattr(fc.base, f.name) for f in dataclasses.fields(AgentSettings)
+                if hasattr(fc.base, f.name) and f.name != "model"}
+    return FleetPlan(system, fc.max_width, fc.window_s, fc.prime, settings)
+
+
+def _fresh_workdir(fc: FleetConfig, run: FleetRunRow, task: FleetTask) -> Path:
+    import shutil
+
+    path = fc.runs_dir / run.id / task.id
+    if fc.template is not None:
+        shutil.copytree(fc.template, path, symlinks=True)
+    else:
+        path.mkdir(parents=True)
+    return path.resolve()
+
+
+def run_fleet_command(fc: FleetConfig) -> int:
+    from rich.console import Console
+
+    config = fc.base
+    if not config.api_key:
+        raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
+                          "against the stand-in: see 'Try it offline' in README.md")
+    store = open_store(config.pool, config.home)
+    lock = store.session_lock(config.home)
+    try:
+        run, plan = open_fleet_run(store, fc)
+        lock.acquire(f"fleet-{run.id}")  # two processes on one run would pay turns twice
+        console = Console(stderr=config.output_format == "json", highlight=False)
+        return _run_fleet(fc, store, run, plan, console)
+    finally:
+        lock.release()
+        store.close()
+
+
+def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
+               console: Any) -> int:
+    config = fc.base
+    say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
+    api = BatchAPI(make_client_factory(config.api_key, config.base_url))
+    api.warm_up()
+    pool = PooledBatchChannel(
+        BatchChannel(api, poll_interval_s=config.poll_interval_s),
+        journal=RunPoolJournal(store, run.id), max_width=plan.max_width,
+        window_s=_window(store, plan))
+    toolboxes = _toolbox_maker(config, say)
+    for batch_id in pool.recover(store, run.id, say):
+        say(f"re-attached to {batch_id}, created before the interruption")
+    fleet = Fleet(store, run, plan, pool, toolboxes, concurrency=fc.concurrency,
+                  tool_slots=max(2, os.cpu_count() or 2),
+                  log_bug=lambda exc: log_bug(config.home, exc))
+    fleet.plan = dataclasses.replace(plan, prime=plan.prime and shares_cacheable_prefix(
+        [a.model for a in fleet.agents], plan.system))
+    prime = fleet.plan.prime
+    say(f"fleet {run.id}: {len(fleet.agents)} agents"
+        + (", one primer first (shared prefix written once)" if prime else ""))
+    store.set_run_state(run.id, "running")
+    started, taken = time.time(), api.budget.taken
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        fleet.start()
+        watch_fleet(fleet, pool, console)
+    finally:
+        fleet.close()
+    return _finish_fleet(fc, store, run, time.time() - started, api.budget.taken - taken, console)
+
+
+def _window(store: Store, plan: FleetPlan) -> Callable[[str], float]:
+    if plan.window_s is not None:
+        fixed = plan.window_s
+        return lambda _model: fixed
+    return lambda model: pool_window_s(store.turnaround_samples(model, 50))
+
+
+def _toolbox_maker(config: Config, say: Callable[[str], object]) -> Callable[[FleetAgentRow],
+                                                                               Toolbox]:
+    """Each agent its own sandbox (policy = its work dir); the start-up probe runs once."""
+    probed = threading.Event()
+
+    def make(row: FleetAgentRow) -> Toolbox:
+        toolbox = build_toolbox(config, Path(row.workdir))
+        for note in stop_leftovers(sandbox_policy(config, Path(row.workdir))):
+            say(note)
+        if not probed.is_set():
+            probed.set()
+            _check_sandbox(config, toolbox, say)
+        return toolbox
+
+    return make
+
+
+def watch_fleet(fleet: Fleet, pool: PooledBatchChannel, console: Any, *,
+                read_key: Callable[[], str] = read_key_from_tty) -> None:
+    """The live table until every agent has finished; Ctrl-C offers detach or cancel."""
+    from rich.live import Live
+
+    interactive = console.is_terminal and sys.stdin.isatty()
+
+    def picture() -> Any:
+        now = time.time()
+        return render_fleet_table(fleet.board, pool_line(pool, now), now)
+
+    live = Live(picture(), console=console, auto_refresh=False, transient=False) \
+        if console.is_terminal else None
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            try:
+                if fleet.wait(0.5):
+                    break
+                if live is not None:
+                    live.update(picture(), refresh=True)
+            except KeyboardInterrupt:
+                choice = _ask_fleet_interrupt(console, live, interactive, read_key)
+                if choice != "wait":
+                    fleet.stop(choice)
+    finally:
+        if live is not None:
+            live.update(picture(), refresh=True)
+            live.stop()
+
+
+def _ask_fleet_interrupt(console: Any, live: Any, interactive: bool,
+                         read_key: Callable[[], str]) -> str:
+    if not interactive:
+        return "detach"
+    if live is not None:
+        live.stop()
+    console.print(FLEET_INTERRUPT_MENU)
+    try:
+        key = read_key()
+    except (KeyboardInterrupt, EOFError):
+        key = "d"
+    if live is not None:
+        live.start()
+    return {"c": "cancel", "d": "detach", "\x03": "detach"}.get(key.lower(), "wait")
+
+
+def _finish_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, wall_s: float,
+                  api_requests: int, console: Any) -> int:
+    agents = store.fleet_agents(run.id)
+    unfinished = [a for a in agents if a.state not in ("done", "failed")]
+    store.set_run_state(run.id, "detached" if unfinished else "done")
+    summary = summarize_fleet(store, run, wall_s=wall_s, api_requests=api_requests)
+    if fc.base.output_format == "json":
+        print(json.dumps({"run_id": run.id, "agents": list(summary.agents),
+                          "totals": summary.totals}))
+    else:
+        render_fleet_summary(console, summary)
+    if unfinished:
+        program = "batching-harness" if not sys.argv[0].endswith(".py") else \
+            f"python {sys.argv[0]}"
+        console.print(f"{len(unfinished)} agent(s) not finished; pick them up with: "
+                      f"{program} fleet --resume {run.id}", markup=False, highlight=False)
+        return 130
+    return 1 if any(a.state == "failed" for a in agents) else 0
 
 
 ##############################################################################
@@ -3965,9 +6584,15 @@ class ProxyConfig:
 
 def parse_proxy_config(argv: Sequence[str], environ: Mapping[str, str]) -> ProxyConfig:
     """Pure: `proxy ...` arguments and the environment in, a validated ProxyConfig out."""
-    _, values = _parse_options(ProxyConfig, argv, prog="batching-harness proxy",
-                               description="A local Anthropic-compatible endpoint that "
-                               "batches other harnesses' turns (50% cheaper, slower).")
+    p = argparse.ArgumentParser(prog="batching-harness proxy", description=(
+        "A local Anthropic-compatible endpoint that batches other harnesses' turns (50% "
+        "cheaper, slower)."))
+    _add_options(p, ProxyConfig)
+    try:
+        ns = p.parse_args(list(argv))
+    except SystemExit as exc:  # argparse already printed usage or --help
+        raise _ArgparseExit(int(exc.code or 0)) from None
+    values = _parsed_values(ns, ProxyConfig)
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
     values["token"] = values.get("token") or environ.get(TOKEN_ENV) or None
     config = ProxyConfig(**values, home=home.expanduser().resolve())
@@ -4383,7 +7008,7 @@ class WindowPool:
     entry per batch). Each key's BatchChannel then polls every batch with one list call per
     tick and resolves every entry by custom_id."""
 
-    def __init__(self, channels: KeyChannels, store: SqliteStore, *, window_s: float,
+    def __init__(self, channels: KeyChannels, store: _SqlStore, *, window_s: float,
                  width: int, clock: Clock, on_batch: Callable[[str, list[ProxyEntry]], None],
                  on_end: Callable[[ProxyEntry], None]) -> None:
         self.channels, self.store, self.clock = channels, store, clock
@@ -4525,7 +7150,7 @@ class EntryBook:
     Claude Code's non-streaming fallback), re-attaches to it instead of paying again; after
     a restart the journal finds it. Only the same key ever re-attaches."""
 
-    def __init__(self, store: SqliteStore, clock: Clock) -> None:
+    def __init__(self, store: _SqlStore, clock: Clock) -> None:
         self.store, self.clock = store, clock
         self._entries: dict[tuple[str, str], ProxyEntry] = {}
         self._lock = threading.Lock()
@@ -4781,7 +7406,7 @@ class Proxy:
     """One request in, one answer out. The lane is chosen per request; a batch entry is
     pooled and streamed while it waits; every failure ends in `handle`, the one boundary."""
 
-    def __init__(self, config: ProxyConfig, store: SqliteStore, pool: Pool, book: EntryBook,
+    def __init__(self, config: ProxyConfig, store: _SqlStore, pool: Pool, book: EntryBook,
                  upstream: Upstream, log: ProxyLog, clock: Clock) -> None:
         self.config, self.store, self.pool, self.book = config, store, pool, book
         self.upstream, self.log, self.clock = upstream, log, clock
@@ -5165,7 +7790,7 @@ class ProxyApp:
     """The proxy's parts, built once; `run_proxy` serves it, tests drive it in a thread."""
 
     config: ProxyConfig
-    store: SqliteStore
+    store: _SqlStore
     pool: Pool
     log: ProxyLog
     proxy: Proxy
@@ -5196,6 +7821,8 @@ def open_proxy(config: ProxyConfig, out: Any, clock: Clock | None = None,
     """Every collaborator of the proxy, wired: the journal, one channel per key, the pool,
     the entry book, the upstream and the listening socket."""
     clock = clock or Clock()
+    with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
+        secure_state_dir(config.home)
     store = SqliteStore(config.home / "journal.db")
     log_file = _open_private_log(config.log_path) if config.log_path else None
     unsent = store.proxy_unsent()
@@ -5286,19 +7913,24 @@ def _open_private_log(path: Path) -> Any:
 ##############################################################################
 
 
-def resume_command(session_id: str, config: Config) -> str:
+def resume_command(session_id: str, config: Config, *, headless: bool = False) -> str:
     """The exact command that picks the session up again, with the limits and sandbox
-    settings of this run (the journal keeps the conversation, not the flags)."""
+    settings of this run (the journal keeps the conversation, not the flags). Headless, it
+    is the headless form: a script resumes with its next prompt, which runs once the turn in
+    flight is collected (its answer leads the result)."""
     program = sys.argv[0] if sys.argv and sys.argv[0] else "batching-harness"
     head = f"python {program}" if program.endswith(".py") else Path(program).name
-    return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config))])
+    tail = ["--output-format", "json"] if headless and config.output_format == "json" else []
+    tail += ["-p", "'<next prompt>'"] if headless else []
+    return " ".join([head, "--resume", session_id, *map(shlex.quote, carried_flags(config)),
+                     *tail])
 
 
-def open_session(journal: Journal, config: Config) -> SessionRow:
+def open_session(journal: Store, config: Config) -> SessionRow:
     if config.resume_id:
         session = journal.find_session(config.resume_id)
         if session is None:
-            raise ConfigError(f"no session {config.resume_id!r} in {journal.path}")
+            raise ConfigError(f"no session {config.resume_id!r} in {journal.location}")
         return session
     if config.continue_last:
         session = journal.latest_session(config.workdir)
@@ -5306,37 +7938,6 @@ def open_session(journal: Journal, config: Config) -> SessionRow:
             raise ConfigError(f"no earlier session in {config.workdir} to continue")
         return session
     return journal.create_session(config.workdir, config.model)
-
-
-class SessionLock:
-    """One process per session: two would both poll, and might both apply one answer."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self._fd: int | None = None
-        self._held: str | None = None
-
-    def acquire(self, session_id: str) -> None:
-        """Hold `session_id`'s lock (JournalError if another process has it) and let go of
-        the one held before."""
-        if session_id == self._held:
-            return
-        path = self.home / "locks" / f"{session_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalError(f"session {session_id} is open in another batching-harness "
-                               "process") from None
-        self.release()
-        self._fd, self._held = fd, session_id
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd, self._held = None, None
 
 
 def agent_settings(config: Config, model: str) -> AgentSettings:
@@ -5360,20 +7961,27 @@ def run_headless(agent: Agent, config: Config, prompt: str, err_console: Any) ->
     report = agent.report()
     if report.in_flight is not None:
         err_console.print("a turn is still in flight (and billed); resume with: "
-                          f"{resume_command(report.session_id, config)}")
+                          f"{resume_command(report.session_id, config, headless=True)}")
     print_headless(report, config, error)
     return status
 
 
-def print_headless(report: RunReport, config: Config, error: str | None) -> None:
-    requests, text = list(report.requests), report.answer
+def print_headless(report: RunReport | None, config: Config, error: str | None) -> None:
+    """The answer, or the JSON object (also when the run never started: report None)."""
+    report = report or RunReport(None, config.model, (), "", None)  # type: ignore[arg-type]
     if config.output_format == "text":
-        if text:
-            print(text)
+        if report.answer:
+            print(report.answer)
         return
+    print(json.dumps(headless_fields(report, error)))
+
+
+def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
+    """One run as JSON: -p prints it; a fleet prints one per agent."""
+    requests, text = list(report.requests), report.answer
     totals = stats_totals(requests)
     u = totals.usage
-    out = {
+    return {
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
         "turns": sum(1 for r in requests if r.result_type == "succeeded"),
@@ -5393,7 +8001,6 @@ def print_headless(report: RunReport, config: Config, error: str | None) -> None
         "waste_usd": round(totals.waste_usd, 6),
         "is_error": error is not None, "error": error,
     }
-    print(json.dumps(out))
 
 
 def read_prompt_arg(prompt: str) -> str:
@@ -5405,9 +8012,12 @@ def read_prompt_arg(prompt: str) -> str:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    argv = sys.argv[1:] if argv is None else list(argv)
+    config: Config | None = None
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["proxy"]:  # a front-end of its own: `batching-harness proxy ...`
+        if argv[:1] == ["fleet"]:  # the fleet front-end, behind the same error boundary
+            return run_fleet_command(parse_fleet_config(argv[1:], environ))
+        if argv[:1] == ["proxy"]:  # a front-end for other harnesses: same error boundary
             return run_proxy(parse_proxy_config(argv[1:], environ))
         config = parse_config(argv, environ)
         return _run(config)
@@ -5415,6 +8025,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return exc.status
     except (ConfigError, JournalError, SandboxError) as exc:
         print(f"batching-harness: {exc}", file=sys.stderr)
+        if config is not None and config.prompt is not None and config.output_format == "json":
+            print_headless(None, config, str(exc))  # a script parses stdout whatever happened
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -5442,23 +8054,32 @@ def _run(config: Config) -> int:
     from rich.console import Console
 
     if config.action == "doctor":
-        return run_doctor(Console(), sandbox_policy(config, config.workdir))
-    journal = Journal(config.home / "journal.db")
+        return run_doctor(Console(), [*doctor_checks(sandbox_policy(config, config.workdir)),
+                                      *store_checks(config.pool)])
+    with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
+        secure_state_dir(config.home)
+    journal = open_store(config.pool, config.home)
     if config.action == "stats":
         render_history(Console(), journal.requests())
         proxied = journal.proxy_requests()
         if proxied:
             render_proxy_stats(Console(), proxied)
         return 0
+    if config.prompt is None and not sys.stdin.isatty():
+        raise ConfigError("the interactive prompt needs a terminal: run it in one, or pass "
+                          "-p PROMPT (-p - reads the prompt from stdin)")
     if not config.api_key:
         raise ConfigError("ANTHROPIC_API_KEY is not set. Export your key, or try it offline "
                           "against the stand-in: see 'Try it offline' in README.md")
     prompt = read_prompt_arg(config.prompt) if config.prompt is not None else None
+    if config.model_given or not (config.resume_id or config.continue_last):
+        check_max_tokens(config.model, config.max_tokens)  # before a session is made for it
     session = open_session(journal, config)
-    lock = SessionLock(config.home)
+    lock = journal.session_lock(config.home)
     lock.acquire(session.id)
     check_workdir(session.workdir, state_dir=config.home,
-                  allow_dangerous=config.allow_dangerous_workdir)
+                  allow_dangerous=config.allow_dangerous_workdir,
+                  protected=[Path(__file__).resolve()])
     toolbox = build_toolbox(config, Path(session.workdir))
     for note in stop_leftovers(sandbox_policy(config, Path(session.workdir))):
         print(f"batching-harness: {note}", file=sys.stderr)
@@ -5470,16 +8091,20 @@ def _run(config: Config) -> int:
         lock.release()
 
 
-def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox: Toolbox,
+def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: Toolbox,
                  prompt: str | None, lock: SessionLock) -> int:
     from rich.console import Console
 
     headless = prompt is not None
     console = Console(stderr=headless, highlight=False)
-    ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty())
+    console.soft_wrap = not console.is_terminal  # a machine reads it: no wrap at 80 columns
+    # Headless, the answer goes to stdout only (the JSON's "result", or the text).
+    ui = ConsoleUI(console, interactive=console.is_terminal and sys.stdin.isatty(),
+                   answers=not headless)
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
     resumed = config.resume_id or config.continue_last
     model = session.model if resumed and not config.model_given else config.model
+    check_max_tokens(model, config.max_tokens)  # a resumed session may keep another model
     agent = Agent(journal, build_router(api, config, headless=headless), toolbox,
                   agent_settings(config, model), session,
                   emit=ui.handle, ask_interrupt=ui.ask_interrupt)
@@ -5490,6 +8115,9 @@ def _run_session(config: Config, journal: Journal, session: SessionRow, toolbox:
     # that started us ignores SIGINT, as non-interactive shells do for background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     render_banner(console, config, session, _sandbox_line(config))
+    if resumed:
+        render_recap(console, journal.messages(session.id, session.conversation),
+                     journal.requests(session.id))
     restore_terminal = show_prompt_early()
     try:
         read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))
@@ -5554,10 +8182,10 @@ def _warm_up_in_background(api: BatchAPI, config: Config,
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
 
 
-def run_doctor(console: Any, policy: SandboxPolicy) -> int:
-    checks = doctor_checks(policy)
+def run_doctor(console: Any, checks: Sequence[DoctorCheck]) -> int:
     for c in checks:
-        mark = "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
+        warn = c.ok and c.detail.startswith("WARNING")
+        mark = "[yellow]warn[/]" if warn else "[green]ok[/]  " if c.ok else "[red]FAIL[/]"
         console.print(f"{mark} {c.name}: {_escape(c.detail)}")
         if not c.ok and c.fix:
             console.print(f"      fix: {_escape(c.fix)}")

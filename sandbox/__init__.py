@@ -969,12 +969,15 @@ def _signature(path: Path) -> bytes:
 
 def _walk(workdir: Path, max_dirs: int) -> tuple[list[Path], dict[Path, bytes], bool]:
     """Every git directory (by name or by shape, so bare repositories and `.git/modules/*`
-    count), every `.git` file or link, and the host-run files. Links are never followed."""
+    count), every `.git` file or link, and the host-run files. Links are never followed.
+    Plain strings on the way: this runs twice per command over the whole tree."""
     git_paths: list[Path] = []
     host_run: dict[Path, bytes] = {}
-    stack, seen = [workdir], 0
+    root = str(workdir)
+    stack: list[tuple[str, bool]] = [(root, False)]  # (directory, inside a host-run dir)
+    seen = 0
     while stack:
-        here = stack.pop()
+        here, in_run_dir = stack.pop()
         seen += 1
         if seen > max_dirs:
             return git_paths, host_run, True
@@ -982,18 +985,25 @@ def _walk(workdir: Path, max_dirs: int) -> tuple[list[Path], dict[Path, bytes], 
             entries = {e.name.casefold(): e for e in os.scandir(here)}
         except OSError:
             continue
-        is_git = here != workdir and (here.name.casefold() == ".git" or _git_shaped(entries))
-        if is_git or (here == workdir and _git_shaped(entries)):
-            git_paths.append(here)
+        name = os.path.basename(here).casefold()
+        is_git = here != root and name == ".git"
+        if is_git or _git_shaped(entries):
+            is_git = True
+            git_paths.append(Path(here))
         for folded, entry in entries.items():
-            path = Path(entry.path)
             if entry.is_dir(follow_symlinks=False):
                 if not (is_git and folded in _GIT_DATA_DIRS):
-                    stack.append(path)
+                    stack.append((entry.path, in_run_dir or folded in _HOST_RUN_DIRS))
             elif folded == ".git":
-                git_paths.append(path)  # a gitdir file or a link: a redirect
-            elif kind := _host_run_kind(path.relative_to(workdir)):
-                host_run[path] = (_read_small(path) or b"") if kind == "protected" else _signature(path)
+                git_paths.append(Path(entry.path))  # a gitdir file or a link: a redirect
+            elif in_run_dir or folded in _HOST_RUN_NAMES or (
+                    name == ".claude" and folded.startswith("settings")):  # fmt: skip
+                path = Path(entry.path)
+                kind = _host_run_kind(path.relative_to(workdir))
+                if kind == "protected":
+                    host_run[path] = _read_small(path) or b""
+                elif kind == "noticed":
+                    host_run[path] = _signature(path)
     return git_paths, host_run, False
 
 
@@ -1498,6 +1508,7 @@ class BashTool:
         self._sandbox_checked = False
         self._cgroup: _Cgroup | None = None
         self._cgroup_tried = False
+        self._refused = _workdir_problem(policy)  # once: it looks at sys.path and site
 
     def run(self, command: str, timeout_s: float) -> ToolResult:
         try:
@@ -1600,8 +1611,8 @@ class BashTool:
 
     def _sandbox_problem(self) -> str | None:
         """Probe once, on first use: a missing bwrap looks like any failing command."""
-        if refused := _workdir_problem(self.policy):
-            return refused
+        if self._refused:
+            return self._refused
         if _is_within(self._private, self.policy.workdir):
             return (
                 f"not run: the temp directory {self._private.parent} is inside the work "
@@ -1970,6 +1981,7 @@ class EditorTool:
                 self._denied += [Path(os.path.abspath(entry)), Path(os.path.realpath(entry))]
         # /proc/self/environ would show the harness's own environment: the API key.
         self._denied.append(Path("/proc"))
+        self._refused = _workdir_problem(policy)  # once: it looks at sys.path and site
 
     def run(self, tool_input: Mapping[str, Any]) -> ToolResult:
         command = _field(tool_input, "command", str)
@@ -1983,8 +1995,8 @@ class EditorTool:
         raw = _field(tool_input, "path", str)
         if not raw.strip() or "\0" in raw:
             raise ToolFailure("path is empty or holds a NUL byte")
-        if refused := _workdir_problem(self.policy):
-            raise ToolFailure(refused)
+        if self._refused:
+            raise ToolFailure(self._refused)
         fd = _acquire_lock(_lock_path(self.policy), _EDITOR_LOCK_WAIT_S)
         if fd is None:
             raise ToolFailure(

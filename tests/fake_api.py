@@ -86,8 +86,8 @@ and `canceled` a 500 api_error.
 Faults (`inject(endpoint, kind, count=1, ...)`)
 -----------------------------------------------
 The next `count` requests to `endpoint` fail (FIFO; the endpoint's own before "any"'s):
-"429" (retry-after 1 unless `retry_after=`), "429-spend", "413", "500", "502", "503", "504",
-"529": the API's JSON error; with `error_code="contract_spend_limit_reached"` (or
+"429" (retry-after 1 unless `retry_after=`), "429-spend", "413", "401", "402", "403",
+"500", "502", "503", "504", "529": the API's JSON error; with `error_code="contract_spend_limit_reached"` (or
 "enforced_spend_limit_reached", "ramp_limit_exceeded", ...) it carries
 error.details.error_code, which the SDK turns into its own exception class (no default
 retry-after for a spend limit); with `html=True` it is a proxy's text/html page instead.
@@ -115,7 +115,9 @@ Tokens and prompt caching
 Blocks in prefix order tools -> system -> messages (a string is one text block) count
 max(1, ceil(len(canonical JSON without cache_control) / 4)) tokens; output tokens likewise.
 Cache entries are keyed by (model, exact prefix up to a block, cache_control ignored) and
-written only at breakpoints. For each breakpoint the positions from it back to 20 blocks
+written only at breakpoints. The entries of one batch run side by side: none reads what a
+sibling in the same batch wrote (N agents sharing a prefix in one batch write it N times).
+For each breakpoint the positions from it back to 20 blocks
 before it (21 positions) are looked up; the longest unexpired hit is read. Tokens from the
 hit (or the start) up to the last writable breakpoint are written, split into the 5m/1h
 breakdown by the TTL of the breakpoint covering them; the rest is input_tokens. A prefix
@@ -204,13 +206,18 @@ FAULT_KINDS = (
     "slow",
     "drop-after-create",
     "413",
+    "401",
+    "402",
+    "403",
     "stream-error",
     "stream-drop",
 )
 # Faults that only a streamed /v1/messages answer takes (other requests pass them by).
 STREAM_FAULT_KINDS = ("stream-error", "stream-drop")
 # Faults that are an HTTP error answer (the ones `error_code` and `html` apply to).
-_STATUS_FAULT_KINDS = ("429", "429-spend", "413", "500", "502", "503", "504", "529")
+_STATUS_FAULT_KINDS = (
+    "429", "429-spend", "413", "500", "502", "503", "504", "529", "401", "402", "403"
+)
 _FAULT_ERRORS = {
     "429": (429, "rate_limit_error", "Number of request tokens has exceeded your rate limit."),
     "429-spend": (
@@ -224,6 +231,9 @@ _FAULT_ERRORS = {
     "504": (504, "timeout_error", "Request timed out"),
     "529": (529, "overloaded_error", "Overloaded"),
     "413": (413, "request_too_large", "Request exceeds the maximum allowed size."),
+    "401": (401, "authentication_error", "invalid x-api-key"),
+    "402": (402, "billing_error", "Your credit balance is too low."),
+    "403": (403, "permission_error", "Your API key does not have permission to use this."),
 }
 # error.details.error_code values the SDK (2.14) maps to their own exception classes on a 429;
 # the spend limits must not be retried, ramp_limit_exceeded is retried after `retry-after`.
@@ -444,6 +454,7 @@ class _Fault:
 class _CacheEntry:
     expires_at: float
     ttl_s: float
+    batch_id: str | None = None  # the batch whose entry wrote it, until another request reads it
 
 
 @dataclasses.dataclass
@@ -951,11 +962,15 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def apply(self, model: str, blocks: list[_PromptBlock], now: float) -> CacheOutcome:
+    def apply(
+        self, model: str, blocks: list[_PromptBlock], now: float, batch_id: str | None = None
+    ) -> CacheOutcome:
+        """`batch_id`: the entries of one batch run side by side, so none reads what a sibling
+        wrote (each pays its own write); a later request reads it as usual."""
         prefix = _prefix_sums(blocks)
         minimum = min_cacheable_tokens(model)
         breakpoints = [i for i, b in enumerate(blocks) if b.ttl is not None]
-        hit = self._longest_hit(model, blocks, breakpoints, prefix, minimum, now)
+        hit = self._longest_hit(model, blocks, breakpoints, prefix, minimum, now, batch_id)
         read = prefix[hit] if hit >= 0 else 0
         writable = [i for i in breakpoints if i > hit and prefix[i] >= minimum]
         written = {"5m": 0, "1h": 0}
@@ -970,7 +985,7 @@ class PromptCache:
                     previous = i
             for i in writable:
                 ttl_s = TTL_S[blocks[i].ttl or "5m"]
-                self._entries[(model, blocks[i].key)] = _CacheEntry(now + ttl_s, ttl_s)
+                self._entries[(model, blocks[i].key)] = _CacheEntry(now + ttl_s, ttl_s, batch_id)
         total = prefix[-1] if prefix else 0
         return CacheOutcome(
             total - read - written["5m"] - written["1h"], read, written["5m"], written["1h"]
@@ -984,6 +999,7 @@ class PromptCache:
         prefix: list[int],
         minimum: int,
         now: float,
+        batch_id: str | None = None,
     ) -> int:
         best = -1
         for bp in reversed(breakpoints):
@@ -991,12 +1007,16 @@ class PromptCache:
                 if i <= best:
                     break
                 entry = self._entries.get((model, blocks[i].key))
-                if entry is not None and entry.expires_at > now and prefix[i] >= minimum:
+                sibling = batch_id is not None and entry is not None and entry.batch_id == batch_id
+                if entry is not None and not sibling and entry.expires_at > now and (
+                    prefix[i] >= minimum
+                ):
                     best = i
                     break
         if best >= 0:
             entry = self._entries[(model, blocks[best].key)]
             entry.expires_at = now + entry.ttl_s  # a read refreshes the entry
+            entry.batch_id = None
         return best
 
 
@@ -1431,7 +1451,7 @@ class FakeAPI:
             return {"type": "errored", "error": error_body(step.error_type, step.message)}
         if step.kind in ("expired", "canceled"):
             return {"type": step.kind}
-        message = self._render(step, params, "batch", now)
+        message = self._render(step, params, "batch", now, batch_id)
         record.usage = message["usage"]
         return {"type": "succeeded", "message": message}
 
@@ -1447,14 +1467,16 @@ class FakeAPI:
             raise TypeError(f"a script step must be a Step, str, callable or None, not {step!r}")
         return step
 
-    def _render(self, step: Step, params: dict[str, Any], tier: str, now: float) -> dict[str, Any]:
+    def _render(
+        self, step: Step, params: dict[str, Any], tier: str, now: float, batch_id: str | None = None
+    ) -> dict[str, Any]:
         content = []
         for block in step.content:
             block = dict(block)
             if block.get("type") == "tool_use" and not block.get("id"):
                 block["id"] = new_id("toolu_")
             content.append(block)
-        outcome = self.cache.apply(params["model"], prompt_blocks(params), now)
+        outcome = self.cache.apply(params["model"], prompt_blocks(params), now, batch_id)
         usage: dict[str, Any] = {
             "input_tokens": outcome.input_tokens,
             "output_tokens": sum(count_tokens(b) for b in content) if content else 1,

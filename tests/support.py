@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import select
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,11 +67,18 @@ def detach_first_turn(rig: Rig, prompt: str = "go") -> None:
 
 
 class TestClock(bh.Clock):
-    """Real time, but no sleep longer than 50 ms (back-offs and poll gaps shrink); `on_wait`,
-    when set, runs each time the agent waits on its ticket: where a test's Ctrl-C lands."""
+    """Real time (plus `offset_s`), but no sleep longer than 50 ms (back-offs and poll gaps
+    shrink); `on_wait`, when set, runs each time the agent waits on its ticket: where a
+    test's Ctrl-C lands."""
+
+    __test__ = False  # a helper, not a test class, wherever a test module imports it
 
     def __init__(self) -> None:
         self.on_wait: Any = None
+        self.offset_s = 0.0  # a test moves the harness's clock forward without sleeping
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
 
     def sleep(self, seconds: float) -> None:
         time.sleep(min(max(seconds, 0.0), 0.05))
@@ -112,3 +123,54 @@ def make_rig(api: Any, tmp_path: Path, *, sandbox: bool = False, retry_attempts:
 
 
 OPEN_TOOLBOXES: list[Any] = []
+
+
+def harness_env(tmp_path: Path, api: Any = None) -> dict[str, str]:
+    """The environment of a harness run whose state lives under tmp_path (never ~)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "LANG": "C.UTF-8", "BATCHING_HARNESS_HOME": str(tmp_path / "home")}
+    if api is not None:
+        env.update(ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=api.base_url)
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class MainRun:
+    status: int
+    out: str
+    err: str
+
+
+def run_main(tmp_path: Path, *args: str, api: Any = None, stdin: str = "",
+             columns: int = 160) -> MainRun:
+    """`batching-harness --workdir tmp_path/work ARGS` through `main(argv, environ)` in this
+    process: what the command line prints and returns, without paying a new interpreter and
+    the SDK's import (about 4 s of CPU) for each run. A real process is needed only where
+    the process itself is under test (SIGKILL, a terminal); those tests spawn one."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin, sys.stdout, sys.stderr, os.environ.get("COLUMNS")
+    sys.stdin, sys.stdout, sys.stderr = io.StringIO(stdin), out, err
+    os.environ["COLUMNS"] = str(columns)  # rich sizes its tables from it, as in a terminal
+    try:
+        status = bh.main(["--workdir", str(work), *args], harness_env(tmp_path, api))
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved[:3]
+        if saved[3] is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved[3]
+    return MainRun(status, out.getvalue(), err.getvalue())
+
+
+def read_fifo(path: Path, timeout_s: float = 30.0) -> str:
+    """What a tool command wrote to the FIFO at `path` (made with os.mkfifo): the test
+    blocks until the command really runs, with no sleep and no polling."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout_s)
+        assert ready, f"nothing was written to {path} within {timeout_s:g} s"
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)

@@ -4,7 +4,6 @@ real tools (sandbox off here; tests/test_sandbox.py covers srt)."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -231,7 +230,7 @@ def test_retries_are_bounded_and_turn_stays_resumable(api, tmp_path):
 
 
 def test_ctrl_c_cancel(api, tmp_path):
-    api.latency_s = 30
+    api.hold = True
     api.script.append(fa.text("too late"))
     rig = make_rig(api, tmp_path, interrupts=["cancel"])
     calls = {"n": 0}
@@ -240,6 +239,8 @@ def test_ctrl_c_cancel(api, tmp_path):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
+        if api.count("cancel"):
+            api.release()  # the held batch ends, canceled
 
     rig.clock.on_wait = interrupting_sleep
     with pytest.raises(bh.TurnFailed, match="canceled"):
@@ -248,7 +249,7 @@ def test_ctrl_c_cancel(api, tmp_path):
 
 
 def test_ctrl_c_detach_keeps_batch_and_resume_collects_it(api, tmp_path):
-    api.latency_s = 0.5
+    api.hold = True
     api.script.append(fa.text("collected later"))
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
@@ -259,6 +260,7 @@ def test_ctrl_c_detach_keeps_batch_and_resume_collects_it(api, tmp_path):
     with pytest.raises(bh.Detached) as info:
         rig.agent.prompt("go")
     assert info.value.batch_id == rig.requests()[0].batch_id
+    api.release()
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
     assert rig2.agent.resume().text == "collected later"
     assert api.count("create") == 1
@@ -368,31 +370,34 @@ def test_an_empty_answer_ends_the_turn_without_paying_again(api, tmp_path):
 
 def test_cancel_after_the_batch_ended_still_collects_it(api, tmp_path):
     """Regression: canceling a batch that had just ended (a 400) threw the paid result away."""
-    api.latency_s = 0.3
+    api.hold = True
     api.script.append(fa.text("paid and kept"))
     rig = make_rig(api, tmp_path, interrupts=["cancel"])
     state = {"n": 0}
 
-    def sleep_then_interrupt(_s):
+    def end_then_interrupt(_s):
         state["n"] += 1
         if state["n"] == 1:
-            time.sleep(0.6)  # the batch ends while the user reads the menu
+            (batch_id,) = api.release()  # the batch ends while the user reads the menu
+            assert api.batch(batch_id)["processing_status"] == "ended"
             raise KeyboardInterrupt
 
-    rig.clock.on_wait = sleep_then_interrupt
+    rig.clock.on_wait = end_then_interrupt
     assert rig.agent.prompt("go").text == "paid and kept"
     assert any("cancel refused" in n for n in rig.notices())
 
 
 def test_turnaround_is_the_batch_s_own_duration(api, tmp_path):
     """Regression: a result collected long after the batch ended counted the whole delay."""
-    api.latency_s = 0.2
+    api.hold = True
     api.script.append(fa.text("late"))
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
     detach_first_turn(rig, "go")
-    time.sleep(1.5)
+    api.release()
+    api.advance(60)  # collected a minute after the batch ended
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
+    rig2.clock.offset_s = 60  # ... by the harness's clock too
     rig2.agent.resume()
     (req,) = rig2.requests()
     assert req.wait_s < 1.0
@@ -473,11 +478,13 @@ def test_a_canceled_tool_result_turn_is_not_sent_again_with_the_next_prompt(api,
 def test_a_prompt_after_an_in_flight_turn_that_failed_still_runs(api, tmp_path):
     """Regression: --continue -p exited 1 without running its prompt when the re-attached
     batch had ended canceled."""
-    api.latency_s = 0.5
+    api.hold = True
     api.script.extend([fa.canceled(), fa.text("second answered")])
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
     detach_first_turn(rig, "first")
+    api.hold = False
+    api.release()
     rig2 = make_rig(api, tmp_path, session=rig.agent.session)
     assert rig2.agent.prompt("second").text == "second answered"
     assert any("canceled" in n for n in rig2.notices())
@@ -519,7 +526,7 @@ def test_results_missing_from_our_own_batch_are_resubmitted_a_bounded_number_of_
 
 def test_a_prompt_that_cannot_be_sent_yet_says_so(api, tmp_path):
     """Regression: a prompt typed while an earlier turn could not be collected vanished."""
-    api.latency_s = 0.5
+    api.hold = True
     rig = make_rig(api, tmp_path, interrupts=["detach"], retry_attempts=2)
     detach_first_turn(rig)
     api.inject("list", "500", count=50)

@@ -74,8 +74,8 @@ class StubAPI:
 
 
 def _wait_all(channel, ends, expected_s=None):
-    channel.clock.frozen.set()  # every batch is sent at t=0, as a pooled round would be
-    tickets = [channel.watch(f"c_{b}", b, sent_at=0.0, expected_s=expected_s,
+    channel.clock.frozen.set()  # every batch is sent at once, as a pooled round would be
+    tickets = [channel.watch(f"c_{b}", b, sent_at=channel.clock.now(), expected_s=expected_s,
                              on_status=lambda s: None, notify=print) for b in ends]
     channel.clock.frozen.clear()
     for ticket in tickets:
@@ -170,3 +170,20 @@ def test_one_turn_polls_by_list_and_downloads_results_in_one_request(fake_api):
     assert arrival.entry.message["content"][0]["text"] == "hi"
     assert fake_api.count("retrieve") == 0 and fake_api.count("results") == 1
     assert fake_api.count("list") >= 1
+
+
+def test_back_to_back_turns_keep_the_one_second_endgame():
+    """Regression: the budget of the turn before counted against the next one's endgame,
+    spreading its last polls to 2.1 s and the detection lag to 1.8 s."""
+    clock = FakeClock()
+    channel, polls = None, []
+    for turn in range(5):
+        start = clock.now()
+        stub = StubAPI(clock, {f"b{turn}": start + 20.0})
+        channel = channel or bh.BatchChannel(stub, poll_interval_s=2.5, clock=clock)
+        channel.api = stub
+        _wait_all(channel, stub.ends, expected_s=20.0 if turn else None)
+        polls += stub.lists
+        assert stub.lists[-1] - (start + 20.0) <= 1.0 + 1e-9
+        clock.sleep(1.0)  # the tool run between two turns
+    assert max(sum(1 for t in polls if s <= t < s + 60) for s in polls) <= bh.POLLS_PER_MINUTE

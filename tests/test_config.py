@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import batching_harness as bh
+from tests.support import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,7 @@ def _run(args, env_extra=None, tmp_path=None, stdin=None):
 
 
 def test_missing_api_key_is_one_line_and_exit_2(tmp_path):
+    """In a real process: the exit status and stderr a shell script sees."""
     r = _run(["-p", "hello"], tmp_path=tmp_path)
     assert r.returncode == 2
     assert "ANTHROPIC_API_KEY is not set" in r.stderr
@@ -60,11 +62,12 @@ def test_missing_api_key_is_one_line_and_exit_2(tmp_path):
 
 
 def test_bad_usage_exits_2_and_version_works(tmp_path):
-    assert _run(["--cache-ttl", "2h"], tmp_path=tmp_path).returncode == 2
-    r = _run(["--version"], tmp_path=tmp_path)
-    assert r.returncode == 0 and bh.__version__ in r.stdout
-    r = _run(["--help"], tmp_path=tmp_path)
-    assert r.returncode == 0 and "--allow-domain" in r.stdout
+    r = run_main(tmp_path, "--cache-ttl", "2h")
+    assert r.status == 2 and "--cache-ttl" in r.err
+    r = run_main(tmp_path, "--version")
+    assert r.status == 0 and bh.__version__ in r.out
+    r = run_main(tmp_path, "--help")
+    assert r.status == 0 and "--allow-domain" in r.out
 
 
 def _polls_per_minute(latency_s: float, expected_s: float | None, base_s: float = 2.5):

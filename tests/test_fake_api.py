@@ -1355,7 +1355,9 @@ def test_stream_pace_and_pings(fake_api: FakeAPI):
     assert names[2:first] == ["ping"] * 3  # pinged while the first token is awaited
     assert seen[0][0] < 0.15 <= 0.2 <= seen[first][0]  # message_start at once
     deltas = [t for t, name in seen if name == "content_block_delta"]
-    assert len(deltas) == 3 and deltas[-1] - deltas[0] >= 0.04
+    # The last delta cannot arrive before the first token's wait plus two chunk delays (a
+    # spacing between deltas, measured where they are read, shrinks on a loaded machine).
+    assert len(deltas) == 3 and deltas[-1] >= 0.2 + 2 * 0.02
     assert names[first:] == [
         "content_block_start",
         *["content_block_delta"] * 3,
@@ -1583,7 +1585,7 @@ def test_standalone_cli_serves_and_stops_cleanly():
         assert line.result.message.usage.inference_geo == "us"
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=5)
+        out, err = proc.communicate(timeout=30)  # a hang still fails; a loaded CI box is slow
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "POST /v1/messages/batches -> 200" in out
@@ -1609,5 +1611,5 @@ def test_standalone_cli_exits_cleanly_on_sigterm():
         assert "http://127.0.0.1:" in proc.stdout.readline()
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=5)
+        _, err = proc.communicate(timeout=30)  # a hang still fails; a loaded CI box is slow
     assert proc.returncode == 0 and "Traceback" not in err

@@ -68,8 +68,8 @@ def test_damaged_message_row_is_reported(tmp_path):
         journal.messages(session.id, 0)
 
 
-def test_user_content_merges_to_keep_roles_alternating(tmp_path):
-    journal = bh.Journal(tmp_path / "j.db")
+def test_user_content_merges_to_keep_roles_alternating(any_store, tmp_path):
+    journal = any_store
     s = journal.create_session(tmp_path, "m")
     journal.add_user_content(s.id, 0, [{"type": "text", "text": "a"}])
     journal.add_user_content(s.id, 0, [{"type": "text", "text": "b"}])
@@ -77,8 +77,8 @@ def test_user_content_merges_to_keep_roles_alternating(tmp_path):
     assert [b["text"] for b in msg["content"]] == ["a", "b"]
 
 
-def test_request_lifecycle_and_committed_spend(tmp_path):
-    journal = bh.Journal(tmp_path / "j.db")
+def test_request_lifecycle_and_committed_spend(any_store, tmp_path):
+    journal = any_store
     s = journal.create_session(tmp_path, "claude-opus-5-5")
     row = _request(s)
     journal.begin_request(row)
@@ -98,8 +98,8 @@ def test_request_lifecycle_and_committed_spend(tmp_path):
     assert journal.messages(s.id, 0)[-1]["role"] == "assistant"
 
 
-def test_session_lookup_by_prefix(tmp_path):
-    journal = bh.Journal(tmp_path / "j.db")
+def test_session_lookup_by_prefix(any_store, tmp_path):
+    journal = any_store
     s = journal.create_session(tmp_path, "m")
     assert journal.find_session(s.id[:18]).id == s.id
     assert journal.latest_session(tmp_path).id == s.id
@@ -122,10 +122,10 @@ def test_second_process_cannot_open_the_same_session(tmp_path):
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "journal_v1.db"
 
 
-def test_many_threads_share_one_store(tmp_path):
+def test_many_threads_share_one_store(any_store, tmp_path):
     """Regression: four threads calling add_user_content on one journal gave three
     'cannot start a transaction within a transaction' failures."""
-    store = bh.SqliteStore(tmp_path / "j.db")
+    store = any_store
     sessions = [store.create_session(tmp_path, "claude-opus-5-5") for _ in range(8)]
     errors: list[BaseException] = []
 
@@ -154,7 +154,7 @@ def test_migrations_are_numbered_from_one_without_gaps():
     # below 30 the numbering has no gaps.
     mainline = sorted(n for n in bh.MIGRATIONS if n < 30)
     assert mainline == list(range(1, len(mainline) + 1))
-    assert bh.SCHEMA_VERSION >= 2
+    assert bh.SCHEMA_VERSION >= 4
 
 
 def test_a_journal_from_0_1_upgrades_in_place(tmp_path):

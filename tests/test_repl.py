@@ -71,14 +71,14 @@ def test_resume_command_lists_and_picks_a_session(api, tmp_path):
     old.agent.prompt("first")
     new_session = old.journal.create_session(old.workdir.resolve(), "claude-opus-5-5")
     rig = make_rig(api, tmp_path, session=new_session)
-    repl, out = make_repl(rig, ["/resume 2", "/stats"], tmp_path)
+    repl, out = make_repl(rig, ["/resume 1", "/stats"], tmp_path)  # empty sessions are not listed
     assert repl.run() == 0
     assert rig.agent.session.id == old.agent.session.id
     assert f"resumed session {old.agent.session.id}" in out.getvalue()
 
 
 def test_detach_exits_zero_with_the_resume_command(api, tmp_path):
-    api.latency_s = 30
+    api.hold = True
     rig = make_rig(api, tmp_path, interrupts=["detach"])
 
     def interrupt(_s):
@@ -140,7 +140,7 @@ def test_headless_prints_the_resume_command_when_faults_outlast_retries(api, tmp
     api.inject("list", "503", count=50)
     rig = make_rig(api, tmp_path, retry_attempts=2)
     err = io.StringIO()
-    config = bh.parse_config(["--output-format", "json"], {})
+    config = bh.parse_config(["-p", "go", "--output-format", "json"], {})
     status = bh.run_headless(rig.agent, config, "go", Console(file=err, width=200))
     assert status == 1
     assert f"--resume {rig.agent.session.id}" in err.getvalue()

@@ -147,7 +147,7 @@ def test_route_command_and_the_json_lanes(fake_api, tmp_path, capsys):
     rig.agent.prompt("first")
     rig.agent.set_route("sync")
     rig.agent.prompt("second")
-    bh.print_headless(rig.agent.report(), bh.parse_config(["--output-format", "json"], {}),
+    bh.print_headless(rig.agent.report(), bh.parse_config(["-p", "x", "--output-format", "json"], {}),
                       None)
     out = json.loads(capsys.readouterr().out)
     assert out["lanes"] == {"batch": 1, "sync": 1}

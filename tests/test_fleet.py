@@ -1,0 +1,193 @@
+"""`batching-harness fleet`: many agents, their turns pooled. Each test runs the real
+front-end (in-process through main(), or as a process for the crash and the terminal) against
+the stand-in, and checks what the user sees and what the API was asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import batching_harness as bh
+from tests import fake_api as fa
+
+ROOT = Path(__file__).resolve().parent.parent
+PREAMBLE = "Project conventions, shared by every task.\n" + "Keep changes small. " * 150
+
+
+def env_for(api, home: Path) -> dict[str, str]:
+    return {"ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.base_url,
+            "BATCHING_HARNESS_HOME": str(home), "PATH": os.environ.get("PATH", "")}
+
+
+def write_tasks(tmp_path: Path, lines: list) -> Path:
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def fleet(api, tmp_path, capsys, lines, *flags: str) -> tuple[int, dict, str]:
+    tasks = write_tasks(tmp_path, lines)
+    status = bh.main(["fleet", str(tasks), "--no-sandbox", "--poll-interval", "0.02",
+                      "--runs-dir", str(tmp_path / "runs"), "--output-format", "json", "--window", "30",
+                      *flags],
+                     env_for(api, tmp_path / "home"))
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    return status, json.loads(out[-1]) if out else {}, captured.err
+
+
+def widths(api) -> list[int]:
+    return [len(api._batches[b].requests) for b in api.batch_ids()]
+
+
+def first_text(params) -> str:
+    return json.dumps(params["messages"][0])
+
+
+def test_a_task_file_with_bad_lines_is_refused_before_anything_is_sent(fake_api, tmp_path,
+                                                                        capsys):
+    status, _, err = fleet(fake_api, tmp_path, capsys, [
+        {"id": "ok", "prompt": "fine"}, '{"id": "x", "prompt": ', {"id": "y"},
+        {"id": "ok", "prompt": "twice"}, {"prompt": "p", "colour": "red"}, "a plain prompt"])
+    assert status == 2
+    for expected in ("line 2: not valid JSON", 'line 3: "prompt"', "line 4: id 'ok' is used on "
+                     "line 1", "line 5: unknown key(s) colour"):
+        assert expected in err
+    assert fake_api.calls == [] and not (tmp_path / "runs").exists()
+
+
+def test_three_agents_share_each_round_and_each_gets_its_own_work_dir(fake_api, tmp_path, capsys):
+    template = tmp_path / "template"
+    template.mkdir()
+    (template / "README").write_text("seed\n")
+    status, out, _ = fleet(fake_api, tmp_path, capsys,
+                        [{"id": f"a{i}", "prompt": "run: cat README && pwd"} for i in range(3)],
+                        "--template", str(template))
+    assert status == 0
+    assert widths(fake_api) == [3, 3]  # two rounds, one batch each
+    agents = {a["id"]: a for a in out["agents"]}
+    assert {a["state"] for a in agents.values()} == {"done"}
+    assert {a["workdir"] for a in agents.values()} == {
+        str((tmp_path / "runs" / out["run_id"] / f"a{i}").resolve()) for i in range(3)}
+    assert all("seed" in a["result"] and a["turns"] == 2 for a in agents.values())
+    assert out["totals"]["batches_created"] == 2 and out["totals"]["width"]["max"] == 3
+    assert out["totals"]["flush_reasons"] == {"all waiting": 2}
+    ids = [r.custom_id for r in fake_api.model_requests]
+    assert all(bh.parse_custom_id(c) for c in ids) and len(set(ids)) == 6
+
+
+def test_the_primer_goes_first_and_the_shared_prefix_is_written_once(fake_api, tmp_path, capsys):
+    preamble = tmp_path / "preamble.md"
+    preamble.write_text(PREAMBLE)
+    tasks = [{"id": f"p{i}", "prompt": f"run: echo {i}"} for i in range(4)]
+    status, primed, _ = fleet(fake_api, tmp_path, capsys, tasks, "--preamble", str(preamble))
+    assert status == 0 and widths(fake_api)[0] == 1  # the primer's first turn alone
+    first = fake_api._batches[fake_api.batch_ids()[0]].requests[0]["custom_id"]
+    assert bh.parse_custom_id(first)[1] == 0
+    # Without the primer, four first turns in one batch each write the same prefix.
+    fake_api.cache.clear()
+    (tmp_path / "np").mkdir()
+    status, unprimed, _ = fleet(fake_api, tmp_path / "np", capsys, tasks, "--preamble",
+                             str(preamble), "--no-prime")
+    assert status == 0
+    written, unwritten = (primed["totals"]["cache_write_tokens"],
+                          unprimed["totals"]["cache_write_tokens"])
+    assert written < unwritten
+    print(f"cache write tokens: primed {written}, not primed {unwritten}")
+
+
+def test_a_refused_turn_fails_only_its_agent_and_a_flaky_one_goes_into_the_next_batch(
+        fake_api, tmp_path, capsys):
+    flaked: list[str] = []
+
+    def model(params):
+        text = first_text(params)
+        if "BAD" in text:
+            return fa.errored("invalid_request_error", "messages.0: this prompt is refused")
+        if "FLAKY" in text and not flaked:
+            flaked.append("once")
+            return fa.errored("overloaded_error", "Overloaded")
+        return None  # the demo model
+
+    fake_api.script.extend([model] * 20)
+    status, out, _ = fleet(fake_api, tmp_path, capsys, [
+        {"id": "bad", "prompt": "BAD run: true"}, {"id": "flaky", "prompt": "FLAKY run: true"},
+        {"id": "fine", "prompt": "run: true"}])
+    agents = {a["id"]: a for a in out["agents"]}
+    assert status == 1
+    assert agents["bad"]["state"] == "failed" and "this prompt is refused" in agents["bad"]["error"]
+    assert agents["flaky"]["state"] == "done" and agents["fine"]["state"] == "done"
+    flaky_batches = agents["flaky"]["batches"]
+    assert len(flaky_batches) == 3 and flaky_batches[0] != flaky_batches[1]
+
+
+def test_sigkill_mid_fleet_then_continue_pays_no_turn_twice_and_loses_none(fake_api, tmp_path):
+    fake_api.hold = True
+    home = tmp_path / "home"
+    tasks = write_tasks(tmp_path, [{"id": f"k{i}", "prompt": f"run: echo {i}"} for i in range(3)])
+    command = [sys.executable, str(ROOT / "batching_harness.py"), "fleet", "--no-sandbox",
+               "--poll-interval", "0.05", "--window", "30", "--runs-dir", str(tmp_path / "runs")]
+    first = subprocess.Popen([*command, str(tasks)], env=env_for(fake_api, home),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fake_api.wait_for_batches(1, timeout_s=20)
+        wait_until_journaled(home / "journal.db")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    fake_api.hold = False
+    fake_api.release()
+    done = subprocess.run([*command, "--continue", "--output-format", "json"],
+                          env=env_for(fake_api, home), capture_output=True, text=True,
+                          timeout=60)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr
+    assert {a["state"] for a in out["agents"]} == {"done"}
+    assert widths(fake_api) == [3, 3]  # the first round re-attached, not created again
+    answered = [r.custom_id for r in fake_api.model_requests]
+    assert len(answered) == len(set(answered)) == 6  # each turn answered (paid) once
+    assert all(a["turns"] == 2 for a in out["agents"])
+
+
+def wait_until_journaled(db_path: Path, timeout_s: float = 20) -> None:
+    """The pooled create's id is in the journal (a crash before that is recover()'s case,
+    tested in test_pooler)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db_path) as db:
+            rows = db.execute("SELECT COUNT(*) FROM pool_batches WHERE state='created'").fetchone()
+        if rows[0]:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the pooled create was never journaled")
+
+
+def test_the_live_table_in_a_real_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    with fa.FakeAPI(hold=True) as api:
+        tasks = write_tasks(tmp_path, [{"id": f"tty{i}", "prompt": "run: true"} for i in range(2)])
+        env = {**env_for(api, tmp_path / "home"), "NO_COLOR": "1", "TERM": "xterm",
+               "COLUMNS": "120", "LINES": "40"}
+        child = pexpect.spawn(sys.executable, [str(ROOT / "batching_harness.py"), "fleet",
+                                               str(tasks), "--no-sandbox", "--poll-interval",
+                                               "0.05", "--runs-dir", str(tmp_path / "runs")],
+                              env=env, encoding="utf-8", timeout=30, dimensions=(40, 120))
+        child.logfile_read = (tmp_path / "tty.log").open("w")
+        try:
+            child.expect("waiting on batch")
+            child.expect("pool: 1 batch\\(es\\) in flight \\(widths 2\\)")
+            api.hold = False
+            api.release()
+            child.expect("fleet: 2 agents \\(2 done\\)")
+            child.expect(pexpect.EOF)
+        finally:
+            child.close()
+        assert child.exitstatus == 0
