@@ -1003,7 +1003,9 @@ class ProxyRow:
     lane: str
     why: str | None
     stream: int
-    state: str  # pooled | submitted | ended | delivered | unsent | failed (batch); ended (sync)
+    state: str
+    """batch: pooled | submitted | ended | delivered, or unsent | unknown (cut off by a crash
+    before / during its create) | failed; sync: ended"""
     batch_id: str | None
     params: str | None
     betas: str | None
@@ -1020,6 +1022,11 @@ class ProxyRow:
     wait_s: float | None = None
     attaches: int = 1
     """Client requests this row answered: more than 1 means retries re-attached for free."""
+    pool_id: str | None = None
+    """The create this entry went into, journaled with sent_at and width BEFORE the call:
+    a crash before its batch id was recorded can then find the batch by time and width."""
+    sent_at: float | None = None
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1339,7 +1346,8 @@ CREATE TABLE proxy_requests (
     betas TEXT, received_at {real} NOT NULL, ended_at {real}, delivered_at {real},
     result_type TEXT, error_type TEXT, error_message TEXT, message TEXT, usage TEXT,
     cost_usd {real}, sync_cost_usd {real}, wait_s {real},
-    attaches INTEGER NOT NULL DEFAULT 1);
+    attaches INTEGER NOT NULL DEFAULT 1, pool_id TEXT, sent_at {real}, width INTEGER);
+CREATE INDEX proxy_by_pool ON proxy_requests(pool_id);
 CREATE INDEX proxy_by_turn ON proxy_requests(key_fp, turn_key, received_at);
 CREATE INDEX proxy_by_model ON proxy_requests(model, lane, received_at)
 """)
@@ -1950,7 +1958,8 @@ class _SqlStore:
     def proxy_reattachable(self, key_fp: str, turn_key: str, since: float) -> ProxyRow | None:
         """The newest entry of this key and turn that is paid for and not yet delivered."""
         row = self._one("SELECT * FROM proxy_requests WHERE key_fp=? AND turn_key=? AND "
-                        "lane='batch' AND state IN ('submitted','ended') AND received_at>=? "
+                        "lane='batch' AND state IN ('submitted','ended','unknown') AND "
+                        "received_at>=? "
                         "ORDER BY received_at DESC LIMIT 1", (key_fp, turn_key, since))
         return ProxyRow(**dict(row)) if row else None
 
@@ -1960,12 +1969,31 @@ class _SqlStore:
             "SELECT * FROM proxy_requests ORDER BY received_at, custom_id").fetchall()]
 
     def proxy_unsent(self) -> int:
-        """Rows a crash left between pooling and a known batch: mark them so no retry waits
-        on them (a create cut off by the crash may still have made a batch: it is listed in
-        --stats as unsent)."""
+        """Rows a crash left before a known batch: never sent ('unsent': a retry sends it
+        again), or cut off during the create ('unknown': a retry looks for the batch)."""
         with self._tx() as db:
+            db.execute("UPDATE proxy_requests SET state='unknown' WHERE state='pooled' AND "
+                       "sent_at IS NOT NULL")
             return db.execute("UPDATE proxy_requests SET state='unsent' WHERE "
                               "state='pooled'").rowcount
+
+    def proxy_creating(self, custom_ids: Sequence[str], pool_id: str, sent_at: float) -> None:
+        """Committed BEFORE the create call: which entries go into it, when, how many."""
+        with self._tx() as db:
+            for custom_id in custom_ids:
+                db.execute("UPDATE proxy_requests SET pool_id=?, sent_at=?, width=? WHERE "
+                           "custom_id=?", (pool_id, sent_at, len(custom_ids), custom_id))
+
+    def proxy_adopt(self, pool_id: str, batch_id: str | None) -> None:
+        """A create cut off by a crash, reconciled: every entry of it gets its batch (or, when
+        it made none, goes back to be pooled afresh)."""
+        with self._tx() as db:
+            if batch_id is None:
+                db.execute("UPDATE proxy_requests SET state='unsent' WHERE pool_id=? AND "
+                           "state='unknown'", (pool_id,))
+            else:
+                db.execute("UPDATE proxy_requests SET state='submitted', batch_id=? WHERE "
+                           "pool_id=? AND state='unknown'", (batch_id, pool_id))
 
     def proxy_turnarounds(self, model: str, limit: int = 50) -> list[float]:
         rows = self._db.execute(
@@ -6993,6 +7021,7 @@ class Pool(Protocol):
 
     def add(self, entry: ProxyEntry) -> None: ...
     def watch(self, entry: ProxyEntry) -> None: ...
+    def reconcile(self, entry: ProxyEntry, row: ProxyRow) -> None: ...
     def close(self, timeout_s: float = 10.0) -> None: ...
 
 
@@ -7088,6 +7117,11 @@ class WindowPool:
         call = entries[0].call
         channel = self.channels.for_key(call.credential)
         requests = [{"custom_id": e.custom_id, "params": e.call.batch_params} for e in entries]
+        with self._journal() as open_:
+            if not open_:
+                return
+            self.store.proxy_creating([e.custom_id for e in entries],
+                                      "pool_" + secrets.token_hex(8), self.clock.now())
         try:
             batch_id = channel.api.create(
                 requests, exclude=lambda: self.store.known_batch_ids() |
@@ -7115,6 +7149,28 @@ class WindowPool:
         self._on_batch(batch_id, entries)
         for e in entries:
             self.watch(e)
+
+    def reconcile(self, entry: ProxyEntry, row: ProxyRow) -> None:
+        """A retry of an entry whose create a crash cut off: the batch it made, found by
+        time and width among batches this journal does not know (results confirm the
+        custom_id), is adopted and watched; no batch means it was never made, and the
+        entry is pooled again under its own custom_id."""
+        assert row.pool_id is not None and row.sent_at is not None
+        channel = self.channels.for_key(entry.call.credential)
+        try:
+            found = channel.api.find(not_before=row.sent_at, size=row.width or 1,
+                                     exclude=self.store.known_batch_ids() |
+                                     self.store.proxy_batch_ids(), notify=_ignore)
+        except HarnessError as exc:
+            entry.fail(transport_error(exc))
+            return
+        with self._journal_lock:
+            self.store.proxy_adopt(row.pool_id, found)
+        if found is None:
+            self.add(entry)
+            return
+        entry.submitted(found)
+        self.watch(entry)
 
     def _arrived(self, entry: ProxyEntry, ticket: Ticket) -> None:
         try:
@@ -7503,6 +7559,14 @@ class Proxy:
             self.pool.add(entry)
         elif how == "journal-submitted":
             self.pool.watch(entry)
+        elif how == "journal-unknown":
+            row = self.store.proxy_reattachable(call.credential.fingerprint, call.turn_key,
+                                                req.received_at - REATTACH_WINDOW_S)
+            if row is not None and row.state == "unknown":
+                self.pool.reconcile(entry, row)
+            elif row is not None and row.batch_id:  # another retry adopted it meanwhile
+                entry.submitted(row.batch_id)
+                self.pool.watch(entry)
         record.update(custom_id=entry.custom_id, reattached=how != "new")
         if call.stream:
             self._stream_entry(entry, reply)
@@ -7778,7 +7842,7 @@ def render_proxy_stats(console: Any, rows: Sequence[ProxyRow]) -> None:
     for (client, lane), group in sorted(groups.items()):
         paid = sum(r.cost_usd or 0.0 for r in group)
         sync = sum(r.sync_cost_usd or 0.0 for r in group)
-        waste = sum(1 for r in group if r.state in ("unsent", "failed"))
+        waste = sum(1 for r in group if r.state in ("unsent", "failed", "unknown"))
         table.add_row(client, lane, str(sum(r.attaches for r in group)), fmt_usd(paid),
                       fmt_usd(sync), fmt_usd(sync - paid),
                       str(sum(r.attaches - 1 for r in group)), str(waste))

@@ -447,6 +447,39 @@ def test_an_errored_entry_is_the_apis_http_error_before_the_stream_starts(api: F
     assert len(api.batch_ids()) == 2
 
 
+def test_a_create_the_api_refuses_is_its_http_error_before_any_event(api: FakeAPI,
+                                                                      proxy: Running):
+    """A streaming client's headers wait for its entry to be in a batch, so a key the API
+    refuses is a plain 401 the client knows how to show, not an error event mid-stream."""
+    api.inject("create", "401")
+    with pytest.raises(anthropic.AuthenticationError), \
+            proxy.client().messages.stream(**body_of("hi")) as stream:
+        stream.get_final_message()
+    assert api.batch_ids() == []
+    proxy.line_with("401 authentication_error")
+    api.script.append(text("now it works"))  # a failed entry is not re-attached: sent anew
+    worker = threading.Thread(target=lambda: proxy.client().messages.create(**body_of("hi")))
+    worker.start()
+    api.wait_for_batches(1)
+    api.release()
+    worker.join(10)
+    wait_until(lambda: [r.state for r in proxy.rows()] == ["failed", "delivered"])
+
+
+def test_route_auto_weighs_the_saving_against_the_wait(api: FakeAPI, tmp_path: Path):
+    running = start_proxy(tmp_path, api.base_url, route="auto", wait_price_usd_per_min=0.05)
+    api.hold = False
+    big = "x" * 400_000  # ~100K tokens on Opus: saves about $0.20, worth two minutes
+    try:
+        running.client().messages.create(**body_of("small"))
+        running.client().messages.create(**body_of(big))
+    finally:
+        stop_proxy(running)
+    running.line_with("sync · saves")  # a small turn: the saving is not worth the wait
+    running.line_with("batch · saves")
+    assert len(api.batch_ids()) == 1 and len(api.model_requests) == 2
+
+
 def test_a_byte_identical_retry_and_the_non_streaming_fallback_pay_once(api: FakeAPI,
                                                                        proxy: Running):
     """Claude Code resends a byte-identical body after its 600 s timeout, and may fall back
@@ -597,7 +630,7 @@ def test_killed_with_a_batch_in_flight_a_restarted_proxy_reattaches_the_retry(
     api.wait_for_batches(2)
     journal = home / "journal.db"
     # Killed once both batch ids are journaled (a kill between the API's create and that
-    # commit is the one window in which a paid batch is lost: the row is marked unsent).
+    # commit is recovered by list(): test_a_create_cut_off_by_a_crash_...).
     wait_until(lambda: sqlite3.connect(journal).execute(
         "SELECT COUNT(*) FROM proxy_requests WHERE state='submitted'").fetchone()[0] == 2)
     proc.send_signal(signal.SIGKILL)
@@ -622,6 +655,36 @@ def test_killed_with_a_batch_in_flight_a_restarted_proxy_reattaches_the_retry(
     assert summary["event"] == "summary", [r.get("event") for r in records]
     assert summary["retries_reattached"] == 2
     assert summary["batches"] == 0  # nothing paid again
+
+
+def test_a_create_cut_off_by_a_crash_is_found_and_adopted_by_the_retry(api: FakeAPI,
+                                                                       tmp_path: Path):
+    """The one window a journal cannot close: the API made the batch, the proxy died before
+    recording its id. The entries, their time and the width were journaled before the
+    create, so the retry finds the batch by list() and waits on it instead of paying again."""
+    body = body_of("cut off", stream=True)
+    call = bh.MessagesCall(body, bh.Credential("x-api-key", "sk-ant-a"), (), "raw", None)
+    store = bh.SqliteStore(tmp_path / "home" / "journal.db")
+    sent_at = time.time()
+    store.begin_proxy_request(bh.ProxyRow(
+        "bh_cut_1", call.turn_key, call.credential.fingerprint, "raw", MODEL, "batch",
+        "batch · agent turn", 1, "pooled", None, json.dumps(body), "[]", sent_at))
+    store.proxy_creating(["bh_cut_1"], "pool_cut", sent_at)
+    store.close()
+    made = anthropic.Anthropic(api_key="sk-ant-a", base_url=api.base_url).messages.batches \
+        .create(requests=[{"custom_id": "bh_cut_1", "params": call.batch_params}])
+    api.script.append(text("found it"))
+    running = start_proxy(tmp_path, api.base_url)
+    try:
+        assert running.app.unsent == 0  # 'unknown', not 'unsent': a retry looks for it
+        retry = RawStream(running.url, json.dumps(body).encode())
+        retry.until("message_start")
+        api.release()
+        assert "found it" in json.dumps(retry.until("message_stop"))
+    finally:
+        stop_proxy(running)
+    assert api.batch_ids() == [made.id]
+    assert [(r.state, r.batch_id) for r in running.rows()] == [("delivered", made.id)]
 
 
 def test_stats_include_proxy_traffic(api: FakeAPI, tmp_path: Path,
