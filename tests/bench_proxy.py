@@ -109,18 +109,21 @@ def _timed_posts(url: str, path: str, body: bytes, n: int) -> list[float]:
 def bench_sync_overhead(n: int, home: Path) -> dict[str, float]:
     """The stand-in runs in a process of its own here, as the real API would: sharing this
     process's GIL with the timing loop it added milliseconds to both sides."""
-    import socket
-
     body = json.dumps({"model": "claude-haiku-5-5", "max_tokens": 50,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, proxy_port = _free_port(), _free_port()
     fake = subprocess.Popen([sys.executable, "-m", "tests.fake_api", "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     upstream = f"http://127.0.0.1:{port}"
     try:
-        proc, url = spawn_proxy(upstream, home)  # its start-up gives the stand-in time
+        # Its lines go to /dev/null: a pipe read here would wake this process per request.
+        proc = subprocess.Popen([sys.executable, str(ROOT / "batching_harness.py"), "proxy",
+                                 "--port", str(proxy_port), "--upstream", upstream],
+                                env={**os.environ, "BATCHING_HARNESS_HOME": str(home)},
+                                stdout=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{proxy_port}"
+        _wait_for_port(proxy_port)
+        _wait_for_port(port)
         _timed_posts(url, "/v1/messages", body, 20)  # warm both connections
         direct = _timed_posts(upstream, "/v1/messages", body, n)
         proxied = _timed_posts(url, "/v1/messages", body, n)
@@ -133,6 +136,28 @@ def bench_sync_overhead(n: int, home: Path) -> dict[str, float]:
             "added_p50_ms": (statistics.median(proxied) - statistics.median(direct)) * 1000,
             "added_p90_ms": (sorted(proxied)[int(0.9 * n)] - sorted(direct)[int(0.9 * n)])
             * 1000}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _rss_kib(pid: int) -> int:
