@@ -7390,7 +7390,7 @@ class ProxyLog:
         self._lock = threading.Lock()
         self.requests: collections.Counter[str] = collections.Counter()
         self.widths: list[int] = []
-        self.entries_ended: list[ProxyEntry] = []
+        self.batch_paid_usd = self.batch_sync_usd = 0.0  # entries ended while running
         self.reattached = 0
         self.sync_usd = 0.0
 
@@ -7422,12 +7422,12 @@ class ProxyLog:
 
     def entry_ended(self, entry: ProxyEntry) -> None:
         with self._lock:
-            self.entries_ended.append(entry)
+            self.batch_paid_usd += entry.cost.paid_usd or 0.0
+            self.batch_sync_usd += entry.cost.sync_usd or 0.0
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
-            paid = sum(e.cost.paid_usd or 0.0 for e in self.entries_ended)
-            sync = sum(e.cost.sync_usd or 0.0 for e in self.entries_ended)
+            paid, sync = self.batch_paid_usd, self.batch_sync_usd
             return {"event": "summary", "requests": dict(self.requests),
                     "batches": len(self.widths), "entries": sum(self.widths),
                     "widths": sorted(self.widths), "retries_reattached": self.reattached,
