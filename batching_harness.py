@@ -6542,11 +6542,13 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 # 2.1.332 through this proxy (README, "Proxy"): without them it gives up on a stream after
 # 600 s (5 minutes of pings, then its 5-minute idle limit; API_FORCE_IDLE_TIMEOUT=0 does
 # not change that) and sends the turn again, or falls back to a non-streaming request. The
-# proxy re-attaches both, so nothing is paid twice, but the turn is sent twice.
+# proxy re-attaches both, so nothing is paid twice, but the turn is sent twice. With these
+# four, one stream stayed open through a 40-minute batch; the idle limit alone (its longest,
+# 30 min) gave up at 35 minutes, so the watchdog switch is the one that matters.
 CLAUDE_CODE_SETTINGS = (
     ("API_TIMEOUT_MS", "86400000", "the SDK's request timeout (600 s by default)"),
     ("CLAUDE_ENABLE_STREAM_WATCHDOG", "0", "no watchdog on a stream that only pings"),
-    ("CLAUDE_STREAM_IDLE_TIMEOUT_MS", "1800000", "the longest idle limit it accepts"),
+    ("CLAUDE_STREAM_IDLE_TIMEOUT_MS", "1800000", "the longest idle limit, should it apply"),
     ("CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK", "1",
      "no second, non-streaming request for the same turn"),
 )
@@ -7817,7 +7819,7 @@ def proxy_banner(config: ProxyConfig, bound_url: str, unsent: int) -> list[str]:
     lines += ["Point a client at it:",
               f"  export ANTHROPIC_BASE_URL={bound_url}"
               + (f" ANTHROPIC_CUSTOM_HEADERS='{TOKEN_HEADER}: <token>'" if config.token else ""),
-              "Claude Code: keep one stream open for a long batch (verified with 2.1.332):",
+              "Claude Code: keep one stream open for a long batch (measured with 2.1.332: 40 min):",
               f"  export {settings}",
               "Python SDK: anthropic.Anthropic(timeout=86400) (the default gives up after 600 s; "
               "a retry re-attaches and is not paid twice)"]
