@@ -1178,6 +1178,7 @@ class Store(Protocol):
     def last_applied(self, session_id: str, conversation: int) -> RequestRow | None: ...
     def recent_requests(self, session_id: str, limit: int) -> list[RequestRow]: ...
     def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool: ...
+    def count_requests(self, session_id: str) -> int: ...
     def committed_usd(self, session_id: str) -> float: ...
     def turnaround_samples(self, model: str, limit: int = 50) -> list[float]: ...
     def known_batch_ids(self) -> set[str]: ...
@@ -1336,7 +1337,7 @@ CREATE INDEX turn_queue_by_intent ON turn_queue(intent_id)
 """)
 
 # Numbered 30 on the proxy branch; the lead renumbers it at merge.
-migration(30, "What the proxy carried for other harnesses: one row per batch entry or "
+migration(6, "What the proxy carried for other harnesses: one row per batch entry or "
           "synchronous call, keyed for re-attaching a client's retry (the key's fingerprint, "
           "never the key).", """
 CREATE TABLE proxy_requests (
@@ -1690,6 +1691,11 @@ class _SqlStore:
                                 f"ORDER BY submitted_at DESC, {self._ARRIVAL} DESC LIMIT ?",
                                 (session_id, limit))
         return [RequestRow(**dict(r)) for r in rows]
+
+    def count_requests(self, session_id: str) -> int:
+        """How many requests the session has made: the number /stats gives the newest."""
+        row = self._one("SELECT COUNT(*) AS n FROM requests WHERE session_id=?", (session_id,))
+        return int(row["n"]) if row else 0
 
     def was_sent(self, session_id: str, conversation: int, n_messages: int) -> bool:
         return self._one("SELECT 1 AS sent FROM requests WHERE session_id=? AND conversation=? "
@@ -4442,7 +4448,8 @@ class Agent:
         handle = self._send(row, params)
         self._turns += 1
         expected = self.expected_wait_s(row.model) if row.lane == "batch" else None
-        self.emit(TurnSent(handle, row.custom_id, row.model, self._turns, self.clock.now(),
+        number = self.store.count_requests(self.session.id)  # the row /stats gives it
+        self.emit(TurnSent(handle, row.custom_id, row.model, number, self.clock.now(),
                            row.estimate_usd, expected, row.lane))
         # Wait (the channel owns the waiting), then apply what came back.
         self._settle(self.store.request(row.custom_id))

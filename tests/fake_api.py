@@ -2144,6 +2144,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C stops it even when started by a process that ignores SIGINT (a pytest-xdist
+    # worker, a background job): an ignored signal is inherited across exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # a signal may arrive while the banner is printed: stop cleanly then too
         takes = f"{args.latency:g} s" + "".join(
             f", {model} {seconds:g} s" for model, seconds in args.latency_by_model

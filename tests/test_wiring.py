@@ -33,3 +33,16 @@ def test_text_from_outside_cannot_drive_the_terminal():
     ui.handle(bh.StreamDelta("text", evil))
     assert "\x1b" not in out.getvalue() and "\x07" not in out.getvalue()
     assert "^[" in out.getvalue()
+
+
+def test_the_live_turn_number_is_the_row_stats_shows(fake_api, tmp_path):
+    """Regression (issue 14.18): the live line counted turns per prompt, /stats per request."""
+    from tests import fake_api as fa
+    from tests.support import make_rig
+
+    fake_api.script.extend([fa.text("one"), fa.text("two")])
+    rig = make_rig(fake_api, tmp_path)
+    rig.agent.prompt("first")
+    rig.agent.prompt("second")
+    sent = [e.turn for e in rig.events if isinstance(e, bh.TurnSent)]
+    assert sent == [1, 2] and len(rig.requests()) == 2
