@@ -1336,7 +1336,6 @@ CREATE INDEX turn_queue_by_key ON turn_queue(pool_key, state, queued_at);
 CREATE INDEX turn_queue_by_intent ON turn_queue(intent_id)
 """)
 
-# Numbered 30 on the proxy branch; the lead renumbers it at merge.
 migration(6, "What the proxy carried for other harnesses: one row per batch entry or "
           "synchronous call, keyed for re-attaching a client's retry (the key's fingerprint, "
           "never the key).", """
