@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import batching_harness_sandbox as sb
+import pytest
 
 import batching_harness as bh
 
@@ -112,3 +113,10 @@ def wait_until(condition: Callable[[], object], timeout_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+needs_sandbox = pytest.mark.skipif(
+    sandbox_missing_reason() is not None, reason=str(sandbox_missing_reason())
+)
+"""Mark a test that runs the real srt + bubblewrap: skipped, saying what to install, without."""
+

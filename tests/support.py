@@ -174,3 +174,14 @@ def read_fifo(path: Path, timeout_s: float = 30.0) -> str:
         return os.read(fd, 4096).decode()
     finally:
         os.close(fd)
+
+
+def request_row(session: bh.SessionRow, **kw: Any) -> bh.RequestRow:
+    """A request row for store tests: defaults for every field, overridden by `kw`."""
+    base: dict[str, Any] = dict(
+        custom_id=bh.new_custom_id(), session_id=session.id, conversation=0, n_messages=1,
+        model="claude-opus-5-5", cache_ttl="1h", max_tokens=100, request_hash="h", attempt=1,
+        state="submitting", batch_id=None, submitted_at=time.time(), estimate_usd=0.01)
+    base.update(kw)
+    return bh.RequestRow(**base)
+

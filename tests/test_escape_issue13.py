@@ -22,15 +22,12 @@ from tests.sandbox_helpers import (
     bash,
     edit,
     make_policy,
+    needs_sandbox,
     pids_running,
-    sandbox_missing_reason,
     toolbox,
     wait_until,
 )
 
-needs_sandbox = pytest.mark.skipif(
-    sandbox_missing_reason() is not None, reason=str(sandbox_missing_reason())
-)
 needs_git = pytest.mark.skipif(
     sb._host_git(Path("/nonexistent")) is None, reason="git is not installed"
 )

@@ -13,16 +13,9 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_channel, make_rig
+from tests.support import make_channel, make_rig, request_row
 
-
-def _request(session: bh.SessionRow, **kw) -> bh.RequestRow:
-    base = dict(custom_id=bh.new_custom_id(), session_id=session.id, conversation=0,
-                n_messages=1, model="claude-opus-5-5", cache_ttl="1h", max_tokens=100,
-                request_hash="h", attempt=1, state="submitting", batch_id=None,
-                submitted_at=time.time(), estimate_usd=0.01)
-    base.update(kw)
-    return bh.RequestRow(**base)
+_request = request_row
 
 
 def test_schema_is_versioned_and_wal(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import run_main
+from tests.support import request_row, run_main
 from tests.test_resume import STARTUP_S, kill, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +47,7 @@ def _until(predicate, what: str, timeout_s: float = STARTUP_S) -> None:
         time.sleep(0.02)
 
 
-def _request(session: bh.SessionRow, **kw) -> bh.RequestRow:
-    base = dict(custom_id=bh.new_custom_id(), session_id=session.id, conversation=0,
-                n_messages=1, model="claude-opus-5-5", cache_ttl="1h", max_tokens=100,
-                request_hash="h", attempt=1, state="submitting", batch_id=None,
-                submitted_at=time.time(), estimate_usd=0.01)
-    base.update(kw)
-    return bh.RequestRow(**base)
+_request = request_row
 
 
 def _queue(store: bh.Store, n: int, pool_key: str = "claude-opus-5-5") -> list[str]:

@@ -14,13 +14,9 @@ from tests.sandbox_helpers import (
     bash,
     edit,
     make_policy,
+    needs_sandbox,
     pids_running,
-    sandbox_missing_reason,
     toolbox,
-)
-
-needs_sandbox = pytest.mark.skipif(
-    sandbox_missing_reason() is not None, reason=str(sandbox_missing_reason())
 )
 
 
