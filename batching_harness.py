@@ -5387,9 +5387,16 @@ def render_recap(console: Any, messages: Sequence[Mapping[str, Any]],
         console.print(_indent(_escape(line), "  "), style="dim")
 
 
+ROUTE_TAGLINES = {
+    "batch": "every turn is a Message Batch (50 % off, a minute or more per turn)",
+    "sync": "every turn streams from the Messages API (full price, at once)",
+    "auto": "each turn goes batch (50 % off, slow) or sync (full price, at once), whichever "
+            "is worth your wait",
+}
+
+
 def render_banner(console: Any, config: Config, session: SessionRow, sandbox_line: str) -> None:
-    console.print(f"[bold]batching-harness {__version__}[/] · every turn is a Message Batch "
-                  "(50 % off, a minute or more per turn)")
+    console.print(f"[bold]batching-harness {__version__}[/] · {ROUTE_TAGLINES[config.route]}")
     console.print(f"  model    {session.model}   cache {config.cache_ttl or 'off'}")
     console.print(f"  workdir  {session.workdir}")
     console.print(f"  sandbox  {sandbox_line}")
