@@ -56,10 +56,11 @@ def run_child(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, f
 def scenario(name: str, latency_s: float, n_agents: int, turns: int, flags: list[str]) -> dict:
     with fa.FakeAPI(latency_s=latency_s) as api, tempfile.TemporaryDirectory() as tmp:
         api.script.extend([scripted(turns)] * (max(1, n_agents) * turns * 3))
-        work = Path(tmp)
+        work = Path(tmp) / "project"  # the state dir beside it: a work dir may not hold it
+        work.mkdir()
         (work / "preamble.md").write_text(PREAMBLE)
         env = {"ANTHROPIC_API_KEY": "bench", "ANTHROPIC_BASE_URL": api.base_url,
-               "BATCHING_HARNESS_HOME": str(work / "home"), "PATH": os.environ["PATH"]}
+               "BATCHING_HARNESS_HOME": str(Path(tmp) / "home"), "PATH": os.environ["PATH"]}
         if n_agents == 0:  # one agent alone, the plain harness
             argv = ["-p", "do the task", "--no-sandbox", "--workdir", str(work),
                     "--output-format", "json"]
