@@ -5304,8 +5304,43 @@ def _turnaround_line(history: Sequence[RequestRow], model: str) -> str:
             f"{fmt_elapsed(median(waits) or 0)} · p90 {fmt_elapsed(percentile(waits, 0.9) or 0)}")
 
 
+# Batch widths as --stats and the fleet summary group them: does a wide batch come back later?
+WIDTH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, None))
+
+
+def width_label(low: int, high: int | None) -> str:
+    return str(low) if low == high else f"{low}+" if high is None else f"{low}-{high}"
+
+
+def _in_bucket(width: int, low: int, high: int | None) -> bool:
+    return low <= width and (high is None or width <= high)
+
+
+def turnaround_by_width(requests: Sequence[RequestRow]) -> list[tuple[str, str, list[float]]]:
+    """(model, width bucket, one turnaround per batch) for answered batch-lane turns. A
+    batch's width is how many of the journal's requests it carried (in a pool: every
+    host's), its turnaround the longest wait among them (one batch ends once)."""
+    widths = collections.Counter(r.batch_id for r in requests
+                                 if r.lane == "batch" and r.batch_id)
+    per_batch: dict[tuple[str, str], float] = {}
+    for r in requests:
+        if r.batch_id and r.wait_s is not None and r.result_type == "succeeded" \
+                and r.lane == "batch":
+            key = (r.model, r.batch_id)
+            per_batch[key] = max(per_batch.get(key, 0.0), r.wait_s)
+    out = []
+    for model in sorted({model for model, _ in per_batch}):
+        for low, high in WIDTH_BUCKETS:
+            waits = [wait for (m, batch_id), wait in per_batch.items()
+                     if m == model and _in_bucket(widths[batch_id], low, high)]
+            if waits:
+                out.append((model, width_label(low, high), waits))
+    return out
+
+
 def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
-    """--stats: spend per model and per day, and measured turnaround per model."""
+    """--stats: spend per model and per day, measured turnaround per model and per batch
+    width (so a user learns from their own data whether wide batches come back later)."""
     from rich.table import Table
 
     by_model = Table(title="spend per model", box=None)
@@ -5329,7 +5364,14 @@ def render_history(console: Any, requests: Sequence[RequestRow]) -> None:
                    if t.unknown_prices else "")
         by_day.add_row(day, str(len(turnarounds(rows))), fmt_usd(t.paid_usd) + unknown,
                        fmt_usd(t.sync_usd), f"{t.waited_s / 60:.1f} min")
+    by_width = Table(title="batch turnaround by width (entries per batch)", box=None)
+    for col in ("model", "width", "batches", "median", "p90"):
+        by_width.add_column(col, justify="left" if col == "model" else "right")
+    for model, label, waits in turnaround_by_width(requests):
+        by_width.add_row(model, label, str(len(waits)), fmt_elapsed(median(waits) or 0),
+                         fmt_elapsed(percentile(waits, 0.9) or 0))
     console.print(by_model)
+    console.print(by_width)
     console.print(lanes_table(requests))
     console.print(by_day)
     console.print(STATS_EXPLAINED, style="dim")
@@ -6195,7 +6237,6 @@ class Fleet:
 
 
 # -- the summary --------------------------------------------------------------------------
-WIDTH_BUCKETS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 100_000))
 
 
 @dataclass(frozen=True)
@@ -6242,7 +6283,7 @@ def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]
         "width": {"mean": round(sum(widths) / len(widths), 2) if widths else None,
                   "median": median(widths), "max": max(widths, default=None)},
         "flush_reasons": dict(collections.Counter(p.reason for p in pooled)),
-        "turnaround_by_width_s": _turnaround_by_width(ended, pooled),
+        "turnaround_by_width_s": _turnaround_by_width(requests),
         "pool_delay_s": {"median": median(delays), "max": max(delays, default=None)},
         "detection_lag_s": median(_detection_lags(ended, pooled)),
         "requests_per_minute": round(api_requests / (wall_s / 60), 1)
@@ -6256,16 +6297,13 @@ def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]
     }
 
 
-def _turnaround_by_width(ended: Sequence[RequestRow],
-                         pooled: Sequence[PoolBatchRow]) -> dict[str, float | None]:
-    """Do wide batches take longer? Median API turnaround per width bucket."""
-    width_of = {p.batch_id: p.width for p in pooled}
-    out: dict[str, float | None] = {}
-    for low, high in WIDTH_BUCKETS:
-        waits = [r.wait_s or 0.0 for r in ended if low <= width_of.get(r.batch_id, 1) <= high]
-        if waits:
-            out[str(low) if low == high else f"{low}-{high}"] = round(median(waits) or 0.0, 2)
-    return out
+def _turnaround_by_width(requests: Sequence[RequestRow]) -> dict[str, float | None]:
+    """Do wide batches take longer? Median API turnaround per width bucket, all models."""
+    merged: dict[str, list[float]] = {}
+    for _model, label, waits in turnaround_by_width(requests):
+        merged.setdefault(label, []).extend(waits)
+    labels = [width_label(low, high) for low, high in WIDTH_BUCKETS]
+    return {label: round(median(merged[label]) or 0.0, 2) for label in labels if label in merged}
 
 
 def _detection_lags(ended: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]) -> list[float]:

@@ -3,6 +3,8 @@ results the API no longer keeps."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import batching_harness as bh
@@ -60,3 +62,26 @@ def test_unknown_model_price_is_null_not_free(tmp_path):
     data = json.loads(r.out)
     assert r.status == 0 and data["cost_usd"] is None and data["sync_cost_usd"] is None
     assert "price unknown" in run_main(tmp_path, "--stats").out
+
+
+def test_stats_shows_turnaround_by_model_and_batch_width(tmp_path):
+    """--stats groups answered batches by model and width: one sample per batch (its entries
+    end together), width = how many journaled requests the batch carried."""
+    from tests.support import request_row
+
+    store = bh.SqliteStore(tmp_path / "home" / "journal.db")
+    session = store.create_session(tmp_path, "claude-opus-5-5")
+    rows = [("b1", 30.0), ("w1", 50.0), ("w1", 52.0), ("w1", 51.0), ("w2", 70.0),
+            ("w2", 75.0), ("w2", 71.0)]
+    for batch_id, wait in rows:
+        row = request_row(session, batch_id=batch_id)
+        store.begin_request(row)
+        store.record_outcome(row.custom_id, bh.Outcome("succeeded", time.time(), wait))
+    grouped = bh.turnaround_by_width(store.requests())
+    assert grouped == [("claude-opus-5-5", "1", [30.0]), ("claude-opus-5-5", "2-4", [52.0, 75.0])]
+    r = run_main(tmp_path, "--stats")
+    assert r.status == 0, r.err
+    assert "batch turnaround by width" in r.out
+    rows_shown = [x.split() for x in r.out.splitlines() if x.split()[:1] == ["claude-opus-5-5"]]
+    assert ["claude-opus-5-5", "1", "1", "0:30", "0:30"] in rows_shown
+    assert ["claude-opus-5-5", "2-4", "2", "1:04", "1:15"] in rows_shown
