@@ -81,12 +81,33 @@ def summarize(name: str, api: fa.FakeAPI, wall: float, cpu: float, rss: int, rou
     calls = [c for c in api.calls if c.endpoint in BATCH_ENDPOINTS]
     writes = sum((r.usage or {}).get("cache_creation_input_tokens", 0)
                  for r in api.model_requests)
-    first = [(r.usage or {}).get("cache_creation_input_tokens", 0) for r in api.model_requests
-             if len(r.params["messages"]) == 1]
+    firsts = [r for r in api.model_requests if len(r.params["messages"]) == 1]
+    first = [(r.usage or {}).get("cache_creation_input_tokens", 0) for r in firsts]
+    shared = [shared_prefix_written(r.params, r.usage or {}) for r in firsts]
     return {"name": name, "first_turn_writes": sum(first), "one_prefix": first[0] if first else 0,
+            "shared_writes": sum(shared), "shared_prefix": shared_prefix_tokens(firsts),
             "wall_s": wall, "batches": len(widths), "rounds": rounds,
             "widths": widths, "requests": len(calls), "rpm": len(calls) / (wall / 60),
             "cache_writes": writes, "cpu_s": cpu, "rss_mb": rss}
+
+
+def shared_prefix_tokens(requests) -> int:
+    """Tokens of tools + system: the part every agent's prompt has in common."""
+    if not requests:
+        return 0
+    params = requests[0].params
+    n = len(params.get("tools") or []) + (1 if isinstance(params.get("system"), str)
+                                         else len(params.get("system") or []))
+    return sum(b.tokens for b in fa.prompt_blocks(params)[:n])
+
+
+def shared_prefix_written(params: dict, usage: dict) -> int:
+    """Of this request's cache write, the tokens inside the shared prefix: the write covers
+    prompt positions [read, read + written); the prefix is [0, shared)."""
+    read = usage.get("cache_read_input_tokens", 0)
+    written = usage.get("cache_creation_input_tokens", 0)
+    shared = shared_prefix_tokens([type("R", (), {"params": params})])
+    return max(0, min(read + written, shared) - read)
 
 
 def show(r: dict) -> None:
@@ -120,6 +141,11 @@ def main() -> None:
           f"{unprimed['rpm'] / alone['rpm']:.2f}x (goal <= 1.5x)")
     print(f"cache write tokens: primed {primed['cache_writes']:,}, not primed "
           f"{unprimed['cache_writes']:,} ({unprimed['cache_writes'] / max(1, primed['cache_writes']):.1f}x)")
+    print(f"shared prefix (tools + system + preamble, {primed['shared_prefix']:,} tokens) "
+          f"written on first turns: primed {primed['shared_writes']:,} = "
+          f"{primed['shared_writes'] / max(1, primed['shared_prefix']):.2f}x one prefix "
+          f"(goal <= 1.1x); not primed {unprimed['shared_writes']:,} = "
+          f"{unprimed['shared_writes'] / max(1, unprimed['shared_prefix']):.2f}x")
     print(f"first turns only: primed {primed['first_turn_writes']:,} tokens written vs one shared "
           f"prefix (the primer's write) {primed['one_prefix']:,} = "
           f"{primed['first_turn_writes'] / max(1, primed['one_prefix']):.2f}x (goal <= 1.1x); "
