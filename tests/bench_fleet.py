@@ -150,7 +150,9 @@ def main() -> None:
           f"prefix (the primer's write) {primed['one_prefix']:,} = "
           f"{primed['first_turn_writes'] / max(1, primed['one_prefix']):.2f}x (goal <= 1.1x); "
           f"not primed {unprimed['first_turn_writes']:,}")
-    big = scenario(f"{a.big} agents x {a.big_turns} turns", a.latency, a.big, a.big_turns, [])
+    # All at once (the default --concurrency of 64 would run 100 agents in two waves).
+    big = scenario(f"{a.big} agents x {a.big_turns} turns, --concurrency {a.big}", a.latency,
+                   a.big, a.big_turns, ["--concurrency", str(a.big)])
     show(big)
 
 
