@@ -6357,9 +6357,9 @@ def _secs(value: float | None) -> str:
 
 
 # -- the front-end ------------------------------------------------------------------------
-FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] [d] detach: batches in flight keep running; "
-                        "pick them up with `fleet --continue` · [c] cancel every batch in "
-                        "flight · Enter: keep going")
+FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] \\[d] detach: batches in flight keep running; "
+                        "pick them up with `fleet --continue` · \\[c] cancel every batch in "
+                        "flight · Enter: keep going")  # \\[ : a key, not a rich style tag
 
 
 def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPlan]:
@@ -6481,7 +6481,7 @@ def _toolbox_maker(config: Config, say: Callable[[str], object]) -> Callable[[Fl
 
 
 def watch_fleet(fleet: Fleet, pool: PooledBatchChannel, console: Any, *,
-                read_key: Callable[[], str] = read_key_from_tty) -> None:
+                read_key: Callable[[float | None], str | None] = read_key_from_tty) -> None:
     """The live table until every agent has finished; Ctrl-C offers detach or cancel."""
     from rich.live import Live
 
@@ -6513,14 +6513,14 @@ def watch_fleet(fleet: Fleet, pool: PooledBatchChannel, console: Any, *,
 
 
 def _ask_fleet_interrupt(console: Any, live: Any, interactive: bool,
-                         read_key: Callable[[], str]) -> str:
+                         read_key: Callable[[float | None], str | None]) -> str:
     if not interactive:
         return "detach"
     if live is not None:
         live.stop()
     console.print(FLEET_INTERRUPT_MENU)
     try:
-        key = read_key()
+        key = read_key(None) or ""  # the agents go on meanwhile; the table is back after
     except (KeyboardInterrupt, EOFError):
         key = "d"
     if live is not None:

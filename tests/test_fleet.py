@@ -184,6 +184,11 @@ def test_the_live_table_in_a_real_terminal(tmp_path):
         try:
             child.expect("waiting on batch")
             child.expect("pool: 1 batch\\(es\\) in flight \\(widths 2\\)")
+            child.sendcontrol("c")  # the menu names its keys; Enter keeps the fleet going
+            child.expect_exact("[d] detach")
+            child.expect_exact("[c] cancel every batch")
+            child.send("\r")
+            child.expect("waiting on batch")
             api.hold = False
             api.release()
             child.expect("fleet: 2 agents \\(2 done\\)")
