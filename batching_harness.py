@@ -6009,11 +6009,21 @@ class FleetBoard:
     """Follows every agent's events (they carry their session id) for the live table. The
     agents never see it; the clock comes in so tests render a fixed picture."""
 
-    def __init__(self, agents: Sequence[FleetAgentRow], clock: Callable[[], float]) -> None:
-        self.views = {a.session_id: AgentView(a, state=a.state) for a in agents}
+    def __init__(self, agents: Sequence[FleetAgentRow], clock: Callable[[], float],
+                 history: Mapping[str, Sequence[RequestRow]] | None = None) -> None:
+        """`history`: each agent's journaled requests, so a resumed fleet's table goes on
+        from where it was (the turn number is the /stats row, as for one agent)."""
+        self.views = {a.session_id: self._view(a, (history or {}).get(a.session_id, ()))
+                      for a in agents}
         self.clock = clock
         self._lock = threading.Lock()
         self.listeners: list[Callable[[Event], None]] = []
+
+    @staticmethod
+    def _view(agent: FleetAgentRow, requests: Sequence[RequestRow]) -> AgentView:
+        t = stats_totals(requests)
+        return AgentView(agent, state=agent.state, turn=len(requests), waited_s=t.waited_s,
+                         cost_usd=t.paid_usd)
 
     def handle(self, event: Event) -> None:
         with self._lock:
@@ -6100,7 +6110,8 @@ class Fleet:
         self.store, self.run, self.plan, self.pool = store, run, plan, pool
         self.make_toolbox, self.clock = make_toolbox, clock or Clock()
         self.agents = store.fleet_agents(run.id)
-        self.board = FleetBoard(self.agents, self.clock.now)
+        self.board = FleetBoard(self.agents, self.clock.now,
+                                {a.session_id: store.requests(a.session_id) for a in self.agents})
         self.board.listeners.append(self._on_event)
         self.stopping = threading.Event()
         self.stop_choice = "detach"

@@ -196,3 +196,24 @@ def test_the_live_table_in_a_real_terminal(tmp_path):
         finally:
             child.close()
         assert child.exitstatus == 0
+
+
+def test_a_resumed_fleets_table_goes_on_from_the_journal(tmp_path):
+    """fleet --continue: the live table's turn, waited and cost start from what the journal
+    holds (the turn number is the /stats row, as for one agent), not from zero."""
+    from tests.support import request_row
+
+    store = bh.SqliteStore(tmp_path / "journal.db")
+    session = store.create_session(tmp_path, "claude-opus-5-5")
+    answered, in_flight = request_row(session, batch_id="b1"), request_row(session, batch_id="b2")
+    for row in (answered, in_flight):
+        store.begin_request(row)
+    store.record_outcome(answered.custom_id, bh.Outcome("succeeded", time.time(), 42.0))
+    agent = bh.FleetAgentRow("run", 0, "a0", session.id, "p", str(tmp_path), "claude-opus-5-5",
+                             None, "detached")
+    board = bh.FleetBoard([agent], time.time, {session.id: store.requests(session.id)})
+    view = board.rows()[0]
+    assert (view.turn, view.waited_s) == (2, 42.0)
+    board.handle(bh.TurnSent("msgbatch_3", "c3", "claude-opus-5-5", 3, time.time(), None, None,
+                             session_id=session.id))
+    assert board.rows()[0].turn == 3
