@@ -432,8 +432,8 @@ def test_pool_urls_are_shown_without_their_password_and_carried_into_resume():
 
 
 def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
-    """`fleet --pool`: one host's agents pooled into shared batches, the run, its agents, its
-    pooled creates and every turn journaled in PostgreSQL (the fleet's tables migrate there
+    """`fleet --pool`: one host's agents pooled into shared batches through the pool's queue,
+    the run, its agents, its shared batches and every turn journaled in PostgreSQL (the fleet's tables migrate there
     too), so --stats from another host sees them."""
     from tests.test_fleet import fleet, widths
 
@@ -445,7 +445,10 @@ def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
     store = bh.PostgresStore(pg_url)
     run = store.fleet_run(out["run_id"])
     assert [a.state for a in store.fleet_agents(run.id)] == ["done"] * 3
-    assert [b.width for b in store.pool_batches(run.id)] == [3, 3]
+    # Pooled through the store's shared queue (one process here), not the in-process pooler
+    assert [b.width for b in store.shared_batches(f"{run.token}-")] == [3, 3]
+    assert out["totals"]["batches_created"] == 2
+    assert out["totals"]["flush_reasons"] == {"all waiting": 2}
     assert {r.state for r in store.requests()} == {"applied"} and len(store.requests()) == 6
     assert not (tmp_path / "home" / "journal.db").exists()
     store.close()
