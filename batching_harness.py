@@ -6136,6 +6136,9 @@ ROLE_RETRY_S = 1.0
 MEMBER_LEASE_S = 15.0
 # While the store cannot be reached, every thread of the pool tries again this often.
 POOL_RETRY_S = 2.0
+# A store failure this soon after the store came back is the same outage (a connection it
+# broke, failing on first use): it is not announced again.
+OUTAGE_QUIET_S = 10.0
 # The poller reads the batches in flight when told (NOTIFY), and at least this often.
 IN_FLIGHT_REFRESH_S = 10.0
 # The failure kinds a create can end in, carried to the agents of every host by name.
@@ -6155,6 +6158,36 @@ def pool_account(api_key: str | None, base_url: str | None) -> str:
 def shared_pool_key(account: str, params: Mapping[str, Any]) -> str:
     """account/model/size class: turns that can go into one batch."""
     return f"{account}/{params.get('model')}/{size_class(params)}"
+
+
+class PoolOutage:
+    """One message per outage of a shared pool's store, however many threads run into it.
+    A connection the outage broke fails once more on first use after the server is back:
+    a failure that soon after a recovery is the same outage, and says nothing new."""
+
+    def __init__(self, say: Notify) -> None:
+        self.say = say
+        self._lock = threading.Lock()
+        self._down = self._announced = False
+        self._up_at = -math.inf
+
+    def down(self, exc: JournalError) -> None:
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+            self._announced = time.monotonic() - self._up_at > OUTAGE_QUIET_S
+        if self._announced:
+            self.say(f"{exc}. Waiting for it (trying again every {POOL_RETRY_S:g} s); "
+                     "batches in flight keep running at the API")
+
+    def up(self) -> None:
+        with self._lock:
+            if not self._down:
+                return
+            self._down, self._up_at, announced = False, time.monotonic(), self._announced
+        if announced:
+            self.say("the pool is reachable again; carrying on")
 
 
 @dataclass
@@ -6191,7 +6224,7 @@ class SharedPoolChannel:
                  max_width: int = DEFAULT_MAX_WIDTH,
                  window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
                  say: Notify = _ignore, clock: Clock | None = None,
-                 member: str | None = None) -> None:
+                 member: str | None = None, outage: PoolOutage | None = None) -> None:
         self.store, self.batch, self.api = store, batch, batch.api
         self.account, self.max_width, self.window_s, self.say = account, max_width, window_s, say
         self.clock = clock or Clock()
@@ -6205,7 +6238,7 @@ class SharedPoolChannel:
         self._active = 0
         self._halted: BaseException | None = None
         self._canceled: set[str] = set()
-        self._outage: str | None = None
+        self.outage = outage or PoolOutage(say)
         self._lock = threading.RLock()
         self._flush_wake, self._poll_wake = threading.Event(), threading.Event()
         self._listening, self._closed = threading.Event(), threading.Event()
@@ -6406,17 +6439,10 @@ class SharedPoolChannel:
                 give_up.wait(POOL_RETRY_S)
 
     def _unreachable(self, exc: JournalError) -> None:
-        with self._lock:
-            first, self._outage = self._outage is None, str(exc)
-        if first:
-            self.say(f"{exc}. Waiting for it (trying again every {POOL_RETRY_S:g} s); "
-                     "batches in flight keep running at the API")
+        self.outage.down(exc)
 
     def _recovered(self) -> None:
-        with self._lock:
-            was, self._outage = self._outage, None
-        if was is not None:
-            self.say("the pool is reachable again; carrying on")
+        self.outage.up()
 
     def _listen_forever(self) -> None:
         listener: Listener | None = None
@@ -6739,15 +6765,16 @@ class FleetPool(Protocol):
 
 
 def _in_process_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Config,
-                     plan: FleetPlan, say: Notify) -> FleetPool:
+                     plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
     return PooledBatchChannel(batch, journal=RunPoolJournal(store, run.id),
                               max_width=plan.max_width, window_s=_window(store, plan))
 
 
 def _shared_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Config,
-                 plan: FleetPlan, say: Notify) -> FleetPool:
+                 plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
     return SharedPoolChannel(store, batch, account=pool_account(config.api_key, config.base_url),
-                             max_width=plan.max_width, window_s=_window(store, plan), say=say)
+                             max_width=plan.max_width, window_s=_window(store, plan), say=say,
+                             outage=outage)
 
 
 FLEET_POOLS: dict[str, Callable[..., FleetPool]] = {"sqlite": _in_process_pool,
@@ -6861,8 +6888,10 @@ class Fleet:
     def __init__(self, store: Store, run: FleetRunRow, plan: FleetPlan,
                  pool: FleetPool, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
                  concurrency: int, tool_slots: int, clock: Clock | None = None,
-                 log_bug: Callable[[BaseException], Path] | None = None) -> None:
+                 log_bug: Callable[[BaseException], Path] | None = None,
+                 outage: PoolOutage | None = None) -> None:
         self.store, self.run, self.plan, self.pool = store, run, plan, pool
+        self.outage = outage or PoolOutage(_ignore)
         self.make_toolbox, self.clock = make_toolbox, clock or Clock()
         self.agents = store.fleet_agents(run.id)
         self.board = FleetBoard(self.agents, self.clock.now)
@@ -6949,7 +6978,8 @@ class Fleet:
             state, error = self._drive(row)
         finally:
             self.pool.leave()
-            self.store.set_agent_state(self.run.id, row.idx, state, error)
+            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx, state,
+                                                                     error))
             self.board.set_state(row.session_id, state, error or "")
             if row.session_id == self._primer:
                 self._release_held()
@@ -6958,10 +6988,7 @@ class Fleet:
         toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
         agent = self._agent(row, toolbox)
         try:
-            if self._fresh(row):
-                agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
-            else:
-                agent.resume()
+            self._through_outages(lambda: self._advance(row, agent))
             return "done", None
         except Detached:
             return "detached", None
@@ -6979,6 +7006,34 @@ class Fleet:
             return "failed", f"internal error ({type(exc).__name__}: {exc}); see {where}"
         finally:
             toolbox.close()
+
+    def _advance(self, row: FleetAgentRow, agent: Agent) -> None:
+        if self._fresh(row):
+            agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
+        else:
+            agent.resume()
+
+    def _through_outages(self, step: Callable[[], object]) -> None:
+        """Run `step`; while a shared pool's store is unreachable, wait for it and run it
+        again. The agent decides every step from the journal, so running it again picks up
+        where the outage cut it (each write is a transaction that happened or did not)."""
+        while True:
+            try:
+                step()
+                self.outage.up()
+                return
+            except PoolUnreachable as exc:
+                self.outage.down(exc)
+                self._wait_for_store()
+
+    def _wait_for_store(self) -> None:
+        while not self.stopping.wait(POOL_RETRY_S):
+            try:
+                _ = self.store.schema_version  # one round trip: is it back?
+                return
+            except JournalError:
+                continue
+        raise Halted("the fleet stopped while its pool was unreachable")
 
     def _agent(self, row: FleetAgentRow, toolbox: Any) -> Agent:
         session = self.store.session(row.session_id)
@@ -7200,14 +7255,16 @@ def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
     say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
     api.warm_up()
+    outage = PoolOutage(say)
     pool = FLEET_POOLS[store.dialect](
-        store, run, BatchChannel(api, poll_interval_s=config.poll_interval_s), config, plan, say)
+        store, run, BatchChannel(api, poll_interval_s=config.poll_interval_s), config, plan, say,
+        outage)
     toolboxes = _toolbox_maker(config, say)
     for batch_id in pool.recover(store, run.id, say):
         say(f"re-attached to {batch_id}, created before the interruption")
     fleet = Fleet(store, run, plan, pool, toolboxes, concurrency=fc.concurrency,
                   tool_slots=max(2, os.cpu_count() or 2),
-                  log_bug=lambda exc: log_bug(config.home, exc))
+                  log_bug=lambda exc: log_bug(config.home, exc), outage=outage)
     fleet.plan = dataclasses.replace(plan, prime=plan.prime and shares_cacheable_prefix(
         [a.model for a in fleet.agents], plan.system))
     prime = fleet.plan.prime
