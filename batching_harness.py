@@ -3052,6 +3052,11 @@ class BatchAPI:
             self._client_ready.set()
 
     @property
+    def ready(self) -> bool:
+        """The client is built: a create would go out now, not after `import anthropic`."""
+        return self._client_ready.is_set() and self._client_error is None
+
+    @property
     def client(self) -> Any:
         if self._client is None:
             self.warm_up()
@@ -6131,6 +6136,10 @@ POOL_LEASE_S = 10.0
 # A process that does not hold a role tries to take it this often: a SIGKILLed holder's
 # session ends at once, so its role moves within about this long.
 ROLE_RETRY_S = 1.0
+# A holder checks its roles are still its own this often (two holders for a moment cost
+# nothing but a narrower batch: claims skip each other's rows, the first write of an end wins),
+# and looks for intents whose lease ran out.
+ROLE_CHECK_S = 5.0
 # A member row (a process's active agents) counts this long after its last renewal: a
 # process that vanished stops holding "everyone is waiting" back after it.
 MEMBER_LEASE_S = 15.0
@@ -6244,6 +6253,7 @@ class SharedPoolChannel:
         self._listening, self._closed = threading.Event(), threading.Event()
         self._member_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._roles_checked_at = 0.0
 
     # -- who is active -------------------------------------------------------------------
     def join(self) -> None:
@@ -6482,11 +6492,14 @@ class SharedPoolChannel:
 
     # -- the flusher: one process per pool key ------------------------------------------
     def _flush_forever(self) -> None:
+        """Serve the pool keys whose flusher role this process holds: look at a key when
+        NOTIFY says something changed or its window falls due, never on a fixed tick."""
         roles: dict[str, Role] = {}
+        due: dict[str, float] = {}  # key -> when to look at it again unprompted
         next_roles_at = next_beat_at = 0.0
         while not self._closed.is_set():
+            woken = self._flush_wake.is_set()
             self._flush_wake.clear()
-            wait_s = ROLE_RETRY_S
             try:
                 now = time.time()
                 if self._member_dirty.is_set() or now >= next_beat_at:
@@ -6494,11 +6507,14 @@ class SharedPoolChannel:
                     self._write_member()
                     next_beat_at = now + MEMBER_LEASE_S / 3
                 if now >= next_roles_at:
-                    self._take_roles(roles)
                     next_roles_at = now + ROLE_RETRY_S
+                    for key in self._take_roles(roles, now):
+                        due[key] = 0.0
                 for key in list(roles):
-                    wait_s = min(wait_s, self._serve(key))
+                    if woken or time.time() >= due.get(key, 0.0):
+                        due[key] = time.time() + self._serve(key)
                 self._recovered()
+                wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)
                 wait_s = POOL_RETRY_S
@@ -6515,26 +6531,40 @@ class SharedPoolChannel:
                 self._tickets)
         self.store.set_member(self.member, self.account, active, waiting, MEMBER_LEASE_S)
 
-    def _take_roles(self, roles: dict[str, Role]) -> None:
-        """Keep the roles still alive, try for the others; a key taken over gets its dead
-        holder's intents reconciled first."""
-        for key, role in list(roles.items()):
-            if not role.alive():
-                del roles[key]
+    def _take_roles(self, roles: dict[str, Role], now: float) -> list[str]:
+        """Try for the flusher role of every key this process has seen (once its API client
+        is ready: a holder still importing the SDK would hold everyone's turns back); now
+        and then check the held ones, and reconcile intents whose holder died. The keys
+        newly taken."""
+        if not self.api.ready:
+            self.api.warm_up()
+            return []
+        if now >= self._roles_checked_at + ROLE_CHECK_S:
+            self._roles_checked_at = now
+            for key, role in list(roles.items()):
+                if not role.alive():
+                    del roles[key]
+            for key in roles:
+                for claim in self.store.take_over_expired_claims(self.member, POOL_LEASE_S, key):
+                    self._reconcile_claim(claim)
         with self._lock:
-            keys = sorted(self._keys)
+            keys = sorted(self._keys - set(roles))
+        taken = []
         for key in keys:
-            if key not in roles and (role := self.store.hold_role("flusher", key)):
+            role = self.store.hold_role("flusher", key)
+            if role is not None:
                 roles[key] = role
-        for key in roles:
-            for claim in self.store.take_over_expired_claims(self.member, POOL_LEASE_S, key):
-                self._reconcile_claim(claim)
+                taken.append(key)
+                # the last holder may have died mid-create
+                for claim in self.store.take_over_expired_claims(self.member, POOL_LEASE_S, key):
+                    self._reconcile_claim(claim)
+        return taken
 
     def _serve(self, key: str) -> float:
         """Flush `key` if its turns are due; seconds until they will be otherwise."""
         count, oldest = self.store.queue_head(key)
         if not count or oldest is None:
-            return ROLE_RETRY_S
+            return ROLE_CHECK_S  # NOTIFY says when something is queued
         active, waiting = self.store.pool_census(self.account)
         due_at = oldest + self.window_s(key.split("/")[1])
         reason = ("width cap" if count >= self.max_width else "all waiting"
@@ -6650,11 +6680,12 @@ class SharedPoolChannel:
             self._poll_wake.clear()
             try:
                 now = time.time()
-                if now >= next_role_at:
-                    next_role_at = now + ROLE_RETRY_S
+                if now >= next_role_at:  # held: checked now and then; not held: tried often
+                    next_role_at = now + (ROLE_CHECK_S if role is not None else ROLE_RETRY_S)
                     if role is not None and not role.alive():
                         role = self._stop_polling(watched)
-                    if role is None and (role := self.store.hold_role("poller", self.account)):
+                    if role is None and self.api.ready and (
+                            role := self.store.hold_role("poller", self.account)):
                         next_refresh_at = 0.0
                 if role is not None:
                     self._write_landed(watched)
@@ -6662,11 +6693,12 @@ class SharedPoolChannel:
                         self._watch_in_flight(watched)
                         next_refresh_at = now + IN_FLIGHT_REFRESH_S
                 self._recovered()
+                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)
-                self._poll_wake.wait(POOL_RETRY_S)
-                continue
-            self._poll_wake.wait(ROLE_RETRY_S)
+                wait_s = POOL_RETRY_S
+            if wait_s > 0:
+                self._poll_wake.wait(wait_s)
         if role is not None:
             self._stop_polling(watched)
             with contextlib.suppress(JournalError):
