@@ -7,7 +7,8 @@ but the last asks for one bash call; sandbox off; --no-prime, so pooling alone i
 all against ONE stand-in, twice: every host on ONE shared PostgreSQL pool (--pool), then each
 host on its own SQLite journal (the in-process pooler). It prints, per scenario: batches
 created and their widths, batch API requests per minute, the delay from a turn being ready
-to its batch being created, and the database's cost per turn (statements and ms, counted in
+to its batch being created (first turns apart: they include start-up), and the database's
+cost per turn (statements and ms, counted in
 each host process around the driver's execute: the pool's connections, its listener and its
 roles included).
 
@@ -98,36 +99,37 @@ def scenario(name: str, a: argparse.Namespace, pool: str | None) -> dict:
         for proc, host in hosts:
             if proc.wait(a.timeout) != 0:
                 raise SystemExit(f"{name}: {host.name} failed:\n"
-                                 f"{(host / 'stderr.txt').read_text()[-2000:]}")
+                                 f"{(host / 'stderr.txt').read_text()[-2000:]}\n"
+                                 f"{(host / 'stdout.txt').read_text()[-3000:]}")
         wall = time.monotonic() - started
         db = [json.loads(line[6:]) for _, host in hosts
               for line in (host / "stderr.txt").read_text().splitlines()
               if line.startswith("BENCH ")]
-        outs = [json.loads((host / "stdout.txt").read_text().strip().splitlines()[-1])
-                for _, host in hosts]
-        delays = pool_delays(pool, [host for _, host in hosts], outs)
+        delays = pool_delays(api, pool, [host for _, host in hosts])
         return summarize(name, api, wall, db, delays, a.hosts * a.agents * a.turns)
 
 
-def pool_delays(pool: str | None, hosts: list[Path], outs: list[dict]) -> list[float]:
-    """Ready -> created, per turn: from the shared pool's queue, or each host's journal."""
-    if pool:
-        store = bh.PostgresStore(pool)
-        try:
-            return [d for b in store.shared_batches("") for d in json.loads(b.delays)]
-        finally:
-            store.close()
-    delays = []
-    for host, out in zip(hosts, outs, strict=True):
-        store = bh.SqliteStore(host / "home" / "journal.db")
-        delays += [d for b in store.pool_batches(out["run_id"], "created")
-                   for d in json.loads(b.delays)]
+def pool_delays(api: fa.FakeAPI, pool: str | None,
+                hosts: list[Path]) -> dict[str, list[float]]:
+    """Ready -> created per turn, the same way for both: from the journal's submitted_at (the
+    agent has its turn ready) to the stand-in's creation of the batch carrying it. First
+    turns apart: they include each process's start-up (`import anthropic`, seconds here)."""
+    created = {r["custom_id"]: api._batches[b].created_wall
+               for b in api.batch_ids() for r in api._batches[b].requests}
+    stores = [bh.PostgresStore(pool)] if pool else [
+        bh.SqliteStore(host / "home" / "journal.db") for host in hosts]
+    delays: dict[str, list[float]] = {"first": [], "later": []}
+    for store in stores:
+        for r in store.requests():
+            if r.custom_id in created:
+                delays["first" if r.n_messages == 1 else "later"].append(
+                    max(0.0, created[r.custom_id] - r.submitted_at))
         store.close()
     return delays
 
 
-def summarize(name: str, api: fa.FakeAPI, wall: float, db: list[dict], delays: list[float],
-              turns: int) -> dict:
+def summarize(name: str, api: fa.FakeAPI, wall: float, db: list[dict],
+              delays: dict[str, list[float]], turns: int) -> dict:
     widths = [len(api._batches[b].requests) for b in api.batch_ids()]
     calls = [c for c in api.calls if c.endpoint in BATCH_ENDPOINTS]
     by_kind = {k: sum(1 for c in calls if c.endpoint == k) for k in BATCH_ENDPOINTS}
@@ -140,15 +142,16 @@ def summarize(name: str, api: fa.FakeAPI, wall: float, db: list[dict], delays: l
 
 
 def show(r: dict) -> None:
-    w, d = r["widths"], sorted(r["delays"])
-    p90 = d[int(0.9 * (len(d) - 1))] if d else float("nan")
+    w = r["widths"]
     print(f"{r['name']}: wall {r['wall_s']:.1f} s; {r['turns']} turns ({r['answered']} "
           f"answered by the stand-in)")
     print(f"  batches created {len(w)}; width mean {statistics.mean(w):.1f} / median "
           f"{statistics.median(w):g} / max {max(w)}; widths {sorted(w, reverse=True)}")
     print(f"  batch API requests {r['requests']} ({r['rpm']:.1f}/min): {r['by_kind']}")
-    print(f"  ready -> created: median {statistics.median(d):.2f} s, p90 {p90:.2f} s, max "
-          f"{max(d):.2f} s")
+    for which, d in r["delays"].items():
+        d = sorted(d)
+        print(f"  ready -> created, {which} turns: median {statistics.median(d):.2f} s, p90 "
+              f"{d[int(0.9 * (len(d) - 1))]:.2f} s, max {d[-1]:.2f} s")
     print(f"  database per turn: {r['queries_per_turn']:.1f} statements, "
           f"{r['db_ms_per_turn']:.1f} ms")
 
@@ -170,15 +173,18 @@ def main() -> None:
     p.add_argument("--window", type=float, default=None, help="--window for every fleet")
     p.add_argument("--pg", default=None, help="PostgreSQL server URL")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--only", choices=("postgresql", "sqlite"), help="run one scenario")
     a = p.parse_args()
     server, root = with_server(a.pg)
     schema = "bench_" + secrets.token_hex(4)
     print(f"stand-in batch latency {a.latency:g} s; {a.hosts} processes x {a.agents} agents x "
           f"{a.turns} turns; {os.cpu_count()} CPUs; sandbox off; --no-prime")
     try:
-        show(scenario("one shared PostgreSQL pool", a,
-                      f"{server}{'&' if '?' in server else '?'}schema={schema}"))
-        show(scenario(f"{a.hosts} separate SQLite pools", a, None))
+        if a.only != "sqlite":
+            show(scenario("one shared PostgreSQL pool", a,
+                          f"{server}{'&' if '?' in server else '?'}schema={schema}"))
+        if a.only != "postgresql":
+            show(scenario(f"{a.hosts} separate SQLite pools", a, None))
     finally:
         import psycopg
 

@@ -44,18 +44,19 @@ class Host:
     """One process of the pool: its own state dir, task file and output files."""
 
     def __init__(self, n: int, api, pool_url: str, tmp_path: Path, agents: int,
-                 window_s: float) -> None:
+                 window_s: float, *, resume: str | None = None) -> None:
         self.n, self.dir = n, tmp_path / f"host{n}"
-        self.dir.mkdir()
+        self.dir.mkdir(exist_ok=True)
         tasks = write_tasks(self.dir, [{"id": f"h{n}a{i}", "prompt": f"run: echo host{n}-{i}"}
                                        for i in range(agents)])
         env = {"ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": api.base_url,
                "BATCHING_HARNESS_HOME": str(self.dir / "home"), "PYTHONPATH": str(ROOT),
                "PATH": os.environ.get("PATH", "")}
         self.out, self.err = self.dir / "out.txt", self.dir / "err.txt"
+        which = ["--resume", resume] if resume else [str(tasks)]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _HOST, "fleet", str(tasks), "--no-sandbox", "--no-prime",
+                [sys.executable, "-c", _HOST, "fleet", *which, "--no-sandbox", "--no-prime",
                  "--poll-interval", "0.05", "--window", str(window_s), "--runs-dir",
                  str(self.dir / "runs"), "--output-format", "json", "--pool", pool_url],
                 cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -165,6 +166,12 @@ def test_sigkill_of_the_flusher_mid_create_another_host_takes_over(fake_api, pg_
                                                                              "succeeded")}
     assert any("re-attached to" in h.stderr() for h in survivors)
     assert "Traceback" not in "".join(h.stderr() for h in survivors)
+    # The dead host comes back and resumes its run: its agents take their answered first
+    # turn from the pool (not sent again) and finish.
+    (run,) = [r for r in db.execute("SELECT id FROM fleet_runs WHERE state='running'")]
+    again = Host(victim.n, fake_api, pg_url, tmp_path, 2, 1, resume=run["id"]).finish()
+    assert [a["state"] for a in again["agents"]] == ["done", "done"]
+    assert len(_answered_once(fake_api)) == 12
     store.close()
 
 
