@@ -1203,7 +1203,9 @@ class Store(Protocol):
     def finish_turns(self, outcomes: Mapping[str, Outcome]) -> list[str]: ...
     def queued_turns(self, pool_key: str) -> int: ...
     def queue_head(self, pool_key: str) -> tuple[int, float | None]: ...
-    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None] | None: ...
+    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None: ...
+    def turn_states(self, custom_ids: Sequence[str]) -> dict[str, tuple[RequestRow,
+                                                                       str | None]]: ...
     def fail_claim(self, intent_id: int, reason: str) -> list[str]: ...
     def withdraw_turns(self, custom_ids: Sequence[str]) -> list[str]: ...
     def intent_batch(self, intent_id: int) -> str | None: ...
@@ -1925,12 +1927,28 @@ class _SqlStore:
                         "pool_key=? AND state='queued'", (pool_key,))
         return int(row["n"]), row["oldest"]
 
-    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None] | None:
-        """(queue state, batch id, why it failed) of a queued turn; None if never queued."""
+    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None:
+        """(queue state, batch id, why it failed, pool key) of a queued turn; None if it was
+        never queued."""
         row = self._one("SELECT q.state AS state, r.batch_id AS batch_id, r.error_message AS "
-                        "error FROM turn_queue q JOIN requests r ON r.custom_id=q.custom_id "
-                        "WHERE q.custom_id=?", (custom_id,))
-        return (row["state"], row["batch_id"], row["error"]) if row else None
+                        "error, q.pool_key AS pool_key FROM turn_queue q JOIN requests r ON "
+                        "r.custom_id=q.custom_id WHERE q.custom_id=?", (custom_id,))
+        return (row["state"], row["batch_id"], row["error"], row["pool_key"]) if row else None
+
+    def turn_states(self, custom_ids: Sequence[str]) -> dict[str, tuple[RequestRow,
+                                                                       str | None]]:
+        """Each turn's request row and its queue state (None: never queued), in ONE query:
+        a batch that ends wakes many agents of a process at once."""
+        if not custom_ids:
+            return {}
+        columns = ", ".join(f"r.{c.strip()}" for c in REQUEST_COLUMNS.split(","))
+        rows = self._db.execute(
+            f"SELECT {columns}, q.state AS queue_state FROM requests r LEFT JOIN turn_queue q "
+            f"ON q.custom_id=r.custom_id WHERE r.custom_id IN "
+            f"({', '.join('?' * len(custom_ids))})", tuple(custom_ids)).fetchall()
+        return {r["custom_id"]: (RequestRow(**{k: v for k, v in dict(r).items()
+                                               if k != "queue_state"}), r["queue_state"])
+                for r in rows}
 
     def fail_claim(self, intent_id: int, reason: str) -> list[str]:
         """The create was refused, nothing made: its turns leave the queue with `reason`
@@ -6319,6 +6337,7 @@ class SharedPoolChannel:
         sending = _Sending(custom_id, self.clock.now(), 0.0)
         with self._lock:
             self._sending[custom_id], self._notifies[custom_id] = sending, notify
+            self._keys.add(entry[3])  # its process died: this one may have to flush it
         self._start()
         self._check(custom_id)
         return self._result(sending)
@@ -6387,19 +6406,20 @@ class SharedPoolChannel:
             sending.batch_id, sending.error = batch_id, error
             sending.done.set()
 
-    def _check(self, custom_id: str) -> None:
-        """Look up one local turn in the store and wake its agent if it has moved on."""
+    def _check(self, *custom_ids: str) -> None:
+        """Look up local turns in the store (one query) and wake each agent whose turn has
+        moved on: into a batch (`send`), or to its end (`watch`)."""
         with self._lock:
-            sending, ticket = self._sending.get(custom_id), self._tickets.get(custom_id)
-        if sending is not None and not sending.done.is_set():
-            entry = self.store.queue_entry(custom_id)
-            if entry is not None and entry[1] and entry[0] in ("sent", "done"):
-                self._settle(sending, batch_id=entry[1])
-            elif entry is not None and entry[0] == "failed":
-                self._settle(sending, error=_shared_error(entry[2]))
-        if ticket is not None:
-            row = self.store.request(custom_id)
-            if row.result_type is not None and row.state not in ("submitting", "submitted"):
+            ids = [c for c in custom_ids if c in self._sending or c in self._tickets]
+        for custom_id, (row, queue_state) in self.store.turn_states(ids).items():
+            with self._lock:
+                sending, ticket = self._sending.get(custom_id), self._tickets.get(custom_id)
+            if sending is not None and row.batch_id and queue_state in ("sent", "done"):
+                self._settle(sending, batch_id=row.batch_id)
+            elif sending is not None and queue_state == "failed":
+                self._settle(sending, error=_shared_error(row.error_message))
+            if ticket is not None and row.result_type is not None and row.state not in (
+                    "submitting", "submitted"):
                 self._resolve(custom_id, Arrival(_stored_entry(row), BatchView(
                     row.batch_id or ticket.handle, "ended", (row.ended_at or 0.0) -
                     (row.wait_s or 0.0), 0, row.ended_at)))
@@ -6415,8 +6435,7 @@ class SharedPoolChannel:
         """Every local turn looked at once: what NOTIFY said while nobody listened."""
         with self._lock:
             ids = set(self._sending) | set(self._tickets)
-        for custom_id in ids:
-            self._check(custom_id)
+        self._check(*ids)
 
     def _member_changed(self) -> None:
         self._member_dirty.set()
@@ -6465,8 +6484,7 @@ class SharedPoolChannel:
                     self._flush_wake.set()
                     self._poll_wake.set()
                     self._recovered()
-                for channel, payload in listener.wait(ROLE_RETRY_S):
-                    self._heard(channel, payload)
+                self._heard(listener.wait(ROLE_RETRY_S))
             except JournalError as exc:
                 if listener is not None:
                     listener.close()
@@ -6476,19 +6494,17 @@ class SharedPoolChannel:
         if listener is not None:
             listener.close()
 
-    def _heard(self, channel: str, payload: str) -> None:
-        if channel == "queue":
+    def _heard(self, heard: Sequence[tuple[str, str]]) -> None:
+        turns = [payload for channel, payload in heard if channel == "turns"]
+        for payload in (p for channel, p in heard if channel == "queue"):
             if payload.startswith(self.account + "/"):
                 with self._lock:
                     self._keys.add(payload)
             if payload.startswith(self.account):
                 self._flush_wake.set()
-            return
-        with self._lock:
-            local = payload in self._sending or payload in self._tickets
-        if local:
-            self._check(payload)
-        self._poll_wake.set()
+        if turns:
+            self._check(*turns)  # our own agents' turns among them, in one query
+            self._poll_wake.set()
 
     # -- the flusher: one process per pool key ------------------------------------------
     def _flush_forever(self) -> None:

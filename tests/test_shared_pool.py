@@ -208,3 +208,36 @@ def test_the_database_stopped_mid_run_hosts_wait_and_finish(fake_api, tmp_path):
             assert "reachable again" in err and "Traceback" not in err
     finally:
         pg_cluster.stop(root)
+
+
+def test_a_turn_its_dead_process_had_queued_is_reconciled_not_sent_again(fake_api, pg_url):
+    """A process died after queueing a turn but before it was in a batch (its row still
+    'submitting'): the resumed agent's reconcile finds the turn in the shared queue, this
+    process's flusher sends it, and the agent gets its batch id and then its answer from the
+    store; the turn is sent once."""
+    from tests.support import make_channel, request_row
+
+    store = bh.PostgresStore(pg_url)
+    account = bh.pool_account("test-key", fake_api.base_url)
+    params = {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+              "messages": [{"role": "user", "content": "hi"}]}
+    row = request_row(store.create_session(Path("/work"), bh.DEFAULT_MODEL), max_tokens=100)
+    store.begin_request(row)
+    store.queue_turn(row.custom_id, bh.shared_pool_key(account, params), params)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api), account=account,
+                                   window_s=lambda _model: 0.0)
+    try:
+        handle = channel.reconcile(row.submitted_at, exclude=set(), notify=print,
+                                   custom_id=row.custom_id)
+        assert handle == fake_api.batch_ids()[0]
+        ticket = channel.watch(row.custom_id, handle, sent_at=row.submitted_at,
+                               expected_s=None, on_status=lambda _s: None, notify=print)
+        assert ticket.event.wait(10), "the poller never wrote the turn's end"
+        assert ticket.result().entry.type == "succeeded"
+        assert store.request(row.custom_id).state == "ended"
+        assert _answered_once(fake_api) == [row.custom_id]
+        # a turn never queued (its process died before that) is for the agent to send afresh
+        assert channel.reconcile(0.0, exclude=set(), notify=print, custom_id="nope") is None
+    finally:
+        channel.close()
+        store.close()
