@@ -6278,6 +6278,7 @@ class SharedPoolChannel:
         with self._lock:
             self._active += 1
         self._member_changed()
+        self._start()  # counted in the pool before its first turn is queued
 
     def leave(self) -> None:
         with self._lock:
