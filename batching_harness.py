@@ -1909,7 +1909,7 @@ class _SqlStore:
         never counts a turn already answered."""
         with self._tx() as db:
             written = []
-            for custom_id, outcome in outcomes.items():
+            for custom_id, outcome in sorted(outcomes.items()):  # one lock order: no deadlock
                 # Off the queue whoever wrote it (a hurried turn keeps its own record).
                 db.execute("UPDATE turn_queue SET state='done' WHERE custom_id=?", (custom_id,))
                 if self._write_outcome(db, custom_id, outcome, "ended",
@@ -6251,7 +6251,8 @@ class SharedPoolChannel:
                  max_width: int = DEFAULT_MAX_WIDTH,
                  window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
                  say: Notify = _ignore, clock: Clock | None = None,
-                 member: str | None = None, outage: PoolOutage | None = None) -> None:
+                 member: str | None = None, outage: PoolOutage | None = None,
+                 log_bug: Callable[[BaseException], object] | None = None) -> None:
         self.store, self.batch, self.api = store, batch, batch.api
         self.account, self.max_width, self.window_s, self.say = account, max_width, window_s, say
         self.clock = clock or Clock()
@@ -6266,6 +6267,7 @@ class SharedPoolChannel:
         self._halted: BaseException | None = None
         self._canceled: set[str] = set()
         self.outage = outage or PoolOutage(say)
+        self._log_bug = log_bug
         self._lock = threading.RLock()
         self._flush_wake, self._poll_wake = threading.Event(), threading.Event()
         self._listening, self._closed = threading.Event(), threading.Event()
@@ -6450,12 +6452,28 @@ class SharedPoolChannel:
             for name, target in (("pool-listener", self._listen_forever),
                                  ("pool-flusher", self._flush_forever),
                                  ("pool-poller", self._poll_forever)):
-                thread = threading.Thread(target=target, daemon=True, name=name)
+                thread = threading.Thread(target=self._guarded, args=(target,), daemon=True,
+                                          name=name)
                 self._threads.append(thread)
                 thread.start()
         while not self._listening.wait(0.5):  # a send before LISTEN could miss its NOTIFY
             if self._closed.is_set():
                 return
+
+    def _guarded(self, target: Callable[[], None]) -> None:
+        """A bug in a pool thread: logged, and every local agent hears it (none hangs)."""
+        try:
+            target()
+        except BaseException as exc:
+            where = self._log_bug(exc) if self._log_bug else "the log"
+            error = HarnessError(f"internal error in the shared pool ({type(exc).__name__}: "
+                                 f"{exc}); see {where}")
+            self.say(str(error))
+            self.halt(error)
+            with self._lock:
+                tickets, self._tickets = list(self._tickets.values()), {}
+            for ticket in tickets:
+                ticket.fail(error)
 
     def _until_stored(self, write: Callable[[], object], give_up: threading.Event) -> None:
         """Run a store write, waiting out an unreachable store (one message, then retries)."""
@@ -6823,7 +6841,7 @@ def _shared_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Co
                  plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
     return SharedPoolChannel(store, batch, account=pool_account(config.api_key, config.base_url),
                              max_width=plan.max_width, window_s=_window(store, plan), say=say,
-                             outage=outage)
+                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc))
 
 
 FLEET_POOLS: dict[str, Callable[..., FleetPool]] = {"sqlite": _in_process_pool,
