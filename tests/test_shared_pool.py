@@ -150,7 +150,7 @@ def test_sigkill_of_the_flusher_mid_create_another_host_takes_over(fake_api, pg_
     db = store._db
     _until(lambda: not fake_api._faults["create"], "the create reached the stand-in")
     holder = db.execute("SELECT holder FROM batch_intents WHERE state='creating'").fetchone()
-    pid = int(holder["holder"].split(":")[1])
+    pid = int(holder["holder"].rsplit(":", 2)[1])  # host:pid:token
     (victim,) = [h for h in hosts if h.proc.pid == pid]
     victim.kill()
     survivors = [h for h in hosts if h is not victim]
@@ -194,7 +194,7 @@ def test_the_database_stopped_mid_run_hosts_wait_and_finish(fake_api, tmp_path):
                "every host's first turn is in a batch")
         store.close()
         pg_cluster.halt(root)
-        _until(lambda: all("Waiting for it" in h.stderr() for h in hosts),
+        _until(lambda: all("Waiting for it" in " ".join(h.stderr().split()) for h in hosts),
                "every host says it waits for the pool")
         pg_cluster.resume(root)
         fake_api.hold = False
