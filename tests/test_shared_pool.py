@@ -241,3 +241,41 @@ def test_a_turn_its_dead_process_had_queued_is_reconciled_not_sent_again(fake_ap
     finally:
         channel.close()
         store.close()
+
+
+def _role_holder_pid(db, schema: str, role: str, name: str) -> int | None:
+    """The OS pid of the process holding `role` (its advisory lock, as pg_locks shows it;
+    every connection of the harness names its process's pid)."""
+    key = bh.pg_lock_key(schema, role, name)
+    row = db.execute(
+        "SELECT a.application_name AS app FROM pg_locks l JOIN pg_stat_activity a ON "
+        "a.pid=l.pid WHERE l.locktype='advisory' AND l.granted AND l.classid=%s AND "
+        "l.objid=%s AND l.objsubid=1", ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
+    return int(row["app"].rsplit(" ", 1)[1]) if row else None
+
+
+def test_sigkill_of_the_poller_another_host_polls_and_writes_every_end(fake_api, pg_url,
+                                                                       tmp_path):
+    """The process polling every shared batch dies while they are in flight: another takes
+    the poller role, polls the batches it did not make, and writes every turn's end once
+    (the dead host's too); the survivors finish."""
+    fake_api.hold = True
+    store = bh.PostgresStore(pg_url)
+    hosts = [Host(n, fake_api, pg_url, tmp_path, 1, 1) for n in range(3)]
+    _until(lambda: sum(1 for r in store.requests() if r.state == "submitted") == 3,
+           "every host's first turn is in a batch")
+    account = bh.pool_account("test-key", fake_api.base_url)
+    pids: list[int | None] = []
+    _until(lambda: pids.append(_role_holder_pid(store._db, store.schema, "poller", account))
+           or pids[-1] is not None, "a host polls")
+    (victim,) = [h for h in hosts if h.proc.pid == pids[-1]]
+    victim.kill()
+    fake_api.hold = False
+    fake_api.release()
+    survivors = [h for h in hosts if h is not victim]
+    outs = [h.finish() for h in survivors]
+    assert all(a["state"] == "done" and a["turns"] == 2 for o in outs for a in o["agents"])
+    assert len(_answered_once(fake_api)) == 3 + 2
+    first = [r for r in store.requests() if r.n_messages == 1]
+    assert {r.result_type for r in first} == {"succeeded"} and len(first) == 3
+    store.close()
