@@ -1850,7 +1850,8 @@ class _SqlStore:
             ids = [r["custom_id"] for r in db.execute(
                 "SELECT custom_id FROM turn_queue WHERE intent_id=? AND state='claimed'",
                 (intent_id,)).fetchall()]
-            db.execute("UPDATE turn_queue SET state='sent' WHERE intent_id=? AND "
+            # The request body (the whole transcript) is in the batch now: not kept twice.
+            db.execute("UPDATE turn_queue SET state='sent', params='{}' WHERE intent_id=? AND "
                        "state='claimed'", (intent_id,))
             for custom_id in ids:
                 db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
