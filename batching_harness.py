@@ -6276,6 +6276,7 @@ class SharedPoolChannel:
         self._member_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         self._roles_checked_at = 0.0
+        self._creating: dict[int, tuple[Claim, float]] = {}  # intent -> (claim, renewed at)
 
     # -- who is active -------------------------------------------------------------------
     def join(self) -> None:
@@ -6506,6 +6507,7 @@ class SharedPoolChannel:
                     self._poll_wake.set()
                     self._recovered()
                 self._heard(listener.wait(ROLE_RETRY_S))
+                self._renew_leases()
             except JournalError as exc:
                 if listener is not None:
                     listener.close()
@@ -6662,20 +6664,25 @@ class SharedPoolChannel:
 
     @contextlib.contextmanager
     def _leased(self, claim: Claim) -> Iterator[None]:
-        """Renew the claim's lease while the create is tried (retries can take minutes)."""
-        done = threading.Event()
-
-        def renew() -> None:
-            while not done.wait(POOL_LEASE_S / 3):
-                with contextlib.suppress(JournalError):
-                    self.store.renew_claim(claim, POOL_LEASE_S)
-
-        renewer = threading.Thread(target=renew, daemon=True, name="pool-lease")
-        renewer.start()
+        """The claim's lease is renewed (by the listener thread) while the create is tried:
+        retries can take minutes."""
+        with self._lock:
+            self._creating[claim.intent_id] = (claim, time.time())
         try:
             yield
         finally:
-            done.set()
+            with self._lock:
+                self._creating.pop(claim.intent_id, None)
+
+    def _renew_leases(self) -> None:
+        now = time.time()
+        with self._lock:
+            due = [c for c, at in self._creating.values() if now - at >= POOL_LEASE_S / 3]
+        for claim in due:
+            self.store.renew_claim(claim, POOL_LEASE_S)
+            with self._lock:
+                if claim.intent_id in self._creating:
+                    self._creating[claim.intent_id] = (claim, now)
 
     def _reconcile_claim(self, claim: Claim) -> None:
         """A dead holder's intent: its create may have made a batch. Look for it by list
