@@ -1149,6 +1149,8 @@ class Store(Protocol):
 
     location: str
     """Where it lives, as shown to the user (a path, or a URL without its password)."""
+    dialect: str
+    """sqlite (one host) | postgresql (shared by many): picks migrations and the fleet's pool."""
 
     @property
     def schema_version(self) -> int: ...
@@ -1189,14 +1191,30 @@ class Store(Protocol):
     def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
     # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
     def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None: ...
+    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None: ...
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
-                    lease_s: float) -> Claim | None: ...
+                    lease_s: float, reason: str = "") -> Claim | None: ...
     def renew_claim(self, claim: Claim, lease_s: float) -> bool: ...
     def record_claim_batch(self, intent_id: int, batch_id: str) -> bool: ...
     def release_claim(self, intent_id: int) -> int: ...
-    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]: ...
+    def take_over_expired_claims(self, holder: str, lease_s: float,
+                                 pool_key: str | None = None) -> list[Claim]: ...
     def finish_turn(self, custom_id: str, outcome: Outcome) -> bool: ...
+    def finish_turns(self, outcomes: Mapping[str, Outcome]) -> list[str]: ...
     def queued_turns(self, pool_key: str) -> int: ...
+    def queue_head(self, pool_key: str) -> tuple[int, float | None]: ...
+    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None: ...
+    def turn_states(self, custom_ids: Sequence[str]) -> dict[str, tuple[RequestRow,
+                                                                       str | None]]: ...
+    def fail_claim(self, intent_id: int, reason: str) -> list[str]: ...
+    def withdraw_turns(self, custom_ids: Sequence[str]) -> list[str]: ...
+    def intent_batch(self, intent_id: int) -> str | None: ...
+    def batches_in_flight(self, account: str) -> list[tuple[str, float, list[str]]]: ...
+    def shared_batches(self, custom_id_prefix: str) -> list[PoolBatchRow]: ...
+    def set_member(self, member: str, account: str, active: int, waiting: int,
+                   lease_s: float) -> None: ...
+    def drop_member(self, member: str) -> None: ...
+    def pool_census(self, account: str) -> tuple[int, int]: ...
     def hold_role(self, role: str, name: str = "") -> Role | None: ...
     def listen(self, *channels: str) -> Listener: ...
     # -- fleet runs --
@@ -1350,6 +1368,18 @@ CREATE TABLE proxy_requests (
 CREATE INDEX proxy_by_pool ON proxy_requests(pool_id);
 CREATE INDEX proxy_by_turn ON proxy_requests(key_fp, turn_key, received_at);
 CREATE INDEX proxy_by_model ON proxy_requests(model, lane, received_at)
+""")
+
+migration(7, "Who shares a pool: each process's active and waiting agents (so a flusher "
+          "knows when every agent of the account waits and nobody else can arrive), and why "
+          "each shared batch was flushed.", """
+CREATE TABLE pool_members (
+    member TEXT PRIMARY KEY, account TEXT NOT NULL, active INTEGER NOT NULL,
+    waiting INTEGER NOT NULL, seen_until {real} NOT NULL);
+CREATE INDEX pool_members_by_account ON pool_members(account, seen_until);
+ALTER TABLE batch_intents ADD COLUMN reason TEXT;
+CREATE INDEX batch_intents_by_state ON batch_intents(state, pool_key);
+CREATE INDEX turn_queue_by_state ON turn_queue(state, pool_key)
 """)
 
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -1604,8 +1634,11 @@ class _SqlStore:
     def set_batch(self, custom_id: str, batch_id: str) -> None:
         """Committed BEFORE waiting starts: from here on the paid turn can always be found."""
         with self._tx() as db:
-            db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=?",
-                       (batch_id, custom_id))
+            # A shared pool's poller may have ended the turn in this very batch before its
+            # agent got here: that end stays (it is the answer, not a new submission).
+            db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE custom_id=? "
+                       "AND NOT (state='ended' AND batch_id IS NOT NULL AND batch_id=?)",
+                       (batch_id, custom_id, batch_id))
             db.execute("INSERT INTO batches_tried VALUES (?,?) ON CONFLICT DO NOTHING",
                        (custom_id, batch_id))
 
@@ -1764,13 +1797,22 @@ class _SqlStore:
         """Journal a turn and queue it for whoever flushes `pool_key`, in one transaction."""
         with self._tx() as db:
             self._insert_request(db, row)
-            db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
-                       "VALUES (?,?,?,?)", (row.custom_id, pool_key, json.dumps(params),
-                                            time.time()))
+            self._insert_queued(db, row.custom_id, pool_key, params)
         self._publish("queue", [pool_key])
 
+    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None:
+        """Queue a turn already journaled (begin_request) for whoever flushes `pool_key`."""
+        with self._tx() as db:
+            self._insert_queued(db, custom_id, pool_key, params)
+        self._publish("queue", [pool_key])
+
+    def _insert_queued(self, db: Any, custom_id: str, pool_key: str,
+                       params: Mapping[str, Any]) -> None:
+        db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
+                   "VALUES (?,?,?,?)", (custom_id, pool_key, json.dumps(params), time.time()))
+
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
-                    lease_s: float) -> Claim | None:
+                    lease_s: float, reason: str = "") -> Claim | None:
         """Up to `limit` of the oldest queued turns of `pool_key`, and the intent of the batch
         that will carry them; None when nothing is queued (or others hold it all)."""
         now = time.time()
@@ -1782,7 +1824,8 @@ class _SqlStore:
                 return None
             intent_id = self._insert_id(
                 db, "INSERT INTO batch_intents (pool_key, holder, lease_until, created_at, "
-                "width) VALUES (?,?,?,?,?)", (pool_key, holder, now + lease_s, now, len(rows)))
+                "width, reason) VALUES (?,?,?,?,?,?)",
+                (pool_key, holder, now + lease_s, now, len(rows), reason or None))
             ids = [r["custom_id"] for r in rows]
             db.execute(f"UPDATE turn_queue SET state='claimed', intent_id=? WHERE custom_id IN "
                        f"({', '.join('?' * len(ids))})", (intent_id, *ids))
@@ -1807,7 +1850,8 @@ class _SqlStore:
             ids = [r["custom_id"] for r in db.execute(
                 "SELECT custom_id FROM turn_queue WHERE intent_id=? AND state='claimed'",
                 (intent_id,)).fetchall()]
-            db.execute("UPDATE turn_queue SET state='sent' WHERE intent_id=? AND "
+            # The request body (the whole transcript) is in the batch now: not kept twice.
+            db.execute("UPDATE turn_queue SET state='sent', params='{}' WHERE intent_id=? AND "
                        "state='claimed'", (intent_id,))
             for custom_id in ids:
                 db.execute("UPDATE requests SET batch_id=?, state='submitted' WHERE "
@@ -1830,16 +1874,19 @@ class _SqlStore:
         self._publish("queue", [row["pool_key"]])
         return back
 
-    def take_over_expired_claims(self, holder: str, lease_s: float) -> list[Claim]:
+    def take_over_expired_claims(self, holder: str, lease_s: float,
+                                 pool_key: str | None = None) -> list[Claim]:
         """Intents whose holder stopped renewing (a dead host): now `holder`'s, with a fresh
         lease. Their create may or may not have happened: reconcile by list, then
-        record_claim_batch or release_claim."""
+        record_claim_batch or release_claim. `pool_key` keeps to one pool (a batch made
+        with another API key cannot be found by this one's list)."""
         now = time.time()
+        where, args = ("", (now,)) if pool_key is None else (" AND pool_key=?", (now, pool_key))
         with self._tx() as db:
             rows = db.execute("SELECT id, pool_key, created_at FROM batch_intents WHERE "
                               "state='creating' "
-                              "AND lease_until < ? ORDER BY id" + self._CLAIM_LOCK,
-                              (now,)).fetchall()
+                              f"AND lease_until < ?{where} ORDER BY id" + self._CLAIM_LOCK,
+                              args).fetchall()
             claims = []
             for r in rows:
                 db.execute("UPDATE batch_intents SET holder=?, lease_until=? WHERE id=?",
@@ -1855,18 +1902,144 @@ class _SqlStore:
         """Record a pooled turn's result, cost (the ledger) and turnaround in the transaction
         that marks it done. Only the first caller records it: two hosts that both see the
         batch end never apply one answer twice (False for the second)."""
+        return bool(self.finish_turns({custom_id: outcome}))
+
+    def finish_turns(self, outcomes: Mapping[str, Outcome]) -> list[str]:
+        """finish_turn for every entry of one batch in ONE transaction (the ones this call
+        recorded): the whole batch leaves the queue at once, so "every agent is waiting"
+        never counts a turn already answered."""
         with self._tx() as db:
-            if not self._write_outcome(db, custom_id, outcome, "ended",
+            written = []
+            for custom_id, outcome in sorted(outcomes.items()):  # one lock order: no deadlock
+                # Off the queue whoever wrote it (a hurried turn keeps its own record).
+                db.execute("UPDATE turn_queue SET state='done' WHERE custom_id=?", (custom_id,))
+                if self._write_outcome(db, custom_id, outcome, "ended",
                                        " AND state IN ('submitting', 'submitted')"):
-                return False
-            db.execute("UPDATE turn_queue SET state='done' WHERE custom_id=?", (custom_id,))
-        self._publish("turns", [custom_id])
-        return True
+                    written.append(custom_id)
+        self._publish("turns", written)
+        return written
 
     def queued_turns(self, pool_key: str) -> int:
-        row = self._one("SELECT COUNT(*) AS n FROM turn_queue WHERE pool_key=? AND "
-                        "state='queued'", (pool_key,))
-        return int(row["n"])
+        return self.queue_head(pool_key)[0]
+
+    def queue_head(self, pool_key: str) -> tuple[int, float | None]:
+        """How many turns of `pool_key` wait to be claimed, and since when the oldest does."""
+        row = self._one("SELECT COUNT(*) AS n, MIN(queued_at) AS oldest FROM turn_queue WHERE "
+                        "pool_key=? AND state='queued'", (pool_key,))
+        return int(row["n"]), row["oldest"]
+
+    def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None:
+        """(queue state, batch id, why it failed, pool key) of a queued turn; None if it was
+        never queued."""
+        row = self._one("SELECT q.state AS state, r.batch_id AS batch_id, r.error_message AS "
+                        "error, q.pool_key AS pool_key FROM turn_queue q JOIN requests r ON "
+                        "r.custom_id=q.custom_id WHERE q.custom_id=?", (custom_id,))
+        return (row["state"], row["batch_id"], row["error"], row["pool_key"]) if row else None
+
+    def turn_states(self, custom_ids: Sequence[str]) -> dict[str, tuple[RequestRow,
+                                                                       str | None]]:
+        """Each turn's request row and its queue state (None: never queued), in ONE query:
+        a batch that ends wakes many agents of a process at once."""
+        if not custom_ids:
+            return {}
+        columns = ", ".join(f"r.{c.strip()}" for c in REQUEST_COLUMNS.split(","))
+        rows = self._db.execute(
+            f"SELECT {columns}, q.state AS queue_state FROM requests r LEFT JOIN turn_queue q "
+            f"ON q.custom_id=r.custom_id WHERE r.custom_id IN "
+            f"({', '.join('?' * len(custom_ids))})", tuple(custom_ids)).fetchall()
+        return {r["custom_id"]: (RequestRow(**{k: v for k, v in dict(r).items()
+                                               if k != "queue_state"}), r["queue_state"])
+                for r in rows}
+
+    def fail_claim(self, intent_id: int, reason: str) -> list[str]:
+        """The create was refused, nothing made: its turns leave the queue with `reason`
+        (each agent, on whatever host, hears it and fails or resends its turn)."""
+        with self._tx() as db:
+            db.execute("UPDATE batch_intents SET state='failed' WHERE id=? AND "
+                       "state='creating'", (intent_id,))
+            ids = [r["custom_id"] for r in db.execute(
+                "SELECT custom_id FROM turn_queue WHERE intent_id=? AND state='claimed'",
+                (intent_id,)).fetchall()]
+            for custom_id in ids:
+                db.execute("UPDATE turn_queue SET state='failed' WHERE custom_id=?", (custom_id,))
+                db.execute("UPDATE requests SET error_message=? WHERE custom_id=?",
+                           (reason, custom_id))
+        self._publish("turns", ids)
+        return ids
+
+    def withdraw_turns(self, custom_ids: Sequence[str]) -> list[str]:
+        """Take turns nobody has claimed yet back off the queue (their host is stopping)."""
+        if not custom_ids:
+            return []
+        marks = ", ".join("?" * len(custom_ids))
+        with self._tx() as db:
+            ids = [r["custom_id"] for r in db.execute(
+                f"SELECT custom_id FROM turn_queue WHERE state='queued' AND custom_id IN "
+                f"({marks})" + self._CLAIM_LOCK, tuple(custom_ids)).fetchall()]
+            for custom_id in ids:
+                db.execute("DELETE FROM turn_queue WHERE custom_id=?", (custom_id,))
+        return ids
+
+    def intent_batch(self, intent_id: int) -> str | None:
+        row = self._one("SELECT batch_id FROM batch_intents WHERE id=?", (intent_id,))
+        return row["batch_id"] if row else None
+
+    def batches_in_flight(self, account: str) -> list[tuple[str, float, list[str]]]:
+        """(batch id, created at, custom_ids not yet finished) of every shared batch of the
+        account (pool keys `account/...`) still in flight, whichever host created it."""
+        rows = self._db.execute(
+            "SELECT i.batch_id AS batch_id, i.created_at AS created_at, q.custom_id AS "
+            "custom_id FROM batch_intents i JOIN turn_queue q ON q.intent_id=i.id WHERE "
+            "i.state='created' AND q.state='sent' AND i.pool_key LIKE ? ORDER BY i.id",
+            (account + "/%",)).fetchall()
+        found: dict[str, tuple[str, float, list[str]]] = {}
+        for r in rows:
+            found.setdefault(r["batch_id"], (r["batch_id"], r["created_at"], []))[2].append(
+                r["custom_id"])
+        return list(found.values())
+
+    def shared_batches(self, custom_id_prefix: str) -> list[PoolBatchRow]:
+        """The shared batches that carried turns named `custom_id_prefix…` (a fleet run's),
+        as the summary reads pooled creates: the whole batch's width, this run's entries."""
+        rows = self._db.execute(
+            "SELECT i.id AS id, i.pool_key AS pool_key, i.reason AS reason, i.created_at AS "
+            "created_at, i.width AS width, i.batch_id AS batch_id, q.custom_id AS custom_id, "
+            "q.queued_at AS queued_at FROM batch_intents i JOIN turn_queue q ON "
+            "q.intent_id=i.id WHERE i.state='created' AND q.custom_id LIKE ? ORDER BY i.id, "
+            "q.queued_at", (custom_id_prefix.replace("%", "") + "%",)).fetchall()
+        by_intent: dict[int, list[Any]] = {}
+        for r in rows:
+            by_intent.setdefault(r["id"], []).append(r)
+        return [PoolBatchRow(
+            rs[0]["id"], custom_id_prefix, rs[0]["pool_key"].split("/")[1],
+            rs[0]["reason"] or "window", rs[0]["created_at"], rs[0]["width"],
+            json.dumps([r["custom_id"] for r in rs]),
+            json.dumps([round(max(0.0, rs[0]["created_at"] - r["queued_at"]), 3) for r in rs]),
+            rs[0]["batch_id"], "created") for rs in by_intent.values()]
+
+    # -- who shares the pool: each process's agents, for "everyone is waiting" -------------
+    def set_member(self, member: str, account: str, active: int, waiting: int,
+                   lease_s: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO pool_members VALUES (?,?,?,?,?) ON CONFLICT (member) DO "
+                       "UPDATE SET active=excluded.active, waiting=excluded.waiting, "
+                       "seen_until=excluded.seen_until",
+                       (member, account, active, waiting, time.time() + lease_s))
+        self._publish("queue", [account])
+
+    def drop_member(self, member: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM pool_members WHERE member=?", (member,))
+
+    def pool_census(self, account: str) -> tuple[int, int]:
+        """(agents active on the account's live members, turns of the account waiting on the
+        model). The waiting count is the queue's own (queued, claimed or in a batch), so a
+        turn that ends stops counting in the transaction that ends it, on every host."""
+        active = self._one("SELECT COALESCE(SUM(active), 0) AS n FROM pool_members WHERE "
+                           "account=? AND seen_until > ?", (account, time.time()))
+        waiting = self._one("SELECT COUNT(*) AS n FROM turn_queue WHERE state IN ('queued', "
+                            "'claimed', 'sent') AND pool_key LIKE ?", (account + "/%",))
+        return int(active["n"]), int(waiting["n"])
 
     # -- fleet runs: a run, its agents, and every pooled create ------------------
     def create_run(self, tasks_path: str, options: Mapping[str, Any]) -> FleetRunRow:
@@ -2296,7 +2469,8 @@ class PostgresStore(_SqlStore):
         try:
             return self._pg.connect(
                 self.url, autocommit=True, row_factory=self._pg.rows.dict_row,
-                connect_timeout=10, application_name="batching-harness",
+                # the pid: a DBA (or a test) sees which process holds which lock
+                connect_timeout=10, application_name=f"batching-harness {os.getpid()}",
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                 options=f"-c search_path={self.schema} {_PG_SESSION_OPTIONS}")
         except self._pg.Error as exc:
@@ -2495,7 +2669,7 @@ def _pg_server_checks(db: Any, shown: str, schema: str) -> list[DoctorCheck]:
     room = db.execute("SELECT current_setting('max_connections')::int - "
                       "current_setting('superuser_reserved_connections')::int - "
                       "(SELECT count(*) FROM pg_stat_activity) AS free, (SELECT count(*) FROM "
-                      "pg_stat_activity WHERE application_name='batching-harness') AS ours"
+                      "pg_stat_activity WHERE application_name LIKE 'batching-harness%') AS ours"
                       ).fetchone()
     checks.append(DoctorCheck(
         "pool connections", room["free"] >= 20,
@@ -2583,10 +2757,13 @@ class _PgListener:
 
     def wait(self, timeout_s: float) -> list[tuple[str, str]]:
         """What was published since the last call, waiting up to `timeout_s` for the first."""
-        heard = [(n.channel[self.prefix_len:], n.payload)
-                 for n in self.raw.notifies(timeout=max(timeout_s, 0.0), stop_after=1)]
-        heard += [(n.channel[self.prefix_len:], n.payload)
-                  for n in self.raw.notifies(timeout=0.0)]
+        try:
+            heard = [(n.channel[self.prefix_len:], n.payload)
+                     for n in self.raw.notifies(timeout=max(timeout_s, 0.0), stop_after=1)]
+            heard += [(n.channel[self.prefix_len:], n.payload)
+                      for n in self.raw.notifies(timeout=0.0)]
+        except self._pg.Error as exc:  # the server went away: listen again once it is back
+            raise _pg_error("the pool's wake-ups", exc) from None
         return heard
 
     def close(self) -> None:
@@ -2838,7 +3015,8 @@ class Channel(Protocol):
 
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
              notify: Notify) -> str: ...
-    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None: ...
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None: ...
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
               on_status: Callable[[str], None], notify: Notify,
               on_stream: StreamListener | None = None) -> Ticket: ...
@@ -2892,6 +3070,11 @@ class BatchAPI:
             self._client_error = exc
         finally:
             self._client_ready.set()
+
+    @property
+    def ready(self) -> bool:
+        """The client is built: a create would go out now, not after `import anthropic`."""
+        return self._client_ready.is_set() and self._client_error is None
 
     @property
     def client(self) -> Any:
@@ -3177,7 +3360,8 @@ class BatchChannel:
     def from_config(cls, api: BatchAPI, config: Config) -> BatchChannel:
         return cls(api, poll_interval_s=config.poll_interval_s)
 
-    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None:
         wait_s = sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
         if wait_s > 0:  # a create cut off moments ago may not be listed yet
             self.clock.sleep(wait_s)
@@ -3479,7 +3663,8 @@ class PooledBatchChannel:
         assert queued.batch_id is not None
         return queued.batch_id
 
-    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None:
         """A pooled create is found by `recover` (it knows the batch's width); a row still
         unsent after that was never in a create."""
         return None
@@ -3512,17 +3697,10 @@ class PooledBatchChannel:
         """Creates that were under way when the fleet died: look each up ONCE by time and
         width (list() shows no custom_ids) and give its entries the batch id, so no turn is
         paid twice; a create that made nothing leaves its rows to be sent afresh."""
-        found = []
-        for pooled in journal.pool_batches(run_id, state="creating"):
-            wait_s = pooled.sent_at + UNKNOWN_CREATE_WAIT_S - self.clock.now()
-            if wait_s > 0:  # a create cut off moments ago may not be listed yet
-                self.clock.sleep(wait_s)
-            batch_id = self.api.find(not_before=pooled.sent_at, size=pooled.width,
-                                     exclude=journal.known_batch_ids(), notify=notify)
-            journal.set_pool_batch(pooled.id, batch_id)
-            if batch_id:
-                found.append(batch_id)
-        return found
+        return recover_pooled_creates(self.api, self.clock, journal, run_id, notify)
+
+    def close(self) -> None:
+        """Nothing to let go of: the flusher and the poller end with their work."""
 
     # -- what the pool line shows ---------------------------------------------------------
     def widths_in_flight(self) -> list[int]:
@@ -3631,6 +3809,22 @@ class PooledBatchChannel:
         return notify
 
 
+def recover_pooled_creates(api: BatchAPI, clock: Clock, journal: Store, run_id: str,
+                           notify: Notify) -> list[str]:
+    """A fleet run's pooled creates cut by a crash, each looked up ONCE by time and width."""
+    found = []
+    for pooled in journal.pool_batches(run_id, state="creating"):
+        wait_s = pooled.sent_at + UNKNOWN_CREATE_WAIT_S - clock.now()
+        if wait_s > 0:  # a create cut off moments ago may not be listed yet
+            clock.sleep(wait_s)
+        batch_id = api.find(not_before=pooled.sent_at, size=pooled.width,
+                            exclude=journal.known_batch_ids(), notify=notify)
+        journal.set_pool_batch(pooled.id, batch_id)
+        if batch_id:
+            found.append(batch_id)
+    return found
+
+
 # The handle a synchronous request is journaled under until its stream ends.
 SYNC_HANDLE_PREFIX = "sync_"
 
@@ -3671,7 +3865,8 @@ class SyncChannel:
             self._streams[handle] = _Stream(custom_id, params, Ticket(custom_id, handle))
         return handle
 
-    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify) -> str | None:
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None:
         return None  # nothing outlives a stream: the caller sends it again
 
     def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
@@ -4589,7 +4784,8 @@ class Agent:
                              "(another client shares the key?); send the prompt again",
                              custom_id=request.custom_id, record="no batch of ours found")
         handle = self.router.channel(request.lane).reconcile(
-            request.submitted_at, exclude=self.store.known_batch_ids(), notify=self._warn)
+            request.submitted_at, exclude=self.store.known_batch_ids(), notify=self._warn,
+            custom_id=request.custom_id)
         if handle:
             self.store.set_batch(request.custom_id, handle)
             self._warn(f"re-attached to {handle}, created before the interruption")
@@ -5991,6 +6187,720 @@ class RunPoolJournal:
         self.store.set_pool_batch(pool_id, batch_id)
 
 
+# -- the shared pool: the turns of many processes (many hosts) batched through the store ----
+# Every process of a fleet sharing one PostgreSQL pool queues its agents' turns in the store;
+# per pool key ONE process (the flusher, an advisory-lock role) claims a batch's worth and
+# creates it, and per account ONE process (the poller) polls every batch in flight with one
+# list call per tick and writes each turn's end. Agents everywhere are woken by NOTIFY.
+# A claim's lease: how long a create may go unrenewed before another process reconciles its
+# batch by list (renewed every third of it while the create is tried).
+POOL_LEASE_S = 10.0
+# A process that does not hold a role tries to take it this often: a SIGKILLed holder's
+# session ends at once, so its role moves within about this long.
+ROLE_RETRY_S = 1.0
+# A holder checks its roles are still its own this often (two holders for a moment cost
+# nothing but a narrower batch: claims skip each other's rows, the first write of an end wins),
+# and looks for intents whose lease ran out.
+ROLE_CHECK_S = 5.0
+# A member row (a process's active agents) counts this long after its last renewal: a
+# process that vanished stops holding "everyone is waiting" back after it.
+MEMBER_LEASE_S = 15.0
+# While the store cannot be reached, every thread of the pool tries again this often.
+POOL_RETRY_S = 2.0
+# A store failure this soon after the store came back is the same outage (a connection it
+# broke, failing on first use): it is not announced again.
+OUTAGE_QUIET_S = 10.0
+# The poller reads the batches in flight when told (NOTIFY), and at least this often.
+IN_FLIGHT_REFRESH_S = 10.0
+# The failure kinds a create can end in, carried to the agents of every host by name.
+SHARED_CREATE_ERRORS: dict[str, type[TransportError]] = {
+    "AccountRefused": AccountRefused, "SpendLimitReached": SpendLimitReached,
+    "Unreachable": Unreachable, "NotSent": NotSent}
+
+
+def pool_account(api_key: str | None, base_url: str | None) -> str:
+    """Whose turns may share a batch: one API key at one endpoint (a batch made with one key
+    cannot be listed, polled or fetched with another). A digest: the key is never stored."""
+    endpoint = base_url or "https://api.anthropic.com"  # the SDK's default
+    digest = hashlib.sha256(f"{endpoint}\n{api_key or ''}".encode())
+    return "k" + digest.hexdigest()[:16]
+
+
+def shared_pool_key(account: str, params: Mapping[str, Any]) -> str:
+    """account/model/size class: turns that can go into one batch."""
+    return f"{account}/{params.get('model')}/{size_class(params)}"
+
+
+class PoolOutage:
+    """One message per outage of a shared pool's store, however many threads run into it.
+    A connection the outage broke fails once more on first use after the server is back:
+    a failure that soon after a recovery is the same outage, and says nothing new."""
+
+    def __init__(self, say: Notify) -> None:
+        self.say = say
+        self._lock = threading.Lock()
+        self._down = self._announced = False
+        self._up_at = -math.inf
+
+    def down(self, exc: JournalError) -> None:
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+            self._announced = time.monotonic() - self._up_at > OUTAGE_QUIET_S
+        if self._announced:
+            self.say(f"{exc}. Waiting for it (trying again every {POOL_RETRY_S:g} s); "
+                     "batches in flight keep running at the API")
+
+    def up(self) -> None:
+        with self._lock:
+            if not self._down:
+                return
+            self._down, self._up_at, announced = False, time.monotonic(), self._announced
+        if announced:
+            self.say("the pool is reachable again; carrying on")
+
+
+@dataclass
+class _Sending:
+    """One local agent's turn in the shared queue, until its batch id is recorded."""
+
+    custom_id: str
+    ready_at: float
+    window_s: float
+    done: threading.Event = field(default_factory=threading.Event)
+    batch_id: str | None = None
+    error: BaseException | None = None
+
+
+class SharedPoolChannel:
+    """The batch lane for a fleet whose pool is shared by many processes through the store
+    (PostgreSQL; see the banner above). To its agents it is PooledBatchChannel: `send`
+    returns once the turn's batch id is recorded, `watch` gives a ticket resolved when the
+    turn's end is in the store. Behind that, three threads per process: a listener (NOTIFY
+    wakes agents, the flusher and the poller), a flusher that serves the pool keys whose role
+    it holds, and a poller that serves the account when it holds that role.
+
+    Flush policy, as in-process: the width cap, the window (from the oldest queued turn),
+    and "all waiting" across hosts: every process keeps a member row with its active agents
+    (leased), and the store's queue counts the account's turns waiting on the model; when
+    those reach the active agents, nobody anywhere can add a turn and the flusher sends at
+    once. A process that has not yet joined counts from its first join: a host starting late
+    joins the next batch, never delays this one past the window."""
+
+    lane = "batch"
+    stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+
+    def __init__(self, store: Store, batch: BatchChannel, *, account: str,
+                 max_width: int = DEFAULT_MAX_WIDTH,
+                 window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
+                 say: Notify = _ignore, clock: Clock | None = None,
+                 member: str | None = None, outage: PoolOutage | None = None,
+                 log_bug: Callable[[BaseException], object] | None = None) -> None:
+        self.store, self.batch, self.api = store, batch, batch.api
+        self.account, self.max_width, self.window_s, self.say = account, max_width, window_s, say
+        self.clock = clock or Clock()
+        self.member = member or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.flushes: list[PoolFlush] = []
+        self._sending: dict[str, _Sending] = {}
+        self._tickets: dict[str, Ticket] = {}
+        self._notifies: dict[str, Notify] = {}
+        self._keys: set[str] = set()
+        self._landed: collections.deque[Ticket] = collections.deque()
+        self._active = 0
+        self._halted: BaseException | None = None
+        self._canceled: set[str] = set()
+        self.outage = outage or PoolOutage(say)
+        self._log_bug = log_bug
+        self._lock = threading.RLock()
+        self._flush_wake, self._poll_wake = threading.Event(), threading.Event()
+        self._listening, self._closed = threading.Event(), threading.Event()
+        self._member_dirty = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._roles_checked_at = 0.0
+        self._creating: dict[int, tuple[Claim, float]] = {}  # intent -> (claim, renewed at)
+
+    # -- who is active -------------------------------------------------------------------
+    def join(self) -> None:
+        with self._lock:
+            self._active += 1
+        self._member_changed()
+        self._start()  # counted in the pool before its first turn is queued
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+        self._member_changed()
+
+    def halt(self, error: BaseException) -> None:
+        """Take no more turns; this process's turns nobody has claimed yet leave the queue
+        (a resume sends them); ones already claimed still get their batch."""
+        with self._lock:
+            self._halted = error
+            waiting = [s for s in self._sending.values() if not s.done.is_set()]
+        try:
+            withdrawn = set(self.store.withdraw_turns([s.custom_id for s in waiting]))
+        except JournalError:
+            withdrawn = {s.custom_id for s in waiting}  # unreachable: resume reconciles them
+        for sending in waiting:
+            if sending.custom_id in withdrawn:
+                self._settle(sending, error=error)
+
+    def close(self) -> None:
+        """Let go of every role and of this process's member row (a fleet ending)."""
+        self._closed.set()
+        for event in (self._flush_wake, self._poll_wake):
+            event.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        with contextlib.suppress(JournalError):
+            self.store.drop_member(self.member)
+
+    # -- the Channel protocol ----------------------------------------------------------
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str:
+        """Queue the turn in the store and block until a flusher (on any host) records the
+        batch that carries it; its id then."""
+        key = shared_pool_key(self.account, params)
+        sending = _Sending(custom_id, self.clock.now(), self.window_s(str(params.get("model"))))
+        with self._lock:
+            if self._halted is not None:
+                raise self._halted
+            self._sending[custom_id], self._notifies[custom_id] = sending, notify
+            self._keys.add(key)
+        self._start()
+        self._until_stored(lambda: self.store.queue_turn(custom_id, key, params), sending.done)
+        if self._halted is not None:  # halted while it was being queued: take it back out
+            self.halt(self._halted)
+        self._member_changed()
+        return self._result(sending)
+
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None:
+        """A turn journaled but not known to be in a batch (its process died in `send`): if it
+        is in the shared queue, wait for its batch as `send` does; else it was never queued."""
+        entry = self.store.queue_entry(custom_id) if custom_id else None
+        if entry is None or entry[0] == "failed":
+            return None
+        sending = _Sending(custom_id, self.clock.now(), 0.0)
+        with self._lock:
+            self._sending[custom_id], self._notifies[custom_id] = sending, notify
+            self._keys.add(entry[3])  # its process died: this one may have to flush it
+        self._start()
+        self._check(custom_id)
+        return self._result(sending)
+
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket:
+        """A ticket resolved from the store once the pool's poller (on any host) has written
+        the turn's end; registered before the first look, so no NOTIFY falls in between."""
+        ticket = Ticket(custom_id, handle)
+        with self._lock:
+            self._tickets[custom_id], self._notifies[custom_id] = ticket, notify
+        self._start()
+        on_status("in_progress")
+        with contextlib.suppress(JournalError):  # looked at again once it is back
+            self._check(custom_id)
+        return ticket
+
+    def cancel(self, handle: str, notify: Notify) -> None:
+        """A shared batch can only be cancelled whole: once, however many agents ask."""
+        with self._lock:
+            if handle in self._canceled:
+                return
+            self._canceled.add(handle)
+        self.api.cancel(handle, notify)
+
+    def forget(self, ticket: Ticket) -> None:
+        with self._lock:
+            self._tickets.pop(ticket.custom_id, None)
+            self._notifies.pop(ticket.custom_id, None)
+
+    def recover(self, journal: Store, run_id: str, notify: Notify) -> list[str]:
+        """In-process pooled creates of this run cut by a crash (before it shared a pool);
+        the shared pool's own intents are taken over by whichever flusher sees them expire."""
+        return recover_pooled_creates(self.api, self.clock, journal, run_id, notify)
+
+    # -- what the pool line shows ---------------------------------------------------------
+    def widths_in_flight(self) -> list[int]:
+        with self._lock:
+            flying = {t.handle for t in self._tickets.values()} | self.batch.in_flight_ids()
+            return [f.width for f in self.flushes if f.batch_id in flying]
+
+    def queued(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._sending.values() if not s.done.is_set())
+
+    def next_flush(self) -> tuple[float, str] | None:
+        with self._lock:
+            due = [s.ready_at + s.window_s for s in self._sending.values() if not s.done.is_set()]
+        return (max(0.0, min(due) - self.clock.now()), "window") if due else None
+
+    # -- agents' side: waiting for what the store says -----------------------------------
+    def _result(self, sending: _Sending) -> str:
+        while not sending.done.wait(0.5):  # set by the listener, by halt(), or by our flusher
+            pass
+        with self._lock:
+            self._sending.pop(sending.custom_id, None)
+        if sending.error is not None:
+            raise sending.error
+        assert sending.batch_id is not None
+        return sending.batch_id
+
+    def _settle(self, sending: _Sending, *, batch_id: str | None = None,
+                error: BaseException | None = None) -> None:
+        if not sending.done.is_set():
+            sending.batch_id, sending.error = batch_id, error
+            sending.done.set()
+
+    def _check(self, *custom_ids: str) -> None:
+        """Look up local turns in the store (one query) and wake each agent whose turn has
+        moved on: into a batch (`send`), or to its end (`watch`)."""
+        with self._lock:
+            ids = [c for c in custom_ids if c in self._sending or c in self._tickets]
+        for custom_id, (row, queue_state) in self.store.turn_states(ids).items():
+            with self._lock:
+                sending, ticket = self._sending.get(custom_id), self._tickets.get(custom_id)
+            if sending is not None and row.batch_id and queue_state in ("sent", "done"):
+                self._settle(sending, batch_id=row.batch_id)
+            elif sending is not None and queue_state == "failed":
+                self._settle(sending, error=_shared_error(row.error_message))
+            if ticket is not None and row.result_type is not None and row.state not in (
+                    "submitting", "submitted"):
+                self._resolve(custom_id, Arrival(_stored_entry(row), BatchView(
+                    row.batch_id or ticket.handle, "ended", (row.ended_at or 0.0) -
+                    (row.wait_s or 0.0), 0, row.ended_at)))
+
+    def _resolve(self, custom_id: str, arrival: Arrival) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(custom_id, None)
+            self._notifies.pop(custom_id, None)
+        if ticket is not None:
+            ticket.resolve(arrival)
+
+    def _sweep(self) -> None:
+        """Every local turn looked at once: what NOTIFY said while nobody listened."""
+        with self._lock:
+            ids = set(self._sending) | set(self._tickets)
+        self._check(*ids)
+
+    def _member_changed(self) -> None:
+        self._member_dirty.set()
+        self._flush_wake.set()
+
+    # -- threads ------------------------------------------------------------------------
+    def _start(self) -> None:
+        with self._lock:
+            if self._threads:
+                return
+            for name, target in (("pool-listener", self._listen_forever),
+                                 ("pool-flusher", self._flush_forever),
+                                 ("pool-poller", self._poll_forever)):
+                thread = threading.Thread(target=self._guarded, args=(target,), daemon=True,
+                                          name=name)
+                self._threads.append(thread)
+                thread.start()
+        while not self._listening.wait(0.5):  # a send before LISTEN could miss its NOTIFY
+            if self._closed.is_set():
+                return
+
+    def _guarded(self, target: Callable[[], None]) -> None:
+        """A bug in a pool thread: logged, and every local agent hears it (none hangs)."""
+        try:
+            target()
+        except BaseException as exc:
+            where = self._log_bug(exc) if self._log_bug else "the log"
+            error = HarnessError(f"internal error in the shared pool ({type(exc).__name__}: "
+                                 f"{exc}); see {where}")
+            self.say(str(error))
+            self.halt(error)
+            with self._lock:
+                tickets, self._tickets = list(self._tickets.values()), {}
+            for ticket in tickets:
+                ticket.fail(error)
+
+    def _until_stored(self, write: Callable[[], object], give_up: threading.Event) -> None:
+        """Run a store write, waiting out an unreachable store (one message, then retries)."""
+        while not give_up.is_set():
+            try:
+                write()
+                self._recovered()
+                return
+            except JournalError as exc:
+                self._unreachable(exc)
+                give_up.wait(POOL_RETRY_S)
+
+    def _unreachable(self, exc: JournalError) -> None:
+        self.outage.down(exc)
+
+    def _recovered(self) -> None:
+        self.outage.up()
+
+    def _listen_forever(self) -> None:
+        listener: Listener | None = None
+        while not self._closed.is_set():
+            try:
+                if listener is None:
+                    listener = self.store.listen("turns", "queue")
+                    self._listening.set()
+                    self._sweep()
+                    self._flush_wake.set()
+                    self._poll_wake.set()
+                    self._recovered()
+                self._heard(listener.wait(ROLE_RETRY_S))
+                self._renew_leases()
+            except JournalError as exc:
+                if listener is not None:
+                    listener.close()
+                listener = None
+                self._unreachable(exc)
+                self._closed.wait(POOL_RETRY_S)
+        if listener is not None:
+            listener.close()
+
+    def _heard(self, heard: Sequence[tuple[str, str]]) -> None:
+        turns = [payload for channel, payload in heard if channel == "turns"]
+        for payload in (p for channel, p in heard if channel == "queue"):
+            if payload.startswith(self.account + "/"):
+                with self._lock:
+                    self._keys.add(payload)
+            if payload.startswith(self.account):
+                self._flush_wake.set()
+        if turns:
+            self._check(*turns)  # our own agents' turns among them, in one query
+            self._poll_wake.set()
+
+    # -- the flusher: one process per pool key ------------------------------------------
+    def _flush_forever(self) -> None:
+        """Serve the pool keys whose flusher role this process holds: look at a key when
+        NOTIFY says something changed or its window falls due, never on a fixed tick."""
+        roles: dict[str, Role] = {}
+        due: dict[str, float] = {}  # key -> when to look at it again unprompted
+        next_roles_at = next_beat_at = 0.0
+        while not self._closed.is_set():
+            woken = self._flush_wake.is_set()
+            self._flush_wake.clear()
+            try:
+                now = time.time()
+                if self._member_dirty.is_set() or now >= next_beat_at:
+                    self._member_dirty.clear()
+                    self._write_member()
+                    next_beat_at = now + MEMBER_LEASE_S / 3
+                if now >= next_roles_at:
+                    next_roles_at = now + ROLE_RETRY_S
+                    for key in self._take_roles(roles, now):
+                        due[key] = 0.0
+                for key in list(roles):
+                    if woken or time.time() >= due.get(key, 0.0):
+                        due[key] = time.time() + self._serve(key)
+                self._recovered()
+                wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
+            except JournalError as exc:
+                self._unreachable(exc)
+                wait_s = POOL_RETRY_S
+            if wait_s > 0:
+                self._flush_wake.wait(wait_s)
+        for role in roles.values():
+            with contextlib.suppress(JournalError):
+                role.release()
+
+    def _write_member(self) -> None:
+        with self._lock:
+            active = self._active
+            waiting = sum(1 for s in self._sending.values() if not s.done.is_set()) + len(
+                self._tickets)
+        self.store.set_member(self.member, self.account, active, waiting, MEMBER_LEASE_S)
+
+    def _take_roles(self, roles: dict[str, Role], now: float) -> list[str]:
+        """Try for the flusher role of every key this process has seen (once its API client
+        is ready: a holder still importing the SDK would hold everyone's turns back); now
+        and then check the held ones, and reconcile intents whose holder died. The keys
+        newly taken."""
+        if not self.api.ready:
+            self.api.warm_up()
+            return []
+        if now >= self._roles_checked_at + ROLE_CHECK_S:
+            self._roles_checked_at = now
+            for key, role in list(roles.items()):
+                if not role.alive():
+                    del roles[key]
+            for key in roles:
+                for claim in self.store.take_over_expired_claims(self.member, POOL_LEASE_S, key):
+                    self._reconcile_claim(claim)
+        with self._lock:
+            keys = sorted(self._keys - set(roles))
+        taken = []
+        for key in keys:
+            role = self.store.hold_role("flusher", key)
+            if role is not None:
+                roles[key] = role
+                taken.append(key)
+                # the last holder may have died mid-create
+                for claim in self.store.take_over_expired_claims(self.member, POOL_LEASE_S, key):
+                    self._reconcile_claim(claim)
+        return taken
+
+    def _serve(self, key: str) -> float:
+        """Flush `key` if its turns are due; seconds until they will be otherwise."""
+        count, oldest = self.store.queue_head(key)
+        if not count or oldest is None:
+            return ROLE_CHECK_S  # NOTIFY says when something is queued
+        active, waiting = self.store.pool_census(self.account)
+        due_at = oldest + self.window_s(key.split("/")[1])
+        reason = ("width cap" if count >= self.max_width else "all waiting"
+                  if active and waiting >= active else "window" if due_at <= time.time()
+                  else None)
+        if reason is None:
+            return due_at - time.time()
+        self._flush(key, reason)
+        return 0.0  # more may be queued behind a width cap
+
+    def _flush(self, key: str, reason: str) -> None:
+        claim = self.store.claim_turns(key, self.member, limit=self.max_width,
+                                       lease_s=POOL_LEASE_S, reason=reason)
+        if claim is None:
+            return
+        notify = self._fan_out(claim.custom_ids)
+        sent_at = self.clock.now()
+        try:
+            with self._leased(claim):
+                batch_id = self.api.create(
+                    [{"custom_id": cid, "params": params} for cid, params in claim.turns],
+                    exclude=self.store.known_batch_ids, notify=notify)
+        except RetriesExhausted as exc:  # unknown outcome: the lease runs out, list decides
+            notify(f"{exc}; the pool looks for its batch by list before sending again")
+            return
+        except HarnessError as exc:  # certainly nothing made: its agents hear why
+            self.say(f"a shared batch of {len(claim.turns)} turn(s) was not created: {exc}")
+            self.store.fail_claim(claim.intent_id, f"{type(exc).__name__}: {exc}")
+            return
+        self._record(claim, batch_id, notify)
+        delays = tuple(round(sent_at - queued, 3) for queued in self._ready_times(claim))
+        with self._lock:
+            self.flushes.append(PoolFlush(batch_id, key.split("/")[1], len(claim.turns), reason,
+                                          sent_at, delays))
+
+    def _record(self, claim: Claim, batch_id: str, notify: Notify) -> None:
+        """The batch id, committed right after the create; a batch whose intent another
+        process settled meanwhile (our lease ran out) is a duplicate, cancelled."""
+        recorded: list[bool] = []
+        self._until_stored(lambda: recorded.append(
+            self.store.record_claim_batch(claim.intent_id, batch_id)), self._closed)
+        if recorded and recorded[0]:
+            for custom_id in claim.custom_ids:  # our own agents need no NOTIFY round trip
+                with self._lock:
+                    sending = self._sending.get(custom_id)
+                if sending is not None:
+                    self._settle(sending, batch_id=batch_id)
+            return
+        if recorded and self.store.intent_batch(claim.intent_id) != batch_id:
+            notify(f"batch {batch_id} duplicates one another process made for the same turns "
+                   "(this one's lease ran out); cancelling it")
+            with contextlib.suppress(TransportError):
+                self.api.cancel(batch_id, notify)
+
+    def _ready_times(self, claim: Claim) -> list[float]:
+        with self._lock:
+            return [self._sending[c].ready_at for c in claim.custom_ids if c in self._sending]
+
+    @contextlib.contextmanager
+    def _leased(self, claim: Claim) -> Iterator[None]:
+        """The claim's lease is renewed (by the listener thread) while the create is tried:
+        retries can take minutes."""
+        with self._lock:
+            self._creating[claim.intent_id] = (claim, time.time())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creating.pop(claim.intent_id, None)
+
+    def _renew_leases(self) -> None:
+        now = time.time()
+        with self._lock:
+            due = [c for c, at in self._creating.values() if now - at >= POOL_LEASE_S / 3]
+        for claim in due:
+            self.store.renew_claim(claim, POOL_LEASE_S)
+            with self._lock:
+                if claim.intent_id in self._creating:
+                    self._creating[claim.intent_id] = (claim, now)
+
+    def _reconcile_claim(self, claim: Claim) -> None:
+        """A dead holder's intent: its create may have made a batch. Look for it by list
+        (time and width) once; record it, or put the turns back in the queue."""
+        wait_s = claim.created_at + UNKNOWN_CREATE_WAIT_S - time.time()
+        if wait_s > 0:  # a create cut off moments ago may not be listed yet
+            self._closed.wait(wait_s)
+        try:
+            batch_id = self.api.find(not_before=claim.created_at, size=len(claim.turns),
+                                     exclude=self.store.known_batch_ids(), notify=self.say)
+        except HarnessError as exc:
+            self.say(f"could not look for the batch of a claim another process left: {exc}; "
+                     "trying again when its lease runs out")
+            return
+        if batch_id is None:
+            self.store.release_claim(claim.intent_id)
+            return
+        self.say(f"re-attached to {batch_id}, created by a process that stopped before "
+                 "recording it")
+        self.store.record_claim_batch(claim.intent_id, batch_id)
+
+    def _fan_out(self, custom_ids: Sequence[str]) -> Notify:
+        with self._lock:
+            listeners = [self._notifies[c] for c in custom_ids if c in self._notifies]
+
+        def notify(text: str) -> None:
+            for listener in listeners:
+                listener(text)
+
+        return notify
+
+    # -- the poller: one process per account ---------------------------------------------
+    def _poll_forever(self) -> None:
+        role: Role | None = None
+        watched: dict[str, Ticket] = {}
+        next_role_at = next_refresh_at = 0.0
+        while not self._closed.is_set():
+            woken = self._poll_wake.is_set()
+            self._poll_wake.clear()
+            try:
+                now = time.time()
+                if now >= next_role_at:  # held: checked now and then; not held: tried often
+                    next_role_at = now + (ROLE_CHECK_S if role is not None else ROLE_RETRY_S)
+                    if role is not None and not role.alive():
+                        role = self._stop_polling(watched)
+                    if role is None and self.api.ready and (
+                            role := self.store.hold_role("poller", self.account)):
+                        next_refresh_at = 0.0
+                if role is not None:
+                    self._write_landed(watched)
+                    if woken or now >= next_refresh_at:
+                        self._watch_in_flight(watched)
+                        next_refresh_at = now + IN_FLIGHT_REFRESH_S
+                self._recovered()
+                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
+            except JournalError as exc:
+                self._unreachable(exc)
+                wait_s = POOL_RETRY_S
+            if wait_s > 0:
+                self._poll_wake.wait(wait_s)
+        if role is not None:
+            self._stop_polling(watched)
+            with contextlib.suppress(JournalError):
+                role.release()
+
+    def _stop_polling(self, watched: dict[str, Ticket]) -> Role | None:
+        """The role was lost (the store went away): another process may poll now."""
+        for ticket in watched.values():
+            self.batch.forget(ticket)
+        watched.clear()
+        return None
+
+    def _watch_in_flight(self, watched: dict[str, Ticket]) -> None:
+        """Every batch of the account in flight, whoever created it, on this process's
+        BatchChannel: one list call per tick for all of them."""
+        for batch_id, created_at, custom_ids in self.store.batches_in_flight(self.account):
+            for custom_id in custom_ids:
+                if custom_id in watched:
+                    continue
+                ticket = self.batch.watch(custom_id, batch_id, sent_at=created_at,
+                                          expected_s=None, on_status=_ignore, notify=self.say)
+                watched[custom_id] = ticket
+                ticket.add_done_callback(self._on_landed)
+
+    def _on_landed(self, ticket: Ticket) -> None:
+        self._landed.append(ticket)  # written by the poller thread, which can wait out outages
+        self._poll_wake.set()
+
+    def _write_landed(self, watched: dict[str, Ticket]) -> None:
+        """Each ended turn's result, ledger and turnaround in the transaction that marks it
+        done (the first host to write it wins); a failed look is tried again by a refresh."""
+        landed: dict[str, Arrival] = {}
+        while self._landed:
+            ticket = self._landed.popleft()
+            try:
+                landed[ticket.custom_id] = ticket.result()
+            except HarnessError as exc:
+                self.say(f"polling {ticket.handle}: {exc}; trying again")
+                watched.pop(ticket.custom_id, None)
+        if not landed:
+            return
+        try:
+            now = self.clock.now()
+            self.store.finish_turns({custom_id: outcome_of(self.store.request(custom_id),
+                                                           arrival, now)
+                                     for custom_id, arrival in landed.items()})
+        except JournalError:
+            self._landed.extendleft(watched[c] for c in landed)  # written once it is back
+            raise
+        for custom_id, arrival in landed.items():
+            watched.pop(custom_id, None)
+            self._resolve(custom_id, arrival)  # our own agent: the arrival as it came
+
+
+def _stored_entry(row: RequestRow) -> EntryResult | None:
+    """A turn's result as the poller stored it, back in the form a ticket carries (None:
+    the batch held no entry for it)."""
+    message = json.loads(row.message) if row.message else None
+    if row.result_type == "missing":
+        return None
+    return EntryResult(row.custom_id, str(row.result_type), message, row.error_type,
+                       row.error_message)
+
+
+def _shared_error(stored: str | None) -> TransportError:
+    """The create failure a flusher stored for a turn, as the exception its agent expects."""
+    kind, _, text = (stored or "NotSent: the shared batch was not created").partition(": ")
+    return SHARED_CREATE_ERRORS.get(kind, NotSent)(text or kind)
+
+
+class FleetPool(Protocol):
+    """What a fleet needs from its pool beyond the Channel protocol: PooledBatchChannel (one
+    process) or SharedPoolChannel (many processes through the store), from FLEET_POOLS."""
+
+    api: BatchAPI
+    lane: str
+    stops_on_ctrl_c: bool
+
+    def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
+             notify: Notify) -> str: ...
+    def reconcile(self, sent_at: float, *, exclude: set[str], notify: Notify,
+                  custom_id: str = "") -> str | None: ...
+    def watch(self, custom_id: str, handle: str, *, sent_at: float, expected_s: float | None,
+              on_status: Callable[[str], None], notify: Notify,
+              on_stream: StreamListener | None = None) -> Ticket: ...
+    def cancel(self, handle: str, notify: Notify) -> None: ...
+    def forget(self, ticket: Ticket) -> None: ...
+    def join(self) -> None: ...
+    def leave(self) -> None: ...
+    def halt(self, error: BaseException) -> None: ...
+    def recover(self, journal: Store, run_id: str, notify: Notify) -> list[str]: ...
+    def widths_in_flight(self) -> list[int]: ...
+    def queued(self) -> int: ...
+    def next_flush(self) -> tuple[float, str] | None: ...
+    def close(self) -> None: ...
+
+
+def _in_process_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Config,
+                     plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
+    return PooledBatchChannel(batch, journal=RunPoolJournal(store, run.id),
+                              max_width=plan.max_width, window_s=_window(store, plan))
+
+
+def _shared_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Config,
+                 plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
+    return SharedPoolChannel(store, batch, account=pool_account(config.api_key, config.base_url),
+                             max_width=plan.max_width, window_s=_window(store, plan), say=say,
+                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc))
+
+
+FLEET_POOLS: dict[str, Callable[..., FleetPool]] = {"sqlite": _in_process_pool,
+                                                    "postgresql": _shared_pool}
+"""The fleet's pool by the store's dialect: a SQLite journal lives on one host, so its pool
+stays in the process; a PostgreSQL pool is shared by every process that points at it."""
+
+
 # -- what the live table shows -------------------------------------------------------------
 @dataclass
 class AgentView:
@@ -6072,7 +6982,7 @@ def render_fleet_table(board: FleetBoard, pool_line: str, now: float) -> Any:
     return Group(table, Text(pool_line, style="dim"))
 
 
-def pool_line(pool: PooledBatchChannel, now: float) -> str:
+def pool_line(pool: FleetPool, now: float) -> str:
     """Batches in flight and their widths, the next flush and why, requests in the last minute."""
     widths = pool.widths_in_flight()
     shown = ", ".join(str(w) for w in widths[:8]) + (" …" if len(widths) > 8 else "")
@@ -6100,14 +7010,16 @@ class FleetPlan:
 
 class Fleet:
     """Runs one fleet: each agent a plain blocking loop in a thread of its own (bounded by
-    --concurrency), all sending into one PooledBatchChannel. The primer goes first when the
+    --concurrency), all sending into one pool (FLEET_POOLS). The primer goes first when the
     agents share a cacheable prefix; the rest are released when its first turn ends."""
 
     def __init__(self, store: Store, run: FleetRunRow, plan: FleetPlan,
-                 pool: PooledBatchChannel, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
+                 pool: FleetPool, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
                  concurrency: int, tool_slots: int, clock: Clock | None = None,
-                 log_bug: Callable[[BaseException], Path] | None = None) -> None:
+                 log_bug: Callable[[BaseException], Path] | None = None,
+                 outage: PoolOutage | None = None) -> None:
         self.store, self.run, self.plan, self.pool = store, run, plan, pool
+        self.outage = outage or PoolOutage(_ignore)
         self.make_toolbox, self.clock = make_toolbox, clock or Clock()
         self.agents = store.fleet_agents(run.id)
         self.board = FleetBoard(self.agents, self.clock.now,
@@ -6195,7 +7107,8 @@ class Fleet:
             state, error = self._drive(row)
         finally:
             self.pool.leave()
-            self.store.set_agent_state(self.run.id, row.idx, state, error)
+            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx, state,
+                                                                     error))
             self.board.set_state(row.session_id, state, error or "")
             if row.session_id == self._primer:
                 self._release_held()
@@ -6204,10 +7117,7 @@ class Fleet:
         toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
         agent = self._agent(row, toolbox)
         try:
-            if self._fresh(row):
-                agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
-            else:
-                agent.resume()
+            self._through_outages(lambda: self._advance(row, agent))
             return "done", None
         except Detached:
             return "detached", None
@@ -6225,6 +7135,34 @@ class Fleet:
             return "failed", f"internal error ({type(exc).__name__}: {exc}); see {where}"
         finally:
             toolbox.close()
+
+    def _advance(self, row: FleetAgentRow, agent: Agent) -> None:
+        if self._fresh(row):
+            agent.prompt(f"{row.prompt}\n\n(Your working directory: {row.workdir})")
+        else:
+            agent.resume()
+
+    def _through_outages(self, step: Callable[[], object]) -> None:
+        """Run `step`; while a shared pool's store is unreachable, wait for it and run it
+        again. The agent decides every step from the journal, so running it again picks up
+        where the outage cut it (each write is a transaction that happened or did not)."""
+        while True:
+            try:
+                step()
+                self.outage.up()
+                return
+            except PoolUnreachable as exc:
+                self.outage.down(exc)
+                self._wait_for_store()
+
+    def _wait_for_store(self) -> None:
+        while not self.stopping.wait(POOL_RETRY_S):
+            try:
+                _ = self.store.schema_version  # one round trip: is it back?
+                return
+            except JournalError:
+                continue
+        raise Halted("the fleet stopped while its pool was unreachable")
 
     def _agent(self, row: FleetAgentRow, toolbox: Any) -> Agent:
         session = self.store.session(row.session_id)
@@ -6264,7 +7202,8 @@ def summarize_fleet(store: Store, run: FleetRunRow, *, wall_s: float | None = No
     agents = store.fleet_agents(run.id)
     per_agent = [_agent_summary(store, a) for a in agents]
     requests = [r for a in agents for r in store.requests(a.session_id)]
-    pooled = store.pool_batches(run.id, state="created")
+    pooled = [*store.pool_batches(run.id, state="created"),
+              *store.shared_batches(f"{run.token}-")]  # in-process, then shared creates
     return FleetSummary(run.id, tuple(per_agent),
                         _fleet_totals(requests, pooled, agents, wall_s, api_requests))
 
@@ -6441,16 +7380,16 @@ def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
     say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
     api.warm_up()
-    pool = PooledBatchChannel(
-        BatchChannel(api, poll_interval_s=config.poll_interval_s),
-        journal=RunPoolJournal(store, run.id), max_width=plan.max_width,
-        window_s=_window(store, plan))
+    outage = PoolOutage(say)
+    pool = FLEET_POOLS[store.dialect](
+        store, run, BatchChannel(api, poll_interval_s=config.poll_interval_s), config, plan, say,
+        outage)
     toolboxes = _toolbox_maker(config, say)
     for batch_id in pool.recover(store, run.id, say):
         say(f"re-attached to {batch_id}, created before the interruption")
     fleet = Fleet(store, run, plan, pool, toolboxes, concurrency=fc.concurrency,
                   tool_slots=max(2, os.cpu_count() or 2),
-                  log_bug=lambda exc: log_bug(config.home, exc))
+                  log_bug=lambda exc: log_bug(config.home, exc), outage=outage)
     fleet.plan = dataclasses.replace(plan, prime=plan.prime and shares_cacheable_prefix(
         [a.model for a in fleet.agents], plan.system))
     prime = fleet.plan.prime
@@ -6464,6 +7403,7 @@ def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
         watch_fleet(fleet, pool, console)
     finally:
         fleet.close()
+        pool.close()
     return _finish_fleet(fc, store, run, time.time() - started, api.budget.taken - taken, console)
 
 
@@ -6491,7 +7431,7 @@ def _toolbox_maker(config: Config, say: Callable[[str], object]) -> Callable[[Fl
     return make
 
 
-def watch_fleet(fleet: Fleet, pool: PooledBatchChannel, console: Any, *,
+def watch_fleet(fleet: Fleet, pool: FleetPool, console: Any, *,
                 read_key: Callable[[float | None], str | None] = read_key_from_tty) -> None:
     """The live table until every agent has finished; Ctrl-C offers detach or cancel."""
     from rich.live import Live

@@ -234,6 +234,53 @@ def test_a_turn_is_finished_once_even_when_two_hosts_see_its_batch_end(any_store
     listener.close()
 
 
+def test_an_end_written_by_another_hosts_poller_survives_its_agent_recording_the_batch(
+        any_store):
+    """The poller (any host) may write a turn's end before its agent, woken on another host,
+    records the batch id it was told: that end must stay, or the answer is lost."""
+    (custom_id,) = _queue(any_store, 1)
+    claim = any_store.claim_turns("claude-opus-5-5", "host-a", limit=1, lease_s=60)
+    any_store.record_claim_batch(claim.intent_id, "msgbatch_fast")
+    assert any_store.finish_turns({custom_id: _succeeded()}) == [custom_id]
+    any_store.set_batch(custom_id, "msgbatch_fast")  # the agent, a moment late
+    assert any_store.request(custom_id).state == "ended"
+    any_store.set_batch(custom_id, "msgbatch_other")  # a re-attach to another batch still moves
+    assert any_store.request(custom_id).state == "submitted"
+
+
+def test_the_queue_counts_waiting_turns_and_members_their_active_agents(any_store):
+    """What "every agent is waiting" is computed from, across hosts: live members' active
+    agents, and the account's turns queued, claimed or in a batch (not those ended)."""
+    any_store.set_member("host-a", "acct", 3, 0, 60)
+    any_store.set_member("host-b", "acct", 2, 0, 60)
+    any_store.set_member("host-dead", "acct", 4, 0, -1)  # its lease ran out
+    queued = _queue(any_store, 3, pool_key="acct/claude-opus-5-5/0")
+    _queue(any_store, 2, pool_key="other/claude-opus-5-5/0")
+    assert any_store.pool_census("acct") == (5, 3)
+    claim = any_store.claim_turns("acct/claude-opus-5-5/0", "host-a", limit=2, lease_s=60)
+    any_store.record_claim_batch(claim.intent_id, "msgbatch_1")
+    assert any_store.pool_census("acct") == (5, 3)
+    any_store.finish_turns({c: _succeeded() for c in claim.custom_ids})
+    assert any_store.pool_census("acct") == (5, 1)
+    assert any_store.withdraw_turns(queued) == [queued[2]]  # only the unclaimed one
+    assert any_store.pool_census("acct") == (5, 0)
+    any_store.drop_member("host-b")
+    assert any_store.pool_census("acct") == (3, 0)
+
+
+def test_a_refused_create_fails_its_turns_with_the_reason(any_store):
+    queued = _queue(any_store, 2)
+    claim = any_store.claim_turns("claude-opus-5-5", "host-a", limit=5, lease_s=60)
+    listener = any_store.listen("turns")
+    assert any_store.fail_claim(claim.intent_id, "AccountRefused: billing") == queued
+    states = any_store.turn_states(queued)
+    assert {q for _row, q in states.values()} == {"failed"}
+    assert states[queued[0]][0].error_message == "AccountRefused: billing"
+    assert isinstance(bh._shared_error("AccountRefused: billing"), bh.AccountRefused)
+    assert {p for _c, p in listener.wait(2.0)} == set(queued)
+    listener.close()
+
+
 # -- roles: advisory locks that die with their session ---------------------------------------
 
 _HOLDER = """
@@ -432,8 +479,8 @@ def test_pool_urls_are_shown_without_their_password_and_carried_into_resume():
 
 
 def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
-    """`fleet --pool`: one host's agents pooled into shared batches, the run, its agents, its
-    pooled creates and every turn journaled in PostgreSQL (the fleet's tables migrate there
+    """`fleet --pool`: one host's agents pooled into shared batches through the pool's queue,
+    the run, its agents, its shared batches and every turn journaled in PostgreSQL (the fleet's tables migrate there
     too), so --stats from another host sees them."""
     from tests.test_fleet import fleet, widths
 
@@ -445,7 +492,10 @@ def test_a_fleet_keeps_its_run_in_the_pool(fake_api, pg_url, tmp_path, capsys):
     store = bh.PostgresStore(pg_url)
     run = store.fleet_run(out["run_id"])
     assert [a.state for a in store.fleet_agents(run.id)] == ["done"] * 3
-    assert [b.width for b in store.pool_batches(run.id)] == [3, 3]
+    # Pooled through the store's shared queue (one process here), not the in-process pooler
+    assert [b.width for b in store.shared_batches(f"{run.token}-")] == [3, 3]
+    assert out["totals"]["batches_created"] == 2
+    assert out["totals"]["flush_reasons"] == {"all waiting": 2}
     assert {r.state for r in store.requests()} == {"applied"} and len(store.requests()) == 6
     assert not (tmp_path / "home" / "journal.db").exists()
     store.close()
