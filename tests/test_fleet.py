@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
+from tests.zygote import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 PREAMBLE = "Project conventions, shared by every task.\n" + "Keep changes small. " * 150
@@ -133,10 +133,9 @@ def test_sigkill_mid_fleet_then_continue_pays_no_turn_twice_and_loses_none(fake_
     fake_api.hold = True
     home = tmp_path / "home"
     tasks = write_tasks(tmp_path, [{"id": f"k{i}", "prompt": f"run: echo {i}"} for i in range(3)])
-    command = [sys.executable, str(ROOT / "batching_harness.py"), "fleet", "--no-sandbox",
-               "--poll-interval", "0.05", "--window", "30", "--runs-dir", str(tmp_path / "runs")]
-    first = subprocess.Popen([*command, str(tasks)], env=env_for(fake_api, home),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ["fleet", "--no-sandbox", "--poll-interval", "0.05", "--window", "30",
+               "--runs-dir", str(tmp_path / "runs")]
+    first = spawn([*command, str(tasks)], env=env_for(fake_api, home), cwd=tmp_path)
     try:
         fake_api.wait_for_batches(1, timeout_s=20)
         wait_until_journaled(home / "journal.db")
@@ -145,11 +144,11 @@ def test_sigkill_mid_fleet_then_continue_pays_no_turn_twice_and_loses_none(fake_
         first.wait(10)
     fake_api.hold = False
     fake_api.release()
-    done = subprocess.run([*command, "--continue", "--output-format", "json"],
-                          env=env_for(fake_api, home), capture_output=True, text=True,
-                          timeout=60)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert done.returncode == 0, done.stderr
+    stdout, stderr = tmp_path / "continue.out", tmp_path / "continue.err"
+    done = spawn([*command, "--continue", "--output-format", "json"], env=env_for(fake_api, home),
+                 cwd=tmp_path, stdout=stdout, stderr=stderr)
+    assert done.wait(60) == 0, stderr.read_text()
+    out = json.loads(stdout.read_text().strip().splitlines()[-1])
     assert {a["state"] for a in out["agents"]} == {"done"}
     assert widths(fake_api) == [3, 3]  # the first round re-attached, not created again
     answered = [r.custom_id for r in fake_api.model_requests]

@@ -13,8 +13,6 @@ import os
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -28,6 +26,7 @@ import pytest
 import batching_harness as bh
 from tests import support
 from tests.fake_api import FakeAPI, errored, raw, text, tool_calls
+from tests.zygote import ForkedProcess, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "claude-opus-5-5"
@@ -600,23 +599,25 @@ def test_a_token_is_required_when_set(api: FakeAPI, tmp_path: Path):
         stop_proxy(running)
 
 
-def _spawn(home: Path, upstream: str) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "BATCHING_HARNESS_HOME": str(home)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "batching_harness.py"), "proxy", "--port", "0",
-         "--upstream", upstream, "--poll-interval", "0.3", "--pool-window", "0",
-         "--output-format", "json"], env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    started = json.loads(proc.stdout.readline())
+def _spawn(home: Path, upstream: str) -> tuple[ForkedProcess, str, Path]:
+    """`batching-harness proxy` in a real process (forked from the zygote: the SDK is
+    imported already); its JSON log goes to a file, whose first line names its URL."""
+    log = home.parent / f"proxy-{time.monotonic_ns()}.log"
+    proc = spawn(["proxy", "--port", "0", "--upstream", upstream, "--poll-interval", "0.3",
+                  "--pool-window", "0", "--output-format", "json"],
+                 env={**os.environ, "BATCHING_HARNESS_HOME": str(home)}, cwd=home.parent,
+                 stdout=log)
+    wait_until(lambda: log.exists() and log.read_text().endswith("\n"), timeout_s=60)
+    started = json.loads(log.read_text().splitlines()[0])
     assert started["event"] == "started"
-    return proc, started["base_url"]
+    return proc, started["base_url"], log
 
 
 def test_killed_with_a_batch_in_flight_a_restarted_proxy_reattaches_the_retry(
         api: FakeAPI, tmp_path: Path):
     api.script.extend([lambda p: text("answer to " + p["messages"][0]["content"])] * 2)
     home = tmp_path / "home"
-    proc, url = _spawn(home, api.base_url)
+    proc, url, _log = _spawn(home, api.base_url)
     body = json.dumps(body_of("in flight", stream=True)).encode()
     first = RawStream(url, body)
     first.until("message_start")
@@ -638,7 +639,7 @@ def test_killed_with_a_batch_in_flight_a_restarted_proxy_reattaches_the_retry(
     first.close()
     pending.join(10)
     api.release(api.batch_ids()[1])  # this one ends while no proxy is running
-    proc, url = _spawn(home, api.base_url)
+    proc, url, log = _spawn(home, api.base_url)
     try:
         retry = RawStream(url, body)
         retry.until("message_start")
@@ -648,7 +649,8 @@ def test_killed_with_a_batch_in_flight_a_restarted_proxy_reattaches_the_retry(
         assert late.json()["content"][0]["text"] == "answer to second turn"
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=10)
+        proc.wait(10)
+        out = log.read_text()
     assert len(api.batch_ids()) == 2 and len(api.model_requests) == 2
     records = [json.loads(line) for line in out.splitlines()]
     summary = records[-1]

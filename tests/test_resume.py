@@ -12,8 +12,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,23 +21,23 @@ import pytest
 import batching_harness as bh
 from tests import fake_api as fa
 from tests.support import harness_env, read_fifo, run_main
+from tests.zygote import ForkedProcess, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 # A new interpreter pays seconds for the SDK import, more on a busy machine.
 STARTUP_S = 60
 
 
-def start(api, tmp_path: Path, *args: str) -> subprocess.Popen:
+def start(api, tmp_path: Path, *args: str) -> ForkedProcess:
+    """The headless harness in a process of its own session (its tools in its group), forked
+    from the zygote so the SDK's import is not paid again."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "batching_harness.py"), "--workdir", str(work),
-         "--poll-interval", "0.2", "--output-format", "json", *args],
-        env=harness_env(tmp_path, api), cwd=work, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+    return spawn(["--workdir", str(work), "--poll-interval", "0.2", "--output-format", "json",
+                  *args], env=harness_env(tmp_path, api), cwd=work)
 
 
-def kill(proc: subprocess.Popen) -> None:
+def kill(proc: ForkedProcess) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 
 import batching_harness as bh
 from tests.test_fleet import write_tasks
+from tests.zygote import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 60
@@ -54,12 +53,11 @@ class Host:
                "PATH": os.environ.get("PATH", "")}
         self.out, self.err = self.dir / "out.txt", self.dir / "err.txt"
         which = ["--resume", resume] if resume else [str(tasks)]
-        with self.out.open("w") as out, self.err.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _HOST, "fleet", *which, "--no-sandbox", "--no-prime",
-                 "--poll-interval", "0.05", "--window", str(window_s), "--runs-dir",
-                 str(self.dir / "runs"), "--output-format", "json", "--pool", pool_url],
-                cwd=ROOT, env=env, stdout=out, stderr=err)
+        self.proc = spawn(  # a forked child of the zygote: the SDK is imported already
+            ["fleet", *which, "--no-sandbox", "--no-prime", "--poll-interval", "0.05",
+             "--window", str(window_s), "--runs-dir", str(self.dir / "runs"),
+             "--output-format", "json", "--pool", pool_url],
+            code=_HOST, cwd=ROOT, env=env, stdout=self.out, stderr=self.err)
 
     def finish(self) -> dict:
         try:
