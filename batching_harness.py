@@ -4221,22 +4221,33 @@ class Collector:
                              "longer keeps its results. Nothing more can be recovered.",
                              custom_id=request.custom_id, record="results expired from the API")
         channel = self.router.channel(request.lane)
+        waiting = threading.Event()
+        waiting.set()
+
+        def on_status(status: str) -> None:
+            # A hurried batch is still polled (its answer would be waste) while the sync
+            # turn runs and the prompt comes back: its status is nobody's spinner.
+            if waiting.is_set():
+                self.emit(TurnWaiting(request.batch_id or "", status,
+                                      sent_at=request.submitted_at,
+                                      expected_s=expected_wait_s(self.store, request.model)))
+
         ticket = channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
             expected_s=expected_wait_s(self.store, request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(
-                request.batch_id or "", status, sent_at=request.submitted_at,
-                expected_s=expected_wait_s(self.store, request.model))),
-            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
+            on_status=on_status, on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
         try:
             arrival = self._await(ticket, channel, request)
         except _Hurry:
+            waiting.clear()
             self._hurry(request, ticket, channel)
             return False
         except BatchNotFound as exc:
             raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
                              f"API ({exc}); send the prompt again", custom_id=request.custom_id,
                              record="batch unknown to the API") from None
+        finally:
+            waiting.clear()
         outcome = outcome_of(request, arrival, self.clock.now())
         self.store.record_outcome(request.custom_id, outcome)
         self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
@@ -4766,6 +4777,86 @@ def _one_line(spinner: Any, text: str) -> Any:
     return line
 
 
+class AnchoredLive:
+    """The live lines (spinner, Ctrl-C menu, type-ahead) under the output, redrawn a few
+    times a second, with the cursor resting at their START. rich's Live rests at their end
+    and moves up as many rows as it drew; a terminal that reflows on a resize (tmux, most
+    emulators) has by then re-wrapped a narrowed line onto two rows, so a row stayed behind
+    on every resize: stacked spinner lines. From the start, "erase to the end of the screen"
+    clears whatever the lines became, on terminals that reflow and on those that cut; the
+    next redraw fits the new width. Output printed meanwhile goes above the lines, as
+    rich's Live does it (a render hook)."""
+
+    _ERASE = "\r\x1b[J"  # to the line's start, then erase to the end of the screen
+
+    def __init__(self, renderable: Any, console: Any, refresh_per_second: float = 4) -> None:
+        self.renderable, self.console = renderable, console
+        self._interval_s = 1 / refresh_per_second
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.console.show_cursor(False)
+        self.console.push_render_hook(self)
+        self.refresh()
+        self._thread = threading.Thread(target=self._refresh_forever, daemon=True,
+                                        name="live-line")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self.console.pop_render_hook()
+            if self.console.is_interactive:
+                self.console.file.write(self._ERASE)
+                self.console.file.flush()
+            self.console.show_cursor(True)
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.refresh()
+
+    def refresh(self) -> None:
+        from rich.control import Control
+
+        with self._lock:
+            self.console.print(Control())  # the hook below adds the erase and the lines
+
+    def process_renderables(self, renderables: list[Any]) -> list[Any]:
+        """rich's render hook: what is printed goes where the lines were, the lines under it."""
+        from rich.segment import ControlType, Segment, Segments
+
+        if not self.console.is_interactive:
+            return renderables
+        erase = Segment(self._ERASE, None, [(ControlType.CARRIAGE_RETURN,)])  # zero width
+        with self._lock:
+            return [Segments([erase]), *renderables, _LiveLines(self)]
+
+
+class _LiveLines:
+    """The live lines, then the cursor back to where they start."""
+
+    def __init__(self, live: AnchoredLive) -> None:
+        self.live = live
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.control import Control
+        from rich.segment import ControlType, Segment
+
+        lines = console.render_lines(self.live.renderable, options, pad=False)
+        lines = lines[:max(1, options.size.height - 1)]  # the cursor must get back up to them
+        for i, line in enumerate(lines):
+            yield from line
+            if i < len(lines) - 1:
+                yield Segment.line()
+        if len(lines) > 1:
+            yield Control((ControlType.CURSOR_UP, len(lines) - 1))
+        yield Control(ControlType.CARRIAGE_RETURN)
+
+
 class TypeAhead:
     """Keys typed while the agent works (a batch runs, a tool runs): kept in ONE buffer that
     becomes the next prompt's starting text. Enter adds a line there and never sends, and a
@@ -4904,6 +4995,84 @@ class TypeAhead:
             return None
 
 
+class PromptLine:
+    """The line the user is editing is theirs. Output that comes while a prompt is up (the
+    poller's thread reports a retry, a hurried batch's waste; the sandbox probe ends) is
+    handed to prompt_toolkit, which erases its prompt, prints it and draws the prompt again
+    with the typed text intact; what the prompt cannot take (it is ending, or it is a plain
+    input()) is held and printed as soon as it returns. The early prompt, drawn before
+    prompt_toolkit has loaded, is erased before anything else goes on its line."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._held: list[str] | None = None  # None: no prompt is up
+        self._app: Any = None
+        self._early = False
+
+    def drawn_early(self) -> None:
+        with self._lock:
+            self._early = True
+
+    def take_early(self) -> bool:
+        """True once if the early prompt is still on its line (the real one draws over it)."""
+        with self._lock:
+            early, self._early = self._early, False
+        return early
+
+    def erase_early(self) -> None:
+        """Output is coming while the early prompt is drawn: it goes (the real prompt comes
+        after the output, on a line of its own)."""
+        if self.take_early():
+            self._write("\r\x1b[K")
+
+    @property
+    def up(self) -> bool:
+        return self._held is not None
+
+    @contextlib.contextmanager
+    def prompting(self, app: Any = None) -> Iterator[None]:
+        """While the prompt (a prompt_toolkit app, or None for a plain input()) is up."""
+        with self._lock:
+            self._held, self._app = [], app
+        try:
+            yield
+        finally:
+            with self._lock:
+                held, self._held, self._app = self._held or [], None, None
+            for text in held:
+                self._write(text)
+
+    def offer(self, text: str) -> bool:
+        """Take text printed while a prompt is up; False when none is (print it yourself)."""
+        with self._lock:
+            if self._held is None:
+                return False
+            self._held.append(text)
+            loop = getattr(self._app, "loop", None)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed: held for return
+                loop.call_soon_threadsafe(self.print_held)
+        return True
+
+    def print_held(self) -> None:
+        """On the prompt's event loop: print what is held above the prompt."""
+        from prompt_toolkit.application import run_in_terminal
+
+        if not self._held:
+            return
+
+        def write_held() -> None:
+            with self._lock:
+                held = self._held or []
+                if self._held is not None:
+                    self._held = []
+            for text in held:
+                self._write(text)
+
+        run_in_terminal(write_held)
+
+
 class ConsoleUI:
     """Turns agent events into terminal output. Only this class and the render functions
     below print; `interactive` decides between a live spinner and plain progress lines."""
@@ -4911,8 +5080,10 @@ class ConsoleUI:
     def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
                  interactive: bool = True,
                  read_key: Callable[[float], str | None] | None = None,
-                 answers: bool = True, typeahead: TypeAhead | None = None) -> None:
+                 answers: bool = True, typeahead: TypeAhead | None = None,
+                 prompt_line: PromptLine | None = None) -> None:
         self.console = console
+        self.prompt_line = prompt_line or PromptLine(self._write)
         self.clock = clock
         self.interactive = interactive
         self.answers = answers
@@ -4922,6 +5093,21 @@ class ConsoleUI:
         self._wait: WaitState | None = None
         self._streamed = ""
         self._thinking_chars = 0
+
+    def _print(self, *objects: Any, **kwargs: Any) -> None:
+        """Everything this UI prints goes through here: while a prompt is up it goes above
+        the prompt, never into the middle of what the user is typing."""
+        if self.prompt_line.up:
+            with self.console.capture() as captured:
+                self.console.print(*objects, **kwargs)
+            if self.prompt_line.offer(captured.get()):
+                return
+        self.prompt_line.erase_early()
+        self.console.print(*objects, **kwargs)
+
+    def _write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
 
     # -- typing while the agent works -------------------------------------------------------
     def start_typing(self) -> None:
@@ -4952,7 +5138,7 @@ class ConsoleUI:
         # The estimate is an upper bound (the whole prompt at the cache-write rate): say so.
         estimate = f" · up to {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
         what = f"batch {e.handle} submitted" if e.lane == "batch" else "streaming (sync)"
-        self.console.print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
+        self._print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
         self._start_live()
 
     def _on_StreamDelta(self, e: StreamDelta) -> None:
@@ -4966,13 +5152,15 @@ class ConsoleUI:
             return
         self.stop_live()
         self._streamed += e.text
-        self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
+        self._print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
+        if self.prompt_line.up:  # not the turn being waited on: the prompt is
+            return
         if self._wait is None:  # re-attached after a restart: the batch's true age
             sent_at = e.sent_at if e.sent_at is not None else self.clock()
             self._wait = WaitState(e.handle, 0, sent_at, e.expected_s)
-            self.console.print(f"[dim]re-attached to batch {e.handle}, submitted "
+            self._print(f"[dim]re-attached to batch {e.handle}, submitted "
                                f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
@@ -4982,7 +5170,7 @@ class ConsoleUI:
         self.stop_live()
         self._wait = None
         if self._streamed:
-            self.console.print()  # end the streamed text's last line
+            self._print()  # end the streamed text's last line
         what = f"batch {e.handle}" if e.lane == "batch" else "stream"
         line = f"{what} {e.result_type} after {fmt_elapsed(e.wait_s)}"
         if e.cost is not None and e.usage is not None and e.cost.paid_usd is not None:
@@ -4992,7 +5180,7 @@ class ConsoleUI:
             line += (f" · {fmt_tokens(u.prompt_tokens)} in ({fmt_tokens(u.input_tokens)} "
                      f"uncached) / {fmt_tokens(u.output_tokens)} out · paid "
                      f"{fmt_usd(e.cost.paid_usd)} ({other})")
-        self.console.print(f"[dim]{line}[/]")
+        self._print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
         self.stop_live()
@@ -5000,19 +5188,13 @@ class ConsoleUI:
             self._streamed = ""
             return
         if self.answers:
-            self.console.print(render_answer(terminal_safe(e.text)))
+            self._print(render_answer(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
-            self.console.print(f"[dim]running {_escape(e.label)}[/]")
+            self._print(f"[dim]running {_escape(e.label)}[/]")
             return
-        from rich.live import Live
-
-        self.stop_live()
-        self.start_typing()
-        self._live = Live(ToolLine(e.label, self.clock, self.typeahead.text),
-                          console=self.console, refresh_per_second=4, transient=True)
-        self._live.start()
+        self._show_live(ToolLine(e.label, self.clock, self.typeahead.text))
 
     def _on_ToolFinished(self, e: ToolFinished) -> None:
         self.stop_live()
@@ -5020,25 +5202,30 @@ class ConsoleUI:
         mark = "[red]✗[/]" if r.is_error else "[green]✓[/]"
         status = f"exit {r.exit_code}" if r.exit_code is not None else (
             "error" if r.is_error else "ok")
-        self.console.print(f"{mark} {_escape(e.label)} [dim]· {status}[/]")
+        self._print(f"{mark} {_escape(e.label)} [dim]· {status}[/]")
         if r.output.strip():
-            self.console.print(_indent(_escape(shorten(r.output))), style="dim")
+            self._print(_indent(_escape(shorten(r.output))), style="dim")
 
     def _on_Notice(self, e: Notice) -> None:
         style = {"warn": "yellow", "error": "bold red"}.get(e.level, "dim")
         if self._wait is not None and e.level == "warn":
             self._wait.note = e.text
-        self.console.print(f"[{style}]{_escape(e.text)}[/]")
+        self._print(f"[{style}]{_escape(e.text)}[/]")
 
     def _start_live(self) -> None:
         if not self.interactive or self._wait is None:
             return
-        from rich.live import Live
+        self._show_live(WaitLine(self._wait, self.clock, self.typeahead.text))
 
+    def _show_live(self, line: Any) -> None:
+        """The live line under everything printed, and keys typed go to the type-ahead. Never
+        while a prompt is up: the prompt owns the terminal then."""
+        if self.prompt_line.up:
+            return
         self.stop_live()
+        self.prompt_line.erase_early()
         self.start_typing()
-        self._live = Live(WaitLine(self._wait, self.clock, self.typeahead.text),
-                          console=self.console, refresh_per_second=4, transient=True)
+        self._live = AnchoredLive(line, self.console)
         self._live.start()
 
     def stop_live(self) -> None:
@@ -5063,7 +5250,7 @@ class ConsoleUI:
             key = None
             while key is None:
                 if wait.status == "ended":
-                    self.console.print(f"[dim]batch {batch_id} ended while the menu was "
+                    self._print(f"[dim]batch {batch_id} ended while the menu was "
                                        "open; collecting it[/]")
                     return "wait"
                 key = self.read_key(WAIT_SLICE_S)
@@ -5075,10 +5262,14 @@ class ConsoleUI:
 
     def error(self, text: str) -> None:
         self.stop_live()
-        self.console.print(f"[bold red]error:[/] {_escape(text)}")
+        self._print(f"[bold red]error:[/] {_escape(text)}")
 
     def info(self, text: str) -> None:
-        self.console.print(text)
+        self._print(text)
+
+    def say(self, text: str) -> None:
+        """Plain text (no markup), from any thread."""
+        self._print(text, markup=False, highlight=False)
 
 
 def read_key_from_tty(timeout_s: float) -> str | None:
@@ -5615,7 +5806,8 @@ class Repl:
                 f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
-        return input(prompt)
+        with self.ui.prompt_line.prompting():  # a plain input(): output waits for Enter
+            return input(prompt)
 
     def cmd_exit(self, _arg: str) -> int:
         return self.leave()
@@ -5628,9 +5820,10 @@ def _pick_session(sessions: Sequence[SessionRow], arg: str,
     return journal.find_session(arg) if arg else None
 
 
-def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]:
+def make_prompt_reader(home: Path, commands: Sequence[str],
+                       prompt_line: PromptLine) -> Callable[[], str]:
     """A prompt_toolkit prompt: history across runs, slash-command completion, Alt-Enter
-    for a new line (Enter sends)."""
+    for a new line (Enter sends). Output that comes while it is up goes above it."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory
@@ -5647,17 +5840,17 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
         completer=WordCompleter(list(commands), sentence=True),
         complete_while_typing=True, key_bindings=bindings, multiline=False,
         prompt_continuation="… ")
-    first = [sys.stdout.isatty()]
-
     def read_line(default: str = "") -> str:
-        if first and first.pop():
-            sys.stdout.write("\r")  # draw over the early prompt, on the same line
-        return session.prompt(PROMPT, default=default)
+        with prompt_line.prompting(session.app):
+            if prompt_line.take_early():
+                sys.stdout.write("\r")  # draw over the early prompt, on the same line
+            # pre_run: output held in the instant before the prompt's loop ran goes up now
+            return session.prompt(PROMPT, default=default, pre_run=prompt_line.print_held)
 
     return read_line
 
 
-def show_prompt_early() -> Callable[[], None]:
+def show_prompt_early(prompt_line: PromptLine) -> Callable[[], None]:
     """Draw the prompt before prompt_toolkit has loaded (~0.2 s) and return what restores
     the terminal. Keys typed meanwhile wait, unechoed and unprocessed (Ctrl-D included), in
     the terminal's buffer until the real prompt takes over this line and reads them."""
@@ -5668,6 +5861,7 @@ def show_prompt_early() -> Callable[[], None]:
     tty.setcbreak(fd, termios.TCSANOW)  # TCSANOW: never flush what was already typed
     sys.stdout.write(PROMPT)
     sys.stdout.flush()
+    prompt_line.drawn_early()
     return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
@@ -8197,10 +8391,10 @@ def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: T
     if resumed:
         render_recap(console, journal.messages(session.id, session.conversation),
                      journal.requests(session.id))
-    restore_terminal = show_prompt_early()
+    restore_terminal = show_prompt_early(ui.prompt_line)
     try:
-        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))
-        _warm_up_in_background(api, config, toolbox)
+        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS), ui.prompt_line)
+        _warm_up_in_background(api, config, toolbox, ui)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
                     lambda exc: log_bug(config.home, exc), lock).run()
     finally:
@@ -8246,17 +8440,15 @@ def _check_sandbox(config: Config, toolbox: Toolbox, say: Callable[[str], object
             "then (or restart with --no-sandbox)")
 
 
-def _warm_up_in_background(api: BatchAPI, config: Config,
-                           toolbox: Toolbox) -> None:
+def _warm_up_in_background(api: BatchAPI, config: Config, toolbox: Toolbox,
+                           ui: ConsoleUI) -> None:
     """The prompt shows first; the SDK import (seconds) and the sandbox probe (about a
     second: Node start-up plus srt's proxy) happen while the user types."""
 
     def warm() -> None:
         api.warm_up()
-        if config.sandbox:  # printed above the live prompt without disturbing it
-            from prompt_toolkit import print_formatted_text
-
-            _check_sandbox(config, toolbox, print_formatted_text)
+        if config.sandbox:  # printed above the prompt without disturbing the typed text
+            _check_sandbox(config, toolbox, ui.say)
 
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
 

@@ -183,6 +183,26 @@ def test_resume_recaps_the_conversation_and_the_true_age_of_the_batch(api, tmp_p
     assert "3:12" in bh.WaitLine(ui._wait, ui.clock).text()
 
 
+def test_output_never_lands_on_a_prompt_line():
+    """Issue 14.13: a notice printed while a prompt was up landed in the typed text, and a
+    resumed session's first line landed on the early prompt ('› re-attached to ...'). Here
+    the early prompt is erased first; output while a plain prompt is up waits for Enter
+    (in a terminal, prompt_toolkit prints it above its prompt: tests/test_terminal.py)."""
+    out = io.StringIO()
+    ui = bh.ConsoleUI(Console(file=out, width=100, color_system=None), interactive=False)
+    ui.prompt_line.drawn_early()
+    ui.info("re-attached to batch msgbatch_1")
+    assert out.getvalue() == "\r\x1b[Kre-attached to batch msgbatch_1\n"
+    assert not ui.prompt_line.take_early()  # the real prompt starts on a line of its own
+    with ui.prompt_line.prompting():
+        poller = threading.Thread(target=ui.say, args=("rate limited (429) [retry]",))
+        poller.start()
+        poller.join()
+        ui.handle(bh.TurnWaiting("msgbatch_2", "in_progress", sent_at=0.0))
+        assert "rate limited" not in out.getvalue() and ui._live is None
+    assert out.getvalue().endswith("rate limited (429) [retry]\n")
+
+
 # -- 14.14: Markdown only where it is Markdown --------------------------------------------
 
 
