@@ -3895,6 +3895,9 @@ class RunReport:
     requests: tuple[RequestRow, ...]
     answer: str
     in_flight: RequestRow | None
+    turn_numbers: tuple[int, ...] = ()
+    """Each request's number in its session (the live line's `turn N`, /stats' row N);
+    empty: 1, 2, ... (a run that made every request of its session)."""
 
 
 def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, Any]],
@@ -4439,9 +4442,10 @@ class Agent:
         """The answer includes those of turns that were in flight when the prompt came (a
         headless `--resume ID -p ...` collects them first): each was paid for."""
         answer = "\n\n".join([*self._collected, self.last_answer()]).strip()
+        numbers = {r.custom_id: i for i, r in enumerate(self.store.requests(self.session.id), 1)}
         return RunReport(self.session.id, self.settings.model,
                          tuple(self.store.request(c) for c in self._touched),
-                         answer, self.pending())
+                         answer, self.pending(), tuple(numbers[c] for c in self._touched))
 
     def expected_wait_s(self, model: str) -> float | None:
         return expected_wait_s(self.store, model)
@@ -5432,7 +5436,7 @@ def lanes_table(requests: Sequence[RequestRow]) -> Any:
     from rich.table import Table
 
     table = Table(title="by lane", box=None, pad_edge=False)
-    for col in ("lane", "turns", "paid", "other lane would be", "waited"):
+    for col in ("lane", "answers used", "paid", "other lane would be", "waited"):
         table.add_column(col, justify="left" if col == "lane" else "right")
     for lane in LANES:
         rows = [r for r in requests if r.lane == lane]
@@ -5571,8 +5575,7 @@ def render_recap(console: Any, messages: Sequence[Mapping[str, Any]],
             lines += [f"› {shorten(' '.join(texts), 2, 100)}"] if any(texts) else []
     if not lines:
         return
-    turns = sum(1 for r in requests if r.result_type == "succeeded")
-    console.print(f"[dim]earlier in this session ({plural(turns, 'turn')}, paid "
+    console.print(f"[dim]earlier in this session ({plural(len(requests), 'turn')}, paid "
                   f"{fmt_usd(stats_totals(requests).paid_usd)}):[/]")
     for line in lines[-2 * last:]:
         console.print(_indent(_escape(line), "  "), style="dim")
@@ -5800,9 +5803,8 @@ class Repl:
         requests = self.journal.requests(s.id)
         title = " ".join(first_prompt(messages).split())
         title = title[:48] + "…" if len(title) > 48 else title
-        turns = sum(1 for r in requests if r.result_type == "succeeded")
         paid = stats_totals(requests).paid_usd
-        return (f"{title or '(no prompt)'} · {plural(turns, 'turn')} · {fmt_usd(paid)} · "
+        return (f"{title or '(no prompt)'} · {plural(len(requests), 'turn')} · {fmt_usd(paid)} · "
                 f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
@@ -8252,17 +8254,22 @@ def print_headless(report: RunReport | None, config: Config, error: str | None) 
 def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
     """One run as JSON: -p prints it; a fleet prints one per agent."""
     requests, text = list(report.requests), report.answer
+    numbers = report.turn_numbers or range(1, len(requests) + 1)
     totals = stats_totals(requests)
     u = totals.usage
     return {
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
-        "turns": sum(1 for r in requests if r.result_type == "succeeded"),
+        # A turn is one model request, as the live line and /stats count them: "turn N"
+        # there is per_turn's "turn" here. A failed or hurried turn counts; `lanes` counts
+        # only the answers the conversation kept.
+        "turns": len(requests),
         "lanes": {lane: sum(1 for r in requests if r.lane == lane and r.state == "applied")
                   for lane in LANES},
-        "per_turn": [{"lane": r.lane, "handle": r.batch_id, "result": r.result_type,
-                      "state": r.state, "cost_usd": r.cost_usd, "wait_s": r.wait_s,
-                      "route": r.route} for r in requests],
+        "per_turn": [{"turn": n, "lane": r.lane, "handle": r.batch_id,
+                      "result": r.result_type, "state": r.state, "cost_usd": r.cost_usd,
+                      "wait_s": r.wait_s, "route": r.route}
+                     for n, r in zip(numbers, requests, strict=True)],
         "batches": [r.batch_id for r in requests if r.batch_id and r.lane == "batch"],
         "wait_s": round(totals.waited_s, 3),
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
