@@ -4803,7 +4803,8 @@ class AnchoredLive:
     def start(self) -> None:
         self.console.show_cursor(False)
         self.console.push_render_hook(self)
-        self.refresh()
+        # The first frame comes from the thread, a moment later (as rich's Live does it): a
+        # Ctrl-C prompted by it then finds the agent already waiting, where the menu is.
         self._thread = threading.Thread(target=self._refresh_forever, daemon=True,
                                         name="live-line")
         self._thread.start()
