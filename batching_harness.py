@@ -5421,7 +5421,7 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
         rows.append([cells[0], r.lane, *cells[1:]])
     widths = [max(len(c) for c in col) for col in zip(_TURN_COLUMNS, *rows, strict=True)]
     if sum(widths) + 2 * (len(widths) - 1) > width:
-        return Text("\n".join(" · ".join(f"{name} {cell}" if name != "turn" else f"turn {cell}"
+        return Text("\n".join(" · ".join(_folded(name, cell)
                                           for name, cell in zip(_TURN_COLUMNS, row, strict=True)
                                           if cell) for row in rows))
     table = Table(box=None, pad_edge=False)
@@ -5430,6 +5430,15 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _folded(name: str, cell: str) -> str:
+    """One cell of a folded row, named; a turn that did not succeed carries its outcome in
+    the waited or uncached column ('canceled', 'in flight'), which is shown bare: 'uncached
+    canceled' read as a figure."""
+    if name in ("waited", "uncached") and not any(c.isdigit() for c in cell):
+        return cell
+    return f"{name} {cell}"
 
 
 def lanes_table(requests: Sequence[RequestRow]) -> Any:
@@ -5823,8 +5832,9 @@ def _pick_session(sessions: Sequence[SessionRow], arg: str,
     return journal.find_session(arg) if arg else None
 
 
-def make_prompt_reader(home: Path, commands: Sequence[str],
-                       prompt_line: PromptLine) -> Callable[[], str]:
+def make_prompt_reader(home: Path, commands: Sequence[str], prompt_line: PromptLine,
+                       end_early_prompt: Callable[[], None] = lambda: None
+                       ) -> Callable[[], str]:
     """A prompt_toolkit prompt: history across runs, slash-command completion, Alt-Enter
     for a new line (Enter sends). Output that comes while it is up goes above it."""
     from prompt_toolkit import PromptSession
@@ -5847,6 +5857,9 @@ def make_prompt_reader(home: Path, commands: Sequence[str],
         with prompt_line.prompting(session.app):
             if prompt_line.take_early():
                 sys.stdout.write("\r")  # draw over the early prompt, on the same line
+            # The terminal as it was (echo on) before prompt_toolkit saves it: else every
+            # input between prompts (the /resume picker's) is read without being shown.
+            end_early_prompt()
             # pre_run: output held in the instant before the prompt's loop ran goes up now
             return session.prompt(PROMPT, default=default, pre_run=prompt_line.print_held)
 
@@ -5865,7 +5878,14 @@ def show_prompt_early(prompt_line: PromptLine) -> Callable[[], None]:
     sys.stdout.write(PROMPT)
     sys.stdout.flush()
     prompt_line.drawn_early()
-    return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
+    restored: list[bool] = []
+
+    def restore() -> None:  # once: when the real prompt takes over, or when the REPL ends
+        if not restored:
+            restored.append(True)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+    return restore
 
 
 ##############################################################################
@@ -8401,7 +8421,8 @@ def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: T
                      journal.requests(session.id))
     restore_terminal = show_prompt_early(ui.prompt_line)
     try:
-        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS), ui.prompt_line)
+        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS), ui.prompt_line,
+                                       restore_terminal)
         _warm_up_in_background(api, config, toolbox, ui)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
                     lambda exc: log_bug(config.home, exc), lock).run()

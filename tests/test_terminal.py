@@ -123,6 +123,14 @@ def test_banner_then_commands_and_exit(api, tmp_path):
     child.sendline("/help")
     child.expect("/resume")
     child.expect_exact(PROMPT)
+    # The picker shows what is typed (it was read with echo off: the early prompt's mode).
+    child.sendline("/resume")
+    child.expect_exact("(Enter: stay here): ")
+    child.send("zz")
+    child.expect_exact("zz")
+    child.send("\r")
+    child.expect("no session 'zz'")
+    child.expect_exact(PROMPT)
     child.sendline("/exit")
     assert finish(child) == 0
 

@@ -234,6 +234,12 @@ def test_stats_at_60_columns_folds_and_never_cuts_a_figure():
     assert "…" not in text and text.count("$0.0210") == 2 and text.count("$0.0420") >= 2
 
 
+def test_a_folded_row_names_no_outcome_as_a_figure():
+    """Seen at 60 columns: a canceled (hurried) turn read 'waited 0:04 · uncached canceled'."""
+    text = render_stats(stats_rows(1, result_type="canceled", state="hurried"), 60)
+    assert "uncached canceled" not in text and "· canceled ·" in text
+
+
 def render_stats(rows, width):
     out = io.StringIO()
     bh.render_stats(Console(file=out, width=width, color_system=None), rows,
