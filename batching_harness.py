@@ -3826,6 +3826,8 @@ class TurnWaiting:
     sent_at: float | None = None
     """When the request was sent: a batch re-attached after a restart shows its true age."""
     expected_s: float | None = None
+    turn: int = 0
+    """The request's number in its session, as TurnSent gave it (0: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -4226,6 +4228,8 @@ class Collector:
         channel = self.router.channel(request.lane)
         waiting = threading.Event()
         waiting.set()
+        turn = next((i for i, r in enumerate(self.store.requests(request.session_id), 1)
+                     if r.custom_id == request.custom_id), 0)  # for a re-attached live line
 
         def on_status(status: str) -> None:
             # A hurried batch is still polled (its answer would be waste) while the sync
@@ -4233,7 +4237,8 @@ class Collector:
             if waiting.is_set():
                 self.emit(TurnWaiting(request.batch_id or "", status,
                                       sent_at=request.submitted_at,
-                                      expected_s=expected_wait_s(self.store, request.model)))
+                                      expected_s=expected_wait_s(self.store, request.model),
+                                      turn=turn))
 
         ticket = channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
@@ -5164,9 +5169,10 @@ class ConsoleUI:
             return
         if self._wait is None:  # re-attached after a restart: the batch's true age
             sent_at = e.sent_at if e.sent_at is not None else self.clock()
-            self._wait = WaitState(e.handle, 0, sent_at, e.expected_s)
-            self._print(f"[dim]re-attached to batch {e.handle}, submitted "
-                               f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
+            self._wait = WaitState(e.handle, e.turn, sent_at, e.expected_s)
+            turn = f"turn {e.turn}, " if e.turn else ""
+            self._print(f"[dim]re-attached to {turn}batch {e.handle}, submitted "
+                        f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
         self._wait.polls += 1

@@ -14,7 +14,7 @@ from rich.console import Console
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_rig
+from tests.support import detach_first_turn, make_rig
 from tests.test_repl import make_repl
 
 
@@ -178,9 +178,24 @@ def test_resume_recaps_the_conversation_and_the_true_age_of_the_batch(api, tmp_p
     assert "› an earlier question" in out.getvalue() and "the earlier answer" in out.getvalue()
     assert "1 turn, paid $" in out.getvalue()
     ui = bh.ConsoleUI(console, clock=lambda: 1000.0, interactive=False)
-    ui.handle(bh.TurnWaiting("msgbatch_1", "in_progress", sent_at=1000.0 - 192, expected_s=70))
-    assert "submitted 3:12 ago" in out.getvalue()
-    assert "3:12" in bh.WaitLine(ui._wait, ui.clock).text()
+    ui.handle(bh.TurnWaiting("msgbatch_1", "in_progress", sent_at=1000.0 - 192, expected_s=70,
+                             turn=6))
+    assert "re-attached to turn 6, batch msgbatch_1, submitted 3:12 ago" in out.getvalue()
+    assert "3:12 · turn 6 ·" in bh.WaitLine(ui._wait, ui.clock).text()
+
+
+def test_a_re_attached_batch_carries_its_turn_number(api, tmp_path):
+    """The live line of a batch collected after a restart showed no turn number, while the
+    turn it collects is row N of /stats and 'turn N' of the JSON."""
+    api.script.extend([fa.text("one"), fa.text("two")])
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+    rig.agent.prompt("first")
+    detach_first_turn(rig, "second")
+    rig.clock.on_wait = None
+    before = len(rig.events)
+    rig.agent.resume()
+    waits = [e for e in rig.events[before:] if isinstance(e, bh.TurnWaiting)]
+    assert waits and {e.turn for e in waits} == {2}
 
 
 def test_output_never_lands_on_a_prompt_line():
