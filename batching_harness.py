@@ -5640,8 +5640,11 @@ class Repl:
 
     def __init__(self, agent: Agent, journal: Store, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
-                 log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
+                 log_bug: Callable[[BaseException], Path], lock: SessionLock,
+                 read_answer: Callable[[str], str] | None = None) -> None:
         self.agent = agent
+        self.read_answer = read_answer
+        """A question's answer (the /resume picker's); None: a plain input()."""
         self.log_bug = log_bug
         self.lock = lock
         self.journal = journal
@@ -5824,6 +5827,8 @@ class Repl:
                 f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
+        if self.read_answer is not None:
+            return self.read_answer(prompt)
         with self.ui.prompt_line.prompting():  # a plain input(): output waits for Enter
             return input(prompt)
 
@@ -5838,11 +5843,14 @@ def _pick_session(sessions: Sequence[SessionRow], arg: str,
     return journal.find_session(arg) if arg else None
 
 
-def make_prompt_reader(home: Path, commands: Sequence[str], prompt_line: PromptLine,
-                       end_early_prompt: Callable[[], None] = lambda: None
-                       ) -> Callable[[], str]:
-    """A prompt_toolkit prompt: history across runs, slash-command completion, Alt-Enter
-    for a new line (Enter sends). Output that comes while it is up goes above it."""
+def make_prompt_readers(home: Path, commands: Sequence[str], prompt_line: PromptLine,
+                        end_early_prompt: Callable[[], None] = lambda: None
+                        ) -> tuple[Callable[[], str], Callable[[str], str]]:
+    """The prompt (prompt_toolkit: history across runs, slash-command completion, Alt-Enter
+    for a new line, Enter sends) and a plain question's (the /resume picker's: no history).
+    Both read through prompt_toolkit, so keys typed ahead reach the one that is up (a plain
+    input() never saw what prompt_toolkit had read ahead); output that comes while either is
+    up goes above it."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory
@@ -5869,7 +5877,14 @@ def make_prompt_reader(home: Path, commands: Sequence[str], prompt_line: PromptL
             # pre_run: output held in the instant before the prompt's loop ran goes up now
             return session.prompt(PROMPT, default=default, pre_run=prompt_line.print_held)
 
-    return read_line
+    question: Any = PromptSession()
+
+    def read_answer(message: str) -> str:
+        with prompt_line.prompting(question.app):
+            end_early_prompt()
+            return question.prompt(message, pre_run=prompt_line.print_held)
+
+    return read_line, read_answer
 
 
 def show_prompt_early(prompt_line: PromptLine) -> Callable[[], None]:
@@ -8427,11 +8442,11 @@ def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: T
                      journal.requests(session.id))
     restore_terminal = show_prompt_early(ui.prompt_line)
     try:
-        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS), ui.prompt_line,
-                                       restore_terminal)
+        read_line, read_answer = make_prompt_readers(config.home, list(Repl.COMMANDS),
+                                                     ui.prompt_line, restore_terminal)
         _warm_up_in_background(api, config, toolbox, ui)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
-                    lambda exc: log_bug(config.home, exc), lock).run()
+                    lambda exc: log_bug(config.home, exc), lock, read_answer).run()
     finally:
         restore_terminal()
 

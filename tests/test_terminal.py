@@ -125,11 +125,16 @@ def test_banner_then_commands_and_exit(api, tmp_path):
     child.expect_exact(PROMPT)
     # The picker shows what is typed (it was read with echo off: the early prompt's mode).
     child.sendline("/resume")
-    child.expect_exact("(Enter: stay here): ")
+    child.expect_exact("Enter: stay here")
     child.send("zz")
     child.expect_exact("zz")
     child.send("\r")
     child.expect("no session 'zz'")
+    child.expect_exact(PROMPT)
+    # Typed ahead in one go: the picker gets its answer (a plain input() never saw what the
+    # prompt had read ahead, and the answer became the next prompt).
+    child.send("/resume\ryy\r")
+    child.expect("no session 'yy'")
     child.expect_exact(PROMPT)
     child.sendline("/exit")
     assert finish(child) == 0
