@@ -5694,6 +5694,9 @@ class Repl:
         if self.prefill and status is None:
             what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
             self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
+        elif self.prefill:  # leaving (a detach): no prompt to hand it to, so it is shown
+            self.ui.info("[yellow]not sent, typed during the wait:[/]\n"
+                         f"{_indent(_escape(self.prefill), '  ')}")
         return status
 
     def guarded(self, step: Callable[[], object]) -> int | None:

@@ -84,6 +84,23 @@ def test_the_wait_line_shows_what_was_typed_and_stays_one_line():
     assert "(2 lines)" in shown[1] and "second half" in shown[1]
 
 
+def test_what_was_typed_before_a_detach_is_shown_not_dropped(api, tmp_path):
+    """Seen in tmux: text typed during a wait vanished when Ctrl-C, d detached (the REPL
+    ends, so there is no next prompt to hand it to)."""
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+    repl, out = make_repl(rig, ["go"], tmp_path)
+
+    def type_then_ctrl_c(_timeout_s):
+        repl.ui.typeahead.feed("fix the [parser]\rthen test it")
+        raise KeyboardInterrupt
+
+    rig.clock.on_wait = type_then_ctrl_c
+    assert repl.run() == 0
+    text = out.getvalue()
+    assert "detached" in text
+    assert "not sent, typed during the wait:\n  fix the [parser]\n  then test it" in text
+
+
 # -- 14.12: a prompt that could not be sent is never dropped silently ----------------------
 
 
