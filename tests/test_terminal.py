@@ -211,7 +211,7 @@ def test_ctrl_c_then_d_detaches_and_resume_collects(api, tmp_path):
 
 
 class TmuxPane:
-    """The harness in a tmux pane of its own server (a private socket, killed at the end).
+    """The harness in a tmux pane of its own server (a socket in tmp_path, killed at the end).
     pexpect sees a byte stream; what a person sees is the screen: where a notice landed,
     whether a resize left stacked spinner lines (tmux re-wraps lines on a resize, as most
     terminal emulators do). The screen is read until it shows what is expected, with a
@@ -219,7 +219,7 @@ class TmuxPane:
 
     def __init__(self, tmp_path: Path, env: dict[str, str], argv: list[str], *,
                  width: int, height: int = 30) -> None:
-        self.socket = f"bh-test-{os.getpid()}-{secrets.token_hex(4)}"
+        self.socket = str(tmp_path / f"tmux-{secrets.token_hex(3)}")  # gone with tmp_path
         self.status = tmp_path / "exit-status"
         inner = " ".join(["env", "-i", *(shlex.quote(f"{k}={v}") for k, v in env.items()
                                          if k != "TERM"),
@@ -231,7 +231,7 @@ class TmuxPane:
                    "sh", "-c", script)
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
+        return subprocess.run(["tmux", "-S", self.socket, "-f", "/dev/null", *args],
                               check=True, capture_output=True, text=True).stdout
 
     def screen(self) -> list[str]:
@@ -271,7 +271,7 @@ class TmuxPane:
         return int(self.status.read_text())
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
 
 
 @pytest.fixture
