@@ -4021,6 +4021,8 @@ class TurnWaiting:
     sent_at: float | None = None
     """When the request was sent: a batch re-attached after a restart shows its true age."""
     expected_s: float | None = None
+    turn: int = 0
+    """The request's number in its session, as TurnSent gave it (0: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -4090,6 +4092,9 @@ class RunReport:
     requests: tuple[RequestRow, ...]
     answer: str
     in_flight: RequestRow | None
+    turn_numbers: tuple[int, ...] = ()
+    """Each request's number in its session (the live line's `turn N`, /stats' row N);
+    empty: 1, 2, ... (a run that made every request of its session)."""
 
 
 def build_params(settings: AgentSettings, workdir: Path, tools: list[dict[str, Any]],
@@ -4416,22 +4421,36 @@ class Collector:
                              "longer keeps its results. Nothing more can be recovered.",
                              custom_id=request.custom_id, record="results expired from the API")
         channel = self.router.channel(request.lane)
+        waiting = threading.Event()
+        waiting.set()
+        turn = next((i for i, r in enumerate(self.store.requests(request.session_id), 1)
+                     if r.custom_id == request.custom_id), 0)  # for a re-attached live line
+
+        def on_status(status: str) -> None:
+            # A hurried batch is still polled (its answer would be waste) while the sync
+            # turn runs and the prompt comes back: its status is nobody's spinner.
+            if waiting.is_set():
+                self.emit(TurnWaiting(request.batch_id or "", status,
+                                      sent_at=request.submitted_at,
+                                      expected_s=expected_wait_s(self.store, request.model),
+                                      turn=turn))
+
         ticket = channel.watch(
             request.custom_id, request.batch_id, sent_at=request.submitted_at,
             expected_s=expected_wait_s(self.store, request.model), notify=self._warn,
-            on_status=lambda status: self.emit(TurnWaiting(
-                request.batch_id or "", status, sent_at=request.submitted_at,
-                expected_s=expected_wait_s(self.store, request.model))),
-            on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
+            on_status=on_status, on_stream=lambda kind, text: self.emit(StreamDelta(kind, text)))
         try:
             arrival = self._await(ticket, channel, request)
         except _Hurry:
+            waiting.clear()
             self._hurry(request, ticket, channel)
             return False
         except BatchNotFound as exc:
             raise TurnFailed(f"batch {request.batch_id} or its results are no longer at the "
                              f"API ({exc}); send the prompt again", custom_id=request.custom_id,
                              record="batch unknown to the API") from None
+        finally:
+            waiting.clear()
         outcome = outcome_of(request, arrival, self.clock.now())
         self.store.record_outcome(request.custom_id, outcome)
         self.emit(TurnEnded(request.batch_id, outcome.result_type, outcome.wait_s,
@@ -4623,9 +4642,10 @@ class Agent:
         """The answer includes those of turns that were in flight when the prompt came (a
         headless `--resume ID -p ...` collects them first): each was paid for."""
         answer = "\n\n".join([*self._collected, self.last_answer()]).strip()
+        numbers = {r.custom_id: i for i, r in enumerate(self.store.requests(self.session.id), 1)}
         return RunReport(self.session.id, self.settings.model,
                          tuple(self.store.request(c) for c in self._touched),
-                         answer, self.pending())
+                         answer, self.pending(), tuple(numbers[c] for c in self._touched))
 
     def expected_wait_s(self, model: str) -> float | None:
         return expected_wait_s(self.store, model)
@@ -4962,6 +4982,87 @@ def _one_line(spinner: Any, text: str) -> Any:
     return line
 
 
+class AnchoredLive:
+    """The live lines (spinner, Ctrl-C menu, type-ahead) under the output, redrawn a few
+    times a second, with the cursor resting at their START. rich's Live rests at their end
+    and moves up as many rows as it drew; a terminal that reflows on a resize (tmux, most
+    emulators) has by then re-wrapped a narrowed line onto two rows, so a row stayed behind
+    on every resize: stacked spinner lines. From the start, "erase to the end of the screen"
+    clears whatever the lines became, on terminals that reflow and on those that cut; the
+    next redraw fits the new width. Output printed meanwhile goes above the lines, as
+    rich's Live does it (a render hook)."""
+
+    _ERASE = "\r\x1b[J"  # to the line's start, then erase to the end of the screen
+
+    def __init__(self, renderable: Any, console: Any, refresh_per_second: float = 4) -> None:
+        self.renderable, self.console = renderable, console
+        self._interval_s = 1 / refresh_per_second
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.console.show_cursor(False)
+        self.console.push_render_hook(self)
+        # The first frame comes from the thread, a moment later (as rich's Live does it): a
+        # Ctrl-C prompted by it then finds the agent already waiting, where the menu is.
+        self._thread = threading.Thread(target=self._refresh_forever, daemon=True,
+                                        name="live-line")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self.console.pop_render_hook()
+            if self.console.is_interactive:
+                self.console.file.write(self._ERASE)
+                self.console.file.flush()
+            self.console.show_cursor(True)
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.refresh()
+
+    def refresh(self) -> None:
+        from rich.control import Control
+
+        with self._lock:
+            self.console.print(Control())  # the hook below adds the erase and the lines
+
+    def process_renderables(self, renderables: list[Any]) -> list[Any]:
+        """rich's render hook: what is printed goes where the lines were, the lines under it."""
+        from rich.segment import ControlType, Segment, Segments
+
+        if not self.console.is_interactive:
+            return renderables
+        erase = Segment(self._ERASE, None, [(ControlType.CARRIAGE_RETURN,)])  # zero width
+        with self._lock:
+            return [Segments([erase]), *renderables, _LiveLines(self)]
+
+
+class _LiveLines:
+    """The live lines, then the cursor back to where they start."""
+
+    def __init__(self, live: AnchoredLive) -> None:
+        self.live = live
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.control import Control
+        from rich.segment import ControlType, Segment
+
+        lines = console.render_lines(self.live.renderable, options, pad=False)
+        lines = lines[:max(1, options.size.height - 1)]  # the cursor must get back up to them
+        for i, line in enumerate(lines):
+            yield from line
+            if i < len(lines) - 1:
+                yield Segment.line()
+        if len(lines) > 1:
+            yield Control((ControlType.CURSOR_UP, len(lines) - 1))
+        yield Control(ControlType.CARRIAGE_RETURN)
+
+
 class TypeAhead:
     """Keys typed while the agent works (a batch runs, a tool runs): kept in ONE buffer that
     becomes the next prompt's starting text. Enter adds a line there and never sends, and a
@@ -5100,6 +5201,84 @@ class TypeAhead:
             return None
 
 
+class PromptLine:
+    """The line the user is editing is theirs. Output that comes while a prompt is up (the
+    poller's thread reports a retry, a hurried batch's waste; the sandbox probe ends) is
+    handed to prompt_toolkit, which erases its prompt, prints it and draws the prompt again
+    with the typed text intact; what the prompt cannot take (it is ending, or it is a plain
+    input()) is held and printed as soon as it returns. The early prompt, drawn before
+    prompt_toolkit has loaded, is erased before anything else goes on its line."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._held: list[str] | None = None  # None: no prompt is up
+        self._app: Any = None
+        self._early = False
+
+    def drawn_early(self) -> None:
+        with self._lock:
+            self._early = True
+
+    def take_early(self) -> bool:
+        """True once if the early prompt is still on its line (the real one draws over it)."""
+        with self._lock:
+            early, self._early = self._early, False
+        return early
+
+    def erase_early(self) -> None:
+        """Output is coming while the early prompt is drawn: it goes (the real prompt comes
+        after the output, on a line of its own)."""
+        if self.take_early():
+            self._write("\r\x1b[K")
+
+    @property
+    def up(self) -> bool:
+        return self._held is not None
+
+    @contextlib.contextmanager
+    def prompting(self, app: Any = None) -> Iterator[None]:
+        """While the prompt (a prompt_toolkit app, or None for a plain input()) is up."""
+        with self._lock:
+            self._held, self._app = [], app
+        try:
+            yield
+        finally:
+            with self._lock:
+                held, self._held, self._app = self._held or [], None, None
+            for text in held:
+                self._write(text)
+
+    def offer(self, text: str) -> bool:
+        """Take text printed while a prompt is up; False when none is (print it yourself)."""
+        with self._lock:
+            if self._held is None:
+                return False
+            self._held.append(text)
+            loop = getattr(self._app, "loop", None)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop just closed: held for return
+                loop.call_soon_threadsafe(self.print_held)
+        return True
+
+    def print_held(self) -> None:
+        """On the prompt's event loop: print what is held above the prompt."""
+        from prompt_toolkit.application import run_in_terminal
+
+        if not self._held:
+            return
+
+        def write_held() -> None:
+            with self._lock:
+                held = self._held or []
+                if self._held is not None:
+                    self._held = []
+            for text in held:
+                self._write(text)
+
+        run_in_terminal(write_held)
+
+
 class ConsoleUI:
     """Turns agent events into terminal output. Only this class and the render functions
     below print; `interactive` decides between a live spinner and plain progress lines."""
@@ -5107,8 +5286,10 @@ class ConsoleUI:
     def __init__(self, console: Any, *, clock: Callable[[], float] = time.time,
                  interactive: bool = True,
                  read_key: Callable[[float], str | None] | None = None,
-                 answers: bool = True, typeahead: TypeAhead | None = None) -> None:
+                 answers: bool = True, typeahead: TypeAhead | None = None,
+                 prompt_line: PromptLine | None = None) -> None:
         self.console = console
+        self.prompt_line = prompt_line or PromptLine(self._write)
         self.clock = clock
         self.interactive = interactive
         self.answers = answers
@@ -5118,6 +5299,21 @@ class ConsoleUI:
         self._wait: WaitState | None = None
         self._streamed = ""
         self._thinking_chars = 0
+
+    def _print(self, *objects: Any, **kwargs: Any) -> None:
+        """Everything this UI prints goes through here: while a prompt is up it goes above
+        the prompt, never into the middle of what the user is typing."""
+        if self.prompt_line.up:
+            with self.console.capture() as captured:
+                self.console.print(*objects, **kwargs)
+            if self.prompt_line.offer(captured.get()):
+                return
+        self.prompt_line.erase_early()
+        self.console.print(*objects, **kwargs)
+
+    def _write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
 
     # -- typing while the agent works -------------------------------------------------------
     def start_typing(self) -> None:
@@ -5148,7 +5344,7 @@ class ConsoleUI:
         # The estimate is an upper bound (the whole prompt at the cache-write rate): say so.
         estimate = f" · up to {fmt_usd(e.estimate_usd)}" if e.estimate_usd is not None else ""
         what = f"batch {e.handle} submitted" if e.lane == "batch" else "streaming (sync)"
-        self.console.print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
+        self._print(f"[dim]turn {e.turn} · {e.model} · {what}{estimate}[/]")
         self._start_live()
 
     def _on_StreamDelta(self, e: StreamDelta) -> None:
@@ -5162,14 +5358,17 @@ class ConsoleUI:
             return
         self.stop_live()
         self._streamed += e.text
-        self.console.print(terminal_safe(e.text), end="", markup=False, highlight=False)
+        self._print(terminal_safe(e.text), end="", markup=False, highlight=False)
 
     def _on_TurnWaiting(self, e: TurnWaiting) -> None:
+        if self.prompt_line.up:  # not the turn being waited on: the prompt is
+            return
         if self._wait is None:  # re-attached after a restart: the batch's true age
             sent_at = e.sent_at if e.sent_at is not None else self.clock()
-            self._wait = WaitState(e.handle, 0, sent_at, e.expected_s)
-            self.console.print(f"[dim]re-attached to batch {e.handle}, submitted "
-                               f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
+            self._wait = WaitState(e.handle, e.turn, sent_at, e.expected_s)
+            turn = f"turn {e.turn}, " if e.turn else ""
+            self._print(f"[dim]re-attached to {turn}batch {e.handle}, submitted "
+                        f"{fmt_elapsed(self.clock() - sent_at)} ago[/]")
             self._start_live()
         self._wait.status, self._wait.note = e.status, ""
         self._wait.polls += 1
@@ -5178,7 +5377,7 @@ class ConsoleUI:
         self.stop_live()
         self._wait = None
         if self._streamed:
-            self.console.print()  # end the streamed text's last line
+            self._print()  # end the streamed text's last line
         what = f"batch {e.handle}" if e.lane == "batch" else "stream"
         line = f"{what} {e.result_type} after {fmt_elapsed(e.wait_s)}"
         if e.cost is not None and e.usage is not None and e.cost.paid_usd is not None:
@@ -5188,7 +5387,7 @@ class ConsoleUI:
             line += (f" · {fmt_tokens(u.prompt_tokens)} in ({fmt_tokens(u.input_tokens)} "
                      f"uncached) / {fmt_tokens(u.output_tokens)} out · paid "
                      f"{fmt_usd(e.cost.paid_usd)} ({other})")
-        self.console.print(f"[dim]{line}[/]")
+        self._print(f"[dim]{line}[/]")
 
     def _on_AssistantText(self, e: AssistantText) -> None:
         self.stop_live()
@@ -5196,19 +5395,13 @@ class ConsoleUI:
             self._streamed = ""
             return
         if self.answers:
-            self.console.print(render_answer(terminal_safe(e.text)))
+            self._print(render_answer(terminal_safe(e.text)))
 
     def _on_ToolStarted(self, e: ToolStarted) -> None:
         if not self.interactive:
-            self.console.print(f"[dim]running {_escape(e.label)}[/]")
+            self._print(f"[dim]running {_escape(e.label)}[/]")
             return
-        from rich.live import Live
-
-        self.stop_live()
-        self.start_typing()
-        self._live = Live(ToolLine(e.label, self.clock, self.typeahead.text),
-                          console=self.console, refresh_per_second=4, transient=True)
-        self._live.start()
+        self._show_live(ToolLine(e.label, self.clock, self.typeahead.text))
 
     def _on_ToolFinished(self, e: ToolFinished) -> None:
         self.stop_live()
@@ -5216,25 +5409,30 @@ class ConsoleUI:
         mark = "[red]✗[/]" if r.is_error else "[green]✓[/]"
         status = f"exit {r.exit_code}" if r.exit_code is not None else (
             "error" if r.is_error else "ok")
-        self.console.print(f"{mark} {_escape(e.label)} [dim]· {status}[/]")
+        self._print(f"{mark} {_escape(e.label)} [dim]· {status}[/]")
         if r.output.strip():
-            self.console.print(_indent(_escape(shorten(r.output))), style="dim")
+            self._print(_indent(_escape(shorten(r.output))), style="dim")
 
     def _on_Notice(self, e: Notice) -> None:
         style = {"warn": "yellow", "error": "bold red"}.get(e.level, "dim")
         if self._wait is not None and e.level == "warn":
             self._wait.note = e.text
-        self.console.print(f"[{style}]{_escape(e.text)}[/]")
+        self._print(f"[{style}]{_escape(e.text)}[/]")
 
     def _start_live(self) -> None:
         if not self.interactive or self._wait is None:
             return
-        from rich.live import Live
+        self._show_live(WaitLine(self._wait, self.clock, self.typeahead.text))
 
+    def _show_live(self, line: Any) -> None:
+        """The live line under everything printed, and keys typed go to the type-ahead. Never
+        while a prompt is up: the prompt owns the terminal then."""
+        if self.prompt_line.up:
+            return
         self.stop_live()
+        self.prompt_line.erase_early()
         self.start_typing()
-        self._live = Live(WaitLine(self._wait, self.clock, self.typeahead.text),
-                          console=self.console, refresh_per_second=4, transient=True)
+        self._live = AnchoredLive(line, self.console)
         self._live.start()
 
     def stop_live(self) -> None:
@@ -5259,7 +5457,7 @@ class ConsoleUI:
             key = None
             while key is None:
                 if wait.status == "ended":
-                    self.console.print(f"[dim]batch {batch_id} ended while the menu was "
+                    self._print(f"[dim]batch {batch_id} ended while the menu was "
                                        "open; collecting it[/]")
                     return "wait"
                 key = self.read_key(WAIT_SLICE_S)
@@ -5271,10 +5469,14 @@ class ConsoleUI:
 
     def error(self, text: str) -> None:
         self.stop_live()
-        self.console.print(f"[bold red]error:[/] {_escape(text)}")
+        self._print(f"[bold red]error:[/] {_escape(text)}")
 
     def info(self, text: str) -> None:
-        self.console.print(text)
+        self._print(text)
+
+    def say(self, text: str) -> None:
+        """Plain text (no markup), from any thread."""
+        self._print(text, markup=False, highlight=False)
 
 
 def read_key_from_tty(timeout_s: float) -> str | None:
@@ -5421,7 +5623,7 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
         rows.append([cells[0], r.lane, *cells[1:]])
     widths = [max(len(c) for c in col) for col in zip(_TURN_COLUMNS, *rows, strict=True)]
     if sum(widths) + 2 * (len(widths) - 1) > width:
-        return Text("\n".join(" · ".join(f"{name} {cell}" if name != "turn" else f"turn {cell}"
+        return Text("\n".join(" · ".join(_folded(name, cell)
                                           for name, cell in zip(_TURN_COLUMNS, row, strict=True)
                                           if cell) for row in rows))
     table = Table(box=None, pad_edge=False)
@@ -5432,12 +5634,21 @@ def _turn_table(requests: Sequence[RequestRow], width: int = 200) -> Any:
     return table
 
 
+def _folded(name: str, cell: str) -> str:
+    """One cell of a folded row, named; a turn that did not succeed carries its outcome in
+    the waited or uncached column ('canceled', 'in flight'), which is shown bare: 'uncached
+    canceled' read as a figure."""
+    if name in ("waited", "uncached") and not any(c.isdigit() for c in cell):
+        return cell
+    return f"{name} {cell}"
+
+
 def lanes_table(requests: Sequence[RequestRow]) -> Any:
     """Per lane: turns, what they cost, what the other lane would have cost, minutes waited."""
     from rich.table import Table
 
     table = Table(title="by lane", box=None, pad_edge=False)
-    for col in ("lane", "turns", "paid", "other lane would be", "waited"):
+    for col in ("lane", "answers used", "paid", "other lane would be", "waited"):
         table.add_column(col, justify="left" if col == "lane" else "right")
     for lane in LANES:
         rows = [r for r in requests if r.lane == lane]
@@ -5618,8 +5829,7 @@ def render_recap(console: Any, messages: Sequence[Mapping[str, Any]],
             lines += [f"› {shorten(' '.join(texts), 2, 100)}"] if any(texts) else []
     if not lines:
         return
-    turns = sum(1 for r in requests if r.result_type == "succeeded")
-    console.print(f"[dim]earlier in this session ({plural(turns, 'turn')}, paid "
+    console.print(f"[dim]earlier in this session ({plural(len(requests), 'turn')}, paid "
                   f"{fmt_usd(stats_totals(requests).paid_usd)}):[/]")
     for line in lines[-2 * last:]:
         console.print(_indent(_escape(line), "  "), style="dim")
@@ -5668,8 +5878,11 @@ class Repl:
 
     def __init__(self, agent: Agent, journal: Store, ui: ConsoleUI,
                  read_line: Callable[[], str], resume_command: Callable[[str], str],
-                 log_bug: Callable[[BaseException], Path], lock: SessionLock) -> None:
+                 log_bug: Callable[[BaseException], Path], lock: SessionLock,
+                 read_answer: Callable[[str], str] | None = None) -> None:
         self.agent = agent
+        self.read_answer = read_answer
+        """A question's answer (the /resume picker's); None: a plain input()."""
         self.log_bug = log_bug
         self.lock = lock
         self.journal = journal
@@ -5719,6 +5932,9 @@ class Repl:
         if self.prefill and status is None:
             what = "your prompt (not sent)" if unsent else "what you typed meanwhile"
             self.ui.info(f"[dim]{what} is back at the prompt: Enter sends it[/]")
+        elif self.prefill:  # leaving (a detach): no prompt to hand it to, so it is shown
+            self.ui.info("[yellow]not sent, typed during the wait:[/]\n"
+                         f"{_indent(_escape(self.prefill), '  ')}")
         return status
 
     def guarded(self, step: Callable[[], object]) -> int | None:
@@ -5847,13 +6063,15 @@ class Repl:
         requests = self.journal.requests(s.id)
         title = " ".join(first_prompt(messages).split())
         title = title[:48] + "…" if len(title) > 48 else title
-        turns = sum(1 for r in requests if r.result_type == "succeeded")
         paid = stats_totals(requests).paid_usd
-        return (f"{title or '(no prompt)'} · {plural(turns, 'turn')} · {fmt_usd(paid)} · "
+        return (f"{title or '(no prompt)'} · {plural(len(requests), 'turn')} · {fmt_usd(paid)} · "
                 f"{fmt_ago(time.time() - s.updated_at)} · {s.id}")
 
     def read_line_with(self, prompt: str) -> str:
-        return input(prompt)
+        if self.read_answer is not None:
+            return self.read_answer(prompt)
+        with self.ui.prompt_line.prompting():  # a plain input(): output waits for Enter
+            return input(prompt)
 
     def cmd_exit(self, _arg: str) -> int:
         return self.leave()
@@ -5866,9 +6084,14 @@ def _pick_session(sessions: Sequence[SessionRow], arg: str,
     return journal.find_session(arg) if arg else None
 
 
-def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]:
-    """A prompt_toolkit prompt: history across runs, slash-command completion, Alt-Enter
-    for a new line (Enter sends)."""
+def make_prompt_readers(home: Path, commands: Sequence[str], prompt_line: PromptLine,
+                        end_early_prompt: Callable[[], None] = lambda: None
+                        ) -> tuple[Callable[[], str], Callable[[str], str]]:
+    """The prompt (prompt_toolkit: history across runs, slash-command completion, Alt-Enter
+    for a new line, Enter sends) and a plain question's (the /resume picker's: no history).
+    Both read through prompt_toolkit, so keys typed ahead reach the one that is up (a plain
+    input() never saw what prompt_toolkit had read ahead); output that comes while either is
+    up goes above it."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import WordCompleter
     from prompt_toolkit.history import FileHistory
@@ -5885,17 +6108,27 @@ def make_prompt_reader(home: Path, commands: Sequence[str]) -> Callable[[], str]
         completer=WordCompleter(list(commands), sentence=True),
         complete_while_typing=True, key_bindings=bindings, multiline=False,
         prompt_continuation="… ")
-    first = [sys.stdout.isatty()]
-
     def read_line(default: str = "") -> str:
-        if first and first.pop():
-            sys.stdout.write("\r")  # draw over the early prompt, on the same line
-        return session.prompt(PROMPT, default=default)
+        with prompt_line.prompting(session.app):
+            if prompt_line.take_early():
+                sys.stdout.write("\r")  # draw over the early prompt, on the same line
+            # The terminal as it was (echo on) before prompt_toolkit saves it: else every
+            # input between prompts (the /resume picker's) is read without being shown.
+            end_early_prompt()
+            # pre_run: output held in the instant before the prompt's loop ran goes up now
+            return session.prompt(PROMPT, default=default, pre_run=prompt_line.print_held)
 
-    return read_line
+    question: Any = PromptSession()
+
+    def read_answer(message: str) -> str:
+        with prompt_line.prompting(question.app):
+            end_early_prompt()
+            return question.prompt(message, pre_run=prompt_line.print_held)
+
+    return read_line, read_answer
 
 
-def show_prompt_early() -> Callable[[], None]:
+def show_prompt_early(prompt_line: PromptLine) -> Callable[[], None]:
     """Draw the prompt before prompt_toolkit has loaded (~0.2 s) and return what restores
     the terminal. Keys typed meanwhile wait, unechoed and unprocessed (Ctrl-D included), in
     the terminal's buffer until the real prompt takes over this line and reads them."""
@@ -5906,7 +6139,15 @@ def show_prompt_early() -> Callable[[], None]:
     tty.setcbreak(fd, termios.TCSANOW)  # TCSANOW: never flush what was already typed
     sys.stdout.write(PROMPT)
     sys.stdout.flush()
-    return lambda: termios.tcsetattr(fd, termios.TCSANOW, saved)
+    prompt_line.drawn_early()
+    restored: list[bool] = []
+
+    def restore() -> None:  # once: when the real prompt takes over, or when the REPL ends
+        if not restored:
+            restored.append(True)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+    return restore
 
 
 ##############################################################################
@@ -9047,17 +9288,22 @@ def print_headless(report: RunReport | None, config: Config, error: str | None) 
 def headless_fields(report: RunReport, error: str | None) -> dict[str, Any]:
     """One run as JSON: -p prints it; a fleet prints one per agent."""
     requests, text = list(report.requests), report.answer
+    numbers = report.turn_numbers or range(1, len(requests) + 1)
     totals = stats_totals(requests)
     u = totals.usage
     return {
         "session_id": report.session_id, "model": report.model, "result": text,
         "stop_reason": requests[-1].stop_reason if requests else None,
-        "turns": sum(1 for r in requests if r.result_type == "succeeded"),
+        # A turn is one model request, as the live line and /stats count them: "turn N"
+        # there is per_turn's "turn" here. A failed or hurried turn counts; `lanes` counts
+        # only the answers the conversation kept.
+        "turns": len(requests),
         "lanes": {lane: sum(1 for r in requests if r.lane == lane and r.state == "applied")
                   for lane in LANES},
-        "per_turn": [{"lane": r.lane, "handle": r.batch_id, "result": r.result_type,
-                      "state": r.state, "cost_usd": r.cost_usd, "wait_s": r.wait_s,
-                      "route": r.route} for r in requests],
+        "per_turn": [{"turn": n, "lane": r.lane, "handle": r.batch_id,
+                      "result": r.result_type, "state": r.state, "cost_usd": r.cost_usd,
+                      "wait_s": r.wait_s, "route": r.route}
+                     for n, r in zip(numbers, requests, strict=True)],
         "batches": [r.batch_id for r in requests if r.batch_id and r.lane == "batch"],
         "wait_s": round(totals.waited_s, 3),
         "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
@@ -9186,12 +9432,13 @@ def _run_session(config: Config, journal: Store, session: SessionRow, toolbox: T
     if resumed:
         render_recap(console, journal.messages(session.id, session.conversation),
                      journal.requests(session.id))
-    restore_terminal = show_prompt_early()
+    restore_terminal = show_prompt_early(ui.prompt_line)
     try:
-        read_line = make_prompt_reader(config.home, list(Repl.COMMANDS))
-        _warm_up_in_background(api, config, toolbox)
+        read_line, read_answer = make_prompt_readers(config.home, list(Repl.COMMANDS),
+                                                     ui.prompt_line, restore_terminal)
+        _warm_up_in_background(api, config, toolbox, ui)
         return Repl(agent, journal, ui, read_line, lambda sid: resume_command(sid, config),
-                    lambda exc: log_bug(config.home, exc), lock).run()
+                    lambda exc: log_bug(config.home, exc), lock, read_answer).run()
     finally:
         restore_terminal()
 
@@ -9235,17 +9482,15 @@ def _check_sandbox(config: Config, toolbox: Toolbox, say: Callable[[str], object
             "then (or restart with --no-sandbox)")
 
 
-def _warm_up_in_background(api: BatchAPI, config: Config,
-                           toolbox: Toolbox) -> None:
+def _warm_up_in_background(api: BatchAPI, config: Config, toolbox: Toolbox,
+                           ui: ConsoleUI) -> None:
     """The prompt shows first; the SDK import (seconds) and the sandbox probe (about a
     second: Node start-up plus srt's proxy) happen while the user types."""
 
     def warm() -> None:
         api.warm_up()
-        if config.sandbox:  # printed above the live prompt without disturbing it
-            from prompt_toolkit import print_formatted_text
-
-            _check_sandbox(config, toolbox, print_formatted_text)
+        if config.sandbox:  # printed above the prompt without disturbing the typed text
+            _check_sandbox(config, toolbox, ui.say)
 
     threading.Thread(target=warm, name="warm-up", daemon=True).start()
 

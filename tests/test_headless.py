@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from rich.console import Console
@@ -106,3 +107,30 @@ def test_headless_keeps_streamed_and_final_text_off_stderr():
     ui.handle(bh.StreamDelta("text", "streamed answer"))
     ui.handle(bh.AssistantText("streamed answer"))
     assert err.getvalue() == ""
+
+
+def test_json_turns_are_the_turns_the_live_line_and_stats_number(api, tmp_path, capsys):
+    """Issue 14.18: the JSON's `turns` counted succeeded requests while the live line and
+    /stats number every model request, so a run whose turn errored once and was sent again
+    showed 'turn 2' and 'turn 3' and reported "turns": 1. A turn is one model request;
+    per_turn carries each one's number (in the session, as on screen)."""
+    api.script.extend([fa.text("earlier"), fa.errored("overloaded_error", "Overloaded"),
+                       fa.text("the answer")])
+    rig = make_rig(api, tmp_path)
+    rig.agent.prompt("first")  # turn 1, in an earlier run
+    session_id = rig.agent.session.id
+    rig.journal.close()
+    argv = argv_for(tmp_path, "--resume", session_id, "-p", "second", "--output-format", "json")
+    assert bh.main(argv, env_for(api, tmp_path)) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    shown = [int(n) for n in re.findall(r"^turn (\d+) ·", captured.err, re.M)]
+    assert shown == [2, 3] == [t["turn"] for t in data["per_turn"]]
+    assert data["turns"] == 2 and data["lanes"] == {"batch": 1, "sync": 0}
+    assert [t["result"] for t in data["per_turn"]] == ["errored", "succeeded"]
+    journal = bh.open_store(None, tmp_path / "home")
+    out = io.StringIO()
+    rows = journal.requests(session_id)
+    bh.render_stats(Console(file=out, width=200), rows, "claude-opus-5-5", rows)
+    assert re.findall(r"(\d+) +batch +claude-opus", out.getvalue()) == ["1", "2", "3"]
+    journal.close()

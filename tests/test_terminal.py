@@ -9,8 +9,15 @@ the user sees is waited for, never slept for."""
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import shlex
+import shutil
 import sqlite3
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
@@ -32,10 +39,8 @@ def api():
         yield server
 
 
-def spawn(api, tmp_path: Path, *args: str) -> pexpect.spawn:
-    work = tmp_path / "work"
-    work.mkdir(exist_ok=True)
-    env = {
+def child_env(api, tmp_path: Path) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
         "TERM": "xterm-256color",
@@ -46,11 +51,21 @@ def spawn(api, tmp_path: Path, *args: str) -> pexpect.spawn:
         "ANTHROPIC_BASE_URL": api.base_url,
         "BATCHING_HARNESS_HOME": str(tmp_path / "home"),
     }
+
+
+def harness_argv(tmp_path: Path, *args: str) -> list[str]:
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    return [str(ROOT / "batching_harness.py"), "--workdir", str(work), "--poll-interval", "0.2",
+            *args]
+
+
+def spawn(api, tmp_path: Path, *args: str) -> pexpect.spawn:
+    work = tmp_path / "work"
     child = pexpect.spawn(
         sys.executable,
-        [str(ROOT / "batching_harness.py"), "--workdir", str(work), "--poll-interval", "0.2",
-         *args],
-        env=env,
+        harness_argv(tmp_path, *args),
+        env=child_env(api, tmp_path),
         cwd=str(work),
         encoding="utf-8",
         timeout=STARTUP_S,
@@ -107,6 +122,19 @@ def test_banner_then_commands_and_exit(api, tmp_path):
     child.expect_exact(PROMPT)
     child.sendline("/help")
     child.expect("/resume")
+    child.expect_exact(PROMPT)
+    # The picker shows what is typed (it was read with echo off: the early prompt's mode).
+    child.sendline("/resume")
+    child.expect_exact("Enter: stay here")
+    child.send("zz")
+    child.expect_exact("zz")
+    child.send("\r")
+    child.expect("no session 'zz'")
+    child.expect_exact(PROMPT)
+    # Typed ahead in one go: the picker gets its answer (a plain input() never saw what the
+    # prompt had read ahead, and the answer became the next prompt).
+    child.send("/resume\ryy\r")
+    child.expect("no session 'yy'")
     child.expect_exact(PROMPT)
     child.sendline("/exit")
     assert finish(child) == 0
@@ -177,3 +205,167 @@ def test_ctrl_c_then_d_detaches_and_resume_collects(api, tmp_path):
     db = sqlite3.connect(tmp_path / "home" / "journal.db")
     roles = [r[0] for r in db.execute("SELECT role FROM messages ORDER BY id")]
     assert roles == ["user", "assistant", "user", "assistant"]
+
+
+# -- tmux: a terminal with a screen to read, that reflows lines on a resize as most do -------
+
+
+class TmuxPane:
+    """The harness in a tmux pane of its own server (a socket in tmp_path, killed at the end).
+    pexpect sees a byte stream; what a person sees is the screen: where a notice landed,
+    whether a resize left stacked spinner lines (tmux re-wraps lines on a resize, as most
+    terminal emulators do). The screen is read until it shows what is expected, with a
+    deadline, as pexpect's expect does; the exit status is written to a file."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], argv: list[str], *,
+                 width: int, height: int = 30) -> None:
+        self.socket = str(tmp_path / f"tmux-{secrets.token_hex(3)}")  # gone with tmp_path
+        self.status = tmp_path / "exit-status"
+        inner = " ".join(["env", "-i", *(shlex.quote(f"{k}={v}") for k, v in env.items()
+                                         if k != "TERM"),
+                          "TERM=screen", shlex.quote(sys.executable), *map(shlex.quote, argv)])
+        # The shell outlives a Ctrl-C sent to the pane (the harness gets it) to write the status.
+        script = (f"trap : INT; {inner} 2>>{shlex.quote(str(tmp_path / 'stderr.log'))}; "
+                  f"echo $? > {self.status}")
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
+                   "sh", "-c", script)
+
+    def _tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-S", self.socket, "-f", "/dev/null", *args],
+                              check=True, capture_output=True, text=True).stdout
+
+    def screen(self) -> list[str]:
+        return self._tmux("capture-pane", "-p", "-t", "t").rstrip("\n").split("\n")
+
+    def wait_for(self, shows: Callable[[list[str]], object], timeout_s: float = STARTUP_S,
+                 what: str = "") -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            screen = self.screen()
+            if shows(screen):
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the screen never showed {what or shows}:\n" +
+                                     "\n".join(screen))
+            time.sleep(0.05)  # the next look at the screen, not time for the harness
+
+    def wait_for_text(self, text: str, timeout_s: float = STARTUP_S) -> list[str]:
+        return self.wait_for(lambda screen: any(text in line for line in screen), timeout_s,
+                             repr(text))
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "t", *keys)
+
+    def type(self, text: str) -> None:
+        self._tmux("send-keys", "-t", "t", "-l", text)
+
+    def resize(self, width: int) -> None:
+        self._tmux("resize-window", "-t", "t", "-x", str(width))
+
+    def exit_status(self, timeout_s: float = 20) -> int:
+        deadline = time.monotonic() + timeout_s
+        while not self.status.exists() or not self.status.read_text().strip():
+            assert time.monotonic() < deadline, "the harness did not exit:\n" + "\n".join(
+                self.screen())
+            time.sleep(0.05)
+        return int(self.status.read_text())
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux_pane(tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install tmux)")
+    panes: list[TmuxPane] = []
+
+    def start(api, *args: str, width: int = 120) -> TmuxPane:
+        pane = TmuxPane(tmp_path, child_env(api, tmp_path), harness_argv(tmp_path, *args),
+                        width=width)
+        panes.append(pane)
+        return pane
+
+    yield start
+    for pane in panes:
+        pane.close()
+
+
+def prompt_line(screen: list[str]) -> str:
+    """The last line on the screen with something on it (the prompt, when one is up)."""
+    return ([line for line in screen if line.strip()] or [""])[-1]
+
+
+def test_notices_from_other_threads_go_above_the_prompt_and_leave_the_typed_text_whole(
+        api, tmux_pane):
+    """Issue 14.13: notices landed on the prompt line, in the middle of the text being
+    typed. Here the poller's thread has news while the user types at the prompt: a retry
+    of its list call, then the end of a batch that was hurried (its answer is waste)."""
+    api.hold, api.cancel_succeeds = True, True
+    api.script.extend([fa.text("the sync answer"), fa.text("the unused batch answer"),
+                       fa.text("answered")])
+    pane = tmux_pane(api, "--no-sandbox")
+    pane.wait_for(lambda screen: prompt_line(screen) == PROMPT, what="the prompt")
+    pane.type("go")
+    pane.keys("Enter")
+    pane.wait_for_text("waiting")
+    api.wait_for("list", 1, timeout_s=STARTUP_S)  # the REPL waits on the batch
+    pane.keys("C-c")
+    pane.wait_for_text("s send now")
+    pane.type("s")
+    pane.wait_for_text("the sync answer")
+    pane.wait_for(lambda screen: prompt_line(screen) == PROMPT, what="the prompt")
+    pane.type("half typed")  # the poller still watches the hurried batch meanwhile
+    pane.wait_for(lambda screen: prompt_line(screen) == f"{PROMPT} half typed", what="typing")
+    typing = f"{PROMPT} half typed"
+
+    def above_the_prompt(notice: str) -> list[str]:
+        """The notice on a line of its own, the prompt redrawn under it, typed text whole."""
+        return pane.wait_for(lambda screen: prompt_line(screen) == typing and any(
+            notice in line and "half typed" not in line for line in screen), what=notice)
+
+    api.inject("list", "429", retry_after=0)
+    above_the_prompt("rate limited (429)")
+    api.hold = False
+    api.release()
+    screen = above_the_prompt("answer not used (waste)")
+    assert sum(line.startswith(PROMPT) for line in screen) == 2  # "› go" and this one
+    pane.type(" and sent")
+    pane.keys("Enter")
+    pane.wait_for_text("answered")
+    sent = api.model_requests[-1].params["messages"][-1]["content"][-1]["text"]
+    assert sent == "half typed and sent"
+    pane.wait_for(lambda screen: prompt_line(screen) == PROMPT, what="the prompt")
+    pane.keys("C-d")
+    assert pane.exit_status() == 0
+
+
+def test_a_resize_during_the_spinner_leaves_one_live_line_fitted_to_the_width(
+        api, tmux_pane):
+    """Issue 14.17: narrowing the terminal while a batch was waited on left a stacked copy
+    of the spinner line per resize (the terminal re-wrapped the old line onto two rows and
+    only the last was erased). After each resize the screen holds ONE spinner line, as
+    wide as the terminal at most, and the turn ends normally."""
+    api.hold = True
+    api.script.append(fa.text("the answer after the resizes"))
+    pane = tmux_pane(api, "--no-sandbox", width=120)
+    pane.wait_for(lambda screen: prompt_line(screen) == PROMPT, what="the prompt")
+    pane.type("go")
+    pane.keys("Enter")
+    pane.wait_for_text("waiting")
+    pane.type("typed meanwhile")
+    pane.wait_for_text("typed, for the next prompt: typed meanwhile")
+    spinner = re.compile(r"^\S waiting \d+:\d\d")
+    for width in (70, 45, 100, 60):
+        pane.resize(width)
+        pane.wait_for(lambda screen, w=width: (
+            sum(bool(spinner.match(line)) for line in screen) == 1
+            and all(len(line) <= w for line in screen if spinner.match(line))),
+            what=f"one spinner line at {width} columns")
+    api.release()
+    pane.wait_for_text("the answer after the resizes")
+    screen = pane.wait_for(lambda screen: prompt_line(screen) == f"{PROMPT} typed meanwhile")
+    assert not any(spinner.match(line) for line in screen)
+    assert not (pane.status.parent / "stderr.log").read_text().strip()
+    pane.keys("C-u", "C-d")
+    assert pane.exit_status() == 0

@@ -14,7 +14,7 @@ from rich.console import Console
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import make_rig
+from tests.support import detach_first_turn, make_rig
 from tests.test_repl import make_repl
 
 
@@ -82,6 +82,23 @@ def test_the_wait_line_shows_what_was_typed_and_stays_one_line():
     shown = render(line, width=60).splitlines()
     assert len(shown) == 2 and "0:55" in shown[0] and "taking longer" in render(line, 300)
     assert "(2 lines)" in shown[1] and "second half" in shown[1]
+
+
+def test_what_was_typed_before_a_detach_is_shown_not_dropped(api, tmp_path):
+    """Seen in tmux: text typed during a wait vanished when Ctrl-C, d detached (the REPL
+    ends, so there is no next prompt to hand it to)."""
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+    repl, out = make_repl(rig, ["go"], tmp_path)
+
+    def type_then_ctrl_c(_timeout_s):
+        repl.ui.typeahead.feed("fix the [parser]\rthen test it")
+        raise KeyboardInterrupt
+
+    rig.clock.on_wait = type_then_ctrl_c
+    assert repl.run() == 0
+    text = out.getvalue()
+    assert "detached" in text
+    assert "not sent, typed during the wait:\n  fix the [parser]\n  then test it" in text
 
 
 # -- 14.12: a prompt that could not be sent is never dropped silently ----------------------
@@ -178,9 +195,44 @@ def test_resume_recaps_the_conversation_and_the_true_age_of_the_batch(api, tmp_p
     assert "› an earlier question" in out.getvalue() and "the earlier answer" in out.getvalue()
     assert "1 turn, paid $" in out.getvalue()
     ui = bh.ConsoleUI(console, clock=lambda: 1000.0, interactive=False)
-    ui.handle(bh.TurnWaiting("msgbatch_1", "in_progress", sent_at=1000.0 - 192, expected_s=70))
-    assert "submitted 3:12 ago" in out.getvalue()
-    assert "3:12" in bh.WaitLine(ui._wait, ui.clock).text()
+    ui.handle(bh.TurnWaiting("msgbatch_1", "in_progress", sent_at=1000.0 - 192, expected_s=70,
+                             turn=6))
+    assert "re-attached to turn 6, batch msgbatch_1, submitted 3:12 ago" in out.getvalue()
+    assert "3:12 · turn 6 ·" in bh.WaitLine(ui._wait, ui.clock).text()
+
+
+def test_a_re_attached_batch_carries_its_turn_number(api, tmp_path):
+    """The live line of a batch collected after a restart showed no turn number, while the
+    turn it collects is row N of /stats and 'turn N' of the JSON."""
+    api.script.extend([fa.text("one"), fa.text("two")])
+    rig = make_rig(api, tmp_path, interrupts=["detach"])
+    rig.agent.prompt("first")
+    detach_first_turn(rig, "second")
+    rig.clock.on_wait = None
+    before = len(rig.events)
+    rig.agent.resume()
+    waits = [e for e in rig.events[before:] if isinstance(e, bh.TurnWaiting)]
+    assert waits and {e.turn for e in waits} == {2}
+
+
+def test_output_never_lands_on_a_prompt_line():
+    """Issue 14.13: a notice printed while a prompt was up landed in the typed text, and a
+    resumed session's first line landed on the early prompt ('› re-attached to ...'). Here
+    the early prompt is erased first; output while a plain prompt is up waits for Enter
+    (in a terminal, prompt_toolkit prints it above its prompt: tests/test_terminal.py)."""
+    out = io.StringIO()
+    ui = bh.ConsoleUI(Console(file=out, width=100, color_system=None), interactive=False)
+    ui.prompt_line.drawn_early()
+    ui.info("re-attached to batch msgbatch_1")
+    assert out.getvalue() == "\r\x1b[Kre-attached to batch msgbatch_1\n"
+    assert not ui.prompt_line.take_early()  # the real prompt starts on a line of its own
+    with ui.prompt_line.prompting():
+        poller = threading.Thread(target=ui.say, args=("rate limited (429) [retry]",))
+        poller.start()
+        poller.join()
+        ui.handle(bh.TurnWaiting("msgbatch_2", "in_progress", sent_at=0.0))
+        assert "rate limited" not in out.getvalue() and ui._live is None
+    assert out.getvalue().endswith("rate limited (429) [retry]\n")
 
 
 # -- 14.14: Markdown only where it is Markdown --------------------------------------------
@@ -212,6 +264,12 @@ def test_stats_at_60_columns_folds_and_never_cuts_a_figure():
     rows = stats_rows()
     text = render_stats(rows, 60)
     assert "…" not in text and text.count("$0.0210") == 2 and text.count("$0.0420") >= 2
+
+
+def test_a_folded_row_names_no_outcome_as_a_figure():
+    """Seen at 60 columns: a canceled (hurried) turn read 'waited 0:04 · uncached canceled'."""
+    text = render_stats(stats_rows(1, result_type="canceled", state="hurried"), 60)
+    assert "uncached canceled" not in text and "· canceled ·" in text
 
 
 def render_stats(rows, width):
