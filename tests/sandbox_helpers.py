@@ -78,6 +78,15 @@ def pids_running(*argv: str) -> list[int]:
     return found
 
 
+def still_running_after(argv: tuple[str, ...], timeout_s: float = 5.0) -> list[int]:
+    """pids_running(*argv) once they had `timeout_s` to die: a SIGKILLed process leaves
+    /proc only when the kernel next runs it, which on a loaded machine is not at once."""
+    deadline = time.monotonic() + timeout_s
+    while (found := pids_running(*argv)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
+
+
 def placeholders_in(workdir: Path) -> list[str]:
     """srt's placeholder names present in the work dir (as the host sees it)."""
     return [name for name in sb._SRT_PLACEHOLDERS if os.path.lexists(workdir / name)]

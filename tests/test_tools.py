@@ -15,7 +15,7 @@ from tests.sandbox_helpers import (
     edit,
     make_policy,
     needs_sandbox,
-    pids_running,
+    still_running_after,
     toolbox,
 )
 
@@ -391,4 +391,4 @@ def test_without_the_sandbox_bash_still_scrubs_secrets_and_kills_on_timeout(
         assert bash(tools, "sleep 987013 & echo launched").output == "launched"
         assert bash(tools, "echo next").output == "next"
     for marker in ("987011", "987012", "987013"):
-        assert pids_running("sleep", marker) == [], marker
+        assert still_running_after(("sleep", marker)) == [], marker
