@@ -1822,7 +1822,12 @@ class BashTool:
             except _ServerFailed as exc:
                 self._server_failed(exc, tell_user=True)
             else:
-                return self._in_cgroup(["/bin/sh", "-c", wrapped]), self._server_env, server
+                # A shell that stays, as srt's node does on the CLI path: it leads the group
+                # (the run record names it), and bwrap dies with it (--die-with-parent). Left
+                # to exec bwrap, the leader would be bwrap, child of the harness: were the
+                # harness killed, it would die and leave the sandbox running, unrecognised.
+                line = f"{wrapped}\nexit $?"
+                return self._in_cgroup(["/bin/sh", "-c", line]), self._server_env, server
         return self._argv(script), self._env, None
 
     def _ready_server(self) -> _SrtServer | None:

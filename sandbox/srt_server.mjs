@@ -35,12 +35,14 @@ function fail(error) {
   process.exit(1);
 }
 
+// The group's leader is bwrap (its sandbox dies with it) or the shell that execs it. A zombie
+// counts as gone: an init in a container may never reap it.
 function groupAlive(pgid) {
   try {
-    process.kill(-pgid, 0);
-    return true;
-  } catch (err) {
-    return err.code === 'EPERM';
+    const stat = fs.readFileSync(`/proc/${pgid}/stat`, 'latin1');
+    return !['Z', 'X'].includes(stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3));
+  } catch {
+    return false;
   }
 }
 
