@@ -2620,7 +2620,8 @@ def doctor_checks(policy: SandboxPolicy) -> list[DoctorCheck]:
             _check_apparmor(),
             _check_container(),
         ]
-    return [*checks, _check_workdir(policy), *_check_limits(policy), _check_probe(policy)]
+    checks += [_check_workdir(policy), *_check_limits(policy), _check_probe(policy)]
+    return [*checks, _check_srt_server(policy)]
 
 
 def _check_workdir(policy: SandboxPolicy) -> DoctorCheck:
@@ -2732,10 +2733,38 @@ def _check_container() -> DoctorCheck:
     )
 
 
+def _check_srt_server(policy: SandboxPolicy) -> DoctorCheck:
+    """Whether bash calls get the long-lived srt helper or pay an srt CLI start each: both
+    are sandboxed, so a failure here is a warning, not a failed check."""
+    name = "srt helper"
+    if not policy.srt_server or not sys.platform.startswith("linux"):
+        why = "BATCHING_HARNESS_SRT_SERVER=0" if not policy.srt_server else "Linux only so far"
+        return DoctorCheck(name, True, f"off ({why}): one srt CLI process per bash call")
+    tool = BashTool(dataclasses.replace(policy, enabled=True))
+    try:
+        server = tool._ready_server()
+        if server is None:
+            note = tool._server_notes[-1] if tool._server_notes else "it did not start"
+            return DoctorCheck(name, True, f"WARNING: {note}",
+                               "run with BATCHING_HARNESS_SRT_SERVER=0 to skip it")  # fmt: skip
+        rss = _rss_mib(server.proc.pid)
+        return DoctorCheck(name, True, f"one per session, wraps each command ({rss} MiB)")
+    finally:
+        tool.close()
+
+
+def _rss_mib(pid: int) -> str:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if row.startswith("VmRSS:"):
+                return f"{int(row.split()[1]) // 1024}"
+    return "?"
+
+
 def _check_probe(policy: SandboxPolicy) -> DoctorCheck:
     try:
         probe_sandbox(dataclasses.replace(policy, enabled=True))
     except SandboxUnavailable as exc:
         return DoctorCheck("sandbox probe", False, exc.detail, exc.fix)
     note = "" if policy.enabled else " (but --no-sandbox is set: bash is NOT sandboxed)"
-    return DoctorCheck("sandbox probe", True, f"`srt -c true` works here{note}")
+    return DoctorCheck("sandbox probe", True, f"`true` runs under srt here{note}")
