@@ -855,7 +855,7 @@ class _SrtServer:
                 raise _ServerFailed(f"{path} is inside the work directory")
         if node is None or not (lib / "index.js").is_file():
             raise _ServerFailed("node or sandbox-runtime's library (dist/index.js) not found")
-        with open(log, "ab") as err:
+        with open(log, "wb") as err:  # this helper's own: a failure names its own error
             proc = subprocess.Popen(
                 [node, str(_SRT_SERVER_SCRIPT), str(lib), str(settings)], cwd=policy.workdir,
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
@@ -865,6 +865,10 @@ class _SrtServer:
         server = cls(proc, expected)
         try:
             server._check_ready(server._read(time.monotonic() + _SERVER_START_S))
+        except _ServerFailed as exc:
+            server.close()
+            said = _first_error_line((_read_small(log) or b"").decode("utf-8", "replace"))
+            raise _ServerFailed(f"{exc} ({said})" if said else str(exc)) from None
         except BaseException:
             server.close()
             raise
