@@ -970,7 +970,9 @@ class _SrtServer:
                 if selector.select(left):
                     chunk = os.read(fd, 1 << 16)
                     if not chunk:
-                        raise _ServerFailed(f"srt helper exited ({self.proc.poll()})")
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            self.proc.wait(0.5)  # for its status: end of output comes first
+                        raise _ServerFailed(f"srt helper exited (status {self.proc.returncode})")
                     self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
