@@ -1,7 +1,8 @@
 """The security boundary of batching-harness, reviewable on its own.
 
 Everything a tool call can touch is decided here: bash runs under Anthropic's
-sandbox-runtime (srt, pinned beside this file in package.json), the file editor
+sandbox-runtime (srt, pinned beside this file in package.json; on Linux a long-lived srt
+helper per BashTool, srt_server.mjs, wraps each command, else one srt CLI run), the file editor
 gives the same answers srt would, and the doctor says exactly what is missing
 when the sandbox cannot run. Nothing here knows about models, batches or the
 journal; the harness (batching_harness.py) imports this module.
@@ -1857,8 +1858,8 @@ class BashTool:
         if self._server is not None:
             self._server.close()
             self._server = None
-        if tell_user:
-            last = self._server_failures >= _SERVER_MAX_FAILURES
+        last = self._server_failures >= _SERVER_MAX_FAILURES
+        if tell_user or last:  # switching to the CLI for good is always worth a line
             then = "every bash call now runs" if last else "this call ran"
             self._server_notes.append(f"{exc}; {then} through a per-call srt CLI (slower, as safe)")
 
