@@ -820,6 +820,9 @@ _SERVER_REPLY_S = 10.0  # srt's clean-up after a command: file removals
 _SERVER_EXIT_S = 2.0  # for srt to stop its bridges and remove its sockets on end of input
 _SERVER_MAX_LINE_BYTES = 4 << 20
 _SERVER_MAX_FAILURES = 3  # in a row; then the CLI for the rest of the BashTool's life
+# One helper per agent: a small young generation keeps each about 62 MiB instead of 74 (20
+# agents, 240 MiB less), with no measurable change in the time a wrap takes.
+_SERVER_NODE_FLAGS = ("--max-semi-space-size=1",)
 
 
 class _ServerFailed(SandboxError):
@@ -858,7 +861,8 @@ class _SrtServer:
             raise _ServerFailed("node or sandbox-runtime's library (dist/index.js) not found")
         with open(log, "wb") as err:  # this helper's own: a failure names its own error
             proc = subprocess.Popen(
-                [node, str(_SRT_SERVER_SCRIPT), str(lib), str(settings)], cwd=policy.workdir,
+                [node, *_SERVER_NODE_FLAGS, str(_SRT_SERVER_SCRIPT), str(lib), str(settings)],
+                cwd=policy.workdir,
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                 start_new_session=True,  # Ctrl-C in the terminal must not reach it
             )  # fmt: skip
