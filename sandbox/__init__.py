@@ -540,14 +540,16 @@ class _Cgroup:
                 with contextlib.suppress(OSError):
                     (directory / "cgroup.kill").write_text("1")
                 continue
-            for _ in range(20):
+            # Usually a process of the sandbox the kernel is still tearing down, gone within
+            # a millisecond or two: polled finely, since every call waits for this.
+            for _ in range(100):
                 pids = _read_ints(directory / "cgroup.procs")
                 if not pids:
                     break
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
-                time.sleep(0.01)
+                time.sleep(0.002)
 
     def _events(self) -> tuple[int, int]:
         memory, pids = self.dirs["memory"], self.dirs["pids"]
