@@ -80,26 +80,32 @@ def rss_mib(pid: int) -> float:
 
 
 def one_caller(root: Path, calls: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {}
-    results["bash -c true"] = timed_ms(lambda: subprocess.run(["bash", "-c", "true"], check=True), calls)
-    for route, server in (("cli", False), ("helper", True)):
-        tool = make_tool(root, f"one-{route}", server=server)
-        try:
-            first = timed_ms(lambda t=tool: checked(t), 1)  # the probe (and the helper's start)
-            results[f"BashTool.run('true') via {route}"] = timed_ms(lambda t=tool: checked(t), calls)
-            results[f"  first call via {route}"] = first
-            if server:
-                results.update(srt_alone(tool, calls))
-        finally:
-            tool.close()
-    return results
+    """Each measure once per round, round after round: on a shared machine the load drifts,
+    and interleaving gives every route the same share of it."""
+    cli, helper = make_tool(root, "one-cli", server=False), make_tool(root, "one-helper", server=True)
+    try:
+        first = {f"  first call via {name}": timed_ms(lambda t=tool: checked(t), 1)
+                 for name, tool in (("cli", cli), ("helper", helper))}  # fmt: skip
+        measures = {
+            "bash -c true": lambda: subprocess.run(["bash", "-c", "true"], check=True),
+            "BashTool.run('true') via cli": lambda: checked(cli),
+            "BashTool.run('true') via helper": lambda: checked(helper),
+            **srt_alone(helper),
+        }
+        results: dict[str, list[float]] = {label: [] for label in measures}
+        for _ in range(calls):
+            for label, measure in measures.items():
+                results[label] += timed_ms(measure, 1)
+        return {**results, **first}
+    finally:
+        cli.close()
+        helper.close()
 
 
-def srt_alone(tool: sb.BashTool, calls: int) -> dict[str, list[float]]:
+def srt_alone(tool: sb.BashTool) -> dict[str, Callable[[], object]]:
     """srt without the harness's lock, guard and cgroup: the CLI vs the helper's wrap + run."""
     argv = [str(tool.policy.srt), "--settings", str(tool._settings), "-c", "true"]
     cwd = tool.policy.workdir
-    cli = timed_ms(lambda: subprocess.run(argv, env=tool._env, cwd=cwd, check=True), calls)
     server = tool._server
     assert server is not None
 
@@ -109,19 +115,15 @@ def srt_alone(tool: sb.BashTool, calls: int) -> dict[str, list[float]]:
                        check=True)  # fmt: skip
         server.cleanup()
 
-    wrap_only: list[float] = []
-
     def wrap() -> None:
-        started = time.perf_counter()
         server.wrap("true", 30)
-        wrap_only.append((time.perf_counter() - started) * 1000)
         server.cleanup()
 
-    both = timed_ms(wrap_and_run, calls)
-    for _ in range(calls):
-        wrap()
-    return {"srt --settings F -c true": cli, "helper: wrap + sh -c LINE": both,
-            "helper: wrap alone": wrap_only}  # fmt: skip
+    return {
+        "srt --settings F -c true": lambda: subprocess.run(argv, env=tool._env, cwd=cwd, check=True),
+        "helper: wrap + sh -c LINE": wrap_and_run,
+        "helper: wrap (+ srt's clean-up)": wrap,
+    }
 
 
 def many_callers(root: Path, callers: int, calls: int, *, server: bool) -> tuple[list[float], float]:
