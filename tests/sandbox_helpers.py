@@ -95,6 +95,7 @@ def placeholders_in(workdir: Path) -> list[str]:
 # A harness process in miniature: one BashTool running one command, killable from the test.
 _CHILD_SCRIPT = """
 import sys
+import batching_harness  # first: it loads the sandbox module beside it, not an installed one
 import batching_harness_sandbox as sb
 tool = sb.BashTool(sb.SandboxPolicy(workdir=sys.argv[1], state_dir=sys.argv[2]))
 print(tool._private, flush=True)
