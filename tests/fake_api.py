@@ -103,7 +103,8 @@ The demo model (empty script)
 Looks at the last message:
 * a user message holding tool_result blocks -> end_turn, "**Done.**" (or "**The tool reported
   an error.**") and the first 12 lines of the first tool_result in a fenced block;
-* a user text starting with `run: CMD` -> a `bash` tool call with command CMD;
+* a user text starting with `run: CMD` -> a `bash` tool call with command CMD (up to the
+  first blank line: the fleet appends a note naming the work dir);
 * a user text starting with `create PATH` -> a `str_replace_based_edit_tool` call that creates
   PATH with a short greeting;
 * any other user text -> a `bash` tool call of `pwd && ls -la | head -n 20`;
@@ -1070,8 +1071,8 @@ def _demo_answer(result: dict[str, Any], n_results: int) -> Step:
 def _demo_tool_call(prompt: str, params: dict[str, Any]) -> Step:
     tool_names = {t.get("name") for t in params.get("tools") or [] if isinstance(t, dict)}
     create = re.match(r"^create\s+(\S+)", prompt)
-    if prompt.startswith("run:") and prompt[4:].strip():
-        command = prompt[4:].strip()
+    command = prompt[4:].split("\n\n")[0].strip()  # a note after a blank line is not run
+    if prompt.startswith("run:") and command:
         name, tool_input, says = "bash", {"command": command}, f"I'll run `{command}`."
     elif create:
         path = create.group(1)
