@@ -274,6 +274,11 @@ class _Hurry(Exception):
     """Inside the agent: stop waiting for this batch and send the turn synchronously."""
 
 
+class SessionTaken(HarnessError):
+    """While the pool was unreachable its server let go of this process's session lock, and
+    another process took the session: this one must not drive it any further."""
+
+
 class Detached(HarnessError):
     """The user left a batch running; it can be re-attached with --resume."""
 
@@ -1416,6 +1421,9 @@ class SessionLock:
             os.close(self._fd)
             self._fd, self._held = None, None
 
+    def confirm(self) -> None:
+        """Still ours before the next step (a file lock lasts as long as the process)."""
+
 
 class _RoleSessionLock(SessionLock):
     """The session lock as a role of the store: in a pool, another host must see it too."""
@@ -1439,6 +1447,22 @@ class _RoleSessionLock(SessionLock):
         if self._role is not None:
             self._role.release()
             self._role, self._held = None, None
+
+    def confirm(self) -> None:
+        """The lock is an advisory lock of a connection: a cut connection (a restarted
+        server, the network) loses it without a word. Take it back before the next step;
+        SessionTaken if another process got it meanwhile (PoolUnreachable while the server
+        is still away)."""
+        if self._held is None or (self._role is not None and self._role.alive()):
+            return
+        role = self.store.hold_role("session", self._held)
+        if role is None:
+            held, self._role, self._held = self._held, None, None
+            raise SessionTaken(
+                f"{held.replace('fleet-', 'fleet run ')} was taken over by another "
+                "batching-harness process while the pool was unreachable; this process stops "
+                "driving it (what it sent is collected by the other)")
+        self._role = role
 
 
 class _SqlStore:
@@ -1643,9 +1667,13 @@ class _SqlStore:
                        (custom_id, batch_id))
 
     def record_outcome(self, custom_id: str, outcome: Outcome, state: str = "ended") -> None:
-        """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied)."""
+        """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied).
+        Never reopens a turn: an applied or wasted answer stays so (a second process that
+        collects the same end must not apply it again), and a hurried one can only become
+        waste."""
+        closed = "('applied', 'wasted')" if state == "wasted" else "('applied', 'wasted', 'hurried')"
         with self._tx() as db:
-            self._write_outcome(db, custom_id, outcome, state)
+            self._write_outcome(db, custom_id, outcome, state, f" AND state NOT IN {closed}")
 
     def _write_outcome(self, db: Any, custom_id: str, outcome: Outcome, state: str,
                        only_if: str = "") -> int:
@@ -1808,8 +1836,10 @@ class _SqlStore:
 
     def _insert_queued(self, db: Any, custom_id: str, pool_key: str,
                        params: Mapping[str, Any]) -> None:
+        # A retry after a commit whose reply was lost finds its row there: queued once.
         db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
-                   "VALUES (?,?,?,?)", (custom_id, pool_key, json.dumps(params), time.time()))
+                   "VALUES (?,?,?,?) ON CONFLICT (custom_id) DO NOTHING",
+                   (custom_id, pool_key, json.dumps(params), time.time()))
 
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None:
@@ -5914,6 +5944,12 @@ class Repl:
             return None
         if text.startswith("/"):
             return self.guarded(lambda: self.dispatch(text))
+        try:
+            self.lock.confirm()  # a pool's lock can be lost in an outage: still ours?
+        except HarnessError as exc:  # taken, or the pool still away: the line stays typed
+            self.ui.error(str(exc))
+            self.prefill = line
+            return None
         return self.working(lambda: self.agent.prompt(line))
 
     def _read(self) -> str:
@@ -7258,9 +7294,11 @@ class Fleet:
                  pool: FleetPool, make_toolbox: Callable[[FleetAgentRow], Toolbox], *,
                  concurrency: int, tool_slots: int, clock: Clock | None = None,
                  log_bug: Callable[[BaseException], Path] | None = None,
-                 outage: PoolOutage | None = None) -> None:
+                 outage: PoolOutage | None = None,
+                 run_lock: SessionLock | None = None) -> None:
         self.store, self.run, self.plan, self.pool = store, run, plan, pool
         self.outage = outage or PoolOutage(_ignore)
+        self.run_lock = run_lock
         self.make_toolbox, self.clock = make_toolbox, clock or Clock()
         self.agents = store.fleet_agents(run.id)
         self.board = FleetBoard(self.agents, self.clock.now,
@@ -7389,12 +7427,26 @@ class Fleet:
         where the outage cut it (each write is a transaction that happened or did not)."""
         while True:
             try:
+                self._confirm_run_lock()
                 step()
                 self.outage.up()
                 return
             except PoolUnreachable as exc:
                 self.outage.down(exc)
                 self._wait_for_store()
+
+    def _confirm_run_lock(self) -> None:
+        """Before each step: the run is still this process's (an outage can cut the lock's
+        connection; another process may then have taken the run). If not, stop here."""
+        if self.run_lock is None:
+            return
+        try:
+            self.run_lock.confirm()
+        except SessionTaken as exc:
+            if not self.stopping.is_set():
+                self.outage.say(str(exc))
+                self.stop("detach", Halted(str(exc)))
+            raise Halted(str(exc)) from None
 
     def _wait_for_store(self) -> None:
         while not self.stopping.wait(POOL_RETRY_S):
@@ -7559,7 +7611,7 @@ def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPla
     if fc.continue_last or fc.resume_run:
         run = store.fleet_run(fc.resume_run) if fc.resume_run else store.latest_fleet_run()
         if run is None:
-            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.path}".replace(
+            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.location}".replace(
                 "run  in", "run in"))
         return run, FleetPlan(**run.options_value)
     assert fc.tasks is not None
@@ -7609,14 +7661,14 @@ def run_fleet_command(fc: FleetConfig) -> int:
         run, plan = open_fleet_run(store, fc)
         lock.acquire(f"fleet-{run.id}")  # two processes on one run would pay turns twice
         console = Console(stderr=config.output_format == "json", highlight=False)
-        return _run_fleet(fc, store, run, plan, console)
+        return _run_fleet(fc, store, run, plan, console, lock)
     finally:
         lock.release()
         store.close()
 
 
 def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
-               console: Any) -> int:
+               console: Any, run_lock: SessionLock | None = None) -> int:
     config = fc.base
     say = lambda text: console.print(text, markup=False, highlight=False)  # noqa: E731
     api = BatchAPI(make_client_factory(config.api_key, config.base_url))
@@ -7630,7 +7682,8 @@ def _run_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, plan: FleetPlan,
         say(f"re-attached to {batch_id}, created before the interruption")
     fleet = Fleet(store, run, plan, pool, toolboxes, concurrency=fc.concurrency,
                   tool_slots=max(2, os.cpu_count() or 2),
-                  log_bug=lambda exc: log_bug(config.home, exc), outage=outage)
+                  log_bug=lambda exc: log_bug(config.home, exc), outage=outage,
+                  run_lock=run_lock)
     fleet.plan = dataclasses.replace(plan, prime=plan.prime and shares_cacheable_prefix(
         [a.model for a in fleet.agents], plan.system))
     prime = fleet.plan.prime

@@ -19,7 +19,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.support import request_row, run_main
+from tests.support import harness_env, request_row, run_main
 from tests.test_resume import STARTUP_S, kill, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -338,6 +338,81 @@ def test_a_session_is_open_in_one_process_of_the_pool_at_a_time(pg_url, tmp_path
     lock_b.release()
     a.close()
     b.close()
+
+
+def _cut_roles_connection(store: bh.PostgresStore, pg_server: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_server, autocommit=True) as admin:  # only ours: tests share it
+        admin.execute("SELECT pg_terminate_backend(%s)", (store._roles_db.info.backend_pid,))
+
+
+def test_a_session_lock_cut_with_its_connection_is_taken_back_before_the_next_step(
+        pg_url, pg_server, tmp_path):
+    """A restarted server or a network cut ends the connection that holds the lock, and the
+    server lets go of it without a word: confirm() takes it back, so a second process is
+    still refused (found by review: two processes drove one fleet run and applied an
+    answer twice)."""
+    a, b = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
+    lock_a, lock_b = a.session_lock(tmp_path / "host-a"), b.session_lock(tmp_path / "host-b")
+    lock_a.acquire("fleet-run-1")
+    _cut_roles_connection(a, pg_server)
+    lock_a.confirm()
+    with pytest.raises(bh.JournalError, match="another batching-harness process"):
+        lock_b.acquire("fleet-run-1")
+    a.close()
+    b.close()
+
+
+def test_a_session_taken_during_the_cut_stops_the_process_that_lost_it(
+        pg_url, pg_server, tmp_path):
+    a, b = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
+    lock_a, lock_b = a.session_lock(tmp_path / "host-a"), b.session_lock(tmp_path / "host-b")
+    lock_a.acquire("fleet-run-1")
+    _cut_roles_connection(a, pg_server)
+    lock_b.acquire("fleet-run-1")  # the other process got it while A was cut off
+    with pytest.raises(bh.SessionTaken, match="fleet run run-1 was taken over"):
+        lock_a.confirm()
+    a.close()
+    b.close()
+
+
+def test_recording_an_end_again_never_reopens_an_applied_turn(any_store):
+    """Two collectors of one end (two processes, or a retry): the second record_outcome must
+    not turn 'applied' back into 'ended', or its apply_request appends the paid answer
+    again. A hurried turn's late answer can only become waste."""
+    session = any_store.create_session(Path("/w"), "claude-opus-5-5")
+    row = request_row(session)
+    any_store.begin_request(row)
+    any_store.set_batch(row.custom_id, "msgbatch_x")
+    content = [{"type": "text", "text": "answer"}]
+    for _collector in range(2):
+        any_store.record_outcome(row.custom_id, _succeeded("answer"))
+        any_store.apply_request(any_store.request(row.custom_id), content)
+    assert [m["role"] for m in any_store.messages(session.id, 0)] == ["assistant"]
+    hurried = request_row(session)
+    any_store.begin_request(hurried)
+    any_store.set_batch(hurried.custom_id, "msgbatch_y")
+    any_store.hurry_request(hurried.custom_id)
+    any_store.record_outcome(hurried.custom_id, _succeeded("late"))
+    assert any_store.request(hurried.custom_id).state == "hurried"
+    any_store.record_outcome(hurried.custom_id, _succeeded("late"), state="wasted")
+    assert any_store.request(hurried.custom_id).state == "wasted"
+
+
+def test_queueing_a_turn_again_after_a_lost_commit_reply_queues_it_once(any_store):
+    """A commit that reached the server but whose reply was lost is retried: the retry must
+    not fail the agent on a duplicate key, nor queue the turn twice."""
+    (custom_id,) = _queue(any_store, 1)
+    any_store.queue_turn(custom_id, "claude-opus-5-5", {"model": "claude-opus-5-5"})
+    assert any_store.queued_turns("claude-opus-5-5") == 1
+
+
+def test_resuming_a_run_the_pool_does_not_have_says_so(pg_url, tmp_path, capsys):
+    env = {**harness_env(tmp_path), "ANTHROPIC_API_KEY": "k"}
+    assert bh.main(["fleet", "--resume", "nosuchrun", "--pool", pg_url], env) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "no fleet run nosuchrun in" in err
 
 
 # -- wake-ups: LISTEN/NOTIFY, not polling the database ---------------------------------------
