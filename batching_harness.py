@@ -7611,8 +7611,10 @@ def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPla
     if fc.continue_last or fc.resume_run:
         run = store.fleet_run(fc.resume_run) if fc.resume_run else store.latest_fleet_run()
         if run is None:
-            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.location}".replace(
-                "run  in", "run in"))
+            hint = "; a run started with --pool URL is there: add it" \
+                if store.dialect == "sqlite" else ""
+            raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.location}{hint}"
+                              .replace("run  in", "run in"))
         return run, FleetPlan(**run.options_value)
     assert fc.tasks is not None
     tasks = parse_tasks(fc.tasks.read_text(encoding="utf-8", errors="replace"))
@@ -7787,8 +7789,9 @@ def _finish_fleet(fc: FleetConfig, store: Store, run: FleetRunRow, wall_s: float
     if unfinished:
         program = "batching-harness" if not sys.argv[0].endswith(".py") else \
             f"python {sys.argv[0]}"
+        again = " ".join(["fleet", "--resume", run.id, *map(shlex.quote, carried_flags(fc.base))])
         console.print(f"{len(unfinished)} agent(s) not finished; pick them up with: "
-                      f"{program} fleet --resume {run.id}", markup=False, highlight=False)
+                      f"{program} {again}", markup=False, highlight=False)
         return 130
     return 1 if any(a.state == "failed" for a in agents) else 0
 

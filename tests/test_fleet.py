@@ -216,3 +216,26 @@ def test_a_resumed_fleets_table_goes_on_from_the_journal(tmp_path):
     board.handle(bh.TurnSent("msgbatch_3", "c3", "claude-opus-5-5", 3, time.time(), None, None,
                              session_id=session.id))
     assert board.rows()[0].turn == 3
+
+
+def test_the_printed_resume_command_repeats_the_runs_flags(tmp_path):
+    """A detached run's hint must work as printed: it names the pool (without its password)
+    and keeps --no-sandbox, or the resumed run looks in the wrong journal or changes how its
+    tools run (found by review)."""
+    import io
+
+    from rich.console import Console
+
+    fc = bh.parse_fleet_config(
+        ["--continue", "--no-sandbox", "--pool", "postgresql://bh:secret@db.example/agents"],
+        {"ANTHROPIC_API_KEY": "k", "BATCHING_HARNESS_HOME": str(tmp_path / "home")})
+    store = bh.SqliteStore(tmp_path / "journal.db")
+    run = store.create_run("tasks.jsonl", {})
+    session = store.create_session(tmp_path, "claude-opus-5-5")
+    store.add_agent(bh.FleetAgentRow(run.id, 0, "a0", session.id, "p", str(tmp_path),
+                                     "claude-opus-5-5", None, "detached"))
+    out = io.StringIO()
+    assert bh._finish_fleet(fc, store, run, 1.0, 0, Console(file=out, width=300)) == 130
+    hint = out.getvalue().split("pick them up with: ", 1)[1]
+    assert f"fleet --resume {run.id} --no-sandbox --pool postgresql://bh@db.example/agents" in hint
+    assert "secret" not in out.getvalue()
