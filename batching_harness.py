@@ -1225,7 +1225,7 @@ class Store(Protocol):
     # -- fleet runs --
     def create_run(self, tasks_path: str, options: Mapping[str, Any]) -> FleetRunRow: ...
     def fleet_run(self, prefix: str) -> FleetRunRow | None: ...
-    def latest_fleet_run(self) -> FleetRunRow | None: ...
+    def latest_fleet_run(self, origin: str | None = None) -> FleetRunRow | None: ...
     def set_run_state(self, run_id: str, state: str) -> None: ...
     def add_agent(self, row: FleetAgentRow) -> None: ...
     def fleet_agents(self, run_id: str) -> list[FleetAgentRow]: ...
@@ -2085,9 +2085,14 @@ class _SqlStore:
                         "LIMIT 1", (prefix.replace("%", "") + "%",))
         return FleetRunRow(**dict(row)) if row else None
 
-    def latest_fleet_run(self) -> FleetRunRow | None:
-        row = self._one("SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT 1")
-        return FleetRunRow(**dict(row)) if row else None
+    def latest_fleet_run(self, origin: str | None = None) -> FleetRunRow | None:
+        """The newest run; with `origin`, the newest started there (a pool holds every
+        host's runs, and a run's work dirs are on the host that started it)."""
+        rows = self._db.execute("SELECT * FROM fleet_runs ORDER BY created_at DESC LIMIT ?",
+                                (1 if origin is None else FLEET_RUNS_SCANNED,)).fetchall()
+        runs = [FleetRunRow(**dict(row)) for row in rows]
+        return next((r for r in runs if origin is None
+                     or r.options_value.get("origin", origin) == origin), None)
 
     def set_run_state(self, run_id: str, state: str) -> None:
         with self._tx() as db:
@@ -7605,21 +7610,32 @@ FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] \\[d] detach: batches in flight k
                         "flight · Enter: keep going")  # \\[ : a key, not a rich style tag
 
 
+# `fleet --continue` looks this far back for the newest run started on this host.
+FLEET_RUNS_SCANNED = 200
+
+
+def run_origin(home: Path) -> str:
+    """Where a run was started (host and state dir): `--continue` picks up this host's."""
+    return f"{socket.gethostname()}:{home}"
+
+
 def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPlan]:
     """A new run (the task file parsed whole BEFORE anything is created or sent), or the
     run named by --continue / --resume with the plan it was started with."""
     if fc.continue_last or fc.resume_run:
-        run = store.fleet_run(fc.resume_run) if fc.resume_run else store.latest_fleet_run()
+        run = store.fleet_run(fc.resume_run) if fc.resume_run else \
+            store.latest_fleet_run(run_origin(fc.base.home))
         if run is None:
             hint = "; a run started with --pool URL is there: add it" \
                 if store.dialect == "sqlite" else ""
             raise ConfigError(f"no fleet run {fc.resume_run or ''} in {store.location}{hint}"
                               .replace("run  in", "run in"))
-        return run, FleetPlan(**run.options_value)
+        plan_fields = {f.name for f in dataclasses.fields(FleetPlan)}
+        return run, FleetPlan(**{k: v for k, v in run.options_value.items() if k in plan_fields})
     assert fc.tasks is not None
     tasks = parse_tasks(fc.tasks.read_text(encoding="utf-8", errors="replace"))
     plan = _plan(fc)
-    run = store.create_run(str(fc.tasks), plan.to_json())
+    run = store.create_run(str(fc.tasks), {**plan.to_json(), "origin": run_origin(fc.base.home)})
     for idx, task in enumerate(tasks):
         workdir = task.workdir or _fresh_workdir(fc, run, task)
         model = task.model or fc.base.model

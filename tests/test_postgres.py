@@ -408,6 +408,15 @@ def test_queueing_a_turn_again_after_a_lost_commit_reply_queues_it_once(any_stor
     assert any_store.queued_turns("claude-opus-5-5") == 1
 
 
+def test_continue_picks_the_newest_run_started_on_this_host(any_store, tmp_path):
+    """A pool holds every host's runs; a run's work dirs are on the host that started it, so
+    `fleet --continue` picks this host's newest (found by review: it took another host's)."""
+    mine = any_store.create_run("a.jsonl", {"origin": bh.run_origin(tmp_path / "a")})
+    theirs = any_store.create_run("b.jsonl", {"origin": "elsewhere:/home/b"})
+    assert any_store.latest_fleet_run().id == theirs.id
+    assert any_store.latest_fleet_run(bh.run_origin(tmp_path / "a")).id == mine.id
+
+
 def test_resuming_a_run_the_pool_does_not_have_says_so(pg_url, tmp_path, capsys):
     env = {**harness_env(tmp_path), "ANTHROPIC_API_KEY": "k"}
     assert bh.main(["fleet", "--resume", "nosuchrun", "--pool", pg_url], env) == 2
