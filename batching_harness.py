@@ -5758,12 +5758,16 @@ def _in_bucket(width: int, low: int, high: int | None) -> bool:
     return low <= width and (high is None or width <= high)
 
 
-def turnaround_by_width(requests: Sequence[RequestRow]) -> list[tuple[str, str, list[float]]]:
+def turnaround_by_width(requests: Sequence[RequestRow], known: Mapping[str, int] | None = None
+                        ) -> list[tuple[str, str, list[float]]]:
     """(model, width bucket, one turnaround per batch) for answered batch-lane turns. A
-    batch's width is how many of the journal's requests it carried (in a pool: every
-    host's), its turnaround the longest wait among them (one batch ends once)."""
+    batch's width is `known[batch_id]` when the caller knows it (a pooled create's), else
+    how many of these requests it carried; its turnaround the longest wait among them (one
+    batch ends once)."""
     widths = collections.Counter(r.batch_id for r in requests
                                  if r.lane == "batch" and r.batch_id)
+    widths.update({batch_id: width - widths[batch_id] for batch_id, width in (known or {}).items()
+                   if width > widths[batch_id]})
     per_batch: dict[tuple[str, str], float] = {}
     for r in requests:
         if r.batch_id and r.wait_s is not None and r.result_type == "succeeded" \
@@ -7531,7 +7535,7 @@ def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]
         "width": {"mean": round(sum(widths) / len(widths), 2) if widths else None,
                   "median": median(widths), "max": max(widths, default=None)},
         "flush_reasons": dict(collections.Counter(p.reason for p in pooled)),
-        "turnaround_by_width_s": _turnaround_by_width(requests),
+        "turnaround_by_width_s": _turnaround_by_width(requests, pooled),
         "pool_delay_s": {"median": median(delays), "max": max(delays, default=None)},
         "detection_lag_s": median(_detection_lags(ended, pooled)),
         "requests_per_minute": round(api_requests / (wall_s / 60), 1)
@@ -7545,10 +7549,13 @@ def _fleet_totals(requests: Sequence[RequestRow], pooled: Sequence[PoolBatchRow]
     }
 
 
-def _turnaround_by_width(requests: Sequence[RequestRow]) -> dict[str, float | None]:
-    """Do wide batches take longer? Median API turnaround per width bucket, all models."""
+def _turnaround_by_width(requests: Sequence[RequestRow],
+                         pooled: Sequence[PoolBatchRow]) -> dict[str, float | None]:
+    """Do wide batches take longer? Median API turnaround per width bucket, all models; a
+    shared batch's width counts every host's entries, not only this run's."""
     merged: dict[str, list[float]] = {}
-    for _model, label, waits in turnaround_by_width(requests):
+    known = {p.batch_id: p.width for p in pooled if p.batch_id}
+    for _model, label, waits in turnaround_by_width(requests, known):
         merged.setdefault(label, []).extend(waits)
     labels = [width_label(low, high) for low, high in WIDTH_BUCKETS]
     return {label: round(median(merged[label]) or 0.0, 2) for label in labels if label in merged}

@@ -79,6 +79,9 @@ def test_stats_shows_turnaround_by_model_and_batch_width(tmp_path):
         store.record_outcome(row.custom_id, bh.Outcome("succeeded", time.time(), wait))
     grouped = bh.turnaround_by_width(store.requests())
     assert grouped == [("claude-opus-5-5", "1", [30.0]), ("claude-opus-5-5", "2-4", [52.0, 75.0])]
+    # A shared batch's width is every host's entries (the pool knows it), not only ours.
+    shared = bh.turnaround_by_width(store.requests(), {"w1": 7})
+    assert ("claude-opus-5-5", "5-16", [52.0]) in shared
     r = run_main(tmp_path, "--stats")
     assert r.status == 0, r.err
     assert "batch turnaround by width" in r.out
