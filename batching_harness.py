@@ -7245,6 +7245,8 @@ class FleetBoard:
     def set_state(self, session_id: str, state: str, detail: str = "") -> None:
         with self._lock:
             view = self.views[session_id]
+            if view.waiting_since is not None:  # detached mid-wait: the wait so far counts
+                view.waited_s += max(0.0, self.clock() - view.waiting_since)
             view.state, view.waiting_since = state, None
             view.detail = detail or view.detail
 

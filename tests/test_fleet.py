@@ -213,9 +213,11 @@ def test_a_resumed_fleets_table_goes_on_from_the_journal(tmp_path):
     board = bh.FleetBoard([agent], time.time, {session.id: store.requests(session.id)})
     view = board.rows()[0]
     assert (view.turn, view.waited_s) == (2, 42.0)
-    board.handle(bh.TurnSent("msgbatch_3", "c3", "claude-opus-5-5", 3, time.time(), None, None,
-                             session_id=session.id))
+    board.handle(bh.TurnSent("msgbatch_3", "c3", "claude-opus-5-5", 3, time.time() - 5, None,
+                             None, session_id=session.id))
     assert board.rows()[0].turn == 3
+    board.set_state(session.id, "detached")  # the wait so far stays on the row
+    assert board.rows()[0].waited_s >= 47.0
 
 
 def test_the_printed_resume_command_repeats_the_runs_flags(tmp_path):
