@@ -2408,6 +2408,12 @@ def _split_pool_url(url: str) -> tuple[str, str]:
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
 
 
+# Each agent thread holds a connection: the server runs out before the host does.
+_PG_FULL_FIX = ("the server has no connection slot left: raise its max_connections, lower "
+                "--concurrency on the hosts, or put a session-mode pooler (PgBouncer "
+                "pool_mode=session) in front of it")
+
+
 def _pg_fix(text: str) -> str:
     """The fix for a connection failure, from libpq's words."""
     if "password" in text or "authentication failed" in text:
@@ -2419,6 +2425,8 @@ def _pg_fix(text: str) -> str:
         return "create it (createdb NAME), or name an existing database in --pool"
     if "role" in text and "does not exist" in text:
         return "create the role (createuser NAME), or name an existing user in --pool"
+    if "too many connections" in text or "remaining connection slots" in text:
+        return _PG_FULL_FIX
     return ("start the server, or fix the host and port in --pool (pg_isready -h HOST -p PORT "
             "tells whether it accepts connections)")
 
@@ -2435,7 +2443,9 @@ def _pg_error(location: str, exc: Exception) -> JournalError:
     """One line with the fix; PoolUnreachable when waiting may cure it (not a refusal)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     fix = _pg_fix(str(exc))
-    kind = PoolUnreachable if fix.startswith("start the server") else JournalError
+    # a server that is down or full can come back: waiting may cure it, unlike a refusal
+    kind = PoolUnreachable if fix.startswith("start the server") or fix == _PG_FULL_FIX \
+        else JournalError
     return kind(f"the pool {location} cannot be used ({text}); {fix}")
 
 
@@ -2612,7 +2622,7 @@ class PostgresStore(_SqlStore):
         raw = self._raw_connection()
         for name in channels:
             raw.execute(f'LISTEN "{self._channel(name)}"')
-        return _PgListener(raw, len(self.schema) + 1, self._pg)
+        return _PgListener(raw, len(self.schema) + 1, self._pg, self.location)
 
     def _publish(self, channel: str, payloads: Sequence[str]) -> None:
         """After the commit that made the change: a listener that wakes finds it there."""
@@ -2752,8 +2762,8 @@ class _AdvisoryRole:
 
 
 class _PgListener:
-    def __init__(self, raw: Any, prefix_len: int, pg: Any) -> None:
-        self.raw, self.prefix_len, self._pg = raw, prefix_len, pg
+    def __init__(self, raw: Any, prefix_len: int, pg: Any, location: str) -> None:
+        self.raw, self.prefix_len, self._pg, self.location = raw, prefix_len, pg, location
 
     def wait(self, timeout_s: float) -> list[tuple[str, str]]:
         """What was published since the last call, waiting up to `timeout_s` for the first."""
@@ -2763,7 +2773,7 @@ class _PgListener:
             heard += [(n.channel[self.prefix_len:], n.payload)
                       for n in self.raw.notifies(timeout=0.0)]
         except self._pg.Error as exc:  # the server went away: listen again once it is back
-            raise _pg_error("the pool's wake-ups", exc) from None
+            raise _pg_error(f"{self.location} (its wake-ups)", exc) from None
         return heard
 
     def close(self) -> None:
@@ -6493,6 +6503,11 @@ class PoolOutage:
             self.say(f"{exc}. Waiting for it (trying again every {POOL_RETRY_S:g} s); "
                      "batches in flight keep running at the API")
 
+    @property
+    def is_down(self) -> bool:
+        with self._lock:
+            return self._down
+
     def up(self) -> None:
         with self._lock:
             if not self._down:
@@ -6778,6 +6793,13 @@ class SharedPoolChannel:
     def _recovered(self) -> None:
         self.outage.up()
 
+    def _pass_recovered(self) -> None:
+        """The end of a flusher or poller pass, which may have made no store call at all
+        (between role checks and heartbeats): "reachable again" only after a round trip."""
+        if self.outage.is_down:
+            _ = self.store.schema_version  # still down: JournalError, and the outage goes on
+        self._recovered()
+
     def _listen_forever(self) -> None:
         listener: Listener | None = None
         while not self._closed.is_set():
@@ -6835,7 +6857,7 @@ class SharedPoolChannel:
                 for key in list(roles):
                     if woken or time.time() >= due.get(key, 0.0):
                         due[key] = time.time() + self._serve(key)
-                self._recovered()
+                self._pass_recovered()
                 wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)
@@ -7019,7 +7041,7 @@ class SharedPoolChannel:
                     if woken or now >= next_refresh_at:
                         self._watch_in_flight(watched)
                         next_refresh_at = now + IN_FLIGHT_REFRESH_S
-                self._recovered()
+                self._pass_recovered()
                 wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)

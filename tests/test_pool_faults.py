@@ -1,0 +1,120 @@
+"""The shared pool when things go wrong: a store that is cut off or full, a batch the API no
+longer knows, a Ctrl-C on one host of many. Against a real PostgreSQL server (conftest's
+pg_server) and the stand-in; the store is cut off for real, by a role the test locks out."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import batching_harness as bh
+from tests.support import make_channel
+
+
+def _until(predicate, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+@dataclass
+class CutPool:
+    """A pool reached as a login role of its own, so that the test can shut it out: every
+    session of the role ended and no new one let in (CONNECTION LIMIT 0: "too many
+    connections for role"), which is what a full or vanished server looks like to a host."""
+
+    url: str
+    role: str
+    admin: object
+
+    def cut(self) -> None:
+        self.admin.execute(f"ALTER ROLE {self.role} CONNECTION LIMIT 0")
+        self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE usename=%s", (self.role,))
+
+    def restore(self) -> None:
+        self.admin.execute(f"ALTER ROLE {self.role} CONNECTION LIMIT -1")
+
+    def advisory_locks(self) -> int:
+        return self.admin.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid=l.pid "
+            "WHERE l.locktype='advisory' AND l.granted AND a.usename=%s",
+            (self.role,)).fetchone()[0]
+
+
+@pytest.fixture
+def cut_pool(pg_server: str, pg_url: str) -> Iterator[CutPool]:
+    import psycopg
+
+    role, schema = "r_" + secrets.token_hex(5), pg_url.rsplit("schema=", 1)[1]
+    user = pg_server.split("://", 1)[1].split("@", 1)[0]
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"CREATE SCHEMA {schema} AUTHORIZATION {role}")
+        try:
+            yield CutPool(pg_url.replace(f"//{user}@", f"//{role}@", 1), role, admin)
+        finally:
+            admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE usename=%s", (role,))
+            admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            admin.execute(f"DROP ROLE {role}")
+
+
+class CountingOutage(bh.PoolOutage):
+    """The pool's outage reporter, counting every failure its threads run into."""
+
+    def __init__(self, say) -> None:
+        super().__init__(say)
+        self.failures = 0
+
+    def down(self, exc: bh.JournalError) -> None:
+        self.failures += 1
+        super().down(exc)
+
+
+def test_a_full_server_is_named_with_its_own_fix_and_waited_for(cut_pool):
+    """Running out of connections (each agent thread holds one) told the user to start the
+    server; the fix is more slots, fewer agents or a pooler, and the pool waits meanwhile."""
+    cut_pool.cut()
+    with pytest.raises(bh.PoolUnreachable) as caught:
+        bh.PostgresStore(cut_pool.url)
+    text = str(caught.value)
+    assert "too many connections" in text and "max_connections" in text
+    assert "--concurrency" in text and "start the server" not in text
+
+
+def test_the_pool_is_called_reachable_only_after_a_round_trip(fake_api, cut_pool,
+                                                              monkeypatch):
+    """The poller announced "reachable again" after any pass that made no store call at all
+    (between its role checks), while the server was still down; every later failure then
+    fell in the quiet time after a recovery and was never announced."""
+    monkeypatch.setattr(bh, "POOL_RETRY_S", 0.05)  # passes between role checks: no store call
+    monkeypatch.setattr(bh, "ROLE_CHECK_S", 0.5)
+    monkeypatch.setattr(bh, "IN_FLIGHT_REFRESH_S", 60.0)
+    store = bh.PostgresStore(cut_pool.url)
+    said: list[str] = []
+    outage = CountingOutage(said.append)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api), account="acct",
+                                   say=said.append, outage=outage)
+    try:
+        channel.join()
+        _until(lambda: cut_pool.advisory_locks() >= 1, "the channel polls the account")
+        cut_pool.cut()
+        _until(lambda: not store._held, "the poller knows its role is lost")
+        failed = outage.failures
+        _until(lambda: outage.failures >= failed + 20, "the threads have failed a while")
+        assert [t for t in said if "Waiting for it" in t], said
+        assert not [t for t in said if "the pool the pool" in t], said  # the wake-ups' line
+        assert not [t for t in said if "reachable again" in t], said
+        cut_pool.restore()
+        _until(lambda: any("reachable again" in t for t in said), "the pool is back")
+    finally:
+        cut_pool.restore()
+        channel.close()
+        store.close()
