@@ -58,9 +58,11 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 __version__ = "0.1.0"
+
+T = TypeVar("T")  # what a retried step gives back
 
 
 def _load_sandbox_module() -> Any:
@@ -7365,21 +7367,35 @@ class Fleet:
         self.pool.join()
         state, error = "failed", "never started"
         try:
-            self.store.set_agent_state(self.run.id, row.idx, "running")
-            self.board.set_state(row.session_id, "starting")
+            if not self._start_agent(row):
+                state, error = "queued", None
+                return
             state, error = self._drive(row)
         finally:
             self.pool.leave()
-            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx, state,
-                                                                     error))
+            if state != "queued":
+                self._through_outages(lambda: self.store.set_agent_state(
+                    self.run.id, row.idx, state, error))
             self.board.set_state(row.session_id, state, error or "")
             if row.session_id == self._primer:
                 self._release_held()
 
+    def _start_agent(self, row: FleetAgentRow) -> bool:
+        """Journal the start, waiting out an unreachable pool; False when the fleet stopped
+        first: the agent stays queued for a resume (a 'failed' here lost the task for good,
+        as `fleet --resume` skips failed agents)."""
+        try:
+            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx,
+                                                                     "running"))
+        except Halted:
+            return False
+        self.board.set_state(row.session_id, "starting")
+        return True
+
     def _drive(self, row: FleetAgentRow) -> tuple[str, str | None]:
         toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
-        agent = self._agent(row, toolbox)
         try:
+            agent = self._through_outages(lambda: self._agent(row, toolbox))
             self._through_outages(lambda: self._advance(row, agent))
             return "done", None
         except Detached:
@@ -7405,15 +7421,15 @@ class Fleet:
         else:
             agent.resume()
 
-    def _through_outages(self, step: Callable[[], object]) -> None:
+    def _through_outages(self, step: Callable[[], T]) -> T:
         """Run `step`; while a shared pool's store is unreachable, wait for it and run it
         again. The agent decides every step from the journal, so running it again picks up
         where the outage cut it (each write is a transaction that happened or did not)."""
         while True:
             try:
-                step()
+                done = step()
                 self.outage.up()
-                return
+                return done
             except PoolUnreachable as exc:
                 self.outage.down(exc)
                 self._wait_for_store()

@@ -4,10 +4,13 @@ pg_server) and the stand-in; the store is cut off for real, by a role the test l
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -117,4 +120,54 @@ def test_the_pool_is_called_reachable_only_after_a_round_trip(fake_api, cut_pool
     finally:
         cut_pool.restore()
         channel.close()
+        store.close()
+
+
+def _one_agent_fleet(store: bh.Store, api, make_toolbox, outage: bh.PoolOutage) -> bh.Fleet:
+    plan = bh.FleetPlan("system", 4, 0.0, False, {})
+    run = store.create_run("tasks.jsonl", plan.to_json())
+    session = store.create_session(Path("/w"), bh.DEFAULT_MODEL)
+    store.add_agent(bh.FleetAgentRow(run.id, 0, "a0", session.id, "hi", "/w", bh.DEFAULT_MODEL,
+                                     None, "queued"))
+    pool = bh.PooledBatchChannel(make_channel(api), journal=bh.RunPoolJournal(store, run.id))
+    return bh.Fleet(store, run, plan, pool, make_toolbox, concurrency=1, tool_slots=1,
+                    outage=outage)
+
+
+def test_an_agent_starting_while_the_pool_is_cut_off_waits_and_starts(fake_api, cut_pool,
+                                                                      monkeypatch):
+    """The start of an agent was journaled outside the outage handling: a pool cut off at
+    that moment failed the agent for good as "never started" (a resume skips failed agents,
+    so its task was lost). It waits for the pool, then starts."""
+    monkeypatch.setattr(bh, "POOL_RETRY_S", 0.05)
+    store = bh.PostgresStore(cut_pool.url)
+    said: list[str] = []
+    started, finish = threading.Event(), threading.Event()
+
+    def make_toolbox(_row):  # the agent has started: hold it here while the test looks
+        started.set()
+        finish.wait(30)
+        raise bh.HarnessError("the test ends here")
+
+    fleet = _one_agent_fleet(store, fake_api, make_toolbox, CountingOutage(said.append))
+    (row,) = fleet.agents
+    cut_pool.cut()
+    def run_agent() -> None:
+        with contextlib.suppress(bh.HarnessError):  # the toolbox's, which ends the test
+            fleet._run_agent(row)
+
+    agent = threading.Thread(target=run_agent, daemon=True)
+    agent.start()
+    try:
+        _until(lambda: fleet.outage.failures >= 1, "the start has met the outage")
+        cut_pool.restore()
+        _until(started.is_set, "the agent starts once the pool is back")
+        look = bh.PostgresStore(cut_pool.url)  # the test's own connection was cut too
+        (row,) = look.fleet_agents(row.run_id)
+        look.close()
+        assert row.state == "running", row
+    finally:
+        cut_pool.restore()
+        finish.set()
+        agent.join(10)
         store.close()
