@@ -6724,8 +6724,12 @@ class SharedPoolChannel:
                 self._settle(sending, batch_id=row.batch_id)
             elif sending is not None and queue_state == "failed":
                 self._settle(sending, error=_shared_error(row.error_message))
-            if ticket is not None and row.result_type is not None and row.state not in (
-                    "submitting", "submitted"):
+            if ticket is None or row.result_type is None or row.state in ("submitting",
+                                                                          "submitted"):
+                continue
+            if row.result_type == "missing" and row.error_message == BATCH_UNKNOWN:
+                self._fail(custom_id, _unknown_batch(row.batch_id or ticket.handle))
+            else:
                 self._resolve(custom_id, Arrival(_stored_entry(row), BatchView(
                     row.batch_id or ticket.handle, "ended", (row.ended_at or 0.0) -
                     (row.wait_s or 0.0), 0, row.ended_at)))
@@ -6736,6 +6740,13 @@ class SharedPoolChannel:
             self._notifies.pop(custom_id, None)
         if ticket is not None:
             ticket.resolve(arrival)
+
+    def _fail(self, custom_id: str, error: BaseException) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(custom_id, None)
+            self._notifies.pop(custom_id, None)
+        if ticket is not None:
+            ticket.fail(error)
 
     def _sweep(self) -> None:
         """Every local turn looked at once: what NOTIFY said while nobody listened."""
@@ -7080,15 +7091,21 @@ class SharedPoolChannel:
 
     def _write_landed(self, watched: dict[str, Ticket]) -> None:
         """Each ended turn's result, ledger and turnaround in the transaction that marks it
-        done (the first host to write it wins); a failed look is tried again by a refresh."""
+        done (the first host to write it wins); a failed look is tried again by a refresh,
+        but a batch the API does not know is the end of its turns (else polled forever)."""
         landed: dict[str, Arrival] = {}
+        unknown: list[Ticket] = []
         while self._landed:
             ticket = self._landed.popleft()
             try:
                 landed[ticket.custom_id] = ticket.result()
+            except BatchNotFound:
+                unknown.append(ticket)
             except HarnessError as exc:
                 self.say(f"polling {ticket.handle}: {exc}; trying again")
                 watched.pop(ticket.custom_id, None)
+        if unknown:
+            self._write_unknown(unknown, watched)
         if not landed:
             return
         try:
@@ -7103,6 +7120,27 @@ class SharedPoolChannel:
             watched.pop(custom_id, None)
             self._resolve(custom_id, arrival)  # our own agent: the arrival as it came
 
+    def _write_unknown(self, tickets: Sequence[Ticket], watched: dict[str, Ticket]) -> None:
+        """The end of turns whose batch is unknown to the API, so that no host waits on it."""
+        now = self.clock.now()
+        try:
+            self.store.finish_turns({t.custom_id: Outcome(
+                "missing", now, now - self.store.request(t.custom_id).submitted_at,
+                error_message=BATCH_UNKNOWN) for t in tickets})
+        except JournalError:
+            self._landed.extendleft(tickets)  # written once it is back
+            raise
+        for ticket in tickets:
+            watched.pop(ticket.custom_id, None)
+            self.say(f"batch {ticket.handle} is unknown to the API: its turn "
+                     f"{ticket.custom_id} has ended without an answer")
+            self._fail(ticket.custom_id, _unknown_batch(ticket.handle))
+
+
+# What the poller stores for a turn whose batch the API does not know (404): every host's
+# agent then fails the turn as the in-process path does (Collector: BatchNotFound).
+BATCH_UNKNOWN = "batch unknown to the API"
+
 
 def _stored_entry(row: RequestRow) -> EntryResult | None:
     """A turn's result as the poller stored it, back in the form a ticket carries (None:
@@ -7112,6 +7150,10 @@ def _stored_entry(row: RequestRow) -> EntryResult | None:
         return None
     return EntryResult(row.custom_id, str(row.result_type), message, row.error_type,
                        row.error_message)
+
+
+def _unknown_batch(batch_id: str) -> BatchNotFound:
+    return BatchNotFound(f"polling {batch_id}: the API does not know it (404)")
 
 
 def _shared_error(stored: str | None) -> TransportError:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 import batching_harness as bh
-from tests.support import make_channel
+from tests.support import make_channel, request_row
+from tests.test_shared_pool import _role_holder_pid
 
 
 def _until(predicate, what: str, timeout_s: float = 30) -> None:
@@ -171,3 +172,50 @@ def test_an_agent_starting_while_the_pool_is_cut_off_waits_and_starts(fake_api, 
         finish.set()
         agent.join(10)
         store.close()
+
+
+def _in_a_batch(store: bh.Store, account: str, batch_id: str) -> str:
+    """One turn of the account, claimed and recorded as riding in `batch_id`."""
+    params = {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+              "messages": [{"role": "user", "content": "hi"}]}
+    key = bh.shared_pool_key(account, params)
+    row = request_row(store.create_session(Path("/w"), bh.DEFAULT_MODEL), max_tokens=100)
+    store.begin_request(row)
+    store.queue_turn(row.custom_id, key, params)
+    claim = store.claim_turns(key, "host-gone", limit=1, lease_s=60)
+    assert store.record_claim_batch(claim.intent_id, batch_id)
+    return row.custom_id
+
+
+def test_a_batch_the_api_does_not_know_ends_its_turns_on_every_host(fake_api, pg_url):
+    """A batch the API answers 404 for stayed in flight forever: the poller said "trying
+    again" every refresh, and the agent waiting on it (on any host) waited for good. Its
+    turns now end, and the agent on the other host fails the turn as the in-process path
+    does (the Collector: "no longer at the API; send the prompt again")."""
+    account = bh.pool_account("test-key", fake_api.base_url)
+    bogus = "msgbatch_01bogusbogusbogusbogus"
+    poller_store, agent_store = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
+    custom_id = _in_a_batch(agent_store, account, bogus)
+    said: list[str] = []
+    poller = bh.SharedPoolChannel(poller_store, make_channel(fake_api), account=account,
+                                  say=said.append)
+    other = bh.SharedPoolChannel(agent_store, make_channel(fake_api), account=account)
+    try:
+        poller.join()
+        _until(lambda: _role_holder_pid(agent_store._db, agent_store.schema, "poller", account),
+               "a host polls the account")
+        ticket = other.watch(custom_id, bogus, sent_at=time.time(), expected_s=None,
+                             on_status=lambda _s: None, notify=print)
+        assert ticket.event.wait(20), f"the turn in the unknown batch never ended: {said}"
+        with pytest.raises(bh.BatchNotFound):
+            ticket.result()
+        row = agent_store.request(custom_id)
+        assert (row.state, row.result_type, row.error_message) == (
+            "ended", "missing", bh.BATCH_UNKNOWN)
+        assert agent_store.batches_in_flight(account) == []  # nobody polls it any more
+        assert len([t for t in said if bogus in t]) == 1, said
+    finally:
+        for channel in (poller, other):
+            channel.close()
+        poller_store.close()
+        agent_store.close()
