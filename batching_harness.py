@@ -276,6 +276,11 @@ class _Hurry(Exception):
     """Inside the agent: stop waiting for this batch and send the turn synchronously."""
 
 
+class BatchShared(HarnessError):
+    """A cancel refused: the batch also carries other runs' turns (a shared pool), and a
+    batch is cancelled whole. The asking turn is detached from it instead."""
+
+
 class Detached(HarnessError):
     """The user left a batch running; it can be re-attached with --resume."""
 
@@ -3615,6 +3620,7 @@ class PooledBatchChannel:
 
     lane = "batch"
     stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+    cancel_scope = "cancel every batch in flight"  # every one carries only this run's turns
 
     def __init__(self, batch: BatchChannel, *, journal: PoolJournal | None = None,
                  max_width: int = DEFAULT_MAX_WIDTH,
@@ -3976,8 +3982,11 @@ str_replace, insert). Every turn of \
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
+# A batch entry cancelled by a run this turn's process never asked (a shared batch): the
+# turn goes into a later batch, bounded as an expired one is. Stored as its error_type.
+CANCELED_ELSEWHERE = "canceled_elsewhere"
 RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error",
-                 "stream_lost")
+                 "stream_lost", CANCELED_ELSEWHERE)
 # What a canceled request means to the user, by lane.
 CANCELED_WHY = {
     "batch": "the batch was canceled before the model answered; nothing was billed",
@@ -4178,6 +4187,8 @@ def classify(request: RequestRow, max_resubmits: int) -> Verdict:
     if kind == "errored":
         return Verdict("fail", f"the API refused this turn ({request.error_type}: "
                                f"{request.error_message}); nothing was billed")
+    if kind == "canceled" and request.error_type == CANCELED_ELSEWHERE:
+        return retry_verdict(request, max_resubmits)
     if kind == "canceled":
         return Verdict("fail", CANCELED_WHY[request.lane])
     raise AssertionError(f"unknown result type {kind!r}")
@@ -4509,6 +4520,10 @@ class Collector:
         if choice == "cancel":
             try:
                 channel.cancel(ticket.handle, self._warn)
+            except BatchShared as exc:  # other runs' turns ride in it: it goes on for them
+                self._warn(str(exc))
+                channel.forget(ticket)
+                raise Detached(request.session_id, ticket.handle) from None
             except TransportError as exc:  # most often: it ended while the user decided
                 self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
                 return
@@ -6548,14 +6563,20 @@ class SharedPoolChannel:
 
     lane = "batch"
     stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+    cancel_scope = ("cancel the batches only this run rides in (from batches shared with "
+                    "other runs, this run's turns are detached)")
 
     def __init__(self, store: Store, batch: BatchChannel, *, account: str,
                  max_width: int = DEFAULT_MAX_WIDTH,
                  window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
                  say: Notify = _ignore, clock: Clock | None = None,
                  member: str | None = None, outage: PoolOutage | None = None,
-                 log_bug: Callable[[BaseException], object] | None = None) -> None:
+                 log_bug: Callable[[BaseException], object] | None = None,
+                 own_prefix: str = "") -> None:
+        """`own_prefix`: the custom_id prefix of this run's turns (the only ones its Ctrl-C
+        may cancel)."""
         self.store, self.batch, self.api = store, batch, batch.api
+        self.own_prefix = own_prefix
         self.account, self.max_width, self.window_s, self.say = account, max_width, window_s, say
         self.clock = clock or Clock()
         self.member = member or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -6567,7 +6588,8 @@ class SharedPoolChannel:
         self._landed: collections.deque[Ticket] = collections.deque()
         self._active = 0
         self._halted: BaseException | None = None
-        self._canceled: set[str] = set()
+        self._canceled: set[str] = set()  # batches this process asked to cancel
+        self._kept: set[str] = set()  # shared batches it would not cancel (told once)
         self.outage = outage or PoolOutage(say)
         self._log_bug = log_bug
         self._lock = threading.RLock()
@@ -6663,7 +6685,22 @@ class SharedPoolChannel:
         return ticket
 
     def cancel(self, handle: str, notify: Notify) -> None:
-        """A shared batch can only be cancelled whole: once, however many agents ask."""
+        """A batch is cancelled whole: once, however many agents ask, and only when every turn
+        still in it is this run's. Other runs' agents (other hosts) did not ask; from a
+        batch they share, the asking turn is detached (BatchShared) and the batch goes on."""
+        with self._lock:
+            if handle in self._canceled:
+                return
+        entries = next((ids for batch_id, _at, ids in self.store.batches_in_flight(
+            self.account) if batch_id == handle), [])
+        if any(not c.startswith(self.own_prefix) for c in entries):
+            with self._lock:
+                first, _ = handle not in self._kept, self._kept.add(handle)
+            if first:
+                self.say(f"batch {handle} also carries other runs' turns: not cancelled; this "
+                         "run's turns in it are detached (`fleet --continue` collects them)")
+            raise BatchShared(f"batch {handle} is shared with other runs: detached, not "
+                              "cancelled")
         with self._lock:
             if handle in self._canceled:
                 return
@@ -6738,6 +6775,13 @@ class SharedPoolChannel:
         with self._lock:
             ticket = self._tickets.pop(custom_id, None)
             self._notifies.pop(custom_id, None)
+            asked = ticket is not None and ticket.handle in self._canceled
+        entry = arrival.entry
+        if entry is not None and entry.type == "canceled" and not asked:
+            # another run cancelled the batch this turn shared: not this agent's end
+            arrival = dataclasses.replace(arrival, entry=dataclasses.replace(
+                entry, error_type=CANCELED_ELSEWHERE,
+                error_message="another run cancelled the shared batch"))
         if ticket is not None:
             ticket.resolve(arrival)
 
@@ -7169,6 +7213,7 @@ class FleetPool(Protocol):
     api: BatchAPI
     lane: str
     stops_on_ctrl_c: bool
+    cancel_scope: str  # what [c] of the Ctrl-C menu cancels
 
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
              notify: Notify) -> str: ...
@@ -7199,7 +7244,8 @@ def _shared_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Co
                  plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
     return SharedPoolChannel(store, batch, account=pool_account(config.api_key, config.base_url),
                              max_width=plan.max_width, window_s=_window(store, plan), say=say,
-                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc))
+                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc),
+                             own_prefix=f"{run.token}-")
 
 
 FLEET_POOLS: dict[str, Callable[..., FleetPool]] = {"sqlite": _in_process_pool,
@@ -7629,8 +7675,8 @@ def _secs(value: float | None) -> str:
 
 # -- the front-end ------------------------------------------------------------------------
 FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] \\[d] detach: batches in flight keep running; "
-                        "pick them up with `fleet --continue` · \\[c] cancel every batch in "
-                        "flight · Enter: keep going")  # \\[ : a key, not a rich style tag
+                        "pick them up with `fleet --continue` · \\[c] {cancel_scope} · Enter: "
+                        "keep going")  # \\[ : a key, not a rich style tag
 
 
 def open_fleet_run(store: Store, fc: FleetConfig) -> tuple[FleetRunRow, FleetPlan]:
@@ -7775,7 +7821,8 @@ def watch_fleet(fleet: Fleet, pool: FleetPool, console: Any, *,
                 if live is not None:
                     live.update(picture(), refresh=True)
             except KeyboardInterrupt:
-                choice = _ask_fleet_interrupt(console, live, interactive, read_key)
+                choice = _ask_fleet_interrupt(console, live, interactive, read_key,
+                                              pool.cancel_scope)
                 if choice != "wait":
                     fleet.stop(choice)
     finally:
@@ -7785,12 +7832,13 @@ def watch_fleet(fleet: Fleet, pool: FleetPool, console: Any, *,
 
 
 def _ask_fleet_interrupt(console: Any, live: Any, interactive: bool,
-                         read_key: Callable[[float | None], str | None]) -> str:
+                         read_key: Callable[[float | None], str | None],
+                         cancel_scope: str) -> str:
     if not interactive:
         return "detach"
     if live is not None:
         live.stop()
-    console.print(FLEET_INTERRUPT_MENU)
+    console.print(FLEET_INTERRUPT_MENU.format(cancel_scope=cancel_scope))
     try:
         key = read_key(None) or ""  # the agents go on meanwhile; the table is back after
     except (KeyboardInterrupt, EOFError):

@@ -219,3 +219,81 @@ def test_a_batch_the_api_does_not_know_ends_its_turns_on_every_host(fake_api, pg
             channel.close()
         poller_store.close()
         agent_store.close()
+
+
+def _shared_batch(api, store: bh.Store, account: str, custom_ids: list[str]) -> str:
+    """Turns (of any runs) created at the stand-in as ONE batch, recorded in the pool."""
+    params = {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+              "messages": [{"role": "user", "content": "hi"}]}
+    key = bh.shared_pool_key(account, params)
+    session = store.create_session(Path("/w"), bh.DEFAULT_MODEL)
+    for custom_id in custom_ids:
+        store.begin_request(request_row(session, custom_id=custom_id, max_tokens=100))
+        store.queue_turn(custom_id, key, params)
+    claim = store.claim_turns(key, "host-a", limit=len(custom_ids), lease_s=60)
+    batch_id = make_channel(api).api.create(
+        [{"custom_id": c, "params": p} for c, p in claim.turns], exclude=lambda: set(),
+        notify=print)
+    assert store.record_claim_batch(claim.intent_id, batch_id)
+    return batch_id
+
+
+def _verdict(store: bh.Store, ticket: bh.Ticket) -> bh.Verdict:
+    """What the agent does with the arrival: the Collector's record, then classify."""
+    request = store.request(ticket.custom_id)
+    store.record_outcome(ticket.custom_id, bh.outcome_of(request, ticket.result(), time.time()))
+    return bh.classify(store.request(ticket.custom_id), max_resubmits=3)
+
+
+def test_ctrl_c_cancel_on_one_host_cancels_only_batches_of_its_own_run(fake_api, pg_url):
+    """`c` on host A cancelled the whole shared batch and failed host B's agents, whose
+    user did nothing. A cancels only a batch all of whose turns are its run's; from a shared
+    one its turns are detached (and A's user is told). A turn cancelled by a run that is not
+    its own goes into a later batch, as an expired one does."""
+    fake_api.hold = True
+    account = bh.pool_account("test-key", fake_api.base_url)
+    store_a, store_b = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
+    shared = _shared_batch(fake_api, store_a, account, ["runA-ag0-t1-at1-aaaaaa",
+                                                        "runB-ag0-t1-at1-bbbbbb"])
+    own = _shared_batch(fake_api, store_a, account, ["runA-ag1-t1-at1-cccccc"])
+    said: list[str] = []
+    host_a = bh.SharedPoolChannel(store_a, make_channel(fake_api), account=account,
+                                  say=said.append, own_prefix="runA-")
+    host_b = bh.SharedPoolChannel(store_b, make_channel(fake_api), account=account,
+                                  own_prefix="runB-")
+    try:
+        for _agent in range(2):  # every agent of A asks; the user hears it once
+            with pytest.raises(bh.BatchShared):
+                host_a.cancel(shared, print)
+        assert len([t for t in said if shared in t and "detached" in t]) == 1, said
+        # the agent asking (Fleet.stop("cancel") answers its Ctrl-C with "cancel") detaches
+        notices: list[bh.Event] = []
+        collector = bh.Collector(store_a, bh.Router({"batch": host_a}, route="batch"),
+                                 bh.Clock(), notices.append, lambda _handle: "cancel",
+                                 lambda: None)
+        mine = host_a.watch("runA-ag0-t1-at1-aaaaaa", shared, sent_at=time.time(),
+                            expected_s=None, on_status=lambda _s: None, notify=print)
+        with pytest.raises(bh.Detached):
+            collector._on_interrupt(mine, host_a, store_a.request(mine.custom_id))
+        assert [n.text for n in notices if "shared with other runs" in n.text], notices
+        host_a.cancel(own, print)
+        assert [fake_api._batches[b].status for b in (shared, own)] == [
+            "in_progress", "canceling"], "only A's own batch is cancelled"
+        # The shared batch is cancelled after all, by something that is not run B
+        # (an older harness on host A, the console): B's turn is not at its end.
+        make_channel(fake_api).api.cancel(shared, print)
+        tickets = {cid: channel.watch(cid, batch, sent_at=time.time(), expected_s=None,
+                                      on_status=lambda _s: None, notify=print)
+                   for cid, channel, batch in (("runB-ag0-t1-at1-bbbbbb", host_b, shared),
+                                               ("runA-ag1-t1-at1-cccccc", host_a, own))}
+        fake_api.release()
+        for ticket in tickets.values():
+            assert ticket.event.wait(20), f"{ticket.custom_id} never ended"
+        assert _verdict(store_b, tickets["runB-ag0-t1-at1-bbbbbb"]).action == "resubmit"
+        assert _verdict(store_a, tickets["runA-ag1-t1-at1-cccccc"]).action == "fail"
+    finally:
+        fake_api.release()
+        for channel in (host_a, host_b):
+            channel.close()
+        store_a.close()
+        store_b.close()
