@@ -6828,8 +6828,11 @@ class SharedPoolChannel:
                                  f"{exc}); see {where}")
             self.say(str(error))
             self.halt(error)
-            with self._lock:
+            with self._lock:  # claimed turns too: this process's flusher may be the dead one
                 tickets, self._tickets = list(self._tickets.values()), {}
+                sendings = list(self._sending.values())
+            for sending in sendings:
+                self._settle(sending, error=error)
             for ticket in tickets:
                 ticket.fail(error)
 
@@ -7138,11 +7141,13 @@ class SharedPoolChannel:
         done (the first host to write it wins); a failed look is tried again by a refresh,
         but a batch the API does not know is the end of its turns (else polled forever)."""
         landed: dict[str, Arrival] = {}
+        tickets: list[Ticket] = []  # kept themselves: a lost role empties `watched` meanwhile
         unknown: list[Ticket] = []
         while self._landed:
             ticket = self._landed.popleft()
             try:
                 landed[ticket.custom_id] = ticket.result()
+                tickets.append(ticket)
             except BatchNotFound:
                 unknown.append(ticket)
             except HarnessError as exc:
@@ -7158,7 +7163,7 @@ class SharedPoolChannel:
                                                            arrival, now)
                                      for custom_id, arrival in landed.items()})
         except JournalError:
-            self._landed.extendleft(watched[c] for c in landed)  # written once it is back
+            self._landed.extendleft(reversed(tickets))  # written once it is back
             raise
         for custom_id, arrival in landed.items():
             watched.pop(custom_id, None)

@@ -297,3 +297,52 @@ def test_ctrl_c_cancel_on_one_host_cancels_only_batches_of_its_own_run(fake_api,
             channel.close()
         store_a.close()
         store_b.close()
+
+
+def test_a_landed_turn_survives_a_failed_write_after_its_role_was_lost(fake_api, cut_pool):
+    """The poller put a landed turn back for later by looking its ticket up in `watched`;
+    a lost role empties that, so a second failed write (a flapping server) raised KeyError
+    and halted the whole process as an "internal error"."""
+    store = bh.PostgresStore(cut_pool.url)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api),
+                                   account="acct")
+    ticket = bh.Ticket("runA-ag0-t1-at1-aaaaaa", "msgbatch_1")
+    ticket.resolve(bh.Arrival(None, bh.BatchView("msgbatch_1", "ended", 0.0, 1, 1.0)))
+    channel._landed.append(ticket)
+    cut_pool.cut()
+    try:
+        with pytest.raises(bh.PoolUnreachable):
+            channel._write_landed({})  # nothing watched: the role was lost
+        assert list(channel._landed) == [ticket]  # written once the store is back
+    finally:
+        cut_pool.restore()
+        store.close()
+
+
+def test_a_bug_in_a_pool_thread_settles_every_waiting_send(fake_api, tmp_path):
+    """halt() settles only the sends it can take back out of the queue; one already claimed
+    by this process's own (now dead) flusher waited for its batch id forever."""
+    store = bh.open_store(None, tmp_path)
+    (custom_id,) = _queue_one(store)
+    store.claim_turns("k", "this-host", limit=1, lease_s=60)  # claimed: not withdrawn
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api),
+                                   account="acct")
+    sending = bh._Sending(custom_id, 0.0, 0.0)
+    channel._sending[custom_id] = sending
+
+    def buggy() -> None:
+        raise RuntimeError("a bug")
+
+    channel._guarded(buggy)
+    try:
+        assert sending.done.is_set() and "internal error" in str(sending.error)
+    finally:
+        store.close()
+
+
+def _queue_one(store: bh.Store) -> list[str]:
+    row = request_row(store.create_session(Path("/w"), bh.DEFAULT_MODEL))
+    store.begin_request(row)
+    store.queue_turn(row.custom_id, "k", {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+                                          "messages": [{"role": "user", "content": "hi"}]})
+    return [row.custom_id]
