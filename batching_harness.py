@@ -6695,7 +6695,8 @@ class SharedPoolChannel:
             self.account) if batch_id == handle), [])
         if any(not c.startswith(self.own_prefix) for c in entries):
             with self._lock:
-                first, _ = handle not in self._kept, self._kept.add(handle)
+                first = handle not in self._kept
+                self._kept.add(handle)
             if first:
                 self.say(f"batch {handle} also carries other runs' turns: not cancelled; this "
                          "run's turns in it are detached (`fleet --continue` collects them)")
@@ -7177,7 +7178,7 @@ class SharedPoolChannel:
                 "missing", now, now - self.store.request(t.custom_id).submitted_at,
                 error_message=BATCH_UNKNOWN) for t in tickets})
         except JournalError:
-            self._landed.extendleft(tickets)  # written once it is back
+            self._landed.extendleft(reversed(tickets))  # written once it is back
             raise
         for ticket in tickets:
             watched.pop(ticket.custom_id, None)
