@@ -58,9 +58,11 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 __version__ = "0.1.0"
+
+T = TypeVar("T")  # what a retried step gives back
 
 
 def _load_sandbox_module() -> Any:
@@ -277,6 +279,11 @@ class _Hurry(Exception):
 class SessionTaken(HarnessError):
     """While the pool was unreachable its server let go of this process's session lock, and
     another process took the session: this one must not drive it any further."""
+
+
+class BatchShared(HarnessError):
+    """A cancel refused: the batch also carries other runs' turns (a shared pool), and a
+    batch is cancelled whole. The asking turn is detached from it instead."""
 
 
 class Detached(HarnessError):
@@ -2443,6 +2450,12 @@ def _split_pool_url(url: str) -> tuple[str, str]:
     return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
 
 
+# Each agent thread holds a connection: the server runs out before the host does.
+_PG_FULL_FIX = ("the server has no connection slot left: raise its max_connections, lower "
+                "--concurrency on the hosts, or put a session-mode pooler (PgBouncer "
+                "pool_mode=session) in front of it")
+
+
 def _pg_fix(text: str) -> str:
     """The fix for a connection failure, from libpq's words."""
     if "password" in text or "authentication failed" in text:
@@ -2454,6 +2467,8 @@ def _pg_fix(text: str) -> str:
         return "create it (createdb NAME), or name an existing database in --pool"
     if "role" in text and "does not exist" in text:
         return "create the role (createuser NAME), or name an existing user in --pool"
+    if "too many connections" in text or "remaining connection slots" in text:
+        return _PG_FULL_FIX
     return ("start the server, or fix the host and port in --pool (pg_isready -h HOST -p PORT "
             "tells whether it accepts connections)")
 
@@ -2470,7 +2485,9 @@ def _pg_error(location: str, exc: Exception) -> JournalError:
     """One line with the fix; PoolUnreachable when waiting may cure it (not a refusal)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     fix = _pg_fix(str(exc))
-    kind = PoolUnreachable if fix.startswith("start the server") else JournalError
+    # a server that is down or full can come back: waiting may cure it, unlike a refusal
+    kind = PoolUnreachable if fix.startswith("start the server") or fix == _PG_FULL_FIX \
+        else JournalError
     return kind(f"the pool {location} cannot be used ({text}); {fix}")
 
 
@@ -2647,7 +2664,7 @@ class PostgresStore(_SqlStore):
         raw = self._raw_connection()
         for name in channels:
             raw.execute(f'LISTEN "{self._channel(name)}"')
-        return _PgListener(raw, len(self.schema) + 1, self._pg)
+        return _PgListener(raw, len(self.schema) + 1, self._pg, self.location)
 
     def _publish(self, channel: str, payloads: Sequence[str]) -> None:
         """After the commit that made the change: a listener that wakes finds it there."""
@@ -2787,8 +2804,8 @@ class _AdvisoryRole:
 
 
 class _PgListener:
-    def __init__(self, raw: Any, prefix_len: int, pg: Any) -> None:
-        self.raw, self.prefix_len, self._pg = raw, prefix_len, pg
+    def __init__(self, raw: Any, prefix_len: int, pg: Any, location: str) -> None:
+        self.raw, self.prefix_len, self._pg, self.location = raw, prefix_len, pg, location
 
     def wait(self, timeout_s: float) -> list[tuple[str, str]]:
         """What was published since the last call, waiting up to `timeout_s` for the first."""
@@ -2798,7 +2815,7 @@ class _PgListener:
             heard += [(n.channel[self.prefix_len:], n.payload)
                       for n in self.raw.notifies(timeout=0.0)]
         except self._pg.Error as exc:  # the server went away: listen again once it is back
-            raise _pg_error("the pool's wake-ups", exc) from None
+            raise _pg_error(f"{self.location} (its wake-ups)", exc) from None
         return heard
 
     def close(self) -> None:
@@ -3638,6 +3655,7 @@ class PooledBatchChannel:
 
     lane = "batch"
     stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+    cancel_scope = "cancel every batch in flight"  # every one carries only this run's turns
 
     def __init__(self, batch: BatchChannel, *, journal: PoolJournal | None = None,
                  max_width: int = DEFAULT_MAX_WIDTH,
@@ -3999,8 +4017,11 @@ str_replace, insert). Every turn of \
 yours is processed as a Message Batch and takes a minute or more, so make each turn count: \
 issue independent tool calls together in one turn, and read enough at once. When the task is \
 done, reply with a short summary of what you did and what you found."""
+# A batch entry cancelled by a run this turn's process never asked (a shared batch): the
+# turn goes into a later batch, bounded as an expired one is. Stored as its error_type.
+CANCELED_ELSEWHERE = "canceled_elsewhere"
 RESUBMITTABLE = ("expired", "api_error", "overloaded_error", "timeout_error", "rate_limit_error",
-                 "stream_lost")
+                 "stream_lost", CANCELED_ELSEWHERE)
 # What a canceled request means to the user, by lane.
 CANCELED_WHY = {
     "batch": "the batch was canceled before the model answered; nothing was billed",
@@ -4201,6 +4222,8 @@ def classify(request: RequestRow, max_resubmits: int) -> Verdict:
     if kind == "errored":
         return Verdict("fail", f"the API refused this turn ({request.error_type}: "
                                f"{request.error_message}); nothing was billed")
+    if kind == "canceled" and request.error_type == CANCELED_ELSEWHERE:
+        return retry_verdict(request, max_resubmits)
     if kind == "canceled":
         return Verdict("fail", CANCELED_WHY[request.lane])
     raise AssertionError(f"unknown result type {kind!r}")
@@ -4532,6 +4555,10 @@ class Collector:
         if choice == "cancel":
             try:
                 channel.cancel(ticket.handle, self._warn)
+            except BatchShared as exc:  # other runs' turns ride in it: it goes on for them
+                self._warn(str(exc))
+                channel.forget(ticket)
+                raise Detached(request.session_id, ticket.handle) from None
             except TransportError as exc:  # most often: it ended while the user decided
                 self.emit(Notice(f"cancel refused ({exc}); collecting the batch", "warn"))
                 return
@@ -6538,6 +6565,11 @@ class PoolOutage:
             self.say(f"{exc}. Waiting for it (trying again every {POOL_RETRY_S:g} s); "
                      "batches in flight keep running at the API")
 
+    @property
+    def is_down(self) -> bool:
+        with self._lock:
+            return self._down
+
     def up(self) -> None:
         with self._lock:
             if not self._down:
@@ -6576,14 +6608,20 @@ class SharedPoolChannel:
 
     lane = "batch"
     stops_on_ctrl_c = False  # a paid batch in flight: the user (or the fleet) decides
+    cancel_scope = ("cancel the batches only this run rides in (from batches shared with "
+                    "other runs, this run's turns are detached)")
 
     def __init__(self, store: Store, batch: BatchChannel, *, account: str,
                  max_width: int = DEFAULT_MAX_WIDTH,
                  window_s: Callable[[str], float] = lambda _model: MAX_POOL_WINDOW_S,
                  say: Notify = _ignore, clock: Clock | None = None,
                  member: str | None = None, outage: PoolOutage | None = None,
-                 log_bug: Callable[[BaseException], object] | None = None) -> None:
+                 log_bug: Callable[[BaseException], object] | None = None,
+                 own_prefix: str = "") -> None:
+        """`own_prefix`: the custom_id prefix of this run's turns (the only ones its Ctrl-C
+        may cancel)."""
         self.store, self.batch, self.api = store, batch, batch.api
+        self.own_prefix = own_prefix
         self.account, self.max_width, self.window_s, self.say = account, max_width, window_s, say
         self.clock = clock or Clock()
         self.member = member or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -6595,7 +6633,8 @@ class SharedPoolChannel:
         self._landed: collections.deque[Ticket] = collections.deque()
         self._active = 0
         self._halted: BaseException | None = None
-        self._canceled: set[str] = set()
+        self._canceled: set[str] = set()  # batches this process asked to cancel
+        self._kept: set[str] = set()  # shared batches it would not cancel (told once)
         self.outage = outage or PoolOutage(say)
         self._log_bug = log_bug
         self._lock = threading.RLock()
@@ -6691,7 +6730,23 @@ class SharedPoolChannel:
         return ticket
 
     def cancel(self, handle: str, notify: Notify) -> None:
-        """A shared batch can only be cancelled whole: once, however many agents ask."""
+        """A batch is cancelled whole: once, however many agents ask, and only when every turn
+        still in it is this run's. Other runs' agents (other hosts) did not ask; from a
+        batch they share, the asking turn is detached (BatchShared) and the batch goes on."""
+        with self._lock:
+            if handle in self._canceled:
+                return
+        entries = next((ids for batch_id, _at, ids in self.store.batches_in_flight(
+            self.account) if batch_id == handle), [])
+        if any(not c.startswith(self.own_prefix) for c in entries):
+            with self._lock:
+                first = handle not in self._kept
+                self._kept.add(handle)
+            if first:
+                self.say(f"batch {handle} also carries other runs' turns: not cancelled; this "
+                         "run's turns in it are detached (`fleet --continue` collects them)")
+            raise BatchShared(f"batch {handle} is shared with other runs: detached, not "
+                              "cancelled")
         with self._lock:
             if handle in self._canceled:
                 return
@@ -6752,8 +6807,12 @@ class SharedPoolChannel:
                 self._settle(sending, batch_id=row.batch_id)
             elif sending is not None and queue_state == "failed":
                 self._settle(sending, error=_shared_error(row.error_message))
-            if ticket is not None and row.result_type is not None and row.state not in (
-                    "submitting", "submitted"):
+            if ticket is None or row.result_type is None or row.state in ("submitting",
+                                                                          "submitted"):
+                continue
+            if row.result_type == "missing" and row.error_message == BATCH_UNKNOWN:
+                self._fail(custom_id, _unknown_batch(row.batch_id or ticket.handle))
+            else:
                 self._resolve(custom_id, Arrival(_stored_entry(row), BatchView(
                     row.batch_id or ticket.handle, "ended", (row.ended_at or 0.0) -
                     (row.wait_s or 0.0), 0, row.ended_at)))
@@ -6762,8 +6821,22 @@ class SharedPoolChannel:
         with self._lock:
             ticket = self._tickets.pop(custom_id, None)
             self._notifies.pop(custom_id, None)
+            asked = ticket is not None and ticket.handle in self._canceled
+        entry = arrival.entry
+        if entry is not None and entry.type == "canceled" and not asked:
+            # another run cancelled the batch this turn shared: not this agent's end
+            arrival = dataclasses.replace(arrival, entry=dataclasses.replace(
+                entry, error_type=CANCELED_ELSEWHERE,
+                error_message="another run cancelled the shared batch"))
         if ticket is not None:
             ticket.resolve(arrival)
+
+    def _fail(self, custom_id: str, error: BaseException) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(custom_id, None)
+            self._notifies.pop(custom_id, None)
+        if ticket is not None:
+            ticket.fail(error)
 
     def _sweep(self) -> None:
         """Every local turn looked at once: what NOTIFY said while nobody listened."""
@@ -6801,8 +6874,11 @@ class SharedPoolChannel:
                                  f"{exc}); see {where}")
             self.say(str(error))
             self.halt(error)
-            with self._lock:
+            with self._lock:  # claimed turns too: this process's flusher may be the dead one
                 tickets, self._tickets = list(self._tickets.values()), {}
+                sendings = list(self._sending.values())
+            for sending in sendings:
+                self._settle(sending, error=error)
             for ticket in tickets:
                 ticket.fail(error)
 
@@ -6822,6 +6898,13 @@ class SharedPoolChannel:
 
     def _recovered(self) -> None:
         self.outage.up()
+
+    def _pass_recovered(self) -> None:
+        """The end of a flusher or poller pass, which may have made no store call at all
+        (between role checks and heartbeats): "reachable again" only after a round trip."""
+        if self.outage.is_down:
+            _ = self.store.schema_version  # still down: JournalError, and the outage goes on
+        self._recovered()
 
     def _listen_forever(self) -> None:
         listener: Listener | None = None
@@ -6880,7 +6963,7 @@ class SharedPoolChannel:
                 for key in list(roles):
                     if woken or time.time() >= due.get(key, 0.0):
                         due[key] = time.time() + self._serve(key)
-                self._recovered()
+                self._pass_recovered()
                 wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)
@@ -7064,7 +7147,7 @@ class SharedPoolChannel:
                     if woken or now >= next_refresh_at:
                         self._watch_in_flight(watched)
                         next_refresh_at = now + IN_FLIGHT_REFRESH_S
-                self._recovered()
+                self._pass_recovered()
                 wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
             except JournalError as exc:
                 self._unreachable(exc)
@@ -7101,15 +7184,23 @@ class SharedPoolChannel:
 
     def _write_landed(self, watched: dict[str, Ticket]) -> None:
         """Each ended turn's result, ledger and turnaround in the transaction that marks it
-        done (the first host to write it wins); a failed look is tried again by a refresh."""
+        done (the first host to write it wins); a failed look is tried again by a refresh,
+        but a batch the API does not know is the end of its turns (else polled forever)."""
         landed: dict[str, Arrival] = {}
+        tickets: list[Ticket] = []  # kept themselves: a lost role empties `watched` meanwhile
+        unknown: list[Ticket] = []
         while self._landed:
             ticket = self._landed.popleft()
             try:
                 landed[ticket.custom_id] = ticket.result()
+                tickets.append(ticket)
+            except BatchNotFound:
+                unknown.append(ticket)
             except HarnessError as exc:
                 self.say(f"polling {ticket.handle}: {exc}; trying again")
                 watched.pop(ticket.custom_id, None)
+        if unknown:
+            self._write_unknown(unknown, watched)
         if not landed:
             return
         try:
@@ -7118,11 +7209,32 @@ class SharedPoolChannel:
                                                            arrival, now)
                                      for custom_id, arrival in landed.items()})
         except JournalError:
-            self._landed.extendleft(watched[c] for c in landed)  # written once it is back
+            self._landed.extendleft(reversed(tickets))  # written once it is back
             raise
         for custom_id, arrival in landed.items():
             watched.pop(custom_id, None)
             self._resolve(custom_id, arrival)  # our own agent: the arrival as it came
+
+    def _write_unknown(self, tickets: Sequence[Ticket], watched: dict[str, Ticket]) -> None:
+        """The end of turns whose batch is unknown to the API, so that no host waits on it."""
+        now = self.clock.now()
+        try:
+            self.store.finish_turns({t.custom_id: Outcome(
+                "missing", now, now - self.store.request(t.custom_id).submitted_at,
+                error_message=BATCH_UNKNOWN) for t in tickets})
+        except JournalError:
+            self._landed.extendleft(reversed(tickets))  # written once it is back
+            raise
+        for ticket in tickets:
+            watched.pop(ticket.custom_id, None)
+            self.say(f"batch {ticket.handle} is unknown to the API: its turn "
+                     f"{ticket.custom_id} has ended without an answer")
+            self._fail(ticket.custom_id, _unknown_batch(ticket.handle))
+
+
+# What the poller stores for a turn whose batch the API does not know (404): every host's
+# agent then fails the turn as the in-process path does (Collector: BatchNotFound).
+BATCH_UNKNOWN = "batch unknown to the API"
 
 
 def _stored_entry(row: RequestRow) -> EntryResult | None:
@@ -7133,6 +7245,10 @@ def _stored_entry(row: RequestRow) -> EntryResult | None:
         return None
     return EntryResult(row.custom_id, str(row.result_type), message, row.error_type,
                        row.error_message)
+
+
+def _unknown_batch(batch_id: str) -> BatchNotFound:
+    return BatchNotFound(f"polling {batch_id}: the API does not know it (404)")
 
 
 def _shared_error(stored: str | None) -> TransportError:
@@ -7148,6 +7264,7 @@ class FleetPool(Protocol):
     api: BatchAPI
     lane: str
     stops_on_ctrl_c: bool
+    cancel_scope: str  # what [c] of the Ctrl-C menu cancels
 
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
              notify: Notify) -> str: ...
@@ -7178,7 +7295,8 @@ def _shared_pool(store: Store, run: FleetRunRow, batch: BatchChannel, config: Co
                  plan: FleetPlan, say: Notify, outage: PoolOutage) -> FleetPool:
     return SharedPoolChannel(store, batch, account=pool_account(config.api_key, config.base_url),
                              max_width=plan.max_width, window_s=_window(store, plan), say=say,
-                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc))
+                             outage=outage, log_bug=lambda exc: log_bug(config.home, exc),
+                             own_prefix=f"{run.token}-")
 
 
 FLEET_POOLS: dict[str, Callable[..., FleetPool]] = {"sqlite": _in_process_pool,
@@ -7392,21 +7510,35 @@ class Fleet:
         self.pool.join()
         state, error = "failed", "never started"
         try:
-            self.store.set_agent_state(self.run.id, row.idx, "running")
-            self.board.set_state(row.session_id, "starting")
+            if not self._start_agent(row):
+                state, error = "queued", None
+                return
             state, error = self._drive(row)
         finally:
             self.pool.leave()
-            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx, state,
-                                                                     error))
+            if state != "queued":
+                self._through_outages(lambda: self.store.set_agent_state(
+                    self.run.id, row.idx, state, error))
             self.board.set_state(row.session_id, state, error or "")
             if row.session_id == self._primer:
                 self._release_held()
 
+    def _start_agent(self, row: FleetAgentRow) -> bool:
+        """Journal the start, waiting out an unreachable pool; False when the fleet stopped
+        first: the agent stays queued for a resume (a 'failed' here lost the task for good,
+        as `fleet --resume` skips failed agents)."""
+        try:
+            self._through_outages(lambda: self.store.set_agent_state(self.run.id, row.idx,
+                                                                     "running"))
+        except Halted:
+            return False
+        self.board.set_state(row.session_id, "starting")
+        return True
+
     def _drive(self, row: FleetAgentRow) -> tuple[str, str | None]:
         toolbox = BoundedToolbox(self.make_toolbox(row), self._slots)
-        agent = self._agent(row, toolbox)
         try:
+            agent = self._through_outages(lambda: self._agent(row, toolbox))
             self._through_outages(lambda: self._advance(row, agent))
             return "done", None
         except Detached:
@@ -7432,16 +7564,16 @@ class Fleet:
         else:
             agent.resume()
 
-    def _through_outages(self, step: Callable[[], object]) -> None:
+    def _through_outages(self, step: Callable[[], T]) -> T:
         """Run `step`; while a shared pool's store is unreachable, wait for it and run it
         again. The agent decides every step from the journal, so running it again picks up
         where the outage cut it (each write is a transaction that happened or did not)."""
         while True:
             try:
                 self._confirm_run_lock()
-                step()
+                done = step()
                 self.outage.up()
-                return
+                return done
             except PoolUnreachable as exc:
                 self.outage.down(exc)
                 self._wait_for_store()
@@ -7615,8 +7747,8 @@ def _secs(value: float | None) -> str:
 
 # -- the front-end ------------------------------------------------------------------------
 FLEET_INTERRUPT_MENU = ("[bold]Interrupted.[/] \\[d] detach: batches in flight keep running; "
-                        "pick them up with `fleet --continue` · \\[c] cancel every batch in "
-                        "flight · Enter: keep going")  # \\[ : a key, not a rich style tag
+                        "pick them up with `fleet --continue` · \\[c] {cancel_scope} · Enter: "
+                        "keep going")  # \\[ : a key, not a rich style tag
 
 
 # `fleet --continue` looks this far back for the newest run started on this host.
@@ -7775,7 +7907,8 @@ def watch_fleet(fleet: Fleet, pool: FleetPool, console: Any, *,
                 if live is not None:
                     live.update(picture(), refresh=True)
             except KeyboardInterrupt:
-                choice = _ask_fleet_interrupt(console, live, interactive, read_key)
+                choice = _ask_fleet_interrupt(console, live, interactive, read_key,
+                                              pool.cancel_scope)
                 if choice != "wait":
                     fleet.stop(choice)
     finally:
@@ -7785,12 +7918,13 @@ def watch_fleet(fleet: Fleet, pool: FleetPool, console: Any, *,
 
 
 def _ask_fleet_interrupt(console: Any, live: Any, interactive: bool,
-                         read_key: Callable[[float | None], str | None]) -> str:
+                         read_key: Callable[[float | None], str | None],
+                         cancel_scope: str) -> str:
     if not interactive:
         return "detach"
     if live is not None:
         live.stop()
-    console.print(FLEET_INTERRUPT_MENU)
+    console.print(FLEET_INTERRUPT_MENU.format(cancel_scope=cancel_scope))
     try:
         key = read_key(None) or ""  # the agents go on meanwhile; the table is back after
     except (KeyboardInterrupt, EOFError):
