@@ -1677,8 +1677,9 @@ class _SqlStore:
         """How it ended; `state` 'wasted' for a batch hurried past (counted, never applied).
         Never reopens a turn: an applied or wasted answer stays so (a second process that
         collects the same end must not apply it again), and a hurried one can only become
-        waste."""
-        closed = "('applied', 'wasted')" if state == "wasted" else "('applied', 'wasted', 'hurried')"
+        waste (or stay hurried)."""
+        closed = "('applied', 'wasted')" if state in ("hurried", "wasted") else \
+            "('applied', 'wasted', 'hurried')"
         with self._tx() as db:
             self._write_outcome(db, custom_id, outcome, state, f" AND state NOT IN {closed}")
 
