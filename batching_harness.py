@@ -3646,6 +3646,16 @@ class PoolJournal(Protocol):
     def set_pool_batch(self, pool_id: int, batch_id: str | None) -> None: ...
 
 
+def first_time(seen: set[str], key: str, lock: threading.RLock | threading.Lock) -> bool:
+    """Add `key` to `seen` under `lock`; True only for the first caller (a batch shared by
+    many agents is cancelled, or reported, once however many of them ask)."""
+    with lock:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+
 class PooledBatchChannel:
     """The batch lane for a fleet: agents `send` as they would on BatchChannel, and their
     turns are pooled into ONE create when every active agent is waiting on the model (no
@@ -3735,11 +3745,8 @@ class PooledBatchChannel:
 
     def cancel(self, handle: str, notify: Notify) -> None:
         """A pooled batch can only be cancelled whole: once, however many agents ask."""
-        with self._lock:
-            if handle in self._canceled:
-                return
-            self._canceled.add(handle)
-        self.batch.cancel(handle, notify)
+        if first_time(self._canceled, handle, self._lock):
+            self.batch.cancel(handle, notify)
 
     def forget(self, ticket: Ticket) -> None:
         self.batch.forget(ticket)
@@ -6740,19 +6747,13 @@ class SharedPoolChannel:
         entries = next((ids for batch_id, _at, ids in self.store.batches_in_flight(
             self.account) if batch_id == handle), [])
         if any(not c.startswith(self.own_prefix) for c in entries):
-            with self._lock:
-                first = handle not in self._kept
-                self._kept.add(handle)
-            if first:
+            if first_time(self._kept, handle, self._lock):
                 self.say(f"batch {handle} also carries other runs' turns: not cancelled; this "
                          "run's turns in it are detached (`fleet --continue` collects them)")
             raise BatchShared(f"batch {handle} is shared with other runs: detached, not "
                               "cancelled")
-        with self._lock:
-            if handle in self._canceled:
-                return
-            self._canceled.add(handle)
-        self.api.cancel(handle, notify)
+        if first_time(self._canceled, handle, self._lock):
+            self.api.cancel(handle, notify)
 
     def forget(self, ticket: Ticket) -> None:
         with self._lock:

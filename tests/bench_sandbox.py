@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: make `batching_harness` and `tests` importable
 
 import batching_harness  # noqa: E402  (it loads the sandbox module beside it, not an installed one)
+from tests.bench import timed_ms  # noqa: E402
 from tests.sandbox_helpers import sandbox_missing_reason  # noqa: E402
 
 sb = batching_harness._load_sandbox_module()
@@ -48,15 +49,6 @@ def line(label: str, times_ms: Sequence[float], base_ms: float | None = None) ->
     med, p90 = statistics.median(times_ms), percentile(times_ms, 0.9)
     over = f"   overhead {med - base_ms:7.1f} ms" if base_ms is not None else ""
     return f"  {label:<34} median {med:7.1f} ms   p90 {p90:7.1f} ms{over}"
-
-
-def timed_ms(fn: Callable[[], object], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return times
 
 
 def make_tool(root: Path, name: str, *, server: bool) -> sb.BashTool:

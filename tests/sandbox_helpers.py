@@ -130,3 +130,13 @@ needs_sandbox = pytest.mark.skipif(
 )
 """Mark a test that runs the real srt + bubblewrap: skipped, saying what to install, without."""
 
+
+def fake_home(tmp_path: Path, monkeypatch: Any) -> Path:
+    """A throwaway HOME holding fake credentials (an ssh key, AWS credentials), so deny-read
+    checks never touch the real one; tests' `home` fixtures return it."""
+    fake = tmp_path / "home"
+    for rel, text in ((".ssh/id_test", "FAKE-SSH-KEY"), (".aws/credentials", "FAKE-AWS-KEY")):
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(text + "\n")
+    monkeypatch.setenv("HOME", str(fake))
+    return fake

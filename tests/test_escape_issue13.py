@@ -21,6 +21,7 @@ import pytest
 from tests.sandbox_helpers import (
     bash,
     edit,
+    fake_home,
     make_policy,
     needs_sandbox,
     pids_running,
@@ -35,11 +36,7 @@ needs_git = pytest.mark.skipif(
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    fake = tmp_path / "home"
-    (fake / ".ssh").mkdir(parents=True)
-    (fake / ".ssh" / "id_test").write_text("FAKE-SSH-KEY\n")
-    monkeypatch.setenv("HOME", str(fake))
-    return fake
+    return fake_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

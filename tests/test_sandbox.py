@@ -20,6 +20,7 @@ import pytest
 
 from tests.sandbox_helpers import (
     bash,
+    fake_home,
     make_policy,
     pids_running,
     placeholders_in,
@@ -37,13 +38,7 @@ pytestmark = [
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A throwaway HOME holding fake credentials: the real one is never read or written."""
-    fake = tmp_path / "home"
-    for rel, text in ((".ssh/id_test", "FAKE-SSH-KEY"), (".aws/credentials", "FAKE-AWS-KEY")):
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(text + "\n")
-    monkeypatch.setenv("HOME", str(fake))
-    return fake
+    return fake_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 
 from tests.sandbox_helpers import (
     bash,
+    fake_home,
     make_policy,
     needs_sandbox,
     pids_running,
@@ -28,11 +29,7 @@ pytestmark = [pytest.mark.sandbox, needs_sandbox]
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    fake = tmp_path / "home"
-    (fake / ".ssh").mkdir(parents=True)
-    (fake / ".ssh" / "id_test").write_text("FAKE-SSH-KEY\n")
-    monkeypatch.setenv("HOME", str(fake))
-    return fake
+    return fake_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

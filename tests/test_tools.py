@@ -13,6 +13,7 @@ from tests.sandbox_helpers import (
     EDITOR,
     bash,
     edit,
+    fake_home,
     make_policy,
     needs_sandbox,
     still_running_after,
@@ -22,12 +23,7 @@ from tests.sandbox_helpers import (
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A throwaway HOME with a fake key in it, so deny-read checks never touch the real one."""
-    fake = tmp_path / "home"
-    (fake / ".ssh").mkdir(parents=True)
-    (fake / ".ssh" / "id_test").write_text("FAKE-PRIVATE-KEY\n")
-    monkeypatch.setenv("HOME", str(fake))
-    return fake
+    return fake_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture
