@@ -322,7 +322,7 @@ def test_a_turn_makes_no_retrieve_once_the_list_shows_the_end(api, tmp_path):
 def test_in_a_real_terminal_a_paste_during_a_wait_is_one_prompt(tmp_path):
     from tests.test_terminal import PROMPT, finish, spawn
 
-    with fa.FakeAPI(latency_s=2.5) as server:
+    with fa.FakeAPI(hold=True) as server:  # the batch ends once the paste is in
         server.script.extend([fa.text("first"), fa.text("second")])
         child = spawn(server, tmp_path, "--no-sandbox")
         child.expect_exact(PROMPT)
@@ -330,6 +330,8 @@ def test_in_a_real_terminal_a_paste_during_a_wait_is_one_prompt(tmp_path):
         child.expect(r"waiting 0:0[01]")
         child.send("\x1b[200~line one\nline two\x1b[201~\r")
         child.expect("typed, for the next prompt")
+        server.hold = False
+        server.release()
         child.expect("typed meanwhile is back at the prompt")
         child.expect_exact(PROMPT)
         child.send("\r")
