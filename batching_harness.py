@@ -1202,7 +1202,6 @@ class Store(Protocol):
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None: ...
     def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
     # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
-    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None: ...
     def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None: ...
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None: ...
@@ -1829,13 +1828,6 @@ class _SqlStore:
     # turns together with the batch's intent row in ONE transaction committed before the
     # create call; the batch id is committed right after it. Claims carry leases, so a dead
     # holder's intent is taken over, reconciled by list, then recorded or put back.
-    def enqueue_turn(self, row: RequestRow, pool_key: str, params: Mapping[str, Any]) -> None:
-        """Journal a turn and queue it for whoever flushes `pool_key`, in one transaction."""
-        with self._tx() as db:
-            self._insert_request(db, row)
-            self._insert_queued(db, row.custom_id, pool_key, params)
-        self._publish("queue", [pool_key])
-
     def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None:
         """Queue a turn already journaled (begin_request) for whoever flushes `pool_key`."""
         with self._tx() as db:

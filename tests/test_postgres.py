@@ -54,8 +54,10 @@ def _queue(store: bh.Store, n: int, pool_key: str = "claude-opus-5-5") -> list[s
     session = store.create_session(Path("/work"), "claude-opus-5-5")
     rows = [_request(session, n_messages=i + 1) for i in range(n)]
     for row in rows:
-        store.enqueue_turn(row, pool_key, {"model": "claude-opus-5-5", "max_tokens": 100,
-                                           "messages": [{"role": "user", "content": "hi"}]})
+        store.begin_request(row)
+        store.queue_turn(row.custom_id, pool_key, {
+            "model": "claude-opus-5-5", "max_tokens": 100,
+            "messages": [{"role": "user", "content": "hi"}]})
     return [r.custom_id for r in rows]
 
 
