@@ -58,7 +58,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
 
@@ -1219,6 +1219,7 @@ class Store(Protocol):
                                                                        str | None]]: ...
     def fail_claim(self, intent_id: int, reason: str) -> list[str]: ...
     def withdraw_turns(self, custom_ids: Sequence[str]) -> list[str]: ...
+    def batch_width(self, batch_id: str) -> int | None: ...
     def intent_batch(self, intent_id: int) -> str | None: ...
     def batches_in_flight(self, account: str) -> list[tuple[str, float, list[str]]]: ...
     def shared_batches(self, custom_id_prefix: str) -> list[PoolBatchRow]: ...
@@ -1394,6 +1395,9 @@ CREATE INDEX turn_queue_by_state ON turn_queue(state, pool_key)
 """)
 
 SCHEMA_VERSION = max(MIGRATIONS)
+# The session a shared pool's proxied entries are journaled under (their request rows are
+# the queue's and the ledger's; the proxy's own rows say which client sent them).
+PROXY_SESSION = "proxy"
 
 
 class SessionLock:
@@ -2010,6 +2014,11 @@ class _SqlStore:
                 db.execute("DELETE FROM turn_queue WHERE custom_id=?", (custom_id,))
         return ids
 
+    def batch_width(self, batch_id: str) -> int | None:
+        """How many turns a shared batch carries (None: not a shared pool's batch)."""
+        row = self._one("SELECT width FROM batch_intents WHERE batch_id=?", (batch_id,))
+        return int(row["width"]) if row else None
+
     def intent_batch(self, intent_id: int) -> str | None:
         row = self._one("SELECT batch_id FROM batch_intents WHERE id=?", (intent_id,))
         return row["batch_id"] if row else None
@@ -2156,6 +2165,19 @@ class _SqlStore:
             db.execute(f"INSERT INTO proxy_requests ({', '.join(cols)}) VALUES "
                        f"({', '.join('?' * len(cols))})", dataclasses.astuple(row))
 
+    def begin_proxy_entry(self, row: RequestRow) -> None:
+        """A proxied entry's request row, for a shared pool's queue and ledger (a fleet turn's
+        has its agent's session; these share one, PROXY_SESSION). Once: a retry of an entry
+        whose process died may journal it again."""
+        with self._tx() as db:
+            now = time.time()
+            db.execute("INSERT INTO sessions VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                       (PROXY_SESSION, now, now, "(proxy)", row.model, 0,
+                        "other harnesses' batch entries, through a proxy"))
+            db.execute(f"INSERT INTO requests ({REQUEST_COLUMNS}) VALUES "
+                       f"({', '.join('?' * len(dataclasses.fields(row)))}) "
+                       "ON CONFLICT (custom_id) DO NOTHING", dataclasses.astuple(row))
+
     def update_proxy_request(self, custom_id: str, **fields: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
         with self._tx() as db:
@@ -2168,12 +2190,15 @@ class _SqlStore:
             db.execute("UPDATE proxy_requests SET attaches=attaches+1 WHERE custom_id=?",
                        (custom_id,))
 
-    def proxy_reattachable(self, key_fp: str, turn_key: str, since: float) -> ProxyRow | None:
-        """The newest entry of this key and turn that is paid for and not yet delivered."""
+    def proxy_reattachable(self, key_fp: str, turn_key: str, since: float,
+                           states: Sequence[str] = ("submitted", "ended", "unknown")
+                           ) -> ProxyRow | None:
+        """The newest entry of this key and turn that is paid for (or, in a shared pool, may
+        yet be: `states`) and not yet delivered."""
         row = self._one("SELECT * FROM proxy_requests WHERE key_fp=? AND turn_key=? AND "
-                        "lane='batch' AND state IN ('submitted','ended','unknown') AND "
-                        "received_at>=? "
-                        "ORDER BY received_at DESC LIMIT 1", (key_fp, turn_key, since))
+                        f"lane='batch' AND state IN ({', '.join('?' * len(states))}) AND "
+                        "received_at>=? ORDER BY received_at DESC LIMIT 1",
+                        (key_fp, turn_key, *states, since))
         return ProxyRow(**dict(row)) if row else None
 
     def proxy_requests(self) -> list[ProxyRow]:
@@ -6534,14 +6559,22 @@ SHARED_CREATE_ERRORS: dict[str, type[TransportError]] = {
 def pool_account(api_key: str | None, base_url: str | None) -> str:
     """Whose turns may share a batch: one API key at one endpoint (a batch made with one key
     cannot be listed, polled or fetched with another). A digest: the key is never stored."""
-    endpoint = base_url or "https://api.anthropic.com"  # the SDK's default
+    endpoint = (base_url or "https://api.anthropic.com").rstrip("/")  # the SDK's default
     digest = hashlib.sha256(f"{endpoint}\n{api_key or ''}".encode())
     return "k" + digest.hexdigest()[:16]
 
 
-def shared_pool_key(account: str, params: Mapping[str, Any]) -> str:
-    """account/model/size class: turns that can go into one batch."""
-    return f"{account}/{params.get('model')}/{size_class(params)}"
+def shared_pool_key(account: str, params: Mapping[str, Any], betas: Sequence[str] = ()) -> str:
+    """account/model/size class[/betas]: turns that can go into one batch (betas go into the
+    create call, so only entries that asked for the same ones share it)."""
+    key = f"{account}/{params.get('model')}/{size_class(params)}"
+    return key + "/" + ",".join(sorted(betas)) if betas else key
+
+
+def pool_key_betas(key: str) -> list[str]:
+    """The betas a pool key's batches are created with."""
+    parts = key.split("/")
+    return parts[3].split(",") if len(parts) > 3 and parts[3] else []
 
 
 class PoolOutage:
@@ -6683,10 +6716,10 @@ class SharedPoolChannel:
 
     # -- the Channel protocol ----------------------------------------------------------
     def send(self, custom_id: str, params: dict[str, Any], *, exclude: Callable[[], set[str]],
-             notify: Notify) -> str:
+             notify: Notify, betas: Sequence[str] = ()) -> str:
         """Queue the turn in the store and block until a flusher (on any host) records the
-        batch that carries it; its id then."""
-        key = shared_pool_key(self.account, params)
+        batch that carries it; its id then. `betas`: the create's (a proxy's client asked)."""
+        key = shared_pool_key(self.account, params, betas)
         sending = _Sending(custom_id, self.clock.now(), self.window_s(str(params.get("model"))))
         with self._lock:
             if self._halted is not None:
@@ -7030,7 +7063,8 @@ class SharedPoolChannel:
             with self._leased(claim):
                 batch_id = self.api.create(
                     [{"custom_id": cid, "params": params} for cid, params in claim.turns],
-                    exclude=self.store.known_batch_ids, notify=notify)
+                    exclude=self.store.known_batch_ids, notify=notify,
+                    betas=pool_key_betas(key))
         except RetriesExhausted as exc:  # unknown outcome: the lease runs out, list decides
             notify(f"{exc}; the pool looks for its batch by list before sending again")
             return
@@ -8044,6 +8078,11 @@ class ProxyConfig:
     log_path: Path | None = field(default=None, metadata=option(
         "--log", metavar="FILE", parse=lambda v: Path(v).expanduser(),
         help="also append one JSON object per line to FILE (0600)"))
+    pool: str | None = field(default=None, metadata=option(
+        "--pool", metavar="URL", show=_pool_shown,
+        help="pool entries with every proxy and fleet on any host that points at this "
+        "PostgreSQL pool: postgresql://user@host/db[?schema=NAME] (default: this proxy's own "
+        "pool, journaled in BATCHING_HARNESS_HOME; also BATCHING_HARNESS_POOL)"))
     home: Path = Path("~/.batching-harness")
     """Where the journal lives (BATCHING_HARNESS_HOME)."""
 
@@ -8066,6 +8105,7 @@ def parse_proxy_config(argv: Sequence[str], environ: Mapping[str, str]) -> Proxy
     values = _parsed_values(ns, ProxyConfig)
     home = Path(environ.get("BATCHING_HARNESS_HOME") or Path.home() / ".batching-harness")
     values["token"] = values.get("token") or environ.get(TOKEN_ENV) or None
+    values["pool"] = values.get("pool") or environ.get("BATCHING_HARNESS_POOL") or None
     config = ProxyConfig(**values, home=home.expanduser().resolve())
     _check_proxy_values(config)
     return config
@@ -8460,8 +8500,13 @@ class KeyChannels:
 class Pool(Protocol):
     """Where batch entries go. `add` takes a new entry and eventually calls its
     submitted() / finish() / fail(); `watch` follows an entry already in a batch (a retry
-    after a restart). The fleet's pooler can take this place: same two calls."""
+    after a restart); `reconcile` one whose process died before its batch was known. One
+    per store kind, from PROXY_POOLS."""
 
+    reattachable: tuple[str, ...]  # the journal states a client's retry re-attaches to
+
+    @staticmethod
+    def recover(store: _SqlStore) -> int: ...
     def add(self, entry: ProxyEntry) -> None: ...
     def watch(self, entry: ProxyEntry) -> None: ...
     def reconcile(self, entry: ProxyEntry, row: ProxyRow) -> None: ...
@@ -8480,9 +8525,14 @@ class WindowPool:
     entry per batch). Each key's BatchChannel then polls every batch with one list call per
     tick and resolves every entry by custom_id."""
 
+    reattachable = ("submitted", "ended", "unknown")  # 'unknown': a create a crash cut off
+
     def __init__(self, channels: KeyChannels, store: _SqlStore, *, window_s: float,
                  width: int, clock: Clock, on_batch: Callable[[str, list[ProxyEntry]], None],
-                 on_end: Callable[[ProxyEntry], None]) -> None:
+                 on_end: Callable[[ProxyEntry], None], say: Notify = _ignore,
+                 log_bug: Callable[[BaseException], object] | None = None) -> None:
+        """`say`, `log_bug`: for pools with threads of their own to report from (the shared
+        one); this one's creates fail into their entries."""
         self.channels, self.store, self.clock = channels, store, clock
         self.window_s, self.width = window_s, width
         self._on_batch, self._on_end = on_batch, on_end
@@ -8617,30 +8667,214 @@ class WindowPool:
 
     def _arrived(self, entry: ProxyEntry, ticket: Ticket) -> None:
         try:
-            arrival = ticket.result()
+            result, cost, wait_s = entry_end(entry, ticket)
         except HarnessError as exc:  # polling gave up; the batch itself goes on
             entry.fail(transport_error(exc))
             self._on_end(entry)
             return
-        result = arrival.entry or EntryResult(entry.custom_id, "missing")
-        cost = entry_cost(entry.call.model, entry.call.params, result.message)
-        wait_s = arrival.view.turnaround_s
         with self._journal() as open_:
             if not open_:
                 return  # shutting down: the row stays 'submitted', a retry re-attaches
-            self.store.update_proxy_request(
-                entry.custom_id, state="ended", ended_at=self.clock.now(), wait_s=wait_s,
-                result_type=result.type, error_type=result.error_type,
-                error_message=result.error_message,
-                message=json.dumps(result.message) if result.message else None,
-                usage=json.dumps(result.message.get("usage")) if result.message else None,
-                cost_usd=cost.paid_usd, sync_cost_usd=cost.sync_usd)
+            journal_entry_end(self.store, entry, result, cost, wait_s, self.clock.now())
+        entry.finish(result, cost, wait_s)
+        self._on_end(entry)
+
+    @staticmethod
+    def recover(store: _SqlStore) -> int:
+        """At start-up, before any entry: rows a crash left before a known batch (how many
+        were never sent; a retry of those sends them again)."""
+        return store.proxy_unsent()
+
+
+def entry_end(entry: ProxyEntry, ticket: Ticket) -> tuple[EntryResult, CostBreakdown,
+                                                          float | None]:
+    """A landed ticket as its entry's end: the result, its price, the turnaround (a
+    HarnessError when polling gave up; the batch itself goes on)."""
+    arrival = ticket.result()
+    result = arrival.entry or EntryResult(entry.custom_id, "missing")
+    return (result, entry_cost(entry.call.model, entry.call.params, result.message),
+            arrival.view.turnaround_s)
+
+
+def journal_entry_end(store: _SqlStore, entry: ProxyEntry, result: EntryResult,
+                      cost: CostBreakdown, wait_s: float | None, now: float) -> None:
+    store.update_proxy_request(
+        entry.custom_id, state="ended", ended_at=now, wait_s=wait_s,
+        result_type=result.type, error_type=result.error_type,
+        error_message=result.error_message,
+        message=json.dumps(result.message) if result.message else None,
+        usage=json.dumps(result.message.get("usage")) if result.message else None,
+        cost_usd=cost.paid_usd, sync_cost_usd=cost.sync_usd)
+
+
+def entry_request_row(entry: ProxyEntry, now: float) -> RequestRow:
+    """A proxied entry as a shared pool's queue and ledger know a turn."""
+    params = entry.call.batch_params
+    return RequestRow(entry.custom_id, PROXY_SESSION, 0, len(params.get("messages") or ()),
+                      entry.call.model, _request_ttl(params), int(params.get("max_tokens") or 0),
+                      request_hash(params), 1, "submitting", None, now, route="proxy")
+
+
+class SharedProxyPool:
+    """`proxy --pool postgresql://…`: entries join the shared pool's queue, the one fleets
+    use, so proxies and fleets on many hosts that send with one API key to one endpoint
+    fill the same batches (one flusher per pool key, one poller per key, anywhere; see the
+    shared pool's banner). One SharedPoolChannel per key: a key lives only in the memory
+    of the processes its clients reached, never in the store, so only those flush or poll
+    for it. Entries of a key whose proxies all stopped wait in the queue (or in their
+    batch) until a client with that key comes back; its retry re-attaches to them.
+
+    A proxy counts in the pool as one agent that is never waiting (a client may send at
+    any moment) plus one waiting agent per entry it carries: while a proxy is open, a
+    flusher sends at the window or the width cap, never "because everyone is waiting"."""
+
+    reattachable = ("pooled", "submitted", "ended")  # 'pooled': queued, or sent by another
+
+    def __init__(self, channels: KeyChannels, store: _SqlStore, *, window_s: float,
+                 width: int, clock: Clock, on_batch: Callable[..., None],
+                 on_end: Callable[[ProxyEntry], None], say: Notify = _ignore,
+                 log_bug: Callable[[BaseException], object] | None = None) -> None:
+        self.channels, self.store, self.clock = channels, store, clock
+        self.window_s, self.width, self.say, self._log_bug = window_s, width, say, log_bug
+        self._on_batch, self._on_end = on_batch, on_end
+        self._pools: dict[str, SharedPoolChannel] = {}
+        self._logged: set[str] = set()  # batch ids already in the log
+        self._lock = threading.Lock()
+        self._journal_lock = threading.Lock()
+        self._closed = False
+
+    @staticmethod
+    def recover(store: _SqlStore) -> int:
+        """Nothing to sweep at start-up: a row left 'pooled' may be another live proxy's;
+        each is reconciled through the shared queue when its client retries."""
+        return 0
+
+    # -- the Pool protocol ------------------------------------------------------------
+    def add(self, entry: ProxyEntry) -> None:
+        self.store.begin_proxy_entry(entry_request_row(entry, self.clock.now()))
+        self._carry(entry, lambda shared: self._send(shared, entry))
+
+    def watch(self, entry: ProxyEntry) -> None:
+        batch_id = entry.batch_id
+        assert batch_id is not None
+        self._carry(entry, lambda _shared: batch_id)
+
+    def reconcile(self, entry: ProxyEntry, row: ProxyRow) -> None:
+        """A retry of an entry whose proxy stopped before it knew the batch: if the entry is
+        in the shared queue or already in a batch, wait for that; if its create was refused,
+        that refusal; if it never reached the queue (or was taken back out), queue it now."""
+        self._carry(entry, lambda shared: self._find_or_send(shared, entry))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop: this proxy's entries nobody has claimed leave the queue (their clients'
+        retries queue them again), creates under way record their batch, roles and the
+        member row are let go. Nothing is written to the proxy's rows after this."""
+        with self._journal_lock:
+            self._closed = True
+        with self._lock:
+            pools = list(self._pools.values())
+        stopping = ProxyError(529, "overloaded_error", "the proxy is stopping; send the "
+                              "request again to re-attach to the same batch entry")
+        for shared in pools:
+            shared.halt(stopping)
+            shared.close()
+
+    # -- each entry: into a batch, then to its end ------------------------------------
+    def _shared(self, credential: Credential) -> SharedPoolChannel:
+        with self._lock:
+            shared = self._pools.get(credential.fingerprint)
+            if shared is None:
+                shared = SharedPoolChannel(
+                    self.store, self.channels.for_key(credential),
+                    account=pool_account(credential.secret, self.channels.upstream),
+                    max_width=self.width, window_s=lambda _model: self.window_s,
+                    say=self.say, clock=self.clock, log_bug=self._log_bug)
+                self._pools[credential.fingerprint] = shared
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            shared.join()  # the open door: a client of this key may send at any moment
+        return shared
+
+    def _carry(self, entry: ProxyEntry, into_batch: Callable[[SharedPoolChannel], str]) -> None:
+        """The entry's batch (waiting for it may take a window and more) and its end, on a
+        thread of its own: the client's handler streams pings meanwhile."""
+        shared = self._shared(entry.call.credential)
+        shared.join()
+        threading.Thread(target=self._follow, args=(entry, shared, into_batch), daemon=True,
+                         name="proxy-entry").start()
+
+    def _follow(self, entry: ProxyEntry, shared: SharedPoolChannel,
+                into_batch: Callable[[SharedPoolChannel], str]) -> None:
+        try:
+            batch_id = into_batch(shared)
+            self._submitted(entry, batch_id)
+            ticket = shared.watch(entry.custom_id, batch_id, sent_at=entry.received_at,
+                                  expected_s=None, on_status=_ignore, notify=_ignore)
+        except HarnessError as exc:
+            self._failed(entry, shared, exc)
+            return
+        except Exception as exc:  # a bug: this client hears a 500, the others go on
+            where = self._log_bug(exc) if self._log_bug else "the log"
+            self._failed(entry, shared, ProxyError(500, "api_error", "batching-harness proxy: "
+                                                   f"internal error; see {where}"))
+            return
+        ticket.add_done_callback(lambda t: self._arrived(entry, shared, t))
+
+    def _send(self, shared: SharedPoolChannel, entry: ProxyEntry) -> str:
+        return shared.send(entry.custom_id, entry.call.batch_params,
+                           exclude=self.store.known_batch_ids, notify=_ignore,
+                           betas=entry.call.betas)
+
+    def _find_or_send(self, shared: SharedPoolChannel, entry: ProxyEntry) -> str:
+        queued = self.store.queue_entry(entry.custom_id)
+        if queued is not None and queued[0] == "failed":
+            raise _shared_error(queued[2])
+        found = shared.reconcile(entry.received_at, exclude=set(), notify=_ignore,
+                                 custom_id=entry.custom_id) if queued else None
+        if found is not None:
+            return found
+        self.store.begin_proxy_entry(entry_request_row(entry, self.clock.now()))
+        return self._send(shared, entry)
+
+    def _submitted(self, entry: ProxyEntry, batch_id: str) -> None:
+        with self._journal_lock:
+            if not self._closed:
+                self.store.update_proxy_request(entry.custom_id, state="submitted",
+                                                batch_id=batch_id)
+        entry.submitted(batch_id)
+        if first_time(self._logged, batch_id, self._lock):
+            self._on_batch(batch_id, [entry], self.store.batch_width(batch_id))
+
+    def _failed(self, entry: ProxyEntry, shared: SharedPoolChannel, exc: HarnessError) -> None:
+        shared.leave()
+        with self._journal_lock:
+            if not self._closed:
+                self.store.update_proxy_request(entry.custom_id, state="failed",
+                                                error_message=str(exc))
+        entry.fail(exc if isinstance(exc, ProxyError) else transport_error(exc))
+        self._on_end(entry)
+
+    def _arrived(self, entry: ProxyEntry, shared: SharedPoolChannel, ticket: Ticket) -> None:
+        shared.leave()
+        try:
+            result, cost, wait_s = entry_end(entry, ticket)
+        except HarnessError as exc:
+            entry.fail(transport_error(exc))
+            self._on_end(entry)
+            return
+        with self._journal_lock:
+            if self._closed:
+                return  # the row stays 'submitted': a retry re-attaches to the stored end
+            journal_entry_end(self.store, entry, result, cost, wait_s, self.clock.now())
         entry.finish(result, cost, wait_s)
         self._on_end(entry)
 
 
-POOLS: dict[str, type[Any]] = {"window": WindowPool}
-"""Pools by name: the fleet's pooler becomes a second entry."""
+PROXY_POOLS: dict[str, type[Any]] = {"sqlite": WindowPool, "postgresql": SharedProxyPool}
+"""The proxy's pool by the store's dialect: a SQLite journal is one host's, so the proxy
+pools its own clients; a PostgreSQL pool is shared by every proxy and fleet pointing at it."""
 
 
 class EntryBook:
@@ -8649,8 +8883,10 @@ class EntryBook:
     Claude Code's non-streaming fallback), re-attaches to it instead of paying again; after
     a restart the journal finds it. Only the same key ever re-attaches."""
 
-    def __init__(self, store: _SqlStore, clock: Clock) -> None:
-        self.store, self.clock = store, clock
+    def __init__(self, store: _SqlStore, clock: Clock,
+                 reattachable: Sequence[str] = ("submitted", "ended", "unknown")) -> None:
+        """`reattachable`: the journal states a retry re-attaches to (the pool's)."""
+        self.store, self.clock, self.reattachable = store, clock, tuple(reattachable)
         self._entries: dict[tuple[str, str], ProxyEntry] = {}
         self._lock = threading.Lock()
 
@@ -8663,7 +8899,8 @@ class EntryBook:
             if entry is not None and entry.failure is None:
                 self.store.proxy_attached(entry.custom_id)
                 return entry, "attached"
-            row = self.store.proxy_reattachable(key[0], key[1], now - REATTACH_WINDOW_S)
+            row = self.store.proxy_reattachable(key[0], key[1], now - REATTACH_WINDOW_S,
+                                                self.reattachable)
             if row is not None:
                 entry = self._entries[key] = _entry_from_row(row, call)
                 self.store.proxy_attached(row.custom_id)
@@ -8852,16 +9089,23 @@ class ProxyLog:
                 self.sync_usd += r["cost_usd"]
         self.emit({"event": "request", **r}, _request_text(r, self.clock.now()))
 
-    def batch(self, batch_id: str, entries: Sequence[ProxyEntry]) -> None:
+    def batch(self, batch_id: str, entries: Sequence[ProxyEntry],
+              width: int | None = None) -> None:
+        """A batch this proxy's entries ride in; `width`: all of its entries, when a shared
+        pool's batch also carries other processes' turns."""
+        width = width or len(entries)
         with self._lock:
-            self.widths.append(len(entries))
+            self.widths.append(width)
         call = entries[0].call
-        self.emit({"event": "batch", "batch_id": batch_id, "width": len(entries),
+        self.emit({"event": "batch", "batch_id": batch_id, "width": width,
                    "model": call.model, "key": call.credential.fingerprint,
                    "betas": list(call.betas)},
-                  f"{time.strftime('%H:%M:%S')} batch {batch_id} · {len(entries)} "
-                  f"entr{'y' if len(entries) == 1 else 'ies'} · {call.model} · "
-                  f"{call.credential.fingerprint}")
+                  f"{time.strftime('%H:%M:%S')} batch {batch_id} · {plural(width, 'entry')} · "
+                  f"{call.model} · {call.credential.fingerprint}")
+
+    def notice(self, text: str) -> None:
+        """What the pool has to say (the shared pool's store went away, came back, ...)."""
+        self.emit({"event": "notice", "text": text}, f"{time.strftime('%H:%M:%S')} {text}")
 
     def entry_ended(self, entry: ProxyEntry) -> None:
         with self._lock:
@@ -9002,10 +9246,11 @@ class Proxy:
             self.pool.add(entry)
         elif how == "journal-submitted":
             self.pool.watch(entry)
-        elif how == "journal-unknown":
+        elif how in ("journal-unknown", "journal-pooled"):  # its process died before the batch
             row = self.store.proxy_reattachable(call.credential.fingerprint, call.turn_key,
-                                                req.received_at - REATTACH_WINDOW_S)
-            if row is not None and row.state == "unknown":
+                                                req.received_at - REATTACH_WINDOW_S,
+                                                self.book.reattachable)
+            if row is not None and row.state in ("unknown", "pooled"):
                 self.pool.reconcile(entry, row)
             elif row is not None and row.batch_id:  # another retry adopted it meanwhile
                 entry.submitted(row.batch_id)
@@ -9251,8 +9496,9 @@ def proxy_banner(config: ProxyConfig, bound_url: str, unsent: int) -> list[str]:
                                               if config.route == "batch" else "")
              + f"; a request's {ROUTE_HEADER}: batch|sync wins",
              f"  pool      one key, model and betas per batch; flushed {config.pool_window_s:g}"
-             f" s after its first entry or at {config.pool_width} entries",
-             f"  journal   {config.home / 'journal.db'}"]
+             f" s after its first entry or at {config.pool_width} entries"
+             + (", shared with every proxy and fleet on this pool" if config.pool else ""),
+             f"  journal   {_pool_shown(config.pool) if config.pool else config.home / 'journal.db'}"]
     if unsent:
         lines.append(f"  note      {unsent} entr{'y' if unsent == 1 else 'ies'} cut off by a "
                      "crash before its batch was known; a retry sends it again")
@@ -9330,11 +9576,12 @@ def open_proxy(config: ProxyConfig, out: Any, clock: Clock | None = None,
     clock = clock or Clock()
     with contextlib.suppress(OSError):  # a bad location is reported by the store, in one line
         secure_state_dir(config.home)
-    store = SqliteStore(config.home / "journal.db")
+    store = cast(_SqlStore, open_store(config.pool, config.home))
+    pool_kind = PROXY_POOLS[store.dialect]
     log_file = _open_private_log(config.log_path) if config.log_path else None
-    unsent = store.proxy_unsent()
+    unsent = pool_kind.recover(store)
     log = ProxyLog(out, output_format=config.output_format, log_file=log_file, clock=clock)
-    book = EntryBook(store, clock)
+    book = EntryBook(store, clock, pool_kind.reattachable)
     channels = channels or KeyChannels(config.upstream, poll_interval_s=config.poll_interval_s,
                                        clock=clock)
 
@@ -9343,9 +9590,9 @@ def open_proxy(config: ProxyConfig, out: Any, clock: Clock | None = None,
         if entry.failure is not None:
             book.forget(entry)
 
-    pool = POOLS["window"](channels, store, window_s=config.pool_window_s,
-                           width=config.pool_width, clock=clock, on_batch=log.batch,
-                           on_end=ended)
+    pool = pool_kind(channels, store, window_s=config.pool_window_s, width=config.pool_width,
+                     clock=clock, on_batch=log.batch, on_end=ended, say=log.notice,
+                     log_bug=lambda exc: log_bug(config.home, exc))
     proxy = Proxy(config, store, pool, book, Upstream(config.upstream), log, clock)
     try:
         server = build_proxy_server(proxy, config.host, config.port)
@@ -9572,7 +9819,9 @@ def _run(config: Config) -> int:
         secure_state_dir(config.home)
     journal = open_store(config.pool, config.home)
     if config.action == "stats":
-        render_history(Console(), journal.requests())
+        # A shared pool's proxied entries: in the proxy's table below, not twice
+        render_history(Console(), [r for r in journal.requests()
+                                   if r.session_id != PROXY_SESSION])
         proxied = journal.proxy_requests()
         if proxied:
             render_proxy_stats(Console(), proxied)
