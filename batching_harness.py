@@ -7082,8 +7082,15 @@ class SharedPoolChannel:
         """The batch id, committed right after the create; a batch whose intent another
         process settled meanwhile (our lease ran out) is a duplicate, cancelled."""
         recorded: list[bool] = []
-        self._until_stored(lambda: recorded.append(
-            self.store.record_claim_batch(claim.intent_id, batch_id)), self._closed)
+
+        def write() -> None:
+            recorded.append(self.store.record_claim_batch(claim.intent_id, batch_id))
+
+        try:  # tried even while the pool closes: recorded now, not found by list later
+            write()
+        except JournalError as exc:
+            self._unreachable(exc)
+            self._until_stored(write, self._closed)
         if recorded and recorded[0]:
             for custom_id in claim.custom_ids:  # our own agents need no NOTIFY round trip
                 with self._lock:

@@ -346,3 +346,30 @@ def _queue_one(store: bh.Store) -> list[str]:
     store.queue_turn(row.custom_id, "k", {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
                                           "messages": [{"role": "user", "content": "hi"}]})
     return [row.custom_id]
+
+
+def test_a_create_that_returns_while_the_pool_closes_is_recorded(fake_api, pg_url):
+    """The flusher's create answered after close() had begun: its batch id was never
+    written (the write waited only "until closed"), so the turns stayed claimed until the
+    lease ran out and another process found the batch by list. It is written at once now."""
+    account = bh.pool_account("test-key", fake_api.base_url)
+    store = bh.PostgresStore(pg_url)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api), account=account,
+                                   window_s=lambda _model: 0.0)
+    params = {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+              "messages": [{"role": "user", "content": "hi"}]}
+    row = request_row(store.create_session(Path("/w"), bh.DEFAULT_MODEL), max_tokens=100)
+    store.begin_request(row)
+    fake_api.inject("create", "slow", delay_s=1.0)
+    try:
+        channel.join()
+        threading.Thread(target=lambda: channel.send(row.custom_id, params, exclude=set,
+                                                     notify=print), daemon=True).start()
+        _until(lambda: (store.queue_entry(row.custom_id) or ("",))[0] == "claimed",
+               "the turn is claimed and its create under way")
+    finally:
+        channel.close()  # while the create is still being answered
+    [batch_id] = fake_api.batch_ids()
+    state, recorded, _error, _key = store.queue_entry(row.custom_id)
+    assert (state, recorded) == ("sent", batch_id)
+    store.close()
