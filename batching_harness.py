@@ -6522,7 +6522,7 @@ class RunPoolJournal:
 # creates it, and per account ONE process (the poller) polls every batch in flight with one
 # list call per tick and writes each turn's end. Agents everywhere are woken by NOTIFY.
 # Hosts' clocks differ: every lease, member row and window is reckoned by the store's clock
-# inside its statements, never by a host's own.
+# inside its statements; a process's own threads schedule their looks on time.monotonic().
 # A claim's lease: how long a create may go unrenewed before another process reconciles its
 # batch by list (renewed every third of it while the create is tried).
 POOL_LEASE_S = 10.0
@@ -6660,7 +6660,7 @@ class SharedPoolChannel:
         self._listening, self._closed = threading.Event(), threading.Event()
         self._member_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._roles_checked_at = 0.0
+        self._roles_checked_at = -math.inf  # monotonic time: checked on the first pass
         self._creating: dict[int, tuple[Claim, float]] = {}  # intent -> (claim, renewed at)
 
     # -- who is active -------------------------------------------------------------------
@@ -6963,7 +6963,7 @@ class SharedPoolChannel:
             woken = self._flush_wake.is_set()
             self._flush_wake.clear()
             try:
-                now = time.time()
+                now = time.monotonic()
                 if self._member_dirty.is_set() or now >= next_beat_at:
                     self._member_dirty.clear()
                     self._write_member()
@@ -6973,10 +6973,11 @@ class SharedPoolChannel:
                     for key in self._take_roles(roles, now):
                         due[key] = 0.0
                 for key in list(roles):
-                    if woken or time.time() >= due.get(key, 0.0):
-                        due[key] = time.time() + self._serve(key)
+                    if woken or time.monotonic() >= due.get(key, 0.0):
+                        due[key] = time.monotonic() + self._serve(key)
                 self._pass_recovered()
-                wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
+                wait_s = min([next_roles_at, next_beat_at,
+                              *(due[k] for k in roles)]) - time.monotonic()
             except JournalError as exc:
                 self._unreachable(exc)
                 wait_s = POOL_RETRY_S
@@ -7089,7 +7090,7 @@ class SharedPoolChannel:
         """The claim's lease is renewed (by the listener thread) while the create is tried:
         retries can take minutes."""
         with self._lock:
-            self._creating[claim.intent_id] = (claim, time.time())
+            self._creating[claim.intent_id] = (claim, time.monotonic())
         try:
             yield
         finally:
@@ -7097,7 +7098,7 @@ class SharedPoolChannel:
                 self._creating.pop(claim.intent_id, None)
 
     def _renew_leases(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         with self._lock:
             due = [c for c, at in self._creating.values() if now - at >= POOL_LEASE_S / 3]
         for claim in due:
@@ -7145,7 +7146,7 @@ class SharedPoolChannel:
             woken = self._poll_wake.is_set()
             self._poll_wake.clear()
             try:
-                now = time.time()
+                now = time.monotonic()
                 if now >= next_role_at:  # held: checked now and then; not held: tried often
                     next_role_at = now + (ROLE_CHECK_S if role is not None else ROLE_RETRY_S)
                     if role is not None and not role.alive():
@@ -7159,7 +7160,8 @@ class SharedPoolChannel:
                         self._watch_in_flight(watched)
                         next_refresh_at = now + IN_FLIGHT_REFRESH_S
                 self._pass_recovered()
-                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
+                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - \
+                    time.monotonic()
             except JournalError as exc:
                 self._unreachable(exc)
                 wait_s = POOL_RETRY_S

@@ -411,3 +411,26 @@ def test_a_host_whose_clock_runs_ahead_leaves_live_claims_and_members_alone(fake
         host_b.close()
         store_b.close()
         host_a.close()
+
+
+def test_a_wall_clock_stepped_back_does_not_stop_a_hosts_heartbeat(fake_api, pg_url,
+                                                                    monkeypatch):
+    """The pool's threads scheduled their looks by time.time(): a clock stepped back a minute
+    (NTP, a VM resumed) put the next member heartbeat a minute away, the member row ran out,
+    and every other host stopped counting this host's working agents (flushes before they
+    all waited). Local schedules are monotonic: the heartbeat goes on."""
+    monkeypatch.setattr(bh, "MEMBER_LEASE_S", 0.6)  # a heartbeat every 0.2 s
+    store = bh.PostgresStore(pg_url)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api), account="acct")
+    try:
+        channel.join()
+        _until(lambda: store.pool_census("acct")[0] == 1, "the host's member row is written")
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() - 60)
+        deadline = time.monotonic() + 4 * bh.MEMBER_LEASE_S
+        while time.monotonic() < deadline:  # several leases' worth: renewed all along
+            assert store.pool_census("acct")[0] == 1, "the member row ran out"
+            time.sleep(0.05)
+    finally:
+        channel.close()
+        store.close()
