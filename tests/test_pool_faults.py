@@ -213,6 +213,8 @@ def test_a_batch_the_api_does_not_know_ends_its_turns_on_every_host(fake_api, pg
         assert (row.state, row.result_type, row.error_message) == (
             "ended", "missing", bh.BATCH_UNKNOWN)
         assert agent_store.batches_in_flight(account) == []  # nobody polls it any more
+        # the poller says so just after the write that woke this agent: wait for its line
+        _until(lambda: any(bogus in t for t in said), "the poller tells its user")
         assert len([t for t in said if bogus in t]) == 1, said
     finally:
         for channel in (poller, other):
