@@ -1129,9 +1129,12 @@ class Claim:
     intent_id: int
     pool_key: str
     holder: str
-    lease_until: float
     created_at: float
-    """When the claim was made: a reconcile by list looks for batches created after it."""
+    """When the claim was made, by the store's clock: a reconcile by list looks for batches
+    created after it (the API's clock; CLOCK_SKEW_S covers two servers' difference)."""
+    age_s: float
+    """How old the claim was when this process read it, by the store's clock: a host never
+    subtracts the store's times from its own clock, which may run minutes off."""
     turns: tuple[tuple[str, dict[str, Any]], ...]
     """(custom_id, request params) per turn, oldest first."""
 
@@ -1202,6 +1205,8 @@ class Store(Protocol):
     def record_tool(self, custom_id: str, tool_use_id: str, result: ToolResult) -> None: ...
     def tool_results(self, custom_id: str) -> dict[str, ToolResult | None]: ...
     # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
+    # Its leases and expiries are the store's clock's, kept and compared inside the store;
+    # a host gets ages (queue_head, Claim.age_s), never a time to hold against its own clock.
     def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None: ...
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None: ...
@@ -1486,6 +1491,11 @@ class _SqlStore:
     """The column that orders requests submitted in the same instant."""
     _CLAIM_LOCK: ClassVar[str] = ""
     """Appended to the claim's SELECT: how other claimers are kept off the same rows."""
+    _NOW: ClassVar[str]
+    """The store's clock (epoch seconds) as SQL. Every time another process reads (a lease,
+    a member row, a queued turn's age) is written and compared by it, inside the statement:
+    hosts' clocks differ, and one running ahead would take over live claims (a second
+    create, paid twice) and count live members as gone."""
     location: str
 
     def __init__(self) -> None:
@@ -1842,14 +1852,13 @@ class _SqlStore:
                        params: Mapping[str, Any]) -> None:
         # A retry after a commit whose reply was lost finds its row there: queued once.
         db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
-                   "VALUES (?,?,?,?) ON CONFLICT (custom_id) DO NOTHING",
-                   (custom_id, pool_key, json.dumps(params), time.time()))
+                   f"VALUES (?,?,?,{self._NOW}) ON CONFLICT (custom_id) DO NOTHING",
+                   (custom_id, pool_key, json.dumps(params)))
 
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None:
         """Up to `limit` of the oldest queued turns of `pool_key`, and the intent of the batch
         that will carry them; None when nothing is queued (or others hold it all)."""
-        now = time.time()
         with self._tx() as db:
             rows = db.execute("SELECT custom_id, params FROM turn_queue WHERE pool_key=? AND "
                               "state='queued' ORDER BY queued_at LIMIT ?" + self._CLAIM_LOCK,
@@ -1858,20 +1867,22 @@ class _SqlStore:
                 return None
             intent_id = self._insert_id(
                 db, "INSERT INTO batch_intents (pool_key, holder, lease_until, created_at, "
-                "width, reason) VALUES (?,?,?,?,?,?)",
-                (pool_key, holder, now + lease_s, now, len(rows), reason or None))
+                f"width, reason) VALUES (?,?,{self._NOW} + ?,{self._NOW},?,?)",
+                (pool_key, holder, lease_s, len(rows), reason or None))
             ids = [r["custom_id"] for r in rows]
             db.execute(f"UPDATE turn_queue SET state='claimed', intent_id=? WHERE custom_id IN "
                        f"({', '.join('?' * len(ids))})", (intent_id, *ids))
-        return Claim(intent_id, pool_key, holder, now + lease_s, now,
+            created_at = db.execute("SELECT created_at FROM batch_intents WHERE id=?",
+                                    (intent_id,)).fetchone()["created_at"]
+        return Claim(intent_id, pool_key, holder, created_at, 0.0,
                      tuple((r["custom_id"], json.loads(r["params"])) for r in rows))
 
     def renew_claim(self, claim: Claim, lease_s: float) -> bool:
         """Extend the lease while the create is still being tried; False if it was lost."""
         with self._tx() as db:
-            return db.execute("UPDATE batch_intents SET lease_until=? WHERE id=? AND holder=? "
-                              "AND state='creating'", (time.time() + lease_s, claim.intent_id,
-                                                       claim.holder)).rowcount == 1
+            return db.execute(f"UPDATE batch_intents SET lease_until={self._NOW} + ? WHERE "
+                              "id=? AND holder=? AND state='creating'",
+                              (lease_s, claim.intent_id, claim.holder)).rowcount == 1
 
     def record_claim_batch(self, intent_id: int, batch_id: str) -> bool:
         """The create made `batch_id`: every turn of the intent is now in flight in it, in
@@ -1914,21 +1925,20 @@ class _SqlStore:
         lease. Their create may or may not have happened: reconcile by list, then
         record_claim_batch or release_claim. `pool_key` keeps to one pool (a batch made
         with another API key cannot be found by this one's list)."""
-        now = time.time()
-        where, args = ("", (now,)) if pool_key is None else (" AND pool_key=?", (now, pool_key))
+        where, args = ("", ()) if pool_key is None else (" AND pool_key=?", (pool_key,))
         with self._tx() as db:
-            rows = db.execute("SELECT id, pool_key, created_at FROM batch_intents WHERE "
-                              "state='creating' "
-                              f"AND lease_until < ?{where} ORDER BY id" + self._CLAIM_LOCK,
+            rows = db.execute(f"SELECT id, pool_key, created_at, {self._NOW} - created_at AS "
+                              f"age_s FROM batch_intents WHERE state='creating' AND "
+                              f"lease_until < {self._NOW}{where} ORDER BY id" + self._CLAIM_LOCK,
                               args).fetchall()
             claims = []
             for r in rows:
-                db.execute("UPDATE batch_intents SET holder=?, lease_until=? WHERE id=?",
-                           (holder, now + lease_s, r["id"]))
+                db.execute(f"UPDATE batch_intents SET holder=?, lease_until={self._NOW} + ? "
+                           "WHERE id=?", (holder, lease_s, r["id"]))
                 turns = db.execute("SELECT custom_id, params FROM turn_queue WHERE intent_id=? "
                                    "ORDER BY queued_at", (r["id"],)).fetchall()
-                claims.append(Claim(r["id"], r["pool_key"], holder, now + lease_s,
-                                    r["created_at"], tuple(
+                claims.append(Claim(r["id"], r["pool_key"], holder, r["created_at"],
+                                    r["age_s"], tuple(
                     (t["custom_id"], json.loads(t["params"])) for t in turns)))
         return claims
 
@@ -1957,10 +1967,11 @@ class _SqlStore:
         return self.queue_head(pool_key)[0]
 
     def queue_head(self, pool_key: str) -> tuple[int, float | None]:
-        """How many turns of `pool_key` wait to be claimed, and since when the oldest does."""
-        row = self._one("SELECT COUNT(*) AS n, MIN(queued_at) AS oldest FROM turn_queue WHERE "
-                        "pool_key=? AND state='queued'", (pool_key,))
-        return int(row["n"]), row["oldest"]
+        """How many turns of `pool_key` wait to be claimed, and how long the oldest has
+        waited (seconds, by the store's clock: the window is the same on every host)."""
+        row = self._one(f"SELECT COUNT(*) AS n, {self._NOW} - MIN(queued_at) AS age_s FROM "
+                        "turn_queue WHERE pool_key=? AND state='queued'", (pool_key,))
+        return int(row["n"]), row["age_s"]
 
     def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None:
         """(queue state, batch id, why it failed, pool key) of a queued turn; None if it was
@@ -2060,10 +2071,10 @@ class _SqlStore:
     def set_member(self, member: str, account: str, active: int, waiting: int,
                    lease_s: float) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO pool_members VALUES (?,?,?,?,?) ON CONFLICT (member) DO "
-                       "UPDATE SET active=excluded.active, waiting=excluded.waiting, "
-                       "seen_until=excluded.seen_until",
-                       (member, account, active, waiting, time.time() + lease_s))
+            db.execute(f"INSERT INTO pool_members VALUES (?,?,?,?,{self._NOW} + ?) ON "
+                       "CONFLICT (member) DO UPDATE SET active=excluded.active, "
+                       "waiting=excluded.waiting, seen_until=excluded.seen_until",
+                       (member, account, active, waiting, lease_s))
         self._publish("queue", [account])
 
     def drop_member(self, member: str) -> None:
@@ -2075,7 +2086,7 @@ class _SqlStore:
         model). The waiting count is the queue's own (queued, claimed or in a batch), so a
         turn that ends stops counting in the transaction that ends it, on every host."""
         active = self._one("SELECT COALESCE(SUM(active), 0) AS n FROM pool_members WHERE "
-                           "account=? AND seen_until > ?", (account, time.time()))
+                           f"account=? AND seen_until > {self._NOW}", (account,))
         waiting = self._one("SELECT COUNT(*) AS n FROM turn_queue WHERE state IN ('queued', "
                             "'claimed', 'sent') AND pool_key LIKE ?", (account + "/%",))
         return int(active["n"]), int(waiting["n"])
@@ -2254,6 +2265,9 @@ class SqliteStore(_SqlStore):
 
     dialect = "sqlite"
     _ARRIVAL = "rowid"
+    # One host, one clock: the process's own, to the microsecond (julianday('now') keeps only
+    # milliseconds, and turns queued within one would tie in the queue's order).
+    _NOW = "store_now()"
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -2285,6 +2299,7 @@ class SqliteStore(_SqlStore):
                              check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA synchronous=FULL")  # a paid batch id must survive power loss
+        db.create_function("store_now", 0, time.time)
         return db
 
     def _migrate(self) -> None:
@@ -2519,6 +2534,9 @@ class PostgresStore(_SqlStore):
     dialect = "postgresql"
     _ARRIVAL = "seq"
     _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+    # The server's clock, one for every host; fixed within a statement, so a row's lease and
+    # creation time agree, but fresh for each statement of a transaction.
+    _NOW = "extract(epoch from statement_timestamp())::float8"
 
     def __init__(self, url: str) -> None:
         super().__init__()
@@ -6530,6 +6548,8 @@ class RunPoolJournal:
 # per pool key ONE process (the flusher, an advisory-lock role) claims a batch's worth and
 # creates it, and per account ONE process (the poller) polls every batch in flight with one
 # list call per tick and writes each turn's end. Agents everywhere are woken by NOTIFY.
+# Hosts' clocks differ: every lease, member row and window is reckoned by the store's clock
+# inside its statements; a process's own threads schedule their looks on time.monotonic().
 # A claim's lease: how long a create may go unrenewed before another process reconciles its
 # batch by list (renewed every third of it while the create is tried).
 POOL_LEASE_S = 10.0
@@ -6675,7 +6695,7 @@ class SharedPoolChannel:
         self._listening, self._closed = threading.Event(), threading.Event()
         self._member_dirty = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._roles_checked_at = 0.0
+        self._roles_checked_at = -math.inf  # monotonic time: checked on the first pass
         self._creating: dict[int, tuple[Claim, float]] = {}  # intent -> (claim, renewed at)
 
     # -- who is active -------------------------------------------------------------------
@@ -6978,7 +6998,7 @@ class SharedPoolChannel:
             woken = self._flush_wake.is_set()
             self._flush_wake.clear()
             try:
-                now = time.time()
+                now = time.monotonic()
                 if self._member_dirty.is_set() or now >= next_beat_at:
                     self._member_dirty.clear()
                     self._write_member()
@@ -6988,10 +7008,11 @@ class SharedPoolChannel:
                     for key in self._take_roles(roles, now):
                         due[key] = 0.0
                 for key in list(roles):
-                    if woken or time.time() >= due.get(key, 0.0):
-                        due[key] = time.time() + self._serve(key)
+                    if woken or time.monotonic() >= due.get(key, 0.0):
+                        due[key] = time.monotonic() + self._serve(key)
                 self._pass_recovered()
-                wait_s = min([next_roles_at, next_beat_at, *(due[k] for k in roles)]) - time.time()
+                wait_s = min([next_roles_at, next_beat_at,
+                              *(due[k] for k in roles)]) - time.monotonic()
             except JournalError as exc:
                 self._unreachable(exc)
                 wait_s = POOL_RETRY_S
@@ -7039,16 +7060,15 @@ class SharedPoolChannel:
 
     def _serve(self, key: str) -> float:
         """Flush `key` if its turns are due; seconds until they will be otherwise."""
-        count, oldest = self.store.queue_head(key)
-        if not count or oldest is None:
+        count, age_s = self.store.queue_head(key)
+        if not count or age_s is None:
             return ROLE_CHECK_S  # NOTIFY says when something is queued
         active, waiting = self.store.pool_census(self.account)
-        due_at = oldest + self.window_s(key.split("/")[1])
+        due_in_s = self.window_s(key.split("/")[1]) - age_s  # the store's clock, not ours
         reason = ("width cap" if count >= self.max_width else "all waiting"
-                  if active and waiting >= active else "window" if due_at <= time.time()
-                  else None)
+                  if active and waiting >= active else "window" if due_in_s <= 0 else None)
         if reason is None:
-            return due_at - time.time()
+            return due_in_s
         self._flush(key, reason)
         return 0.0  # more may be queued behind a width cap
 
@@ -7113,7 +7133,7 @@ class SharedPoolChannel:
         """The claim's lease is renewed (by the listener thread) while the create is tried:
         retries can take minutes."""
         with self._lock:
-            self._creating[claim.intent_id] = (claim, time.time())
+            self._creating[claim.intent_id] = (claim, time.monotonic())
         try:
             yield
         finally:
@@ -7121,7 +7141,7 @@ class SharedPoolChannel:
                 self._creating.pop(claim.intent_id, None)
 
     def _renew_leases(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         with self._lock:
             due = [c for c, at in self._creating.values() if now - at >= POOL_LEASE_S / 3]
         for claim in due:
@@ -7133,7 +7153,7 @@ class SharedPoolChannel:
     def _reconcile_claim(self, claim: Claim) -> None:
         """A dead holder's intent: its create may have made a batch. Look for it by list
         (time and width) once; record it, or put the turns back in the queue."""
-        wait_s = claim.created_at + UNKNOWN_CREATE_WAIT_S - time.time()
+        wait_s = UNKNOWN_CREATE_WAIT_S - claim.age_s
         if wait_s > 0:  # a create cut off moments ago may not be listed yet
             self._closed.wait(wait_s)
         try:
@@ -7169,7 +7189,7 @@ class SharedPoolChannel:
             woken = self._poll_wake.is_set()
             self._poll_wake.clear()
             try:
-                now = time.time()
+                now = time.monotonic()
                 if now >= next_role_at:  # held: checked now and then; not held: tried often
                     next_role_at = now + (ROLE_CHECK_S if role is not None else ROLE_RETRY_S)
                     if role is not None and not role.alive():
@@ -7183,7 +7203,8 @@ class SharedPoolChannel:
                         self._watch_in_flight(watched)
                         next_refresh_at = now + IN_FLIGHT_REFRESH_S
                 self._pass_recovered()
-                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - time.time()
+                wait_s = min(next_role_at, next_refresh_at if role else math.inf) - \
+                    time.monotonic()
             except JournalError as exc:
                 self._unreachable(exc)
                 wait_s = POOL_RETRY_S

@@ -213,6 +213,8 @@ def test_a_batch_the_api_does_not_know_ends_its_turns_on_every_host(fake_api, pg
         assert (row.state, row.result_type, row.error_message) == (
             "ended", "missing", bh.BATCH_UNKNOWN)
         assert agent_store.batches_in_flight(account) == []  # nobody polls it any more
+        # the poller says so just after the write that woke this agent: wait for its line
+        _until(lambda: any(bogus in t for t in said), "the poller tells its user")
         assert len([t for t in said if bogus in t]) == 1, said
     finally:
         for channel in (poller, other):
@@ -373,3 +375,91 @@ def test_a_create_that_returns_while_the_pool_closes_is_recorded(fake_api, pg_ur
     state, recorded, _error, _key = store.queue_entry(row.custom_id)
     assert (state, recorded) == ("sent", batch_id)
     store.close()
+
+
+class _LooksCounted(bh.PostgresStore):
+    """The pool's store, counting the flusher's looks at who is waiting: each one is a
+    flush decision, so the test knows one was made without sleeping."""
+
+    looks = 0
+
+    def pool_census(self, account: str) -> tuple[int, int]:
+        try:
+            return super().pool_census(account)
+        finally:
+            self.looks += 1
+
+
+def test_a_host_whose_clock_runs_ahead_leaves_live_claims_and_members_alone(fake_api, pg_url,
+                                                                              monkeypatch):
+    """Regression (review of issue 12): the pool reckoned leases and member rows by each
+    host's clock. A host 60 s ahead took over another host's claim mid-create (a second
+    create of the same turns: a batch paid twice, then cancelled) and counted that host's
+    working agents as gone (a flush before everyone waited). It must leave both alone, and
+    flush once the other host's agents really are all waiting."""
+    monkeypatch.setattr(bh, "ROLE_RETRY_S", 0.2)  # the flusher role taken sooner
+    account = bh.pool_account("test-key", fake_api.base_url)
+    params = {"model": bh.DEFAULT_MODEL, "max_tokens": 100,
+              "messages": [{"role": "user", "content": "hi"}]}
+    key = bh.shared_pool_key(account, params)
+    host_a = bh.PostgresStore(pg_url)
+    # Host A (this clock): one agent's turn mid-create under a live lease, one still working.
+    mine = request_row(host_a.create_session(Path("/w"), bh.DEFAULT_MODEL), max_tokens=100)
+    host_a.begin_request(mine)
+    host_a.queue_turn(mine.custom_id, key, params)
+    claim = host_a.claim_turns(key, "host-a", limit=1, lease_s=30)
+    host_a.set_member("host-a", account, 2, 1, 30)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 60)  # the rest of it: host B
+    store_b = _LooksCounted(pg_url)
+    host_b = bh.SharedPoolChannel(store_b, make_channel(fake_api), account=account,
+                                  window_s=lambda _model: 30.0)
+    theirs = request_row(store_b.create_session(Path("/w"), bh.DEFAULT_MODEL), max_tokens=100)
+    store_b.begin_request(theirs)
+    sent: list[str] = []
+    sender = threading.Thread(target=lambda: sent.append(host_b.send(
+        theirs.custom_id, params, exclude=set, notify=print)), daemon=True)
+    try:
+        host_b.join()
+        sender.start()
+        _until(lambda: store_b.looks >= 1, "host B's flusher looks at its queued turn")
+        host_a.set_member("host-a", account, 2, 1, 30)  # A's heartbeat: B looks again
+        _until(lambda: store_b.looks >= 2 or fake_api.batch_ids(),
+               "host B's flusher looks a second time")
+        assert fake_api.batch_ids() == [], "flushed while host A's agent was still working"
+        intent = host_a._one("SELECT holder, state FROM batch_intents WHERE id=?",
+                             (claim.intent_id,))
+        assert (intent["holder"], intent["state"]) == ("host-a", "creating")
+        host_a.set_member("host-a", account, 1, 1, 30)  # A's other agent now waits too
+        sender.join(20)
+        assert sent and sent == fake_api.batch_ids(), "everyone waits: B flushes at once"
+        assert [r["custom_id"] for r in fake_api._batches[sent[0]].requests] == [
+            theirs.custom_id]  # only its own turn: A's is still A's to create
+    finally:
+        host_b.halt(bh.HarnessError("the test is over"))
+        host_b.close()
+        store_b.close()
+        host_a.close()
+
+
+def test_a_wall_clock_stepped_back_does_not_stop_a_hosts_heartbeat(fake_api, pg_url,
+                                                                    monkeypatch):
+    """The pool's threads scheduled their looks by time.time(): a clock stepped back a minute
+    (NTP, a VM resumed) put the next member heartbeat a minute away, the member row ran out,
+    and every other host stopped counting this host's working agents (flushes before they
+    all waited). Local schedules are monotonic: the heartbeat goes on."""
+    monkeypatch.setattr(bh, "MEMBER_LEASE_S", 0.6)  # a heartbeat every 0.2 s
+    store = bh.PostgresStore(pg_url)
+    channel = bh.SharedPoolChannel(store, make_channel(fake_api), account="acct")
+    try:
+        channel.join()
+        _until(lambda: store.pool_census("acct")[0] == 1, "the host's member row is written")
+        real_time = time.time
+        monkeypatch.setattr(time, "time", lambda: real_time() - 60)
+        deadline = time.monotonic() + 4 * bh.MEMBER_LEASE_S
+        while time.monotonic() < deadline:  # several leases' worth: renewed all along
+            assert store.pool_census("acct")[0] == 1, "the member row ran out"
+            time.sleep(0.05)
+    finally:
+        channel.close()
+        store.close()

@@ -222,6 +222,38 @@ def test_an_expired_lease_is_taken_over_and_its_turns_can_go_back(any_store):
     assert again.custom_ids == queued
 
 
+def test_a_hosts_own_clock_decides_no_lease_member_or_window(pg_url, monkeypatch):
+    """Regression (review of issue 12): leases, member rows and the queue's age were written
+    and compared by each host's clock. A host 60 s ahead took over a claim whose holder was
+    alive (a second create: a batch paid twice, then cancelled) and counted a live member
+    as gone (a flush before everyone waited); a host 60 s behind never saw a dead holder's
+    lease run out. The server's clock decides, whatever a host's says."""
+    real_time = time.time
+    key = "acct/claude-opus-5-5/0"
+    host_a, host_b = bh.PostgresStore(pg_url), bh.PostgresStore(pg_url)
+    try:
+        _queue(host_a, 3, pool_key=key)
+        host_a.claim_turns(key, "host-a", limit=1, lease_s=30)  # alive: renewing
+        dead = host_a.claim_turns(key, "host-dead", limit=1, lease_s=30)
+        assert host_a.renew_claim(dead, -1)  # its holder stopped renewing: ran out 1 s ago
+        host_a.set_member("host-a", "acct", 2, 1, 30)
+
+        monkeypatch.setattr(time, "time", lambda: real_time() - 60)  # host B, behind
+        (taken,) = host_b.take_over_expired_claims("host-b", 30, key)
+        assert taken.intent_id == dead.intent_id and 0 <= taken.age_s < 10
+        count, age_s = host_b.queue_head(key)
+        assert count == 1 and 0 <= age_s < 10  # not a minute younger than it is
+
+        monkeypatch.setattr(time, "time", lambda: real_time() + 60)  # host B, ahead
+        assert host_b.take_over_expired_claims("host-b", 30, key) == []  # both leases live
+        assert host_b.pool_census("acct") == (2, 3)  # host-a's agents still count
+        count, age_s = host_b.queue_head(key)
+        assert count == 1 and 0 <= age_s < 10  # not a minute older: its window is not due
+    finally:
+        host_a.close()
+        host_b.close()
+
+
 def test_a_turn_is_finished_once_even_when_two_hosts_see_its_batch_end(any_store):
     (custom_id,) = _queue(any_store, 1)
     claim = any_store.claim_turns("claude-opus-5-5", "host-a", limit=1, lease_s=60)
