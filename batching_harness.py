@@ -1207,7 +1207,8 @@ class Store(Protocol):
     # -- the shared pool: a queue of turns, claims with leases, roles, wake-ups --
     # Its leases and expiries are the store's clock's, kept and compared inside the store;
     # a host gets ages (queue_head, Claim.age_s), never a time to hold against its own clock.
-    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None: ...
+    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any],
+                   window_s: float | None = None) -> None: ...
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None: ...
     def renew_claim(self, claim: Claim, lease_s: float) -> bool: ...
@@ -1398,6 +1399,11 @@ ALTER TABLE batch_intents ADD COLUMN reason TEXT;
 CREATE INDEX batch_intents_by_state ON batch_intents(state, pool_key);
 CREATE INDEX turn_queue_by_state ON turn_queue(state, pool_key)
 """)
+
+migration(8, "Each queued turn's own flush deadline: processes sharing a pool key may pool "
+          "on different windows (a proxy's, a fleet's), and a turn is never held past its "
+          "own, whoever holds the flusher role.",
+          "ALTER TABLE turn_queue ADD COLUMN due_at {real}")
 
 SCHEMA_VERSION = max(MIGRATIONS)
 # The session a shared pool's proxied entries are journaled under (their request rows are
@@ -1842,18 +1848,17 @@ class _SqlStore:
     # turns together with the batch's intent row in ONE transaction committed before the
     # create call; the batch id is committed right after it. Claims carry leases, so a dead
     # holder's intent is taken over, reconciled by list, then recorded or put back.
-    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any]) -> None:
-        """Queue a turn already journaled (begin_request) for whoever flushes `pool_key`."""
+    def queue_turn(self, custom_id: str, pool_key: str, params: Mapping[str, Any],
+                   window_s: float | None = None) -> None:
+        """Queue a turn already journaled (begin_request) for whoever flushes `pool_key`;
+        due to be sent `window_s` from now at the latest (None: at the flusher's window)."""
         with self._tx() as db:
-            self._insert_queued(db, custom_id, pool_key, params)
+            # A retry after a commit whose reply was lost finds its row there: queued once.
+            db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at, "
+                       f"due_at) VALUES (?,?,?,{self._NOW},{self._NOW} + ?) ON CONFLICT "
+                       "(custom_id) DO NOTHING", (custom_id, pool_key, json.dumps(params),
+                                                  window_s))
         self._publish("queue", [pool_key])
-
-    def _insert_queued(self, db: Any, custom_id: str, pool_key: str,
-                       params: Mapping[str, Any]) -> None:
-        # A retry after a commit whose reply was lost finds its row there: queued once.
-        db.execute("INSERT INTO turn_queue (custom_id, pool_key, params, queued_at) "
-                   f"VALUES (?,?,?,{self._NOW}) ON CONFLICT (custom_id) DO NOTHING",
-                   (custom_id, pool_key, json.dumps(params)))
 
     def claim_turns(self, pool_key: str, holder: str, *, limit: int,
                     lease_s: float, reason: str = "") -> Claim | None:
@@ -1966,12 +1971,14 @@ class _SqlStore:
     def queued_turns(self, pool_key: str) -> int:
         return self.queue_head(pool_key)[0]
 
-    def queue_head(self, pool_key: str) -> tuple[int, float | None]:
-        """How many turns of `pool_key` wait to be claimed, and how long the oldest has
-        waited (seconds, by the store's clock: the window is the same on every host)."""
-        row = self._one(f"SELECT COUNT(*) AS n, {self._NOW} - MIN(queued_at) AS age_s FROM "
-                        "turn_queue WHERE pool_key=? AND state='queued'", (pool_key,))
-        return int(row["n"]), row["age_s"]
+    def queue_head(self, pool_key: str, window_s: float = 0.0) -> tuple[int, float | None]:
+        """How many turns of `pool_key` wait to be claimed, and in how many seconds the first
+        of them is due (each by its own deadline, else `window_s` after it was queued; by the
+        store's clock, the same on every host)."""
+        row = self._one(f"SELECT COUNT(*) AS n, MIN(COALESCE(due_at, queued_at + ?)) - "
+                        f"{self._NOW} AS due_in_s FROM turn_queue WHERE pool_key=? AND "
+                        "state='queued'", (window_s, pool_key))
+        return int(row["n"]), row["due_in_s"]
 
     def queue_entry(self, custom_id: str) -> tuple[str, str | None, str | None, str] | None:
         """(queue state, batch id, why it failed, pool key) of a queued turn; None if it was
@@ -6747,7 +6754,8 @@ class SharedPoolChannel:
             self._sending[custom_id], self._notifies[custom_id] = sending, notify
             self._keys.add(key)
         self._start()
-        self._until_stored(lambda: self.store.queue_turn(custom_id, key, params), sending.done)
+        self._until_stored(lambda: self.store.queue_turn(custom_id, key, params,
+                                                         sending.window_s), sending.done)
         if self._halted is not None:  # halted while it was being queued: take it back out
             self.halt(self._halted)
         self._member_changed()
@@ -7060,11 +7068,11 @@ class SharedPoolChannel:
 
     def _serve(self, key: str) -> float:
         """Flush `key` if its turns are due; seconds until they will be otherwise."""
-        count, age_s = self.store.queue_head(key)
-        if not count or age_s is None:
+        # Each turn's own deadline (its process's window), by the store's clock, not ours
+        count, due_in_s = self.store.queue_head(key, self.window_s(key.split("/")[1]))
+        if not count or due_in_s is None:
             return ROLE_CHECK_S  # NOTIFY says when something is queued
         active, waiting = self.store.pool_census(self.account)
-        due_in_s = self.window_s(key.split("/")[1]) - age_s  # the store's clock, not ours
         reason = ("width cap" if count >= self.max_width else "all waiting"
                   if active and waiting >= active else "window" if due_in_s <= 0 else None)
         if reason is None:

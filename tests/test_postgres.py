@@ -241,14 +241,14 @@ def test_a_hosts_own_clock_decides_no_lease_member_or_window(pg_url, monkeypatch
         monkeypatch.setattr(time, "time", lambda: real_time() - 60)  # host B, behind
         (taken,) = host_b.take_over_expired_claims("host-b", 30, key)
         assert taken.intent_id == dead.intent_id and 0 <= taken.age_s < 10
-        count, age_s = host_b.queue_head(key)
-        assert count == 1 and 0 <= age_s < 10  # not a minute younger than it is
+        count, due_in_s = host_b.queue_head(key, 30)
+        assert count == 1 and 20 < due_in_s <= 30  # not a minute younger than it is
 
         monkeypatch.setattr(time, "time", lambda: real_time() + 60)  # host B, ahead
         assert host_b.take_over_expired_claims("host-b", 30, key) == []  # both leases live
         assert host_b.pool_census("acct") == (2, 3)  # host-a's agents still count
-        count, age_s = host_b.queue_head(key)
-        assert count == 1 and 0 <= age_s < 10  # not a minute older: its window is not due
+        count, due_in_s = host_b.queue_head(key, 30)
+        assert count == 1 and 20 < due_in_s <= 30  # not a minute older: its window not due
     finally:
         host_a.close()
         host_b.close()
@@ -641,3 +641,18 @@ def test_a_server_that_goes_away_is_one_clear_error_and_the_store_comes_back(tmp
         store.close()
     finally:
         pg_cluster.stop(root)
+
+
+def test_each_queued_turn_is_due_by_its_own_window(any_store):
+    """Processes that share a pool key may pool on different windows (a proxy's 60 s, a
+    fleet's 0.5 s). The flusher held every turn to its OWN window: a fleet's turns waited
+    the proxy's minute whenever the proxy held the role. Each turn now carries its deadline."""
+    key = "acct/claude-opus-5-5/0"
+    _queue(any_store, 1, pool_key=key)  # queued with no deadline of its own
+    assert any_store.queue_head(key, 60)[1] > 50  # due at the flusher's window
+    session = any_store.create_session(Path("/w"), "claude-opus-5-5")
+    hurried = request_row(session, custom_id="hurried")
+    any_store.begin_request(hurried)
+    any_store.queue_turn(hurried.custom_id, key, {"model": "claude-opus-5-5"}, window_s=0.5)
+    count, due_in_s = any_store.queue_head(key, 60)
+    assert count == 2 and due_in_s <= 0.5  # the fleet's turn is due at its own window

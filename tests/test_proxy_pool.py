@@ -228,7 +228,7 @@ def test_a_fleet_and_a_proxy_with_one_key_share_a_batch(fake_api: FakeAPI, pg_ur
     gate = store.hold_role("flusher", _flusher_key(fake_api))
     assert gate is not None
     running = start_proxy(tmp_path / "proxy", fake_api.base_url, pool=pg_url,
-                          pool_window_s=0.5, pool_width=2)
+                          pool_window_s=60.0, pool_width=2)  # the fleet's turns: 0.5 s
     answers: dict[str, Any] = {}
 
     def ask() -> None:
