@@ -5,6 +5,7 @@ outcomes are checked on the host (files, processes, environments), not only in t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -117,6 +118,23 @@ def test_ctrl_c_while_waiting_for_the_helper_ends_it_and_the_next_call_gets_a_ne
         assert bash(tools, "echo next").output == "next"
         assert tools.bash._server is not server
 
+
+
+def test_the_helper_asks_which_for_the_shell_once_not_per_call(policy, tmp_path, monkeypatch):
+    """srt looks up `bash` with a `which` process on every wrap (3 ms of ~19): the helper keeps
+    the first answer. The lookup itself is still Node's, on the helper's PATH."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "which.log"
+    bin_dir.mkdir()
+    real = shutil.which("which")
+    (bin_dir / "which").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
+    (bin_dir / "which").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with toolbox(policy, probed=True) as tools:
+        outputs = [bash(tools, f"echo call-{i}").output for i in range(3)]
+        assert tools.bash._server is not None
+    assert outputs == ["call-0", "call-1", "call-2"]
+    asked = log.read_text().split("\n")
+    assert asked.count("bash") == 1, asked
 
 # -- fail closed ---------------------------------------------------------------------------------
 
