@@ -1423,8 +1423,11 @@ def _vetted_config(
 def _undo_git(workdir: Path, before: _Snapshot, after: _Snapshot) -> list[str]:
     """Put back what a command changed that would make git on the host run planted code."""
     notes: list[str] = []
-    git = _host_git(workdir)
-    for path, now in after.repos.items():
+    # Only a repository that changed can have anything to undo; looking git up on PATH costs
+    # ~1 ms (a realpath per PATH entry), paid by every call before.
+    changed = {path: now for path, now in after.repos.items() if before.repos.get(path) != now}
+    git = _host_git(workdir) if changed else None
+    for path, now in changed.items():
         where = str(path.relative_to(workdir)) if path != workdir else "."
         notes += _undo_repo(path, where, before.repos.get(path), now, git)
     return notes
