@@ -1094,9 +1094,14 @@ def _remove_new_placeholders(
     """Remove what srt left: only NEW paths that are an empty file or an empty directory (with
     read_only, only files nobody may write, as srt makes them). Returns what was removed."""
     removed = []
+    plain: dict[Path, bool] = {}  # per parent (three for fourteen candidates): realpath is slow
     for path in candidates:
+        if path in existed:
+            continue
         # A directory on the way may have become a link (a nested .git): never act through it.
-        if path in existed or os.path.realpath(path.parent) != str(path.parent):
+        if path.parent not in plain:
+            plain[path.parent] = os.path.realpath(path.parent) == str(path.parent)
+        if not plain[path.parent]:
             continue
         try:
             st = os.lstat(path)
