@@ -7,11 +7,13 @@ Routes, each timed as BashTool.run("true") end to end (the work-dir lock, the gi
 walks, the cgroup, the run record, srt, the clean-up) beside a plain `bash -c true`:
 
 - cli:    one srt CLI process per call (SandboxPolicy(srt_server=False)), as before issue 10;
-- helper: one long-lived srt helper per BashTool that only wraps each command (the default).
+- helper: one long-lived srt helper per BashTool that only wraps each command (the default);
+  its leader shell starts, and joins the cgroup, while srt wraps.
 
 Also srt alone, without the harness around it: `srt --settings F -c true`, and the helper's
-wrap plus running the wrapped line; the helper's start-up and memory; and N callers at once,
-each with its own work dir and BashTool (as the fleet runs agents), per route.
+wrap plus running the wrapped line (one after the other, outside any cgroup: the helper route
+overlaps them, so it can come out below this line); the helper's start-up and memory; and N
+callers at once, each with its own work dir and BashTool (as the fleet runs agents), per route.
 
 Nothing reaches the network. It prints; judging is for the reader.
 """
