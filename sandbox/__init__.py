@@ -828,9 +828,10 @@ def _bash_result(run: _Finished, notes: Sequence[str], timeout_s: float) -> Tool
 # One srt CLI run per call is a Node start-up plus srt's proxy and bridges: about 0.4 s, the
 # fleet's bottleneck with 20 agents on 2 cores. sandbox/srt_server.mjs is srt used as a library
 # (as Claude Code uses it): started once per BashTool with the same settings file, it then only
-# wraps each command into its bwrap command line, which the harness runs itself as the CLI
-# would (`/bin/sh -c LINE`). So the timeout, the kill of the tree, the cgroup, the environment
-# and the clean-up around a command are the same code for both. Anything unexpected (it will
+# wraps each command into its bwrap command line, which the harness runs itself in a shell as
+# the CLI would (`/bin/sh -c LINE`; here a leader shell, started while srt wraps, reads LINE
+# from its stdin). So the timeout, the kill of the tree, the cgroup, the environment and the
+# clean-up around a command are the same code for both. Anything unexpected (it will
 # not start, it died, an answer that is not a bwrap line for our settings) ends the helper,
 # and the call goes through the CLI instead: a command never runs unsandboxed.
 

@@ -6,7 +6,7 @@
 // LIB_DIR is sandbox-runtime's dist/ (the pinned srt); SETTINGS_FILE is the same file the srt
 // CLI would get with --settings. It initialises srt once (its proxy and bridges live here,
 // as in the CLI), then for every command only wraps it: the harness runs the bwrap command
-// line itself, exactly as the CLI would (`/bin/sh -c LINE`), so timeouts, the cgroup and
+// line itself in a shell, as the CLI would (`/bin/sh -c LINE`), so timeouts, the cgroup and
 // the environment are the harness's as before. Saved per call: Node's start-up and srt's
 // initialisation, about 0.4 s.
 //
