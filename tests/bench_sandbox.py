@@ -75,7 +75,9 @@ def rss_mib(pid: int) -> float:
 
 def one_caller(root: Path, calls: int) -> dict[str, list[float]]:
     """Each measure once per round, round after round: on a shared machine the load drifts,
-    and interleaving gives every route the same share of it."""
+    and interleaving gives every route the same share of it. The order turns by one each
+    round: what an srt CLI run leaves the kernel to finish (its namespaces, its bridges)
+    must not always land on the same next measure."""
     cli, helper = make_tool(root, "one-cli", server=False), make_tool(root, "one-helper", server=True)
     try:
         first = {f"  first call via {name}": timed_ms(lambda t=tool: checked(t), 1)
@@ -87,8 +89,10 @@ def one_caller(root: Path, calls: int) -> dict[str, list[float]]:
             **srt_alone(helper),
         }
         results: dict[str, list[float]] = {label: [] for label in measures}
-        for _ in range(calls):
-            for label, measure in measures.items():
+        order = list(measures.items())
+        for turn in range(calls):
+            shift = turn % len(order)
+            for label, measure in order[shift:] + order[:shift]:
                 results[label] += timed_ms(measure, 1)
         return {**results, **first}
     finally:
