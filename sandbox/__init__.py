@@ -429,6 +429,8 @@ def _shell_script(command: str, cwd: Path, workdir: Path, cwd_file: Path, limits
 # command and everything it starts run in one with memory and process caps; the disk is
 # watched while the command runs.
 
+_CGROUP_DRAIN_S = 0.25  # for what is left of a command in a v1 cgroup (no cgroup.kill) to go
+_CGROUP_POLL_S = 0.0003  # every 2 ms cost a call 1 ms on average (half the calls wait)
 _CGROUP_JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -528,10 +530,13 @@ class _Cgroup:
                 path.rmdir()
         return None
 
+    def procs_files(self) -> list[str]:
+        """The files a process writes its pid to, to join (one per hierarchy)."""
+        return sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
+
     def join_argv(self, argv: list[str]) -> list[str]:
         """argv, started inside the cgroup: the shell joins it, then execs (same pid)."""
-        procs = sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
-        return ["/bin/sh", "-c", _CGROUP_JOIN, "sh", *procs, "--", *argv]
+        return ["/bin/sh", "-c", _CGROUP_JOIN, "sh", *self.procs_files(), "--", *argv]
 
     def kill_all(self) -> None:
         """Whatever of the command is left, at once (srt's namespace usually took it already)."""
@@ -540,16 +545,14 @@ class _Cgroup:
                 with contextlib.suppress(OSError):
                     (directory / "cgroup.kill").write_text("1")
                 continue
-            # Usually a process of the sandbox the kernel is still tearing down, gone within
-            # a millisecond or two: polled finely, since every call waits for this.
-            for _ in range(100):
-                pids = _read_ints(directory / "cgroup.procs")
-                if not pids:
-                    break
+            # Usually srt's socat bridges, killed as the sandbox ends, gone within 1-8 ms
+            # (measured): polled finely, since every call waits for this.
+            deadline = time.monotonic() + _CGROUP_DRAIN_S
+            while (pids := _read_ints(directory / "cgroup.procs")) and time.monotonic() < deadline:
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
-                time.sleep(0.002)
+                time.sleep(_CGROUP_POLL_S)
 
     def _events(self) -> tuple[int, int]:
         memory, pids = self.dirs["memory"], self.dirs["pids"]
@@ -688,10 +691,12 @@ class _Finished:
     outcome: str  # "exited", "timeout", "interrupted", "disk" (over budget) or "refused"
 
 
-def _launch(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+def _launch(
+    argv: list[str], env: dict[str, str], cwd: Path, stdin: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
     # A session of its own: Ctrl-C in the terminal does not reach it, and one killpg ends it.
     return subprocess.Popen(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        argv, cwd=cwd, env=env, stdin=stdin, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
@@ -764,9 +769,22 @@ def _run_process(
     """Run to completion, timeout or Ctrl-C. Ctrl-C stops this command only: it is reported
     to the model as a result, not re-raised. `started` gets the process group id at once."""
     proc = _launch(argv, env, cwd)
+    return _await(proc, timeout_s, sandboxed=sandboxed, started=started, budget=budget)
+
+
+def _await(
+    proc: subprocess.Popen[bytes], timeout_s: float, *, sandboxed: bool,
+    started: Callable[[int], None], budget: _DiskBudget | None = None,
+    feed: Callable[[], None] | None = None,
+) -> _Finished:
+    """_run_process for a process already launched. `feed` runs once the group is recorded
+    and before the clock starts: it hands a waiting leader its command. Whatever it raises
+    (but Ctrl-C) propagates once the process is stopped."""
     capture, outcome = _OutputCapture(), "exited"
     try:
         started(proc.pid)  # its own session: the pid is the group id
+        if feed is not None:
+            feed()
         outcome = _pump(proc, capture, time.monotonic() + timeout_s, budget)
         if outcome == "disk":  # every moment of grace is more of the disk: no SIGTERM first
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -810,13 +828,19 @@ def _bash_result(run: _Finished, notes: Sequence[str], timeout_s: float) -> Tool
 # One srt CLI run per call is a Node start-up plus srt's proxy and bridges: about 0.4 s, the
 # fleet's bottleneck with 20 agents on 2 cores. sandbox/srt_server.mjs is srt used as a library
 # (as Claude Code uses it): started once per BashTool with the same settings file, it then only
-# wraps each command into its bwrap command line, which the harness runs itself as the CLI
-# would (`/bin/sh -c LINE`). So the timeout, the kill of the tree, the cgroup, the environment
-# and the clean-up around a command are the same code for both. Anything unexpected (it will
+# wraps each command into its bwrap command line, which the harness runs itself in a shell as
+# the CLI would (`/bin/sh -c LINE`; here a leader shell, started while srt wraps, reads LINE
+# from its stdin). So the timeout, the kill of the tree, the cgroup, the environment and the
+# clean-up around a command are the same code for both. Anything unexpected (it will
 # not start, it died, an answer that is not a bwrap line for our settings) ends the helper,
 # and the call goes through the CLI instead: a command never runs unsandboxed.
 
 _SRT_SERVER_SCRIPT = Path(__file__).resolve().parent / "srt_server.mjs"
+# The shell that leads a wrapped command: it joins the cgroup (its arguments: the cgroup.procs
+# files), then runs what its stdin holds, which _feed_leader writes once srt has wrapped the
+# command. Nothing on stdin, or a cut-off command, runs nothing: exit 125, or a syntax error.
+_LEADER_SCRIPT = 'for f do echo $$ > "$f" || exit 125; done; set --\n. /dev/stdin\nexit 125'
+
 _SERVER_START_S = 30.0  # a cold Node start on a loaded machine takes seconds
 _SERVER_REPLY_S = 10.0  # srt's clean-up after a command: file removals
 _SERVER_EXIT_S = 2.0  # for srt to stop its bridges and remove its sockets on end of input
@@ -838,6 +862,30 @@ def _wrapped_re(pid: int) -> re.Pattern[str]:
     return re.compile(rf"(?:{via_file})?bwrap --new-session --die-with-parent ")
 
 
+def _write_all(fd: int, data: bytes, deadline: float) -> bool:
+    """All of `data` into a pipe, or False once the deadline passed: a reader that stopped
+    reading must not hang the harness. OSError (EPIPE: the reader is gone) propagates."""
+    os.set_blocking(fd, False)
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_WRITE)
+        while data:
+            if (left := deadline - time.monotonic()) <= 0:
+                return False
+            if selector.select(left):
+                with contextlib.suppress(BlockingIOError):
+                    data = data[os.write(fd, data) :]
+    return True
+
+
+def _feed_leader(fd: int, wrapped: str, deadline: float) -> None:
+    """The leader's command: srt's line as its CLI runs it (`sh -c LINE`), in braces so that
+    a cut-off write is a syntax error, not a shorter command; stdin back to /dev/null
+    (read-write, as subprocess.DEVNULL opens it)."""
+    payload = f"exec <>/dev/null\n{{\n{wrapped}\n}}\nexit $?\n".encode()
+    with contextlib.suppress(BrokenPipeError):  # it is gone (the cgroup join failed): its
+        _write_all(fd, payload, deadline)  # exit status says so
+
+
 class _SrtServer:
     """One running srt_server.mjs and its line protocol (see the script's header). Not
     thread-safe by itself: BashTool calls it only with the work-dir lock held."""
@@ -848,6 +896,7 @@ class _SrtServer:
         self._buffer = b""
         self._next_id = 0
         self._wrapped = _wrapped_re(proc.pid)
+        self._closed = False
 
     @classmethod
     def start(
@@ -895,7 +944,17 @@ class _SrtServer:
 
     def wrap(self, command: str, timeout_s: float) -> str:
         """The bwrap command line that runs `command` under our settings."""
-        reply = self._request({"op": "wrap", "command": command}, timeout_s)
+        return self.wrapped(self.ask_wrap(command, timeout_s))
+
+    def ask_wrap(self, command: str, timeout_s: float) -> tuple[int, float]:
+        """Send a wrap request and return at once, while srt works on it: the request's id and
+        deadline, for wrapped(). Until then, only started() may be sent (it has no reply)."""
+        deadline = time.monotonic() + timeout_s
+        return self._ask({"op": "wrap", "command": command}, deadline), deadline
+
+    def wrapped(self, request: tuple[int, float]) -> str:
+        """The answer to ask_wrap: checked to be a bwrap command line, else the helper ends."""
+        reply = self._answer(*request)
         wrapped = reply.get("wrapped")
         if not isinstance(wrapped, str) or not self._wrapped.match(wrapped):
             self.close()
@@ -914,7 +973,11 @@ class _SrtServer:
         self._request({"op": "cleanup"}, _SERVER_REPLY_S)
 
     def close(self) -> None:
-        """End of input lets srt stop its bridges and remove its sockets; then the group."""
+        """End of input lets srt stop its bridges and remove its sockets; then the group.
+        Once only: a second killpg could reach a group that reused the pid."""
+        if self._closed:
+            return
+        self._closed = True
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -928,11 +991,21 @@ class _SrtServer:
             self.proc.stdout.close()
 
     def _request(self, message: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        """One request and its reply. Any failure, Ctrl-C included, ends the helper: a reply
-        left unread would answer the next request."""
+        """One request and its reply."""
         deadline = time.monotonic() + timeout_s
+        return self._answer(self._ask(message, deadline), deadline)
+
+    def _ask(self, message: dict[str, Any], deadline: float) -> int:
         try:
-            request_id = self._send(message, deadline)
+            return self._send(message, deadline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _answer(self, request_id: int, deadline: float) -> dict[str, Any]:
+        """The reply to request_id. Any failure, Ctrl-C included, ends the helper: a reply
+        left unread would answer the next request."""
+        try:
             reply = self._read(deadline)
             if reply.get("id") != request_id:
                 got = reply.get("id")
@@ -948,20 +1021,12 @@ class _SrtServer:
         self._next_id += 1
         data = (json.dumps({"id": self._next_id, **message}) + "\n").encode()
         assert self.proc.stdin is not None
-        fd = self.proc.stdin.fileno()
-        os.set_blocking(fd, False)  # a helper that stopped reading must not hang the harness
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_WRITE)
-            while data:
-                if (left := deadline - time.monotonic()) <= 0:
-                    raise _ServerFailed("srt helper stopped reading")
-                if selector.select(left):
-                    try:
-                        data = data[os.write(fd, data) :]
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:  # EPIPE: it died
-                        raise _ServerFailed(f"srt helper is gone ({exc.strerror})") from None
+        try:
+            written = _write_all(self.proc.stdin.fileno(), data, deadline)
+        except OSError as exc:  # EPIPE: it died
+            raise _ServerFailed(f"srt helper is gone ({exc.strerror})") from None
+        if not written:
+            raise _ServerFailed("srt helper stopped reading")
         return self._next_id
 
     def _read(self, deadline: float) -> dict[str, Any]:
@@ -1030,9 +1095,14 @@ def _remove_new_placeholders(
     """Remove what srt left: only NEW paths that are an empty file or an empty directory (with
     read_only, only files nobody may write, as srt makes them). Returns what was removed."""
     removed = []
+    plain: dict[Path, bool] = {}  # per parent (three for fourteen candidates): realpath is slow
     for path in candidates:
+        if path in existed:
+            continue
         # A directory on the way may have become a link (a nested .git): never act through it.
-        if path in existed or os.path.realpath(path.parent) != str(path.parent):
+        if path.parent not in plain:
+            plain[path.parent] = os.path.realpath(path.parent) == str(path.parent)
+        if not plain[path.parent]:
             continue
         try:
             st = os.lstat(path)
@@ -1359,8 +1429,11 @@ def _vetted_config(
 def _undo_git(workdir: Path, before: _Snapshot, after: _Snapshot) -> list[str]:
     """Put back what a command changed that would make git on the host run planted code."""
     notes: list[str] = []
-    git = _host_git(workdir)
-    for path, now in after.repos.items():
+    # Only a repository that changed can have anything to undo; looking git up on PATH costs
+    # ~1 ms (a realpath per PATH entry), paid by every call before.
+    changed = {path: now for path, now in after.repos.items() if before.repos.get(path) != now}
+    git = _host_git(workdir) if changed else None
+    for path, now in changed.items():
         where = str(path.relative_to(workdir)) if path != workdir else "."
         notes += _undo_repo(path, where, before.repos.get(path), now, git)
     return notes
@@ -1775,18 +1848,13 @@ class BashTool:
         limits = _ulimit_lines(self.policy, timeout_s, self._cgroup is not None)
         script = _shell_script(command, self._cwd, workdir, self._cwd_file, limits)
         record = self._recorder(command, candidates, existed)
-        server: _SrtServer | None = None
+        wrapped_by: list[_SrtServer] = []  # the helper whose wrap ran: srt's clean-up is owed
         try:
-            argv, env, server = self._command(script, timeout_s)
-            run = _run_process(
-                argv, env, workdir, timeout_s, sandboxed=self.policy.enabled,
-                started=self._started(record, server),
-                budget=_DiskBudget.for_policy(self.policy, self._tmp),
-            )
+            run = self._run(script, timeout_s, record, wrapped_by)
         finally:
             if self._cgroup is not None:
                 self._cgroup.kill_all()
-            if server is not None:
+            for server in wrapped_by:
                 self._server_cleanup(server)
             _remove_new_placeholders(candidates, existed)
             _empty_dir(self._srt_tmp)  # srt-mux-*.sock and friends, one set per run
@@ -1821,27 +1889,63 @@ class BashTool:
     def _in_cgroup(self, argv: list[str]) -> list[str]:
         return self._cgroup.join_argv(argv) if self._cgroup is not None else argv
 
+    def _leader_argv(self) -> list[str]:
+        procs = self._cgroup.procs_files() if self._cgroup is not None else []
+        return ["/bin/sh", "-c", _LEADER_SCRIPT, "sh", *procs]
+
     # -- the srt helper: wrap through it when it can; else the CLI, never unsandboxed --------
 
-    def _command(
-        self, script: str, timeout_s: float
-    ) -> tuple[list[str], dict[str, str], _SrtServer | None]:
-        """argv and environment for this call, and the helper that wrapped it (None: the CLI,
-        or bash alone under --no-sandbox). srt's CLI runs its wrapped line with `sh -c`."""
+    def _run(
+        self, script: str, timeout_s: float, record: Callable[[int], None],
+        wrapped_by: list[_SrtServer],
+    ) -> _Finished:
+        """Through the helper where it can; else one srt CLI run (or bash alone under
+        --no-sandbox). A helper that wrapped the command is added to `wrapped_by`."""
+        budget = _DiskBudget.for_policy(self.policy, self._tmp)
         server = self._ready_server()
         if server is not None:
             try:
-                wrapped = server.wrap(script, timeout_s)
-            except _ServerFailed as exc:
+                return self._run_wrapped(server, script, timeout_s, record, budget, wrapped_by)
+            except _ServerFailed as exc:  # nothing ran: the leader got no command
                 self._server_failed(exc, tell_user=True)
-            else:
-                # A shell that stays, as srt's node does on the CLI path: it leads the group
-                # (the run record names it), and bwrap dies with it (--die-with-parent). Left
-                # to exec bwrap, the leader would be bwrap, child of the harness: were the
-                # harness killed, it would die and leave the sandbox running, unrecognised.
-                line = f"{wrapped}\nexit $?"
-                return self._in_cgroup(["/bin/sh", "-c", line]), self._server_env, server
-        return self._argv(script), self._env, None
+        return _run_process(self._argv(script), self._env, self.policy.workdir, timeout_s,
+                            sandboxed=self.policy.enabled, started=record, budget=budget)  # fmt: skip
+
+    def _run_wrapped(
+        self, server: _SrtServer, script: str, timeout_s: float, record: Callable[[int], None],
+        budget: _DiskBudget, wrapped_by: list[_SrtServer],
+    ) -> _Finished:
+        """The leader shell starts, and joins the cgroup, while srt wraps: a cgroup join (v1,
+        measured) slows the forks that follow it by ~10 ms, now spent while srt works. The
+        leader runs only the line srt wrapped, from its stdin, once it is checked; given
+        nothing it runs nothing. It stays, as srt's node does on the CLI path: it leads the
+        group (the run record names it), and bwrap dies with it (--die-with-parent). Left to
+        exec bwrap, the leader would be bwrap, child of the harness: were the harness killed,
+        it would die and leave the sandbox running, unrecognised."""
+        request = server.ask_wrap(script, timeout_s)
+        answered = False
+        feed_r, feed_w = os.pipe()
+        try:
+            with open(feed_w, "wb", buffering=0) as feed_file:
+                try:
+                    proc = _launch(self._leader_argv(), self._server_env, self.policy.workdir,
+                                   stdin=feed_r)  # fmt: skip
+                finally:
+                    os.close(feed_r)
+
+                def feed() -> None:
+                    nonlocal answered
+                    with feed_file:  # closed, with or without a command: the leader goes on
+                        wrapped = server.wrapped(request)
+                        answered = True
+                        wrapped_by.append(server)
+                        _feed_leader(feed_file.fileno(), wrapped, time.monotonic() + timeout_s)
+
+                return _await(proc, timeout_s, sandboxed=True, budget=budget, feed=feed,
+                              started=self._started(record, server))  # fmt: skip
+        finally:
+            if not answered:
+                server.close()  # its reply, if any, would answer the next request
 
     def _ready_server(self) -> _SrtServer | None:
         """The helper, started on first use and again after it died; None for the CLI."""

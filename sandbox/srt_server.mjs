@@ -6,7 +6,7 @@
 // LIB_DIR is sandbox-runtime's dist/ (the pinned srt); SETTINGS_FILE is the same file the srt
 // CLI would get with --settings. It initialises srt once (its proxy and bridges live here,
 // as in the CLI), then for every command only wraps it: the harness runs the bwrap command
-// line itself, exactly as the CLI would (`/bin/sh -c LINE`), so timeouts, the cgroup and
+// line itself in a shell, as the CLI would (`/bin/sh -c LINE`), so timeouts, the cgroup and
 // the environment are the harness's as before. Saved per call: Node's start-up and srt's
 // initialisation, about 0.4 s.
 //
@@ -18,6 +18,7 @@
 // End of stdin ends the helper: at once, or once the group of a command still running
 // (its harness died) is gone, so srt never removes the mount points of a running sandbox.
 
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -29,6 +30,38 @@ const send = message => process.stdout.write(`${JSON.stringify(message)}\n`);
 for (const name of ['log', 'info', 'warn', 'debug']) console[name] = console.error.bind(console);
 
 const GROUP_POLL_MS = 100;
+// The programs srt looks up on PATH with `which` (its whichSync spawns it each time): the shell
+// it runs the command with, on every wrap, and its own dependencies.
+const REMEMBERED = new Set(['bash', 'bwrap', 'socat', 'rg']);
+
+// srt asks `which bash` on every wrap, a fork of this process and a shell script: 3 ms of a
+// ~19 ms wrap. The answer is a PATH lookup of a host program, not a decision about the work
+// dir: the harness gives this helper a PATH without any directory a sandboxed command can
+// write (sandbox/__init__.py, _search_path). So a found answer is kept for the helper's life;
+// one not found is asked again (an install may follow). Every other spawnSync, and a `which`
+// asked any other way, goes to Node's own. Node's builtin modules take such a replacement
+// only through syncBuiltinESMExports, which srt's `import { spawnSync }` then sees.
+function rememberWhich() {
+  const childProcess = createRequire(import.meta.url)('node:child_process');
+  const spawnSync = childProcess.spawnSync;
+  const found = new Map();
+  childProcess.spawnSync = function (file, args, options) {
+    const name = Array.isArray(args) && args.length === 1 ? args[0] : undefined;
+    if (file !== 'which' || !REMEMBERED.has(name) || options?.encoding !== 'utf8') {
+      return spawnSync.apply(this, arguments);
+    }
+    if (found.has(name)) {
+      const stdout = found.get(name);
+      return { pid: 0, output: [null, stdout, ''], stdout, stderr: '', status: 0, signal: null };
+    }
+    const result = spawnSync.apply(this, arguments);
+    if (result.status === 0 && typeof result.stdout === 'string' && result.stdout.startsWith('/')) {
+      found.set(name, result.stdout);
+    }
+    return result;
+  };
+  syncBuiltinESMExports();
+}
 
 function fail(error) {
   send({ ready: false, error: String(error instanceof Error ? error.message : error) });
@@ -47,6 +80,7 @@ function groupAlive(pgid) {
 }
 
 async function start(libDir, settingsPath) {
+  rememberWhich();
   const lib = file => pathToFileURL(path.join(libDir, file)).href;
   const { SandboxManager } = await import(lib('index.js'));
   const { loadConfig } = await import(lib('utils/config-loader.js'));

@@ -7,11 +7,13 @@ Routes, each timed as BashTool.run("true") end to end (the work-dir lock, the gi
 walks, the cgroup, the run record, srt, the clean-up) beside a plain `bash -c true`:
 
 - cli:    one srt CLI process per call (SandboxPolicy(srt_server=False)), as before issue 10;
-- helper: one long-lived srt helper per BashTool that only wraps each command (the default).
+- helper: one long-lived srt helper per BashTool that only wraps each command (the default);
+  its leader shell starts, and joins the cgroup, while srt wraps.
 
 Also srt alone, without the harness around it: `srt --settings F -c true`, and the helper's
-wrap plus running the wrapped line; the helper's start-up and memory; and N callers at once,
-each with its own work dir and BashTool (as the fleet runs agents), per route.
+wrap plus running the wrapped line (one after the other, outside any cgroup: the helper route
+overlaps them, so it can come out below this line); the helper's start-up and memory; and N
+callers at once, each with its own work dir and BashTool (as the fleet runs agents), per route.
 
 Nothing reaches the network. It prints; judging is for the reader.
 """
@@ -73,7 +75,9 @@ def rss_mib(pid: int) -> float:
 
 def one_caller(root: Path, calls: int) -> dict[str, list[float]]:
     """Each measure once per round, round after round: on a shared machine the load drifts,
-    and interleaving gives every route the same share of it."""
+    and interleaving gives every route the same share of it. The order turns by one each
+    round: what an srt CLI run leaves the kernel to finish (its namespaces, its bridges)
+    must not always land on the same next measure."""
     cli, helper = make_tool(root, "one-cli", server=False), make_tool(root, "one-helper", server=True)
     try:
         first = {f"  first call via {name}": timed_ms(lambda t=tool: checked(t), 1)
@@ -85,8 +89,10 @@ def one_caller(root: Path, calls: int) -> dict[str, list[float]]:
             **srt_alone(helper),
         }
         results: dict[str, list[float]] = {label: [] for label in measures}
-        for _ in range(calls):
-            for label, measure in measures.items():
+        order = list(measures.items())
+        for turn in range(calls):
+            shift = turn % len(order)
+            for label, measure in order[shift:] + order[:shift]:
                 results[label] += timed_ms(measure, 1)
         return {**results, **first}
     finally:

@@ -372,6 +372,18 @@ def test_an_unchanged_repo_raises_no_warning(tools, work):
     assert (work / ".git" / "hooks" / "pre-commit").exists()
 
 
+def test_the_guard_looks_git_up_only_for_a_repo_that_changed(work, monkeypatch):
+    """Finding git on PATH cost every call ~1 ms; only a changed config needs it."""
+    make_repo(work)
+    looked_up: list[Path] = []
+    monkeypatch.setattr(sb, "_host_git", lambda workdir: looked_up.append(workdir))
+    before = sb._snapshot(work, 1000)
+    assert sb._undo_git(work, before, sb._snapshot(work, 1000)) == [] and looked_up == []
+    (work / ".git" / "commondir").write_text("elsewhere\n")
+    assert sb._undo_git(work, before, sb._snapshot(work, 1000)) and looked_up == [work]
+    assert not (work / ".git" / "commondir").exists()
+
+
 # -- one command at a time ---------------------------------------------------------------------
 
 

@@ -5,7 +5,9 @@ outcomes are checked on the host (files, processes, environments), not only in t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -118,6 +120,23 @@ def test_ctrl_c_while_waiting_for_the_helper_ends_it_and_the_next_call_gets_a_ne
         assert tools.bash._server is not server
 
 
+
+def test_the_helper_asks_which_for_the_shell_once_not_per_call(policy, tmp_path, monkeypatch):
+    """srt looks up `bash` with a `which` process on every wrap (3 ms of ~19): the helper keeps
+    the first answer. The lookup itself is still Node's, on the helper's PATH."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "which.log"
+    bin_dir.mkdir()
+    real = shutil.which("which")
+    (bin_dir / "which").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real} "$@"\n')
+    (bin_dir / "which").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with toolbox(policy, probed=True) as tools:
+        outputs = [bash(tools, f"echo call-{i}").output for i in range(3)]
+        assert tools.bash._server is not None
+    assert outputs == ["call-0", "call-1", "call-2"]
+    asked = log.read_text().split("\n")
+    assert asked.count("bash") == 1, asked
+
 # -- fail closed ---------------------------------------------------------------------------------
 
 _FAKE_PRELUDE = """
@@ -156,9 +175,14 @@ def test_a_broken_helper_falls_back_to_the_cli_never_to_no_sandbox(
     monkeypatch.setattr(sb, "_SRT_SERVER_SCRIPT", script)
     with toolbox(policy, probed=True) as tools:
         result = bash(tools, escape_attempt(outside))
+        marker = tools.bash._private.name.encode()  # in its leader's environment
+        # Started before the wrap failed, the leader ran nothing, and ended with the call.
+        leaders = [p.pid for p in sb._processes() or []
+                   if sb._LEADER_SCRIPT.encode() in p.text.split(b"\0") and marker in p.text]  # fmt: skip
     assert_sandboxed(result, outside)  # the per-call srt CLI ran it
     (note,) = result.warnings
     assert "srt helper" in note and "per-call srt CLI" in note, note
+    assert leaders == []
 
 
 def test_after_three_failures_in_a_row_every_call_takes_the_cli(policy, tmp_path, monkeypatch):
@@ -179,6 +203,43 @@ def test_the_switch_turns_the_helper_off(tmp_path, home):
         assert bash(tools, "echo via-cli").output == "via-cli"
         assert tools.bash._server is None and helper_pids(tools.bash) == []
 
+
+
+# -- the leader: started while srt wraps, it runs only the wrapped line ------------------------
+
+
+def run_leader(tmp_path: Path, payload: bytes | None) -> int:
+    """The leader shell as BashTool starts it (no cgroup), fed `payload` (None: nothing)."""
+    proc = subprocess.Popen(["/bin/sh", "-c", sb._LEADER_SCRIPT, "sh"], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc.communicate(payload or b"", timeout=10)
+    return proc.returncode
+
+
+def test_the_leader_runs_nothing_unless_it_gets_the_whole_command(tmp_path):
+    """The leader starts before srt has wrapped the command: a failed wrap or a harness killed
+    mid-write must leave it nothing to run, not a shorter command."""
+    assert run_leader(tmp_path, None) == 125
+    whole = ["exec <>/dev/null", "{", "touch ran; (exit 7)", "}", "exit $?", ""]
+    cut = "\n".join(whole[:3]).encode()  # the braces never close: a syntax error
+    assert run_leader(tmp_path, cut) == 2 and not (tmp_path / "ran").exists()
+    assert run_leader(tmp_path, "\n".join(whole).encode()) == 7 and (tmp_path / "ran").exists()
+
+
+def test_a_wrapped_command_runs_in_the_cgroup_with_stdin_from_dev_null_and_no_other_fds(policy):
+    with toolbox(policy, probed=True) as tools:
+        result = bash(tools, "ls /proc/self/fd; readlink /proc/self/fd/0; cat /proc/self/cgroup")
+        cgroup = tools.bash._cgroup
+        assert tools.bash._server is not None
+    lines = result.output.splitlines()
+    assert lines[:5] == ["0", "1", "2", "3", "/dev/null"], result.output  # 3: ls's own listing
+    if cgroup is not None:  # where the machine lets the harness make one
+        name = next(iter(cgroup.dirs.values())).name
+        hierarchies = ("0::",) if cgroup.version == 2 else (":pids:", ":memory:")
+        ours = [line for line in lines[5:] if any(h in line for h in hierarchies)]
+        assert len(ours) == len(hierarchies), result.output
+        assert all(line.endswith(f"/{name}") for line in ours), result.output
 
 # -- the same guarantees as the CLI ------------------------------------------------------------
 
