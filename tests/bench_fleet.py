@@ -146,10 +146,11 @@ def main() -> None:
           f"{primed['shared_writes'] / max(1, primed['shared_prefix']):.2f}x one prefix "
           f"(goal <= 1.1x); not primed {unprimed['shared_writes']:,} = "
           f"{unprimed['shared_writes'] / max(1, unprimed['shared_prefix']):.2f}x")
-    print(f"first turns only: primed {primed['first_turn_writes']:,} tokens written vs one shared "
-          f"prefix (the primer's write) {primed['one_prefix']:,} = "
-          f"{primed['first_turn_writes'] / max(1, primed['one_prefix']):.2f}x (goal <= 1.1x); "
-          f"not primed {unprimed['first_turn_writes']:,}")
+    # The goal is the line above; this one also counts each agent's own, unshared prompt.
+    print(f"all cache writes of first turns (each agent's own prompt too): primed "
+          f"{primed['first_turn_writes']:,} tokens = "
+          f"{primed['first_turn_writes'] / max(1, primed['one_prefix']):.2f}x the primer's "
+          f"write ({primed['one_prefix']:,}); not primed {unprimed['first_turn_writes']:,}")
     # All at once (the default --concurrency of 64 would run 100 agents in two waves).
     big = scenario(f"{a.big} agents x {a.big_turns} turns, --concurrency {a.big}", a.latency,
                    a.big, a.big_turns, ["--concurrency", str(a.big)])
