@@ -1823,8 +1823,9 @@ class _SqlStore:
     def start_tool(self, custom_id: str, tool_use_id: str, name: str,
                    tool_input: object) -> None:
         """Committed BEFORE the tool runs: a crash mid-command is then known on resume, and
-        the command is reported as interrupted instead of silently run a second time."""
-        with self._tx() as db:
+        the command is reported as interrupted instead of silently run a second time (on
+        disk before the command runs: a power loss must not make it look never started)."""
+        with self._tx(durable=True) as db:
             db.execute("INSERT INTO tool_calls (custom_id, tool_use_id, name, input, output, "
                        "is_error, started_at) VALUES (?,?,?,?,'',1,?) "
                        "ON CONFLICT (custom_id, tool_use_id) DO UPDATE SET name=excluded.name, "
@@ -2309,11 +2310,12 @@ class SqliteStore(_SqlStore):
         db.row_factory = sqlite3.Row
         # Power loss: a commit at NORMAL (the write-ahead log, not yet synced) may be lost;
         # a killed process loses nothing. What must survive it is what comes before money is
-        # spent (a request journaled before it is sent, a pooled create's intent): those
-        # commit durably (_tx(durable=True)), and their fsync carries everything before them.
-        # Anything after a send can be lost safely: a batch id is found again by list(), an
-        # answer fetched again. One fsync per turn instead of one per write (a fleet's 20
-        # agents' writes queue behind each other's: ~0.7 s a round at 5 ms an fsync).
+        # spent or a command runs (a request journaled before it is sent, a pooled create's
+        # intent, a tool call's start): those commit durably (_tx(durable=True)), and their
+        # fsync carries everything before them. The rest can be lost safely: a batch id is
+        # found again by list(), an answer fetched again, a tool's end is then an
+        # interruption. Two fsyncs a turn instead of one per write (a fleet's 20 agents'
+        # writes queue behind each other's: ~0.7 s a round at 5 ms an fsync).
         db.execute("PRAGMA synchronous=NORMAL")
         db.create_function("store_now", 0, time.time)
         return db

@@ -203,8 +203,8 @@ def test_a_state_location_that_is_a_file_is_one_clear_error(tmp_path):
 def test_only_what_comes_before_money_is_spent_waits_for_the_disk(tmp_path):
     """Every commit waited for an fsync (synchronous=FULL): a fleet's 20 agents' writes
     queued behind each other's, about 0.7 s a round. Now a commit waits for the disk only
-    when money is about to be spent on what it records (a request before it is sent, a
-    pooled create's intent); that fsync of the write-ahead log carries every earlier
+    when money is about to be spent or a command run on what it records (a request before
+    it is sent, a pooled create's intent, a tool call's start); that fsync of the write-ahead log carries every earlier
     commit. Writes after a send stay at NORMAL: a killed process loses none of them, and a
     power loss only ones the API can give back (the batch by list, the answer again)."""
     store = bh.SqliteStore(tmp_path / "journal.db")
@@ -216,8 +216,10 @@ def test_only_what_comes_before_money_is_spent_waits_for_the_disk(tmp_path):
     store.begin_request(row)
     store.set_batch(row.custom_id, "msgbatch_1")
     store.begin_pool_batch("run", bh.DEFAULT_MODEL, "window", 0.0, [row.custom_id], [0.0])
+    store.start_tool(row.custom_id, "toolu_1", "bash", {"command": "rm -r build"})
+    store.record_tool(row.custom_id, "toolu_1", bh.ToolResult("", False, 0))
     durable = [statements[i + 2] for i, s in enumerate(statements)
                if s == "PRAGMA synchronous=FULL"]
     assert [s.split("(")[0].strip() for s in durable] == [
-        "INSERT INTO requests", "INSERT INTO pool_batches"]
+        "INSERT INTO requests", "INSERT INTO pool_batches", "INSERT INTO tool_calls"]
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL in between
