@@ -5013,8 +5013,12 @@ def fmt_tokens(n: int) -> str:
 
 
 def plural(n: int, word: str) -> str:
-    """'1 turn', '2 turns', '1 batch', '3 batches'."""
-    return f"{n:,} {word if n == 1 else word + ('es' if word.endswith('ch') else 's')}"
+    """'1 turn', '2 turns', '1 batch', '3 batches', '2 entries'."""
+    if n == 1:
+        return f"{n:,} {word}"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return f"{n:,} {word[:-1]}ies"
+    return f"{n:,} {word + ('es' if word.endswith('ch') else 's')}"
 
 
 def shorten(text: str, max_lines: int = 3, width: int = 160) -> str:

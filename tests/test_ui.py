@@ -293,6 +293,7 @@ def test_numbers_say_what_they_are():
     ui.handle(bh.TurnSent("msgbatch_1", "c", "claude-opus-5-5", 1, 0.0, 0.3034, None))
     assert "up to $0.3034" in out.getvalue()
     assert bh.plural(1, "turn") == "1 turn" and bh.plural(2, "batch") == "2 batches"
+    assert bh.plural(2, "entry") == "2 entries" and bh.plural(2, "key") == "2 keys"
 
 
 def test_a_retry_notice_tells_the_truth_about_the_next_try(tmp_path):
