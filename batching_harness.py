@@ -9258,6 +9258,11 @@ class Proxy:
         except ClientGone:
             record.update(status="gone", error="client went away (its entry stays in flight "
                           "for its retry)")
+        except JournalError as exc:  # the journal (or the pool's server) cannot be used now
+            record.update(status=529, error=str(exc))
+            with contextlib.suppress(ClientGone):  # 529: the client's SDK sends it again
+                self._refuse(reply, ProxyError(529, "overloaded_error", "batching-harness "
+                                               f"proxy: {exc}; send the request again"))
         except Exception as exc:  # a bug: the client hears a 500, the traceback is kept
             where = log_bug(self.config.home, exc)
             record.update(status=500, error=f"internal error, traceback in {where}")

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import psycopg
 import pytest
 
 import batching_harness as bh
 from tests.fake_api import FakeAPI, text
+from tests.test_pool_faults import cut_pool  # noqa: F401 - a fixture, by name
 from tests.test_proxy import MODEL, Running, body_of, start_proxy, stop_proxy, wait_until
 from tests.zygote import ForkedProcess, spawn
 
@@ -251,3 +253,25 @@ def test_a_fleet_and_a_proxy_with_one_key_share_a_batch(fake_api: FakeAPI, pg_ur
     assert answers["proxy"].content
     first = [r["custom_id"] for r in fake_api._batches[fake_api.batch_ids()[0]].requests]
     assert len(first) == 2 and sum(c.startswith("bh_") for c in first) == 1, first
+
+
+def test_a_pool_that_cannot_be_reached_is_a_529_and_the_retry_is_answered(
+        api: FakeAPI, cut_pool, tmp_path: Path):  # noqa: F811 - the fixture above
+    """The pool's server went away: the client heard a 500 "internal error" and a bug was
+    logged. It hears the API's 529 (its SDK sends the request again), nothing is logged as
+    a bug, and once the server is back the same request is answered."""
+    api.hold = False
+    _echo(api, 1)
+    running = start_proxy(tmp_path, api.base_url, pool=cut_pool.url, pool_window_s=0.0)
+    try:
+        cut_pool.cut()
+        with pytest.raises(anthropic.InternalServerError) as refused:
+            running.client().messages.create(**body_of("while cut off"))
+        assert refused.value.status_code == 529 and "cannot be used" in str(refused.value)
+        cut_pool.restore()
+        message = running.client().messages.create(**body_of("while cut off"))
+        assert message.content[0].text == "answer to while cut off"
+    finally:
+        stop_proxy(running)
+    assert not (tmp_path / "home" / "errors.log").exists()
+    assert len(api.model_requests) == 1
