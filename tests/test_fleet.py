@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 import batching_harness as bh
 from tests import fake_api as fa
-from tests.zygote import spawn
+from tests.zygote import spawn, spawn_in_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 PREAMBLE = "Project conventions, shared by every task.\n" + "Keep changes small. " * 150
@@ -181,11 +180,10 @@ def test_the_live_table_in_a_real_terminal(tmp_path):
                "COLUMNS": "120", "LINES": "40"}
         # The poll budget (28 a minute) is the API's; the held batch here must not use it
         # up and make the test wait seconds for the next tick once it is released.
-        child = pexpect.spawn(sys.executable, ["-c", UNBUDGETED_MAIN, "fleet", str(tasks),
-                                               "--no-sandbox", "--poll-interval", "0.05",
-                                               "--runs-dir", str(tmp_path / "runs")],
-                              env={**env, "PYTHONPATH": str(ROOT)}, encoding="utf-8",
-                              timeout=30, dimensions=(40, 120))
+        child = spawn_in_terminal(["fleet", str(tasks), "--no-sandbox", "--poll-interval",
+                                   "0.05", "--runs-dir", str(tmp_path / "runs")], env=env,
+                                  cwd=tmp_path, timeout=30, dimensions=(40, 120),
+                                  code=UNBUDGETED_MAIN)
         child.logfile_read = (tmp_path / "tty.log").open("w")
         try:
             child.expect("waiting on batch")

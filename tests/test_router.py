@@ -11,6 +11,7 @@ import pytest
 import batching_harness as bh
 from tests import fake_api as fa
 from tests.support import journal_in_flight, make_rig
+from tests.zygote import spawn_in_terminal
 
 HAIKU, OPUS = "claude-haiku-5-5", "claude-opus-5-5"
 
@@ -159,12 +160,9 @@ def test_route_command_and_the_json_lanes(fake_api, tmp_path, capsys):
 def test_hurry_in_a_real_terminal(tmp_path):
     """Ctrl-C, then 's': the held batch is cancelled and the same turn streams at once."""
     import os
-    import sys
-    from pathlib import Path
 
     import pexpect
 
-    root = Path(__file__).resolve().parent.parent
     with fa.FakeAPI(hold=True) as api:
         api.script.append(fa.text("streamed instead"))
         work = tmp_path / "work"
@@ -174,10 +172,8 @@ def test_hurry_in_a_real_terminal(tmp_path):
                "NO_COLOR": "1", "ANTHROPIC_API_KEY": "test-key",
                "ANTHROPIC_BASE_URL": api.base_url,
                "BATCHING_HARNESS_HOME": str(tmp_path / "home")}
-        child = pexpect.spawn(sys.executable, [str(root / "batching_harness.py"), "--workdir",
-                                               str(work), "--no-sandbox"],
-                              env=env, cwd=str(work), encoding="utf-8", timeout=30,
-                              dimensions=(40, 160))
+        child = spawn_in_terminal(["--workdir", str(work), "--no-sandbox"], env=env, cwd=work,
+                                  timeout=30, dimensions=(40, 160))
         child.logfile_read = open(tmp_path / "terminal.log", "a")  # noqa: SIM115
         child.expect("›")
         child.sendline("hello")

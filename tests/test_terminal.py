@@ -25,6 +25,7 @@ import pytest
 
 from tests import fake_api as fa
 from tests.support import read_fifo
+from tests.zygote import spawn_in_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.terminal
@@ -60,17 +61,19 @@ def harness_argv(tmp_path: Path, *args: str) -> list[str]:
             *args]
 
 
-def spawn(api, tmp_path: Path, *args: str) -> pexpect.spawn:
+def spawn(api, tmp_path: Path, *args: str, script: bool = False) -> pexpect.spawn:
+    """The REPL on a pseudo-terminal of 40 x 160: forked from the zygote (the SDK imported
+    already, about 2 s a start saved), or with `script` as a person starts it,
+    `python batching_harness.py`."""
     work = tmp_path / "work"
-    child = pexpect.spawn(
-        sys.executable,
-        harness_argv(tmp_path, *args),
-        env=child_env(api, tmp_path),
-        cwd=str(work),
-        encoding="utf-8",
-        timeout=STARTUP_S,
-        dimensions=(40, 160),
-    )
+    argv = harness_argv(tmp_path, *args)
+    if script:
+        child = pexpect.spawn(sys.executable, argv, env=child_env(api, tmp_path),
+                              cwd=str(work), encoding="utf-8", timeout=STARTUP_S,
+                              dimensions=(40, 160))
+    else:
+        child = spawn_in_terminal(argv[1:], env=child_env(api, tmp_path), cwd=work,
+                                  timeout=STARTUP_S, dimensions=(40, 160))
     child.logfile_read = open(tmp_path / "terminal.log", "a")  # noqa: SIM115 - closed by pexpect
     return child
 
@@ -85,7 +88,7 @@ def finish(child: pexpect.spawn) -> int:
 
 def test_turn_with_tool_then_stats_then_ctrl_d(api, tmp_path):
     api.hold = True
-    child = spawn(api, tmp_path)
+    child = spawn(api, tmp_path, script=True)  # the one a person types: the script itself
     child.expect("sandbox")
     child.expect_exact(PROMPT)
     child.sendline("run: echo hello-from-the-tool")

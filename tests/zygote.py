@@ -10,21 +10,28 @@ be killed like any other. The zygote reaps its children and reports their exit s
 `ForkedProcess` answers `wait`/`poll`/`returncode` like `subprocess.Popen`.
 
 Only the import is shared; a test that is about the interpreter itself (start-up time, the
-script path, a terminal) still spawns `python batching_harness.py`.
+script path) still spawns `python batching_harness.py`. A terminal test can have its child
+on a pseudo-terminal (`spawn_in_terminal`): the child opens it as its controlling terminal,
+and the test reads and types on the other end through pexpect, as with `pexpect.spawn`.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from pexpect import fdpexpect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +43,18 @@ anthropic.Anthropic  # resolve the lazy client class before any fork
 
 def child(req):
     os.setsid()  # its own session and process group, as start_new_session=True gives
-    for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(target, fd)
-        os.close(target)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
+    if req.get("tty"):  # a session leader's first terminal becomes its controlling one
+        tty = os.open(req["tty"], os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(tty, fd)
+        os.close(tty)
+    else:
+        for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(target, fd)
+            os.close(target)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -137,15 +150,18 @@ class Zygote:
                 self._changed.notify_all()
 
     def spawn(self, argv: list[str], *, env: dict[str, str], cwd: Path, stdout: Path | str =
-              os.devnull, stderr: Path | str = os.devnull, code: str = MAIN) -> ForkedProcess:
-        """`batching-harness ARGV` in a forked child (or `code`, which sees sys.argv)."""
+              os.devnull, stderr: Path | str = os.devnull, code: str = MAIN,
+              tty: str | None = None) -> ForkedProcess:
+        """`batching-harness ARGV` in a forked child (or `code`, which sees sys.argv); with
+        `tty` (a terminal's path), on that terminal instead of stdout and stderr."""
         with self._send_lock:
             self._next += 1
             token = str(self._next)
             assert self._proc.stdin is not None
             self._proc.stdin.write(json.dumps({
                 "token": token, "argv": argv, "env": env, "cwd": str(cwd),
-                "stdout": str(stdout), "stderr": str(stderr), "code": code}).encode() + b"\n")
+                "stdout": str(stdout), "stderr": str(stderr), "code": code,
+                "tty": tty}).encode() + b"\n")
             self._proc.stdin.flush()
         with self._changed:
             if not self._changed.wait_for(lambda: token in self._pids, timeout=60):
@@ -193,3 +209,68 @@ def zygote() -> Zygote:
 
 def spawn(argv: list[str], **kwargs: Any) -> ForkedProcess:
     return zygote().spawn(argv, **kwargs)
+
+
+class TerminalChild(fdpexpect.fdspawn):
+    """A zygote's child on a pseudo-terminal, answering like `pexpect.spawn` for what the
+    terminal tests use (expect, send, sendintr, sendeof, wait, isalive, exitstatus)."""
+
+    def __init__(self, master: int, proc: ForkedProcess, *, timeout: float,
+                 encoding: str = "utf-8") -> None:
+        super().__init__(master, timeout=timeout, encoding=encoding)
+        self.proc, self.pid = proc, proc.pid
+        self.exitstatus: int | None = None
+
+    def sendintr(self) -> None:
+        self.send("\x03")  # what a terminal sends for Ctrl-C (the REPL reads it raw)
+
+    def sendeof(self) -> None:
+        self.send("\x04")
+
+    def sendcontrol(self, char: str) -> None:
+        self.send(chr(ord(char.lower()) & 0x1F))
+
+    def isalive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self) -> int:
+        self.exitstatus = self.proc.wait(60)
+        return self.exitstatus
+
+    def close(self, force: bool = True) -> None:
+        """Our end of the terminal closed, then the child's exit waited for (as
+        pexpect.spawn's close does; a child that outlives it is killed)."""
+        super().close()
+        try:
+            self.wait()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.wait()
+
+
+def spawn_in_terminal(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
+                      dimensions: tuple[int, int] = (24, 80), code: str = MAIN
+                      ) -> TerminalChild:
+    """`batching-harness ARGV` (or `code`) forked from the zygote onto a new pseudo-terminal
+    of `dimensions` (rows, columns)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *dimensions, 0, 0))
+    tty = os.ttyname(slave)
+    try:
+        proc = spawn(argv, env=env, cwd=cwd, tty=tty, code=code)
+        # Ours closes once the child holds the terminal (with no end open, reading ours
+        # would be an EOF), so that its exit is an EOF here.
+        deadline = time.monotonic() + 30
+        while _stdin_of(proc.pid) != tty and proc.poll() is None:
+            assert time.monotonic() < deadline, "the child never opened its terminal"
+            time.sleep(0.005)
+    finally:
+        os.close(slave)
+    return TerminalChild(master, proc, timeout=timeout)
+
+
+def _stdin_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/0")
+    except OSError:
+        return None
