@@ -55,6 +55,7 @@ import threading
 import time
 import tty
 import urllib.parse
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1486,6 +1487,25 @@ class _RoleSessionLock(SessionLock):
         self._role = role
 
 
+class _ThreadConnection:
+    """One thread's connection to the store, closed when that thread ends (its thread-local
+    goes, and with it this): a proxy serves each client connection on a thread of its own,
+    and each one kept a connection (a PostgreSQL server slot, a SQLite file handle) for as
+    long as the proxy ran."""
+
+    __slots__ = ("__weakref__", "db")
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closed already, or its server gone
+            self.db.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 class _SqlStore:
     """The journal's logic in the SQL both back-ends speak: `?` placeholders, rows read by
     column name, upserts as ON CONFLICT. A back-end supplies its connections (one per
@@ -1506,7 +1526,7 @@ class _SqlStore:
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._connections: list[Any] = []
+        self._connections: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._transcripts: dict[tuple[str, int], list[dict[str, Any]]] = {}
 
@@ -1545,13 +1565,12 @@ class _SqlStore:
     # -- connections ---------------------------------------------------------
     @property
     def _db(self) -> Any:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._connect()
-            self._local.db = db
+        held = getattr(self._local, "held", None)
+        if held is None:
+            held = self._local.held = _ThreadConnection(self._connect())
             with self._lock:
-                self._connections.append(db)
-        return db
+                self._connections.add(held)
+        return held.db
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql, args).fetchone()
@@ -1563,9 +1582,9 @@ class _SqlStore:
 
     def close(self) -> None:
         with self._lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
+            held, self._connections = list(self._connections), weakref.WeakSet()
+        for connection in held:
+            connection.close()
         self._local = threading.local()
 
     # -- sessions ----------------------------------------------------------
@@ -2595,11 +2614,11 @@ class PostgresStore(_SqlStore):
 
     def _drop(self, db: _PgConnection) -> None:
         """A broken connection is closed and forgotten; the thread's next call reconnects."""
-        if getattr(self._local, "db", None) is db:
-            self._local.db = None
-        with self._lock:
-            if db in self._connections:
-                self._connections.remove(db)
+        held = getattr(self._local, "held", None)
+        if held is not None and held.db is db:
+            self._local.held = None
+            with self._lock:
+                self._connections.discard(held)
         db.close()
 
     def _tx(self, durable: bool = False) -> _PgTransaction:

@@ -275,3 +275,22 @@ def test_a_pool_that_cannot_be_reached_is_a_529_and_the_retry_is_answered(
         stop_proxy(running)
     assert not (tmp_path / "home" / "errors.log").exists()
     assert len(api.model_requests) == 1
+
+
+def test_a_proxy_keeps_no_pool_connection_per_request_it_served(api: FakeAPI, pg_url: str,
+                                                                 tmp_path: Path):
+    """Each client connection is served on a thread of its own, and each thread kept its
+    own connection to the store for as long as the proxy ran: a proxy sharing a pool ran
+    the server out of connection slots after about a hundred clients. A thread's
+    connection now closes with the thread."""
+    api.hold = False
+    _echo(api, 12)
+    running = start_proxy(tmp_path, api.base_url, pool=pg_url, pool_window_s=0.0)
+    try:
+        for n in range(12):  # a new client each time: a new connection, a new thread
+            with running.client() as client:
+                assert client.messages.create(**body_of(f"q{n}")).content
+        wait_until(lambda: len(running.app.store._connections) <= 6, timeout_s=3)
+        # (6: the pool's listener, flusher and poller, the journal writer, the main thread's)
+    finally:
+        stop_proxy(running)
