@@ -247,6 +247,11 @@ class SpendLimitReached(TransportError):
     """A 429 that says the organisation's spend limit is reached: never retried."""
 
 
+class Withdrawn(NotSent):
+    """A turn waited on in a shared pool's queue was taken back out by the process that
+    queued it (it stopped before the turn was claimed): nothing was sent; queue it anew."""
+
+
 class Halted(TransportError):
     """The lane takes no more requests until someone acts (a fleet stopping, a key the API
     refuses). Nothing was created for this request: its row stays 'submitting', so a resume
@@ -1580,6 +1585,16 @@ class _SqlStore:
             for statement in step.statements(self.dialect):
                 db.execute(statement)
 
+    def release_connection(self) -> None:
+        """Close this thread's connection before a long wait (the next call opens another):
+        a proxy's clients wait minutes on their batches, each on a thread of its own."""
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            self._local.held = None
+            with self._lock:
+                self._connections.discard(held)
+            held.close()
+
     def close(self) -> None:
         with self._lock:
             held, self._connections = list(self._connections), weakref.WeakSet()
@@ -2052,6 +2067,7 @@ class _SqlStore:
                 f"({marks})" + self._CLAIM_LOCK, tuple(custom_ids)).fetchall()]
             for custom_id in ids:
                 db.execute("DELETE FROM turn_queue WHERE custom_id=?", (custom_id,))
+        self._publish("turns", ids)  # another process may be waiting on one (a retry)
         return ids
 
     def batch_width(self, batch_id: str) -> int | None:
@@ -2218,11 +2234,15 @@ class _SqlStore:
                        f"({', '.join('?' * len(dataclasses.fields(row)))}) "
                        "ON CONFLICT (custom_id) DO NOTHING", dataclasses.astuple(row))
 
-    def update_proxy_request(self, custom_id: str, **fields: Any) -> None:
+    def update_proxy_request(self, custom_id: str, unless_state: str | None = None,
+                             **fields: Any) -> None:
+        """`unless_state`: leave a row in that state alone (one delivered by another proxy
+        that carried the same entry stays delivered)."""
         cols = ", ".join(f"{k}=?" for k in fields)
+        guard, args = (" AND state<>?", (unless_state,)) if unless_state else ("", ())
         with self._tx() as db:
-            db.execute(f"UPDATE proxy_requests SET {cols} WHERE custom_id=?",
-                       (*fields.values(), custom_id))
+            db.execute(f"UPDATE proxy_requests SET {cols} WHERE custom_id=?{guard}",
+                       (*fields.values(), custom_id, *args))
 
     def proxy_attached(self, custom_id: str) -> None:
         """One more client request served by this entry (a retry that paid nothing)."""
@@ -6636,8 +6656,14 @@ def pool_account(api_key: str | None, base_url: str | None) -> str:
 def shared_pool_key(account: str, params: Mapping[str, Any], betas: Sequence[str] = ()) -> str:
     """account/model/size class[/betas]: turns that can go into one batch (betas go into the
     create call, so only entries that asked for the same ones share it)."""
-    key = f"{account}/{params.get('model')}/{size_class(params)}"
+    model = urllib.parse.quote(str(params.get("model")), safe="")  # a gateway's "a/b" too
+    key = f"{account}/{model}/{size_class(params)}"
     return key + "/" + ",".join(sorted(betas)) if betas else key
+
+
+def pool_key_model(key: str) -> str:
+    """The model a pool key's turns ask for."""
+    return urllib.parse.unquote(key.split("/")[1])
 
 
 def pool_key_betas(key: str) -> list[str]:
@@ -6688,6 +6714,7 @@ class _Sending:
     custom_id: str
     ready_at: float
     window_s: float
+    adopted: bool = False  # queued by another process (reconcile): it may take it back out
     done: threading.Event = field(default_factory=threading.Event)
     batch_id: str | None = None
     error: BaseException | None = None
@@ -6810,10 +6837,11 @@ class SharedPoolChannel:
         entry = self.store.queue_entry(custom_id) if custom_id else None
         if entry is None or entry[0] == "failed":
             return None
-        sending = _Sending(custom_id, self.clock.now(), 0.0)
+        sending = _Sending(custom_id, self.clock.now(), 0.0, adopted=True)
         with self._lock:
             self._sending[custom_id], self._notifies[custom_id] = sending, notify
-            self._keys.add(entry[3])  # its process died: this one may have to flush it
+            if entry[3].startswith(self.account + "/"):  # another account's: not ours to send
+                self._keys.add(entry[3])  # its process died: this one may have to flush it
         self._start()
         self._check(custom_id)
         return self._result(sending)
@@ -6904,6 +6932,11 @@ class SharedPoolChannel:
                 self._settle(sending, batch_id=row.batch_id)
             elif sending is not None and queue_state == "failed":
                 self._settle(sending, error=_shared_error(row.error_message))
+            elif sending is not None and sending.adopted and queue_state is None and \
+                    not row.batch_id:
+                self._settle(sending, error=Withdrawn(f"turn {custom_id} was taken back out "
+                                                      "of the queue by the process that "
+                                                      "queued it; nothing was sent"))
             if ticket is None or row.result_type is None or row.state in ("submitting",
                                                                           "submitted"):
                 continue
@@ -7111,7 +7144,7 @@ class SharedPoolChannel:
     def _serve(self, key: str) -> float:
         """Flush `key` if its turns are due; seconds until they will be otherwise."""
         # Each turn's own deadline (its process's window), by the store's clock, not ours
-        count, due_in_s = self.store.queue_head(key, self.window_s(key.split("/")[1]))
+        count, due_in_s = self.store.queue_head(key, self.window_s(pool_key_model(key)))
         if not count or due_in_s is None:
             return ROLE_CHECK_S  # NOTIFY says when something is queued
         active, waiting = self.store.pool_census(self.account)
@@ -7145,7 +7178,7 @@ class SharedPoolChannel:
         self._record(claim, batch_id, notify)
         delays = tuple(round(sent_at - queued, 3) for queued in self._ready_times(claim))
         with self._lock:
-            self.flushes.append(PoolFlush(batch_id, key.split("/")[1], len(claim.turns), reason,
+            self.flushes.append(PoolFlush(batch_id, pool_key_model(key), len(claim.turns), reason,
                                           sent_at, delays))
 
     def _record(self, claim: Claim, batch_id: str, notify: Notify) -> None:
@@ -8777,7 +8810,7 @@ def entry_end(entry: ProxyEntry, ticket: Ticket) -> tuple[EntryResult, CostBreak
 def journal_entry_end(store: _SqlStore, entry: ProxyEntry, result: EntryResult,
                       cost: CostBreakdown, wait_s: float | None, now: float) -> None:
     store.update_proxy_request(
-        entry.custom_id, state="ended", ended_at=now, wait_s=wait_s,
+        entry.custom_id, unless_state="delivered", state="ended", ended_at=now, wait_s=wait_s,
         result_type=result.type, error_type=result.error_type,
         error_message=result.error_message,
         message=json.dumps(result.message) if result.message else None,
@@ -8887,9 +8920,6 @@ class SharedProxyPool:
                 into_batch: Callable[[SharedPoolChannel], str]) -> None:
         try:
             batch_id = into_batch(shared)
-            self._submitted(entry, batch_id)
-            ticket = shared.watch(entry.custom_id, batch_id, sent_at=entry.received_at,
-                                  expected_s=None, on_status=_ignore, notify=_ignore)
         except HarnessError as exc:
             self._failed(entry, shared, exc)
             return
@@ -8898,9 +8928,15 @@ class SharedProxyPool:
             self._failed(entry, shared, ProxyError(500, "api_error", "batching-harness proxy: "
                                                    f"internal error; see {where}"))
             return
+        # In a batch: from here on the entry is never failed for a journal write (its
+        # retry would pay again); it ends when its batch does.
+        self._submitted(entry, batch_id)
+        ticket = shared.watch(entry.custom_id, batch_id, sent_at=entry.received_at,
+                              expected_s=None, on_status=_ignore, notify=_ignore)
         ticket.add_done_callback(lambda t: self._arrived(entry, shared, t))
 
     def _send(self, shared: SharedPoolChannel, entry: ProxyEntry) -> str:
+        self.store.release_connection()  # a window, or an outage, may pass before the batch
         return shared.send(entry.custom_id, entry.call.batch_params,
                            exclude=self.store.known_batch_ids, notify=_ignore,
                            betas=entry.call.betas)
@@ -8909,28 +8945,39 @@ class SharedProxyPool:
         queued = self.store.queue_entry(entry.custom_id)
         if queued is not None and queued[0] == "failed":
             raise _shared_error(queued[2])
-        found = shared.reconcile(entry.received_at, exclude=set(), notify=_ignore,
-                                 custom_id=entry.custom_id) if queued else None
-        if found is not None:
-            return found
+        if queued is not None:
+            with contextlib.suppress(Withdrawn):  # its proxy stopped first: queued anew
+                found = shared.reconcile(entry.received_at, exclude=set(), notify=_ignore,
+                                         custom_id=entry.custom_id)
+                if found is not None:
+                    return found
         self.store.begin_proxy_entry(entry_request_row(entry, self.clock.now()))
         return self._send(shared, entry)
 
-    def _submitted(self, entry: ProxyEntry, batch_id: str) -> None:
+    def _journal(self, custom_id: str, **fields: Any) -> None:
+        """A write to the entry's row, best effort: the pool's server may be away, and the
+        row as it was still leads a retry to the same entry (never to a second payment)."""
         with self._journal_lock:
-            if not self._closed:
-                self.store.update_proxy_request(entry.custom_id, state="submitted",
-                                                batch_id=batch_id)
+            if self._closed:
+                return
+            with contextlib.suppress(JournalError):
+                self.store.update_proxy_request(custom_id, unless_state="delivered", **fields)
+
+    def _submitted(self, entry: ProxyEntry, batch_id: str) -> None:
+        self._journal(entry.custom_id, state="submitted", batch_id=batch_id)
         entry.submitted(batch_id)
         if first_time(self._logged, batch_id, self._lock):
-            self._on_batch(batch_id, [entry], self.store.batch_width(batch_id))
+            width: int | None = None
+            with contextlib.suppress(JournalError):
+                width = self.store.batch_width(batch_id)
+            self._on_batch(batch_id, [entry], width)
 
     def _failed(self, entry: ProxyEntry, shared: SharedPoolChannel, exc: HarnessError) -> None:
+        """Before any batch: refused, withdrawn, or the pool away. Only a refusal is the
+        entry's end; otherwise its row stays as it was, and the retry finds it."""
         shared.leave()
-        with self._journal_lock:
-            if not self._closed:
-                self.store.update_proxy_request(entry.custom_id, state="failed",
-                                                error_message=str(exc))
+        if not isinstance(exc, (JournalError, Halted, ProxyError)):
+            self._journal(entry.custom_id, state="failed", error_message=str(exc))
         entry.fail(exc if isinstance(exc, ProxyError) else transport_error(exc))
         self._on_end(entry)
 
@@ -8938,14 +8985,15 @@ class SharedProxyPool:
         shared.leave()
         try:
             result, cost, wait_s = entry_end(entry, ticket)
-        except HarnessError as exc:
+        except HarnessError as exc:  # the row stays 'submitted': a retry re-attaches
             entry.fail(transport_error(exc))
             self._on_end(entry)
             return
         with self._journal_lock:
-            if self._closed:
-                return  # the row stays 'submitted': a retry re-attaches to the stored end
-            journal_entry_end(self.store, entry, result, cost, wait_s, self.clock.now())
+            if not self._closed:  # closing: the row stays 'submitted', the retry re-attaches
+                with contextlib.suppress(JournalError):  # the pool's end is stored: same
+                    journal_entry_end(self.store, entry, result, cost, wait_s,
+                                      self.clock.now())
         entry.finish(result, cost, wait_s)
         self._on_end(entry)
 
@@ -8993,8 +9041,11 @@ class EntryBook:
             key = (entry.call.credential.fingerprint, entry.call.turn_key)
             if self._entries.get(key) is entry:
                 del self._entries[key]
-        self.store.update_proxy_request(entry.custom_id, state="delivered",
-                                        delivered_at=self.clock.now())
+        # Best effort: the answer is out already (an error now would be written after it);
+        # a row left 'ended' only lets an identical request within the day re-attach to it.
+        with contextlib.suppress(JournalError):
+            self.store.update_proxy_request(entry.custom_id, state="delivered",
+                                            delivered_at=self.clock.now())
 
     def wake_all(self) -> None:
         with self._lock:
@@ -9321,6 +9372,28 @@ class Proxy:
     def _batch(self, req: ProxyRequest, call: MessagesCall, decision: RouteDecision,
                reply: Reply, record: dict[str, Any]) -> None:
         entry, how = self.book.attach(call, req.received_at)
+        try:
+            self._carry(req, call, decision, entry, how)
+        except BaseException as exc:  # not carried: a retry must not attach to it in memory
+            entry.fail(exc if isinstance(exc, ProxyError) else ProxyError(
+                529, "overloaded_error", "batching-harness proxy: the entry was not pooled; "
+                "send the request again"))
+            self.book.forget(entry)
+            raise
+        record.update(custom_id=entry.custom_id, reattached=how != "new")
+        if call.stream:
+            self._stream_entry(entry, reply)
+        else:
+            self._await_entry(entry, reply)
+        self.book.delivered(entry)
+        record.update(status=200, batch_id=entry.batch_id,
+                      wait_s=round(self.clock.now() - req.received_at, 3))
+        if how == "new":
+            record.update(cost_usd=entry.cost.paid_usd, sync_cost_usd=entry.cost.sync_usd)
+
+    def _carry(self, req: ProxyRequest, call: MessagesCall, decision: RouteDecision,
+               entry: ProxyEntry, how: str) -> None:
+        """Hand the entry to the pool as `how` says (a new one, or one a journal row names)."""
         if how == "new":
             self.store.begin_proxy_request(ProxyRow(
                 entry.custom_id, call.turn_key, call.credential.fingerprint, call.client,
@@ -9338,16 +9411,10 @@ class Proxy:
             elif row is not None and row.batch_id:  # another retry adopted it meanwhile
                 entry.submitted(row.batch_id)
                 self.pool.watch(entry)
-        record.update(custom_id=entry.custom_id, reattached=how != "new")
-        if call.stream:
-            self._stream_entry(entry, reply)
-        else:
-            self._await_entry(entry, reply)
-        self.book.delivered(entry)
-        record.update(status=200, batch_id=entry.batch_id,
-                      wait_s=round(self.clock.now() - req.received_at, 3))
-        if how == "new":
-            record.update(cost_usd=entry.cost.paid_usd, sync_cost_usd=entry.cost.sync_usd)
+            else:  # it ended otherwise meanwhile (failed): this request starts afresh
+                raise ProxyError(529, "overloaded_error", "batching-harness proxy: the entry "
+                                 "changed while it was re-attached; send the request again")
+        self.store.release_connection()  # the wait may be long: no server slot held for it
 
     def _stream_entry(self, entry: ProxyEntry, reply: Reply) -> None:
         """Headers and message_start once the entry is in a batch (a refused create is then

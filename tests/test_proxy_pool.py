@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import anthropic
 import psycopg
@@ -294,3 +295,74 @@ def test_a_proxy_keeps_no_pool_connection_per_request_it_served(api: FakeAPI, pg
         # (6: the pool's listener, flusher and poller, the journal writer, the main thread's)
     finally:
         stop_proxy(running)
+
+
+def test_a_model_name_with_a_slash_keeps_its_pool_key_whole():
+    """A gateway-style model ("vendor/model") split the pool key: its size class was read
+    as betas (the create went out with `anthropic-beta: 0`, refused) and the window was
+    looked up for "vendor"."""
+    key = bh.shared_pool_key("kacct", {"model": "anthropic/claude-x", "max_tokens": 100},
+                             ["b-one"])
+    assert bh.pool_key_model(key) == "anthropic/claude-x"
+    assert bh.pool_key_betas(key) == ["b-one"]
+    assert bh.pool_key_betas(bh.shared_pool_key("kacct", {"model": "a/b"})) == []
+
+
+def test_a_retry_waiting_on_a_stopping_proxys_queued_entry_is_queued_again(
+        api: FakeAPI, pg_url: str, tmp_path: Path):
+    """A rolling restart: the client's retry reached proxy B while proxy A still had the
+    entry queued; A, stopping, took its queued entries back out of the queue, and B waited
+    on it for good. B now hears it was withdrawn and queues it itself: answered, once."""
+    _echo(api, 1)
+    one = start_proxy(tmp_path / "a", api.base_url, pool=pg_url, pool_window_s=60.0)
+    two = start_proxy(tmp_path / "b", api.base_url, pool=pg_url, pool_window_s=0.5)
+    answers: dict[str, str] = {}
+    lost: dict[str, str] = {}
+    try:
+        threading.Thread(target=_swallow, args=(one, "kept", lost), daemon=True).start()
+        wait_until(lambda: len(_ledger(pg_url)) == 1)  # queued by A (its window: a minute)
+        retry = threading.Thread(target=_ask, args=(two, "kept", answers))
+        retry.start()
+        # B waits on A's queued entry (in B's shared channel), then A stops and withdraws it
+        wait_until(lambda: any(p._sending for p in two.app.pool._pools.values()))
+        stop_proxy(one)
+        api.wait_for_batches(1, timeout_s=20)
+        api.release()
+        retry.join(20)
+    finally:
+        stop_proxy(two)
+    assert answers == {"kept": "answer to kept"}
+    assert len(api.batch_ids()) == 1 and len(api.model_requests) == 1
+
+
+def test_the_pool_restarting_under_a_queued_entry_loses_and_repeats_nothing(
+        api: FakeAPI, cut_pool, tmp_path: Path):  # noqa: F811 - the fixture above
+    """The pool's server went away while an entry waited in the queue: a write on a broken
+    connection failed the entry although its batch was about to be made, and its retry paid
+    again. Writes after the batch are best effort; the entry ends with its batch."""
+    _echo(api, 2)
+    running = start_proxy(tmp_path, api.base_url, pool=cut_pool.url, pool_window_s=60.0,
+                          pool_width=2)
+    answers: dict[str, str] = {}
+    threads = [threading.Thread(target=_ask, args=(running, p, answers))
+               for p in ("first", "second")]
+    try:
+        threads[0].start()
+        look = bh.PostgresStore(cut_pool.url)
+        try:  # queued: its thread's connection is then one the cut breaks
+            wait_until(lambda: [look.queue_entry(r.custom_id) for r in running.rows()][:1] ==
+                       [("queued", None, None, mock.ANY)])
+        finally:
+            look.close()
+        cut_pool.cut()
+        cut_pool.restore()
+        threads[1].start()  # the width cap: the batch is made
+        api.wait_for_batches(1, timeout_s=20)
+        api.release()
+        for t in threads:
+            t.join(20)
+    finally:
+        stop_proxy(running)
+    assert answers == {"first": "answer to first", "second": "answer to second"}
+    assert len(api.batch_ids()) == 1 and len(api.model_requests) == 2
+    assert not (tmp_path / "home" / "errors.log").exists()
