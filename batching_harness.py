@@ -2636,10 +2636,9 @@ class PostgresStore(_SqlStore):
         """A broken connection is closed and forgotten; the thread's next call reconnects."""
         held = getattr(self._local, "held", None)
         if held is not None and held.db is db:
-            self._local.held = None
-            with self._lock:
-                self._connections.discard(held)
-        db.close()
+            self.release_connection()
+        else:
+            db.close()
 
     def _tx(self, durable: bool = False) -> _PgTransaction:
         return _PgTransaction(self._db)  # every commit waits for the server's WAL flush
@@ -8894,16 +8893,13 @@ class SharedProxyPool:
     def _shared(self, credential: Credential) -> SharedPoolChannel:
         with self._lock:
             shared = self._pools.get(credential.fingerprint)
+            fresh = shared is None
             if shared is None:
-                shared = SharedPoolChannel(
+                shared = self._pools[credential.fingerprint] = SharedPoolChannel(
                     self.store, self.channels.for_key(credential),
                     account=pool_account(credential.secret, self.channels.upstream),
                     max_width=self.width, window_s=lambda _model: self.window_s,
                     say=self.say, clock=self.clock, log_bug=self._log_bug)
-                self._pools[credential.fingerprint] = shared
-                fresh = True
-            else:
-                fresh = False
         if fresh:
             shared.join()  # the open door: a client of this key may send at any moment
         return shared
@@ -8954,7 +8950,7 @@ class SharedProxyPool:
         self.store.begin_proxy_entry(entry_request_row(entry, self.clock.now()))
         return self._send(shared, entry)
 
-    def _journal(self, custom_id: str, **fields: Any) -> None:
+    def _write_row(self, custom_id: str, **fields: Any) -> None:
         """A write to the entry's row, best effort: the pool's server may be away, and the
         row as it was still leads a retry to the same entry (never to a second payment)."""
         with self._journal_lock:
@@ -8964,7 +8960,7 @@ class SharedProxyPool:
                 self.store.update_proxy_request(custom_id, unless_state="delivered", **fields)
 
     def _submitted(self, entry: ProxyEntry, batch_id: str) -> None:
-        self._journal(entry.custom_id, state="submitted", batch_id=batch_id)
+        self._write_row(entry.custom_id, state="submitted", batch_id=batch_id)
         entry.submitted(batch_id)
         if first_time(self._logged, batch_id, self._lock):
             width: int | None = None
@@ -8977,7 +8973,7 @@ class SharedProxyPool:
         entry's end; otherwise its row stays as it was, and the retry finds it."""
         shared.leave()
         if not isinstance(exc, (JournalError, Halted, ProxyError)):
-            self._journal(entry.custom_id, state="failed", error_message=str(exc))
+            self._write_row(entry.custom_id, state="failed", error_message=str(exc))
         entry.fail(exc if isinstance(exc, ProxyError) else transport_error(exc))
         self._on_end(entry)
 
@@ -9373,7 +9369,7 @@ class Proxy:
                reply: Reply, record: dict[str, Any]) -> None:
         entry, how = self.book.attach(call, req.received_at)
         try:
-            self._carry(req, call, decision, entry, how)
+            self._to_pool(req, call, decision, entry, how)
         except BaseException as exc:  # not carried: a retry must not attach to it in memory
             entry.fail(exc if isinstance(exc, ProxyError) else ProxyError(
                 529, "overloaded_error", "batching-harness proxy: the entry was not pooled; "
@@ -9391,7 +9387,7 @@ class Proxy:
         if how == "new":
             record.update(cost_usd=entry.cost.paid_usd, sync_cost_usd=entry.cost.sync_usd)
 
-    def _carry(self, req: ProxyRequest, call: MessagesCall, decision: RouteDecision,
+    def _to_pool(self, req: ProxyRequest, call: MessagesCall, decision: RouteDecision,
                entry: ProxyEntry, how: str) -> None:
         """Hand the entry to the pool as `how` says (a new one, or one a journal row names)."""
         if how == "new":
@@ -9650,8 +9646,8 @@ def proxy_banner(config: ProxyConfig, bound_url: str, unsent: int) -> list[str]:
              + (", shared with every proxy and fleet on this pool" if config.pool else ""),
              f"  journal   {_pool_shown(config.pool) if config.pool else config.home / 'journal.db'}"]
     if unsent:
-        lines.append(f"  note      {unsent} entr{'y' if unsent == 1 else 'ies'} cut off by a "
-                     "crash before its batch was known; a retry sends it again")
+        lines.append(f"  note      {plural(unsent, 'entry')} cut off by a crash before its "
+                     "batch was known; a retry sends it again")
     settings = " ".join(f"{name}={value}" for name, value, _ in CLAUDE_CODE_SETTINGS)
     lines += ["Point a client at it:",
               f"  export ANTHROPIC_BASE_URL={bound_url}"

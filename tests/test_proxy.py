@@ -106,6 +106,19 @@ def wait_until(ready: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def in_one_batch(api: FakeAPI, threads: list[threading.Thread]) -> str:
+    """Start the clients, see their entries wait in ONE held batch, end it, let them finish;
+    the batch's id."""
+    for t in threads:
+        t.start()
+    [batch_id] = api.wait_for_batches(1)
+    assert api.batch(batch_id)["request_counts"]["processing"] == len(threads)
+    api.release()
+    for t in threads:
+        t.join(10)
+    return batch_id
+
+
 def body_of(prompt: str, **extra: Any) -> dict[str, Any]:
     return {"model": MODEL, "max_tokens": 4096, "tools": TOOLS,
             "messages": [{"role": "user", "content": prompt}], **extra}
@@ -554,15 +567,9 @@ def test_requests_of_several_clients_share_one_batch(api: FakeAPI, tmp_path: Pat
         with running.client().messages.stream(**body_of(prompt)) as stream:
             answers[prompt] = stream.get_final_message().content[0].text
 
-    threads = [threading.Thread(target=ask, args=(p,)) for p in ("one", "two", "three")]
     try:
-        for t in threads:
-            t.start()
-        [batch_id] = api.wait_for_batches(1)
-        assert api.batch(batch_id)["request_counts"]["processing"] == 3
-        api.release()
-        for t in threads:
-            t.join(10)
+        in_one_batch(api, [threading.Thread(target=ask, args=(p,))
+                           for p in ("one", "two", "three")])
     finally:
         stop_proxy(running)
     assert answers == {p: f"echo {p}" for p in ("one", "two", "three")}

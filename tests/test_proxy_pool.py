@@ -22,7 +22,15 @@ import pytest
 import batching_harness as bh
 from tests.fake_api import FakeAPI, text
 from tests.test_pool_faults import cut_pool  # noqa: F401 - a fixture, by name
-from tests.test_proxy import MODEL, Running, body_of, start_proxy, stop_proxy, wait_until
+from tests.test_proxy import (
+    MODEL,
+    Running,
+    body_of,
+    in_one_batch,
+    start_proxy,
+    stop_proxy,
+    wait_until,
+)
 from tests.zygote import ForkedProcess, spawn
 
 pytestmark = pytest.mark.usefixtures("_fast_ticks")
@@ -67,16 +75,9 @@ def test_two_proxies_on_one_pool_fill_one_batch(api: FakeAPI, pg_url: str, tmp_p
                       pool_width=2)
     _echo(api, 2)
     answers: dict[str, str] = {}
-    threads = [threading.Thread(target=_ask, args=(p, q, answers))
-               for p, q in ((one, "first"), (two, "second"))]
     try:
-        for t in threads:
-            t.start()
-        [batch_id] = api.wait_for_batches(1)
-        assert api.batch(batch_id)["request_counts"]["processing"] == 2
-        api.release()
-        for t in threads:
-            t.join(10)
+        batch_id = in_one_batch(api, [threading.Thread(target=_ask, args=(p, q, answers))
+                                      for p, q in ((one, "first"), (two, "second"))])
         wait_until(lambda: [r.state for r in one.rows() if r.custom_id in
                             {x.custom_id for x in _ledger(pg_url)}].count("delivered") == 2)
     finally:
